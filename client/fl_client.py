@@ -1,0 +1,112 @@
+"""One institution's Flower client: budget guard, local DP training, evaluation.
+
+It receives the global adapter, and answers with the *update* (local minus global) so the
+values stay small enough for SecAgg+'s fixed-point range, plus metrics that travel in clear.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.client import NumPyClient
+
+from client.privacy_state import load_privacy_state, save_privacy_state
+from client.trainer import train_locally
+from common.config import RunConfig
+from common.evaluation import evaluate_classifier
+from common.modeling import (LoraSettings, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
+                             load_tokenizer, resolve_model_path)
+from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
+from common.splits import ClientSplit, federated_splits
+from common.tokens import encode
+from torch.utils.data import TensorDataset
+
+log = logging.getLogger(__name__)
+
+TRAINED = "trained"
+REFUSED_BUDGET = "refused-budget"
+
+
+class FedtuneClient(NumPyClient):
+    def __init__(self, *, config: RunConfig, partition_id: int, state: RecordDict) -> None:
+        self.config = config
+        self.partition_id = partition_id
+        self.client_id = f"client-{partition_id}"
+        self.state = state
+
+    # -- Flower entry points -----------------------------------------------------------------
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        cfg = self.config
+        server_round = int(config.get("server-round", 0))
+        data = self._data()
+        plan, history = load_privacy_state(self.state)
+        if cfg.dp and plan is None:
+            plan = plan_privacy(num_examples=len(data.train), batch_size=cfg.batch_size,
+                                local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
+                                target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                                accountant=cfg.accountant, noise_multiplier=cfg.noise_multiplier)
+            save_privacy_state(self.state, plan=plan, history=history)
+            log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
+                     self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
+                     plan.steps_per_round)
+
+        metrics: dict = {"client_id": self.client_id, "server_round": server_round}
+        if plan is not None:
+            metrics.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                           target_epsilon=plan.target_epsilon)
+            if not fits_budget(epsilon_after_next_round(history, plan), plan):
+                spent = epsilon_of(history, delta=plan.target_delta, accountant=plan.accountant)
+                log.warning("%s: refusing round %d: it would exceed epsilon %.3g (spent %.3f)",
+                            self.client_id, server_round, plan.target_epsilon, spent)
+                metrics.update(status=REFUSED_BUDGET, epsilon=spent, steps=0, train_loss=float("nan"),
+                               update_max_abs=0.0)
+                return [np.zeros_like(a) for a in parameters], 0, metrics
+
+        model = self._model(parameters)
+        dataset = _encoded(cfg, self.partition_id, "train")
+        result = train_locally(model=model, dataset=dataset, learning_rate=cfg.learning_rate,
+                               batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                               max_grad_norm=cfg.max_grad_norm, plan=plan, history=history,
+                               seed=cfg.seed * 1_000_003 + server_round)
+        update = [new - old for new, old in zip(adapter_to_arrays(model), parameters, strict=True)]
+        metrics.update(status=TRAINED, steps=result.steps, train_loss=result.train_loss,
+                       update_max_abs=float(max(np.abs(u).max() for u in update)))
+        if plan is not None:
+            save_privacy_state(self.state, plan=plan, history=result.history)
+            metrics["epsilon"] = epsilon_of(result.history, delta=plan.target_delta,
+                                            accountant=plan.accountant)
+        return update, len(data.train), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        dataset = _encoded(self.config, self.partition_id, "validation")
+        scores = evaluate_classifier(model=self._model(parameters), dataset=dataset)
+        return scores["loss"], len(dataset), {
+            "client_id": self.client_id, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _data(self) -> ClientSplit:
+        return federated_splits(self.config).clients[self.partition_id]
+
+    def _model(self, parameters: list[np.ndarray]):
+        cfg = self.config
+        model = build_lora_classifier(
+            model_path=resolve_model_path(cfg.model),
+            num_labels=len(federated_splits(cfg).label_names),
+            lora=LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              target_modules=tuple(cfg.target_modules)),
+            seed=cfg.seed)
+        arrays_to_adapter(model, parameters)
+        return model
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(config: RunConfig, partition_id: int, part: str) -> TensorDataset:
+    """Tokenized local data, kept for the life of the process (a simulation actor or a node)."""
+    split = getattr(federated_splits(config).clients[partition_id], part)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    return encode(tokenizer=tokenizer, split=split, max_length=config.max_length)

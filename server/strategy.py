@@ -1,0 +1,102 @@
+"""FedAvg over adapter *updates*: global + weighted mean of (local - global).
+
+Under SecAgg+ the weighted mean arrives already computed by the protocol (each result carries
+the same unmasked aggregate); on the plain path it is computed here. Either way the strategy
+applies it, keeps the per-client metrics of the round, and never sees a full model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+log = logging.getLogger(__name__)
+
+TRAINED = "trained"
+
+
+@dataclass
+class RoundOutcome:
+    """What one round produced, for the progress table, metrics.jsonl and stop decisions."""
+
+    clients: dict[str, dict] = field(default_factory=dict)
+    failures: int = 0
+    applied: bool = False
+    max_update_abs: float = 0.0
+
+    @property
+    def trained(self) -> list[str]:
+        return [cid for cid, c in self.clients.items() if c.get("status") == TRAINED]
+
+
+class AdapterFedAvg(FedAvg):
+    def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int,
+                 fraction_evaluate: float, secure_aggregation: bool,
+                 evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
+        super().__init__(
+            fraction_fit=clients_per_round / num_clients, min_fit_clients=clients_per_round,
+            fraction_evaluate=fraction_evaluate,
+            min_evaluate_clients=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
+            min_available_clients=num_clients,
+            on_fit_config_fn=lambda rnd: {"server-round": rnd},
+            on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
+            initial_parameters=ndarrays_to_parameters(initial_arrays),
+            evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
+        )
+        self.secure_aggregation = secure_aggregation
+        self.global_arrays = [a.copy() for a in initial_arrays]
+        self.outcomes: dict[int, RoundOutcome] = {}
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Exactly clients-per-round, not FedAvg's rounded fraction."""
+        return self.min_fit_clients, self.min_available_clients
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        outcome = self.outcomes.setdefault(server_round, RoundOutcome())
+        outcome.failures = len(failures)
+        for _, res in results:
+            metrics = dict(res.metrics)
+            metrics["num_examples"] = res.num_examples
+            outcome.clients[str(metrics.get("client_id", "?"))] = metrics
+        trained = [(proxy, res) for proxy, res in results
+                   if res.metrics.get("status") == TRAINED and res.num_examples > 0]
+        if not trained:
+            log.warning("round %d: no client trained; the global adapter is unchanged", server_round)
+            return None, {}
+        update = self._mean_update(trained)
+        if not all(np.isfinite(u).all() for u in update):
+            log.error("round %d: the aggregated update is not finite; it is not applied", server_round)
+            return None, {}
+        self.global_arrays = [g + u.astype(np.float32) for g, u in zip(self.global_arrays, update, strict=True)]
+        outcome.applied = True
+        outcome.max_update_abs = max(float(res.metrics.get("update_max_abs", 0.0)) for _, res in trained)
+        return ndarrays_to_parameters(self.global_arrays), {"clients_trained": len(trained)}
+
+    def _mean_update(self, trained: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
+        if self.secure_aggregation:
+            # SecAgg+ replaced every result's parameters with the one unmasked weighted mean.
+            return parameters_to_ndarrays(trained[0][1].parameters)
+        total = sum(res.num_examples for _, res in trained)
+        mean = None
+        for _, res in trained:
+            weight = res.num_examples / total
+            arrays = parameters_to_ndarrays(res.parameters)
+            mean = [weight * a for a in arrays] if mean is None else [m + weight * a for m, a in zip(mean, arrays)]
+        return mean
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
+        outcome = self.outcomes.setdefault(server_round, RoundOutcome())
+        for _, res in results:
+            cid = str(res.metrics.get("client_id", "?"))
+            outcome.clients.setdefault(cid, {}).update(
+                val_loss=res.loss, val_accuracy=res.metrics.get("accuracy"),
+                val_macro_f1=res.metrics.get("macro_f1"))
+        return super().aggregate_evaluate(server_round, results, failures)

@@ -1,0 +1,59 @@
+"""A rich table that grows by one row as each round finishes."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("round", "trained", "train loss", "test acc", "macro-F1", "max ε", "seconds")
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def round_row(record: dict) -> tuple[str, ...]:
+    clients = record["clients"].values()
+    losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
+    epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
+    sampled = len(record["clients"])
+    return (
+        str(record["round"]),
+        f"{record['clients_trained']}/{sampled}",
+        _fmt(sum(losses) / len(losses) if losses else None, ".4f"),
+        _fmt(record["test_accuracy"], ".3f"),
+        _fmt(record["test_macro_f1"], ".3f"),
+        _fmt(max(epsilons) if epsilons else None, ".3f") if epsilons else "no DP",
+        _fmt(record["seconds"], ".1f"),
+    )
+
+
+class RoundTable:
+    """Prints the header once, then one aligned row per finished round."""
+
+    widths = (5, 7, 10, 8, 8, 7, 7)
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.rows: list[tuple[str, ...]] = []
+
+    def _table(self, *, header: bool) -> Table:
+        table = Table(show_header=header, box=None, pad_edge=False)
+        for name, width in zip(COLUMNS, self.widths):
+            table.add_column(name if header else "", justify="right", width=width, no_wrap=True)
+        return table
+
+    def add(self, record: dict) -> None:
+        row = round_row(record)
+        self.rows.append(row)
+        table = self._table(header=len(self.rows) == 1)
+        table.add_row(*row)
+        self.console.print(table)
+
+    def final(self) -> Table:
+        table = Table(title="rounds")
+        for name in COLUMNS:
+            table.add_column(name, justify="right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table

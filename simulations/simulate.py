@@ -1,0 +1,72 @@
+"""`fedtune simulate`: a whole federation on one machine (Flower simulation engine, Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from common.config import RunConfig
+from common.errors import FedtuneError
+from common.modeling import resolve_model_path
+from common.privacy import plan_privacy
+from common.splits import federated_splits
+from server.run_directory import default_run_dir
+from simulations.progress import RoundTable
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+
+
+def preflight(config: RunConfig, console: Console) -> None:
+    """Everything a user can get wrong, checked before Ray starts: data, model, privacy plan."""
+    splits = federated_splits(config)
+    console.print(f"[dim]{splits.report}[/dim]")
+    resolve_model_path(config.model)
+    if config.dp:
+        for cid, client in enumerate(splits.clients):
+            plan = plan_privacy(num_examples=len(client.train), batch_size=config.batch_size,
+                                local_epochs=config.local_epochs, num_rounds=config.num_rounds,
+                                target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                                accountant=config.accountant, noise_multiplier=config.noise_multiplier)
+            if cid == 0:
+                console.print(f"[dim]DP-SGD: client-0 noise multiplier {plan.noise_multiplier:.3f}, "
+                              f"sample rate {plan.sample_rate:.4f}, {plan.steps_per_round} steps/round[/dim]")
+
+
+def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
+             console: Console | None = None) -> dict:
+    """Run the federation and return its summary; writes the run directory `out`."""
+    from flwr.simulation import run_simulation  # heavy: imported when a simulation runs
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    console = console or Console()
+    os.environ.update(OFFLINE_ENV)
+    run_dir = Path(out) if out else default_run_dir()
+    if (run_dir / "metrics.jsonl").exists():
+        raise FedtuneError(f"{run_dir} already holds a run; choose another --out")
+    preflight(config, console)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    table = RoundTable(console)
+    results: dict = {}
+    console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "
+                  f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "
+                  f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
+    run_simulation(
+        server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results),
+        client_app=build_client_app(config=config),
+        num_supernodes=config.num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
+                                      "include_dashboard": False}},
+        verbose_logging=verbose,
+    )
+    if "summary" not in results:
+        raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
+                           f"(rerun with --verbose) and {run_dir}")
+    return results["summary"]
