@@ -23,15 +23,14 @@ class TrainResult:
 
 
 def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_rate: float,
-                  batch_size: int, local_epochs: int, max_grad_norm: float,
+                  head_learning_rate: float | None = None, batch_size: int, local_epochs: int, max_grad_norm: float,
                   plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int) -> TrainResult:
     """Train the model's trainable parameters in place; with a `plan`, under DP-SGD.
 
     `seed` drives only non-private randomness (dropout, the baseline's shuffling). DP noise
     and Poisson sampling use a fresh OS-seeded generator of this client.
     """
-    params = [p for _, p in trainable_named_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
@@ -40,6 +39,25 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_ra
                                 local_epochs=local_epochs, seed=seed, history=history)
         return _train_private(model=model, dataset=dataset, optimizer=optimizer, plan=plan,
                               max_grad_norm=max_grad_norm, local_epochs=local_epochs, history=history)
+
+
+def _adamw(model: torch.nn.Module, *, learning_rate: float, head_learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay; the classification head may take its own (larger) step size.
+
+    The head starts from random values and needs to move far; the LoRA matrices perturb a
+    pretrained network and, under DP noise, must move gently.
+    """
+    named = trainable_named_parameters(model)
+    head = [p for name, p in named if _is_head(name)]
+    lora = [p for name, p in named if not _is_head(name)]
+    groups = [{"params": lora, "lr": learning_rate}]
+    if head:
+        groups.append({"params": head, "lr": head_learning_rate})
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
+
+
+def _is_head(name: str) -> bool:
+    return "modules_to_save" in name
 
 
 def _train_plain(*, model, dataset, optimizer, batch_size, local_epochs, seed, history) -> TrainResult:

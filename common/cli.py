@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +45,10 @@ def simulate(
 
 
 def main() -> None:
+    if "--verbose" not in sys.argv:
+        # Library deprecation chatter is not for users; --verbose shows everything.
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Ray actors inherit it
     try:
         cli(standalone_mode=False)
     except FedtuneError as exc:

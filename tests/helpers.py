@@ -1,0 +1,30 @@
+"""Running the real `fedtune` command line in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def set_args(**keys) -> list[str]:
+    """--set arguments from snake_case keywords."""
+    out = []
+    for key, value in keys.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        out += ["--set", f"{key.replace('_', '-')}={text}"]
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,69 @@
+"""Epsilon is composed over every round a client trains, and matches an independent accountant."""
+
+import pytest
+from dp_accounting import dp_event, pld
+from flwr.app import RecordDict
+
+from client.fl_client import FedtuneClient
+from client.privacy_state import load_privacy_state
+from common.privacy import compose, epsilon_of, plan_privacy
+from tests.conftest import initial_adapter
+
+
+def independent_epsilon(*, sigma: float, rate: float, steps: int, delta: float) -> float:
+    """Google's dp_accounting PLD accountant: a separate implementation from Opacus' PRV."""
+    event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(sigma)), steps)
+    accountant = pld.PLDAccountant()
+    accountant.compose(event)
+    return accountant.get_epsilon(delta)
+
+
+def test_calibrated_noise_spends_the_budget_over_the_planned_rounds():
+    plan = plan_privacy(num_examples=356, batch_size=32, local_epochs=1, num_rounds=3,
+                        target_epsilon=8.0, target_delta=1e-5)
+    assert plan.sample_rate == pytest.approx(32 / 356) and plan.steps_per_round == 11
+    history = []
+    for _ in range(3):
+        history = compose(history, plan.round_entry())
+    assert history == [(plan.noise_multiplier, plan.sample_rate, 33)]
+    spent = epsilon_of(history, delta=1e-5)
+    assert 7.9 <= spent <= 8.0
+    more = compose(history, plan.round_entry())
+    assert epsilon_of(more, delta=1e-5) > 8.0  # a fourth round would not fit: the guard's case
+
+
+def test_forced_noise_multiplier_is_used_as_given():
+    plan = plan_privacy(num_examples=100, batch_size=10, local_epochs=2, num_rounds=5,
+                        target_epsilon=1.0, target_delta=1e-5, noise_multiplier=0.7)
+    assert plan.noise_multiplier == 0.7 and plan.steps_per_round == 20
+
+
+def test_client_epsilon_over_rounds_equals_one_accountant_and_an_independent_one(tiny_config):
+    config = tiny_config(num_rounds=3, target_epsilon=4.0, target_delta=1e-5)
+    state = RecordDict()
+    client = FedtuneClient(config=config, partition_id=0, state=state)
+    parameters = initial_adapter(config)
+    reported = []
+    for server_round in (1, 2, 3):
+        update, n, metrics = client.fit(parameters, {"server-round": server_round})
+        assert metrics["status"] == "trained" and n > 0
+        parameters = [p + u for p, u in zip(parameters, update)]
+        reported.append(metrics["epsilon"])
+        # a fresh client object over the same node state: what a new ClientApp call sees
+        client = FedtuneClient(config=config, partition_id=0, state=state)
+
+    plan, history = load_privacy_state(state)
+    steps = plan.steps_per_round
+    assert history == [(plan.noise_multiplier, plan.sample_rate, 3 * steps)]
+    assert reported == sorted(reported) and reported[0] < reported[1] < reported[2]
+    for k, eps in enumerate(reported, start=1):
+        whole = epsilon_of([(plan.noise_multiplier, plan.sample_rate, k * steps)], delta=1e-5)
+        assert eps == pytest.approx(whole, rel=1e-9)
+        other = independent_epsilon(sigma=plan.noise_multiplier, rate=plan.sample_rate, steps=k * steps,
+                                    delta=1e-5)
+        assert eps == pytest.approx(other, rel=0.02)
+    # a fresh accountant per round would report the same (lower) number every round
+    fresh = epsilon_of([(plan.noise_multiplier, plan.sample_rate, steps)], delta=1e-5)
+    assert reported[2] > 1.3 * fresh
+    assert reported[2] <= config.target_epsilon

@@ -1,0 +1,140 @@
+"""End to end: real `fedtune simulate` runs (Flower simulation engine on Ray) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from common.privacy import plan_privacy
+from common.splits import federated_splits
+from server.secure_aggregation import secagg_parameters
+from tests.conftest import initial_adapter
+from tests.helpers import ROOT, read_metrics, run_fedtune, set_args
+
+pytestmark = pytest.mark.slow
+
+
+def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
+    base = dict(model=config.model, data=config.data, num_clients=config.num_clients,
+                clients_per_round=config.clients_per_round, batch_size=config.batch_size,
+                max_length=config.max_length, learning_rate=config.learning_rate, lora_rank=config.lora_rank,
+                target_epsilon=config.target_epsilon)
+    base.update(keys)
+    result = run_fedtune("simulate", "--out", str(out), *set_args(**base), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def plain_and_secagg_runs(tiny_config, tmp_path_factory):
+    """The same non-private federation twice: plain FedAvg and SecAgg+ (training is deterministic)."""
+    config = tiny_config(num_clients=3, clients_per_round=3, dp=False)
+    runs = {}
+    for secure in (False, True):
+        out = tmp_path_factory.mktemp("run") / ("secagg" if secure else "plain")
+        _simulate(out, config, dp=False, secure_aggregation=secure, num_rounds=1, num_clients=3,
+                  clients_per_round=3)
+        runs[secure] = out
+    return config, runs
+
+
+def test_secagg_aggregate_equals_plain_fedavg_within_quantization_error(plain_and_secagg_runs):
+    config, runs = plain_and_secagg_runs
+    plain, secure = _adapter(runs[False]), _adapter(runs[True])
+    assert plain.keys() == secure.keys()
+    splits = federated_splits(config.with_overrides(num_clients=3, clients_per_round=3))
+    params = secagg_parameters(config=config.with_overrides(num_clients=3, clients_per_round=3),
+                               max_client_examples=splits.max_client_examples)
+    smallest_weight = min(len(c.train) for c in splits.clients) / params.max_weight
+    # stochastic rounding moves each client's weighted value by < one step; 3 clients, then
+    # divided by the summed weights (>= 3 x the smallest)
+    step = 2 * params.clipping_range / 2**22
+    bound = 3 * step / (3 * smallest_weight) + 1e-6
+    assert len(plain) == len(initial_adapter(config))
+    for key in plain:
+        gap = float(np.abs(plain[key] - secure[key]).max())
+        assert gap <= bound, f"{key}: SecAgg+ differs from FedAvg by {gap:.3g} > {bound:.3g}"
+    # LoRA B starts at zero, so this shows the round trained and the comparison is not vacuous
+    lora_b = [k for k in plain if "lora_B" in k]
+    assert lora_b and all(np.abs(plain[k]).max() > 100 * bound for k in lora_b)
+    for metrics in (read_metrics(runs[False]), read_metrics(runs[True])):
+        assert metrics[0]["clients_trained"] == 3
+    # masked int64 words travel under SecAgg+, float32 values on the plain path
+    assert read_metrics(runs[True])[0]["bytes_up_per_client"] > read_metrics(runs[False])[0]["bytes_up_per_client"]
+
+
+def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(plain_and_secagg_runs):
+    config, runs = plain_and_secagg_runs
+    run = runs[True]
+    resolved = (run / "config.toml").read_text()
+    assert 'secure-aggregation = true' in resolved and f'model = "{config.model}"' in resolved
+    [record] = read_metrics(run)
+    for key in ("round", "test_loss", "test_accuracy", "test_macro_f1", "seconds", "bytes_up_per_client",
+                "clients"):
+        assert key in record
+    assert sorted(record["clients"]) == ["client-0", "client-1", "client-2"]
+    for entry in record["clients"].values():
+        assert entry["status"] == "trained" and entry["num_examples"] > 0 and entry["steps"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["secure_aggregation"] is True
+    assert summary["dp"] is False and summary["test_accuracy"] == record["test_accuracy"]
+
+    # A fresh process loads the adapter the way a user would and gets the reported accuracy.
+    script = textwrap.dedent(f"""
+        import json, torch
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+        from common.config import RunConfig
+        from common.evaluation import evaluate_classifier
+        from common.modeling import load_tokenizer
+        from common.splits import federated_splits
+        from common.tokens import encode
+        cfg = RunConfig.load(path={str(run / 'config.toml')!r})
+        base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=3)
+        model = PeftModel.from_pretrained(base, {str(run / 'adapter')!r})
+        tok = load_tokenizer({str(run / 'adapter')!r})
+        test = encode(tokenizer=tok, split=federated_splits(cfg).test, max_length=cfg.max_length)
+        print(json.dumps(evaluate_classifier(model=model, dataset=test)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-9)
+    assert scores["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+
+
+def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path):
+    config = tiny_config(num_clients=2, clients_per_round=2, target_epsilon=3.0)
+    n = len(federated_splits(config).clients[0].train)
+    # sigma that spends the whole budget in one round: round 2 must be refused by everyone
+    sigma = plan_privacy(num_examples=n, batch_size=config.batch_size, local_epochs=1, num_rounds=1,
+                         target_epsilon=3.0, target_delta=config.target_delta).noise_multiplier
+    out = tmp_path / "run"
+    result = _simulate(out, config, num_rounds=4, noise_multiplier=sigma, dp=True, secure_aggregation=True)
+    metrics = read_metrics(out)
+    assert [m["round"] for m in metrics] == [1, 2]  # stopped after the round nobody could train
+    first, second = metrics
+    assert first["clients_trained"] == 2 and first["update_applied"]
+    assert second["clients_trained"] == 0 and not second["update_applied"]
+    for cid in ("client-0", "client-1"):
+        assert first["clients"][cid]["status"] == "trained"
+        refused = second["clients"][cid]
+        assert refused["status"] == "refused-budget" and refused["num_examples"] == 0 and refused["steps"] == 0
+        assert refused["epsilon"] == first["clients"][cid]["epsilon"] <= 3.0  # spent, not spent again
+    assert second["test_accuracy"] == first["test_accuracy"]  # nothing was applied
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert all(eps <= 3.0 for eps in summary["epsilon"].values())
+    assert "round" in result.stdout and "2/2" in result.stdout and "0/2" in result.stdout
