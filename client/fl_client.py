@@ -69,6 +69,7 @@ class FedtuneClient(NumPyClient):
         model = self._model(parameters)
         dataset = _encoded(cfg, self.partition_id, "train")
         result = train_locally(model=model, dataset=dataset, learning_rate=cfg.learning_rate,
+                               head_learning_rate=cfg.head_learning_rate,
                                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
                                max_grad_norm=cfg.max_grad_norm, plan=plan, history=history,
                                seed=cfg.seed * 1_000_003 + server_round)

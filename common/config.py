@@ -38,7 +38,8 @@ class RunConfig:
     num_rounds: int = _opt(3, "Federated rounds to run (the privacy plan covers all of them).")
     local_epochs: int = _opt(1, "Passes over its local data a client makes each round.")
     batch_size: int = _opt(32, "Expected batch size; DP sample rate = batch-size / local N.")
-    learning_rate: float = _opt(2e-3, "AdamW learning rate for the adapter and head.")
+    learning_rate: float = _opt(5e-3, "AdamW learning rate for the LoRA matrices.")
+    head_learning_rate: float = _opt(5e-2, "AdamW learning rate for the (randomly initialised) classifier head.")
     max_length: int = _opt(128, "Tokens kept per text (longer texts are truncated).")
     lora_rank: int = _opt(8, "LoRA rank r.")
     lora_alpha: int = _opt(16, "LoRA scaling alpha.")
@@ -133,6 +134,7 @@ class RunConfig:
         _check(self.clients_per_round <= self.num_clients, "clients_per_round",
                f"cannot exceed num-clients ({self.num_clients})")
         _check(_positive(self.learning_rate), "learning_rate", "must be a positive number")
+        _check(_positive(self.head_learning_rate), "head_learning_rate", "must be a positive number")
         _check(_positive(self.target_epsilon), "target_epsilon", "must be a positive number")
         _check(0.0 < self.target_delta < 1.0, "target_delta", "must lie strictly between 0 and 1")
         _check(_positive(self.max_grad_norm), "max_grad_norm", "must be a positive number")

@@ -78,6 +78,7 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected, not news
+    hf_logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)

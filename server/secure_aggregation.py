@@ -42,7 +42,8 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
     threshold = max(2, n // 2 + 1)
     max_weight = float(config.secagg_max_weight or max_client_examples + 1)
     steps = config.local_epochs * math.ceil(max_client_examples / config.batch_size)
-    clipping = config.secagg_clipping_range or ADAM_DRIFT_BOUND * config.learning_rate * steps
+    largest_lr = max(config.learning_rate, config.head_learning_rate)
+    clipping = config.secagg_clipping_range or ADAM_DRIFT_BOUND * largest_lr * steps
     return SecAggParameters(num_shares=n, reconstruction_threshold=min(threshold, n),
                             max_weight=max_weight, clipping_range=float(clipping),
                             timeout=config.round_timeout or None)

@@ -50,8 +50,8 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     if (run_dir / "metrics.jsonl").exists():
         raise FedtuneError(f"{run_dir} already holds a run; choose another --out")
     preflight(config, console)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not verbose:  # the table says what matters; Flower's INFO/WARNING lines are for --verbose
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     table = RoundTable(console)
     results: dict = {}
     console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "
