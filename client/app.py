@@ -6,6 +6,8 @@ gives the same app bound to an already-resolved config, as `fedtune simulate` us
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
@@ -21,11 +23,21 @@ def _partition_id(context: Context) -> int:
     return int(node["partition-id"])
 
 
-def build_client_app(*, config: RunConfig | None = None) -> ClientApp:
+def _ledger_dir(context: Context, ledger_root: Path | None, partition_id: int) -> Path:
+    """Where this institution keeps its ledger: its own node config wins, then the run's root."""
+    if "ledger-dir" in context.node_config:
+        return Path(str(context.node_config["ledger-dir"]))
+    return (ledger_root or Path("ledgers")) / f"client-{partition_id}"
+
+
+def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
+    """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir)."""
+
     def client_fn(context: Context) -> Client:
         cfg = config if config is not None else RunConfig.from_mapping(context.run_config)
-        return FedtuneClient(config=cfg, partition_id=_partition_id(context),
-                             state=context.state).to_client()
+        partition_id = _partition_id(context)
+        return FedtuneClient(config=cfg, partition_id=partition_id, run_id=str(context.run_id),
+                             ledger_dir=_ledger_dir(context, ledger_root, partition_id)).to_client()
 
     def requires_secagg(context: Context) -> bool:
         cfg = config if config is not None else RunConfig.from_mapping(context.run_config)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
-from flwr.app import RecordDict
 from flwr.client import NumPyClient
 
-from client.privacy_state import load_privacy_state, save_privacy_state
+from client.privacy_ledger import REFUSED_BUDGET, TRAINED, ClientPrivacyLedger
 from client.trainer import train_locally
 from common.config import RunConfig
 from common.evaluation import evaluate_classifier
@@ -26,16 +26,15 @@ from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
 
-TRAINED = "trained"
-REFUSED_BUDGET = "refused-budget"
 
 
 class FedtuneClient(NumPyClient):
-    def __init__(self, *, config: RunConfig, partition_id: int, state: RecordDict) -> None:
+    def __init__(self, *, config: RunConfig, partition_id: int, ledger_dir: Path, run_id: str) -> None:
         self.config = config
         self.partition_id = partition_id
         self.client_id = f"client-{partition_id}"
-        self.state = state
+        self.ledger_dir = Path(ledger_dir)
+        self.run_id = run_id
 
     # -- Flower entry points -----------------------------------------------------------------
 
@@ -43,13 +42,14 @@ class FedtuneClient(NumPyClient):
         cfg = self.config
         server_round = int(config.get("server-round", 0))
         data = self._data()
-        plan, history = load_privacy_state(self.state)
+        ledger = ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
+        history = ledger.history()
+        plan = ledger.plan_for(self.run_id) if cfg.dp else None
         if cfg.dp and plan is None:
             plan = plan_privacy(num_examples=len(data.train), batch_size=cfg.batch_size,
                                 local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
                                 target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
                                 accountant=cfg.accountant, noise_multiplier=cfg.noise_multiplier)
-            save_privacy_state(self.state, plan=plan, history=history)
             log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
                      self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
                      plan.steps_per_round)
@@ -62,8 +62,10 @@ class FedtuneClient(NumPyClient):
                 spent = epsilon_of(history, delta=plan.target_delta, accountant=plan.accountant)
                 log.warning("%s: refusing round %d: it would exceed epsilon %.3g (spent %.3f)",
                             self.client_id, server_round, plan.target_epsilon, spent)
+                ledger.record(run_id=self.run_id, server_round=server_round, status=REFUSED_BUDGET, plan=plan,
+                              steps=0, epsilon=spent, local_examples=len(data.train))
                 metrics.update(status=REFUSED_BUDGET, epsilon=spent, steps=0, train_loss=float("nan"),
-                               update_max_abs=0.0)
+                               update_max_abs=0.0, ledger_head=ledger.head_hash)
                 return [np.zeros_like(a) for a in parameters], 0, metrics
 
         model = self._model(parameters)
@@ -76,10 +78,14 @@ class FedtuneClient(NumPyClient):
         update = [new - old for new, old in zip(adapter_to_arrays(model), parameters, strict=True)]
         metrics.update(status=TRAINED, steps=result.steps, train_loss=result.train_loss,
                        update_max_abs=float(max(np.abs(u).max() for u in update)))
+        epsilon = None
         if plan is not None:
-            save_privacy_state(self.state, plan=plan, history=result.history)
-            metrics["epsilon"] = epsilon_of(result.history, delta=plan.target_delta,
-                                            accountant=plan.accountant)
+            epsilon = epsilon_of(result.history, delta=plan.target_delta, accountant=plan.accountant)
+            metrics["epsilon"] = epsilon
+        # Written before the update leaves: once sent, the spend is real whatever happens next.
+        ledger.record(run_id=self.run_id, server_round=server_round, status=TRAINED, plan=plan,
+                      steps=result.steps, epsilon=epsilon, local_examples=len(data.train))
+        metrics["ledger_head"] = ledger.head_hash
         return update, len(data.train), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:

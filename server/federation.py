@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import timeit
@@ -17,6 +18,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.evaluation import evaluate_classifier
+from common.ledger import Ledger
 from common.modeling import (LoraSettings, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
                              load_tokenizer, resolve_model_path, save_adapter)
 from common.splits import federated_splits
@@ -67,6 +69,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     else:
         fit_workflow, clipping_range = default_fit_workflow, None
     bytes_up = _upload_bytes(initial, secure=config.secure_aggregation)
+    ledger = Ledger(run_dir.path / "ledgers" / "server")
     log.info(splits.report)
 
     def after_round(server_round: int, seconds: float) -> bool:
@@ -90,6 +93,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
             "clients": {cid: _client_entry(c) for cid, c in sorted(clients.items())},
         }
         run_dir.append_round(record)
+        ledger.append(_server_ledger_fields(run_id=str(context.run_id), record=record, clients=clients,
+                                            adapter_sha256=adapter_sha256(strategy.global_arrays)))
         if on_round is not None:
             on_round(record)
         if not record["clients_trained"]:
@@ -104,6 +109,30 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
                        initial=scores.get(0, {}), seconds=timeit.default_timer() - started)
     run_dir.write_summary(summary)
     return summary
+
+
+def adapter_sha256(arrays: list[np.ndarray]) -> str:
+    """A fingerprint of the global adapter, as float32 bytes in parameter order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_sha256: str) -> dict:
+    """What the coordinator signs for a round: who was asked, who trained, what each reported."""
+    by_status: dict[str, list[str]] = {}
+    for cid, metrics in sorted(clients.items()):
+        by_status.setdefault(str(metrics.get("status", "failed")), []).append(cid)
+    return {
+        "kind": "server", "run_id": run_id, "round": record["round"],
+        "sampled": sorted(clients), "trained": by_status.get("trained", []),
+        "refused": by_status.get("refused-budget", []), "failures": record["failures"],
+        "epsilon": {cid: m.get("epsilon") for cid, m in sorted(clients.items()) if "status" in m},
+        "client_ledger_heads": {cid: m.get("ledger_head") for cid, m in sorted(clients.items()) if "status" in m},
+        "aggregation": record["aggregation"], "update_applied": record["update_applied"],
+        "adapter_sha256": adapter_sha256, "test_accuracy": record["test_accuracy"],
+    }
 
 
 def _client_entry(metrics: dict) -> dict:

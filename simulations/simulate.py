@@ -59,7 +59,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
                   f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
     run_simulation(
         server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results),
-        client_app=build_client_app(config=config),
+        client_app=build_client_app(config=config, ledger_root=run_dir / "ledgers"),
         num_supernodes=config.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from flwr.app import RecordDict
 
 from client.fl_client import FedtuneClient
 from client.trainer import train_locally
@@ -44,18 +43,19 @@ def test_dp_training_changes_every_adapter_tensor_and_improves_accuracy(tiny_con
     assert after["loss"] < before["loss"]
 
 
-def _update(config, parameters):
-    client = FedtuneClient(config=config, partition_id=0, state=RecordDict())
+def _update(config, parameters, ledger_dir):
+    client = FedtuneClient(config=config, partition_id=0, ledger_dir=ledger_dir, run_id="run-1")
     update, _, metrics = client.fit([p.copy() for p in parameters], {"server-round": 1})
     assert metrics["status"] == "trained"
     return update
 
 
 @pytest.mark.parametrize("dp", [True, False])
-def test_identical_clients_send_independent_noise_only_under_dp(tiny_config, dp):
+def test_identical_clients_send_independent_noise_only_under_dp(tiny_config, dp, tmp_path):
     config = tiny_config(dp=dp)
     parameters = initial_adapter(config)
-    first, second = _update(config, parameters), _update(config, parameters)
+    first = _update(config, parameters, tmp_path / "a")
+    second = _update(config, parameters, tmp_path / "b")
     largest_gap = max(float(np.abs(a - b).max()) for a, b in zip(first, second))
     if dp:
         assert largest_gap > 1e-4, "two clients drew the same DP noise and batches"

@@ -2,10 +2,8 @@
 
 import pytest
 from dp_accounting import dp_event, pld
-from flwr.app import RecordDict
-
 from client.fl_client import FedtuneClient
-from client.privacy_state import load_privacy_state
+from client.privacy_ledger import ClientPrivacyLedger
 from common.privacy import compose, epsilon_of, plan_privacy
 from tests.conftest import initial_adapter
 
@@ -39,10 +37,9 @@ def test_forced_noise_multiplier_is_used_as_given():
     assert plan.noise_multiplier == 0.7 and plan.steps_per_round == 20
 
 
-def test_client_epsilon_over_rounds_equals_one_accountant_and_an_independent_one(tiny_config):
+def test_client_epsilon_over_rounds_equals_one_accountant_and_an_independent_one(tiny_config, tmp_path):
     config = tiny_config(num_rounds=3, target_epsilon=4.0, target_delta=1e-5)
-    state = RecordDict()
-    client = FedtuneClient(config=config, partition_id=0, state=state)
+    client = FedtuneClient(config=config, partition_id=0, ledger_dir=tmp_path, run_id="run-1")
     parameters = initial_adapter(config)
     reported = []
     for server_round in (1, 2, 3):
@@ -50,10 +47,12 @@ def test_client_epsilon_over_rounds_equals_one_accountant_and_an_independent_one
         assert metrics["status"] == "trained" and n > 0
         parameters = [p + u for p, u in zip(parameters, update)]
         reported.append(metrics["epsilon"])
-        # a fresh client object over the same node state: what a new ClientApp call sees
-        client = FedtuneClient(config=config, partition_id=0, state=state)
+        # a fresh client object over the same ledger: what a new ClientApp call sees
+        client = FedtuneClient(config=config, partition_id=0, ledger_dir=tmp_path, run_id="run-1")
 
-    plan, history = load_privacy_state(state)
+    ledger = ClientPrivacyLedger(directory=tmp_path, client_id="client-0")
+    plan, history = ledger.plan_for("run-1"), ledger.history()
+    assert [r["epsilon"] for r in ledger.ledger.records] == reported
     steps = plan.steps_per_round
     assert history == [(plan.noise_multiplier, plan.sample_rate, 3 * steps)]
     assert reported == sorted(reported) and reported[0] < reported[1] < reported[2]
