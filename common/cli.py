@@ -44,6 +44,82 @@ def simulate(
     Console().print_json(json.dumps(summary))
 
 
+@cli.command()
+def audit(
+    target: Path = typer.Argument(..., help="A run directory, a ledger directory or a ledger.jsonl file."),
+    public_keys: list[str] = typer.Option([], "--public-key", help="Pin a key: NAME=FILE (e.g. client-0=keys/c0.pub)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
+    report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
+) -> None:
+    """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
+    from common.audit import audit_run
+    from common.audit_table import print_audit
+
+    pinned = {}
+    for item in public_keys:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
+        pinned[name] = Path(path)
+    result = audit_run(target=target, pinned_keys=pinned)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_audit(result, Console())
+    if report:
+        from common.audit_report import write_report
+
+        out_dir = target if target.is_dir() and (target / "ledgers").is_dir() else \
+            (target.parent if target.is_file() else target)
+        files = write_report(result=result, out_dir=out_dir)
+        err.print("wrote " + ", ".join(str(f) for f in files))
+    raise typer.Exit(result.exit_code)
+
+
+@cli.command()
+def plan(
+    target_epsilon: float = typer.Option(8.0, "--target-epsilon", help="Budget epsilon for the whole run."),
+    delta: float = typer.Option(1e-5, "--delta", help="Budget delta."),
+    dataset_size: int = typer.Option(..., "--dataset-size", help="The client's number of training examples."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Expected batch size."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
+    accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
+    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Force sigma (0 calibrates)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of epsilon per round."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """The noise multiplier and epsilon after each round, computed exactly as a client will."""
+    from common.config import RunConfig
+    from common.planning import privacy_schedule, plot_schedule
+
+    RunConfig(target_epsilon=target_epsilon, target_delta=delta, batch_size=batch_size,
+              local_epochs=local_epochs, num_rounds=rounds, accountant=accountant,
+              noise_multiplier=noise_multiplier, secure_aggregation=False, num_clients=1,
+              clients_per_round=1)  # the same validation and messages as a run config
+    schedule = privacy_schedule(dataset_size=dataset_size, batch_size=batch_size, local_epochs=local_epochs,
+                                rounds=rounds, target_epsilon=target_epsilon, delta=delta,
+                                accountant=accountant, noise_multiplier=noise_multiplier)
+    if as_json:
+        print(json.dumps(schedule, indent=2))
+    else:
+        from rich.table import Table
+
+        console = Console()
+        console.print(f"noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
+                      f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
+                      f"({schedule['accountant']} accountant, delta {delta:g})")
+        table = Table()
+        for column in ("round", "epsilon", "budget left"):
+            table.add_column(column, justify="right")
+        for row in schedule["rounds"]:
+            table.add_row(str(row["round"]), f"{row['epsilon']:.4f}", f"{target_epsilon - row['epsilon']:.4f}")
+        console.print(table)
+    if plot is not None:
+        plot_schedule(schedule, plot)
+        err.print(f"wrote {plot}")
+
+
 def main() -> None:
     if "--verbose" not in sys.argv:
         # Library deprecation chatter is not for users; --verbose shows everything.
