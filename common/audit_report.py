@@ -27,17 +27,22 @@ def write_report(*, result: AuditResult, out_dir: Path) -> list[Path]:
 
 
 def _plot_epsilon(plt, result: AuditResult, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
     budgets = set()
     for client in sorted({r.client_id for r in result.rows}):
         rows = [r for r in result.rows if r.client_id == client and r.claimed_epsilon is not None]
-        if rows:
-            ax.plot([r.round for r in rows], [r.claimed_epsilon for r in rows], marker="o", label=client)
+        if rows:  # every client starts the run at epsilon 0
+            ax.plot([0] + [r.round for r in rows], [0.0] + [r.claimed_epsilon for r in rows], marker="o",
+                    label=client, alpha=0.8)
             budgets.update(r.target_epsilon for r in rows if r.target_epsilon is not None)
     for budget in sorted(budgets):
         ax.axhline(budget, color="red", linestyle="--", label=f"budget ε={budget:g}")
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (signed by the client)")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Privacy spend per client")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -48,6 +53,8 @@ def _plot_epsilon(plt, result: AuditResult, path: Path) -> Path:
 
 
 def _plot_accuracy(plt, metrics_path: Path, path: Path) -> Path | None:
+    from matplotlib.ticker import MaxNLocator
+
     if not metrics_path.is_file():
         return None
     rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -59,6 +66,7 @@ def _plot_accuracy(plt, metrics_path: Path, path: Path) -> Path | None:
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Global adapter on the held-out test split")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,11 +19,18 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 
+def console() -> Console:
+    """Rich output; when piped, wide enough that tables are not cut to 80 columns."""
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
 
 @cli.callback()
 def _root() -> None:
     """Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."""
 
+
+INPUT_ERROR = 3  # 1 and 2 are the audit's verdicts (verification failed, budget exceeded)
 
 SetOption = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable).")
 
@@ -40,8 +47,9 @@ def simulate(
     from simulations.simulate import simulate as run
 
     resolved = RunConfig.load(path=config, overrides=overrides)
-    summary = run(config=resolved, out=out, verbose=verbose)
-    Console().print_json(json.dumps(summary))
+    shell = console()
+    summary = run(config=resolved, out=out, verbose=verbose, console=shell)
+    shell.print_json(json.dumps(summary))
 
 
 @cli.command()
@@ -65,7 +73,7 @@ def audit(
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        print_audit(result, Console())
+        print_audit(result, console())
     if report:
         from common.audit_report import write_report
 
@@ -105,8 +113,8 @@ def plan(
     else:
         from rich.table import Table
 
-        console = Console()
-        console.print(f"noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
+        out = console()
+        out.print(f"noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
                       f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
                       f"({schedule['accountant']} accountant, delta {delta:g})")
         table = Table()
@@ -114,7 +122,7 @@ def plan(
             table.add_column(column, justify="right")
         for row in schedule["rounds"]:
             table.add_row(str(row["round"]), f"{row['epsilon']:.4f}", f"{target_epsilon - row['epsilon']:.4f}")
-        console.print(table)
+        out.print(table)
     if plot is not None:
         plot_schedule(schedule, plot)
         err.print(f"wrote {plot}")
@@ -126,10 +134,12 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Ray actors inherit it
     try:
-        cli(standalone_mode=False)
+        code = cli(standalone_mode=False)  # returns the code of typer.Exit in this mode
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FedtuneError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(INPUT_ERROR)
     except typer.Abort:
         sys.exit(130)
     except Exception as exc:  # click usage errors carry their own exit codes

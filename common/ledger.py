@@ -108,7 +108,7 @@ def verify_records(path: Path, records: list[dict[str, Any]], key: Ed25519Public
     result = Verification(path=path, records=records)
     previous = GENESIS
     for index, record in enumerate(records):
-        name = f"{path.name} record {index + 1} (round {record.get('round', '?')})"
+        name = f"{path.parent.name} record {index + 1} (round {record.get('round', '?')})"
         if record.get("seq") != index:
             result.problems.append(f"{name}: sequence number {record.get('seq')} where {index} was expected "
                                    f"(a record was deleted, inserted or reordered)")
