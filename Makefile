@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ test: setup
 
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(OFFLINE) $(BIN)/python -m benchmarks.federation_variants
+
+bench-quick: setup
+	$(OFFLINE) $(BIN)/python -m benchmarks.federation_variants --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -138,3 +138,9 @@ def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path
     assert summary["rounds_completed"] == 2
     assert all(eps <= 3.0 for eps in summary["epsilon"].values())
     assert "round" in result.stdout and "2/2" in result.stdout and "0/2" in result.stdout
+    # the refusals are in the signed ledgers too, and the whole run audits clean
+    audit = run_fedtune("audit", str(out), "--json", timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:]
+    statuses = sorted((r["client_id"], r["round"], r["status"]) for r in json.loads(audit.stdout)["rows"])
+    assert statuses == [("client-0", 1, "trained"), ("client-0", 2, "refused-budget"),
+                        ("client-1", 1, "trained"), ("client-1", 2, "refused-budget")]
