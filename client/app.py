@@ -30,18 +30,29 @@ def _ledger_dir(context: Context, ledger_root: Path | None, partition_id: int) -
     return (ledger_root or Path("ledgers")) / f"client-{partition_id}"
 
 
+# Privacy settings an institution may fix in its own node config; they override the run config
+# the coordinator sends, so the coordinator cannot switch DP off or widen the budget.
+NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "target-delta", "max-grad-norm", "noise-multiplier",
+                     "accountant", "secure-aggregation")
+
+
+def resolve_config(context: Context, config: RunConfig | None) -> RunConfig:
+    base = config.to_flower() if config is not None else dict(context.run_config)
+    own = {key: context.node_config[key] for key in NODE_PRIVACY_KEYS if key in context.node_config}
+    return RunConfig.from_mapping({**base, **own})
+
+
 def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
     """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir)."""
 
     def client_fn(context: Context) -> Client:
-        cfg = config if config is not None else RunConfig.from_mapping(context.run_config)
+        cfg = resolve_config(context, config)
         partition_id = _partition_id(context)
         return FedtuneClient(config=cfg, partition_id=partition_id, run_id=str(context.run_id),
                              ledger_dir=_ledger_dir(context, ledger_root, partition_id)).to_client()
 
     def requires_secagg(context: Context) -> bool:
-        cfg = config if config is not None else RunConfig.from_mapping(context.run_config)
-        return cfg.secure_aggregation
+        return resolve_config(context, config).secure_aggregation
 
     return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod(requires_secagg)])
 

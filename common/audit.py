@@ -120,9 +120,41 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None) -> Au
     server = records_by_owner.pop("server", None)
     for owner, records in records_by_owner.items():
         _audit_client(owner, records, result)
+    run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
     if server is not None:
         _cross_check(server, records_by_owner, result)
+        if run_dir is not None:
+            _check_run_outputs(run_dir, server, result)
+    elif run_dir is not None:
+        result.problems.append(f"{run_dir} has client ledgers but no server ledger (ledgers/server/{LEDGER_FILE})")
     return result
+
+
+def _number(record: dict, key: str, kind: type = float, *, optional: bool = False):
+    """A field of the expected numeric type (never a bool or a string), or ValueError naming it."""
+    value = record.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"field '{key}' is {value!r}, not a {kind.__name__}")
+    return kind(value)
+
+
+def _client_row(owner: str, record: dict, history: list[tuple[float, float, int]]) -> ClientRow:
+    dp, status = record.get("dp"), record.get("status")
+    if not isinstance(dp, bool) or status not in ("trained", "refused-budget"):
+        raise ValueError(f"dp={dp!r}, status={status!r}")
+    if dp and status == "trained":
+        history.append((_number(record, "noise_multiplier"), _number(record, "sample_rate"),
+                        _number(record, "steps", int)))
+    return ClientRow(
+        client_id=str(record.get("client_id", owner)), run_id=str(record.get("run_id")),
+        round=_number(record, "round", int), status=status, steps=_number(record, "steps", int),
+        noise_multiplier=_number(record, "noise_multiplier", optional=not dp),
+        sample_rate=_number(record, "sample_rate", optional=not dp),
+        claimed_epsilon=_number(record, "epsilon", optional=True) if dp else None,
+        recomputed_epsilon=independent_epsilon(history, _number(record, "delta")) if dp else None,
+        target_epsilon=_number(record, "target_epsilon", optional=not dp))
 
 
 def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
@@ -130,20 +162,11 @@ def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
     for index, record in enumerate(records):
         name = f"{owner} record {index + 1} (round {record.get('round', '?')})"
         try:
-            dp, status = bool(record["dp"]), str(record["status"])
-            if dp and status == "trained":
-                history.append((float(record["noise_multiplier"]), float(record["sample_rate"]),
-                                int(record["steps"])))
-            claimed = record.get("epsilon") if dp else None
-            recomputed = independent_epsilon(history, float(record["delta"])) if dp else None
-        except (KeyError, TypeError, ValueError) as exc:
+            row = _client_row(owner, record, history)
+        except ValueError as exc:
             result.problems.append(f"{name}: malformed record ({exc})")
             continue
-        row = ClientRow(client_id=str(record.get("client_id", owner)), run_id=str(record.get("run_id")),
-                        round=int(record.get("round", -1)), status=status, steps=int(record.get("steps", 0)),
-                        noise_multiplier=record.get("noise_multiplier"), sample_rate=record.get("sample_rate"),
-                        claimed_epsilon=claimed, recomputed_epsilon=recomputed,
-                        target_epsilon=record.get("target_epsilon"))
+        dp, claimed, recomputed = record["dp"], row.claimed_epsilon, row.recomputed_epsilon
         if dp:
             if claimed is None or not math.isfinite(claimed) or claimed < recomputed * (1 - UNDER_REPORT_TOLERANCE):
                 row.flags.append("under-reported")
@@ -160,11 +183,19 @@ def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
 
 
 def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: AuditResult) -> None:
-    """The epsilon and ledger head the server recorded must be exactly what the client signed."""
+    """The epsilon and ledger head the server recorded must be exactly what the client signed;
+    rounds a client signed that the server never recorded are noted (its spend still counts)."""
     signed = {}
     for owner, records in clients.items():
         for record in records:
             signed[(str(record.get("client_id", owner)), str(record.get("run_id")), record.get("round"))] = record
+    listed = {(cid, str(entry.get("run_id")), entry.get("round"))
+              for entry in server for cid in (entry.get("epsilon") or {})}
+    server_runs = {str(entry.get("run_id")) for entry in server}
+    for key in sorted(set(signed) - listed, key=str):
+        if key[1] in server_runs:  # a client can drop after training: its spend counts, the server never heard
+            result.notes.append(f"{key[0]} signed a record for round {key[2]} that the server ledger does not "
+                                f"list (the client's reply did not arrive, or server records were removed)")
     for index, entry in enumerate(server):
         name = f"server record {index + 1} (round {entry.get('round', '?')})"
         for cid, epsilon in (entry.get("epsilon") or {}).items():
@@ -176,5 +207,36 @@ def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: Aud
                 result.problems.append(f"{name}: records epsilon {epsilon} for {cid}, which signed "
                                        f"{own.get('epsilon')}")
             head = (entry.get("client_ledger_heads") or {}).get(cid)
-            if head is not None and head != record_hash(own):
+            if head is not None and head != _hash_or_none(own):
                 result.problems.append(f"{name}: {cid}'s ledger head differs from the record {cid} holds")
+
+
+def _hash_or_none(record: dict) -> str | None:
+    try:
+        return record_hash(record)
+    except (TypeError, ValueError):  # not canonical JSON: already reported by the chain check
+        return None
+
+
+def _check_run_outputs(run_dir: Path, server: list[dict], result: AuditResult) -> None:
+    """The server's signed rounds must agree with the run's metrics.jsonl and summary.json."""
+    import json
+
+    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    if metrics_path.is_file():
+        try:
+            rounds = [json.loads(line)["round"] for line in metrics_path.read_text().splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            result.problems.append(f"{metrics_path} is not one JSON object with a 'round' per line")
+            rounds = None
+        if rounds is not None and rounds != [entry.get("round") for entry in server]:
+            result.problems.append(f"metrics.jsonl lists rounds {rounds}, the server ledger "
+                                   f"{[entry.get('round') for entry in server]}")
+    if summary_path.is_file():
+        try:
+            completed = json.loads(summary_path.read_text()).get("rounds_completed")
+        except ValueError:
+            completed = None
+        if completed is not None and completed != len(server):
+            result.problems.append(f"summary.json says {completed} rounds completed, the server ledger "
+                                   f"has {len(server)}")

@@ -71,7 +71,9 @@ def audit(
         pinned[name] = Path(path)
     result = audit_run(target=target, pinned_keys=pinned)
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        from common.json_safe import json_safe
+
+        print(json.dumps(json_safe(result.to_json()), indent=2))
     else:
         print_audit(result, console())
     if report:

@@ -59,7 +59,8 @@ class RunConfig:
     dirichlet_alpha: float = _opt(0.5, "Label skew for the dirichlet partitioner (smaller = more skew).")
     test_fraction: float = _opt(0.1, "Share of all examples held out for server-side testing.")
     validation_fraction: float = _opt(0.1, "Share of each client's examples kept for its validation.")
-    fraction_evaluate: float = _opt(1.0, "Share of clients asked to evaluate on their validation split.")
+    fraction_evaluate: float = _opt(0.0, "Share of clients evaluating on their validation split each round "
+                                         "(their metrics travel in clear, outside DP; 0 = none).")
     seed: int = _opt(0, "Seeds splits, partitions, client sampling and initialisation; never DP noise.")
 
     def __post_init__(self) -> None:
@@ -140,9 +141,11 @@ class RunConfig:
         _check(_positive(self.max_grad_norm), "max_grad_norm", "must be a positive number")
         _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "noise_multiplier",
                "must be 0 (calibrate) or a positive number")
-        _check(self.secagg_clipping_range >= 0, "secagg_clipping_range", "must be 0 (auto) or positive")
+        _check(self.secagg_clipping_range >= 0 and math.isfinite(self.secagg_clipping_range),
+               "secagg_clipping_range", "must be 0 (auto) or a positive number")
         _check(self.secagg_max_weight >= 0, "secagg_max_weight", "must be 0 (auto) or positive")
-        _check(self.round_timeout >= 0, "round_timeout", "must be 0 (no timeout) or positive seconds")
+        _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",
+               "must be 0 (no timeout) or a positive number of seconds")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
         _check(_positive(self.dirichlet_alpha), "dirichlet_alpha", "must be a positive number")
         _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie strictly between 0 and 1")
@@ -179,6 +182,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise FedtuneError(f"config key '{key}' must be true or false, got {value!r}.")
+    if kind in (int, float) and isinstance(value, bool):
+        raise FedtuneError(f"config key '{key}' must be a number, got {value!r}.")
     if kind is int:
         try:
             if isinstance(value, float) and not value.is_integer():

@@ -3,7 +3,10 @@
 Each record carries `seq` (its position), `prev_hash` (SHA-256 of the previous record's
 canonical JSON, signature included) and `signature` (Ed25519 over its own canonical JSON
 without the signature). Editing, deleting, reordering or splicing records, or swapping the key,
-breaks a hash or a signature at a record the verifier can name.
+breaks a hash or a signature at a record the verifier can name. Removing the *last* records
+breaks nothing inside the file: the owner keeps a head marker (`ledger.head`) and refuses a
+ledger shorter than it, and the auditor compares against the server's ledger, which records
+each client's head hash per round.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,26 +24,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import FedtuneError
+from common.json_safe import json_safe
 
 LEDGER_FILE = "ledger.jsonl"
 PRIVATE_KEY_FILE = "ledger.key"
 PUBLIC_KEY_FILE = "ledger.pub"
+HEAD_FILE = "ledger.head"  # seq and hash of the last record: a truncated ledger no longer matches it
 GENESIS = "0" * 64
 
 
 class LedgerError(FedtuneError):
     """A ledger that fails verification: the owner must not trust (or extend) it."""
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: a ledger stores them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -77,8 +70,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     """Parse a ledger file; a line that is not a JSON object is named in the error."""
     if not path.is_file():
         raise FedtuneError(f"ledger file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FedtuneError(f"{path} is not UTF-8 text (byte {exc.start}): not a ledger, or corrupted") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -115,11 +112,17 @@ def verify_records(path: Path, records: list[dict[str, Any]], key: Ed25519Public
         if record.get("prev_hash") != previous:
             result.problems.append(f"{name}: previous-record hash does not match (chain broken)")
         try:
+            body = canonical(_unsigned(record))
+            previous = record_hash(record)
+        except (TypeError, ValueError):  # NaN/Infinity were never written by a ledger
+            result.problems.append(f"{name}: not canonical JSON (NaN or Infinity); the record was edited")
+            previous = ""
+            continue
+        try:
             signature = base64.b64decode(str(record.get("signature", "")), validate=True)
-            key.verify(signature, canonical(_unsigned(record)))
+            key.verify(signature, body)
         except (InvalidSignature, ValueError):
             result.problems.append(f"{name}: signature does not verify under the ledger's public key")
-        previous = record_hash(record)
     return result
 
 
@@ -155,17 +158,23 @@ class Ledger:
         return key
 
     def _verified_records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        check = verify_records(self.path, read_records(self.path), self.public_key)
+        head_path = self.directory / HEAD_FILE
+        head = json.loads(head_path.read_text()) if head_path.exists() else {"seq": -1, "hash": GENESIS}
+        records = read_records(self.path) if self.path.exists() else []
+        check = verify_records(self.path, records, self.public_key)
         if not check.ok:
             raise LedgerError(f"ledger {self.path} failed verification: {check.problems[0]}; "
                               f"refusing to train on a ledger that may under-count privacy spend")
+        last_hash = record_hash(records[-1]) if records else GENESIS
+        if head.get("seq") != len(records) - 1 or head.get("hash") != last_hash:
+            raise LedgerError(f"ledger {self.path} holds {len(records)} records but its head marker "
+                              f"{head_path.name} says {head.get('seq', -1) + 1}: records were removed or the file "
+                              f"was replaced; refusing to train on a ledger that may under-count privacy spend")
         return check.records
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Sign and append one record; it is on disk (fsync) before this returns."""
-        record = _finite(dict(fields))
+        record = json_safe(dict(fields))
         record["seq"] = len(self.records)
         record["prev_hash"] = record_hash(self.records[-1]) if self.records else GENESIS
         record["signature"] = base64.b64encode(self._key.sign(canonical(record))).decode()
@@ -174,6 +183,10 @@ class Ledger:
             handle.flush()
             os.fsync(handle.fileno())
         self.records.append(record)
+        head = self.directory / HEAD_FILE
+        tmp = head.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": record["seq"], "hash": record_hash(record)}))
+        os.replace(tmp, head)
         return record
 
     @property

@@ -26,7 +26,7 @@ from common.tokens import encode
 from server.rounds import run_rounds
 from server.run_directory import RunDirectory
 from server.secure_aggregation import secagg_parameters, secagg_workflow
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, RoundOutcome
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,10 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     log.info(splits.report)
 
     def after_round(server_round: int, seconds: float) -> bool:
-        outcome = strategy.outcomes.get(server_round)
-        clients = outcome.clients if outcome else {}
-        if clipping_range is not None and outcome and outcome.max_update_abs > clipping_range:
+        outcome = strategy.outcomes.get(server_round) or RoundOutcome()
+        clients = {cid: {**metrics, **outcome.evaluations.get(cid, {})}
+                   for cid, metrics in outcome.clients.items()}
+        if clipping_range is not None and outcome.max_update_abs > clipping_range:
             log.warning("round %d: an update coordinate reached %.4g, beyond the SecAgg+ clipping range "
                         "±%.4g, and was clipped; raise secagg-clipping-range", server_round,
                         outcome.max_update_abs, clipping_range)
@@ -87,9 +88,11 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
             "seconds": round(seconds, 3),
             "bytes_up_per_client": bytes_up,
             "aggregation": "secagg+" if config.secure_aggregation else "plain",
-            "update_applied": bool(outcome and outcome.applied),
-            "clients_trained": len(outcome.trained) if outcome else 0,
-            "failures": outcome.failures if outcome else 0,
+            "update_applied": outcome.applied,
+            "aggregation_failed": outcome.aggregation_failed,
+            "clients_sampled": outcome.sampled,
+            "clients_trained": len(outcome.trained),
+            "failures": outcome.failures,
             "clients": {cid: _client_entry(c) for cid, c in sorted(clients.items())},
         }
         run_dir.append_round(record)
@@ -97,8 +100,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
                                             adapter_sha256=adapter_sha256(strategy.global_arrays)))
         if on_round is not None:
             on_round(record)
-        if not record["clients_trained"]:
-            log.warning("round %d: no sampled client could train; stopping the run", server_round)
+        if outcome.clients and len(outcome.refused) == len(outcome.clients) == outcome.sampled:
+            log.warning("round %d: every sampled client refused (budget spent); stopping the run", server_round)
             return False
         return True
 
@@ -123,14 +126,16 @@ def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_s
     """What the coordinator signs for a round: who was asked, who trained, what each reported."""
     by_status: dict[str, list[str]] = {}
     for cid, metrics in sorted(clients.items()):
-        by_status.setdefault(str(metrics.get("status", "failed")), []).append(cid)
+        by_status.setdefault(str(metrics.get("status")), []).append(cid)
     return {
         "kind": "server", "run_id": run_id, "round": record["round"],
-        "sampled": sorted(clients), "trained": by_status.get("trained", []),
-        "refused": by_status.get("refused-budget", []), "failures": record["failures"],
-        "epsilon": {cid: m.get("epsilon") for cid, m in sorted(clients.items()) if "status" in m},
-        "client_ledger_heads": {cid: m.get("ledger_head") for cid, m in sorted(clients.items()) if "status" in m},
+        "sampled": record["clients_sampled"], "replied": sorted(clients),
+        "trained": by_status.get("trained", []), "refused": by_status.get("refused-budget", []),
+        "failures": record["failures"],
+        "epsilon": {cid: m.get("epsilon") for cid, m in sorted(clients.items())},
+        "client_ledger_heads": {cid: m.get("ledger_head") for cid, m in sorted(clients.items())},
         "aggregation": record["aggregation"], "update_applied": record["update_applied"],
+        "aggregation_failed": record["aggregation_failed"],
         "adapter_sha256": adapter_sha256, "test_accuracy": record["test_accuracy"],
     }
 

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.json_safe import json_safe
 
 
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null so every line parses everywhere."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class RunDirectory:
@@ -47,12 +34,12 @@ class RunDirectory:
 
     def append_round(self, record: dict) -> None:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
+            handle.write(json.dumps(json_safe(record), sort_keys=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+        _atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
 
     def read_rounds(self) -> list[dict]:
         path = self.path / "metrics.jsonl"

@@ -6,9 +6,14 @@ import logging
 import math
 from dataclasses import dataclass
 
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
     """
     n = config.clients_per_round
     threshold = max(2, n // 2 + 1)
+    if config.secagg_max_weight and config.secagg_max_weight <= max_client_examples:
+        raise FedtuneError(f"secagg-max-weight {config.secagg_max_weight} must exceed the largest client's "
+                           f"example count ({max_client_examples}); set it to 0 to derive it")
     max_weight = float(config.secagg_max_weight or max_client_examples + 1)
     steps = config.local_epochs * math.ceil(max_client_examples / config.batch_size)
     largest_lr = max(config.learning_rate, config.head_learning_rate)
@@ -49,11 +57,55 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
                             timeout=config.round_timeout or None)
 
 
+class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ with one more rule: never unmask a "sum" of fewer than two updates.
+
+    Refusing clients join the protocol with weight 0, and their status travels in clear; if only
+    one sampled client actually trained, the unmasked aggregate would be that client's update.
+    The round then stops before the unmask stage: the masked vectors reveal nothing alone.
+    """
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        strategy = context.strategy
+        outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
+        trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
+        if ok and trained < 2:
+            outcome.aggregation_failed = ("no client trained" if trained == 0 else
+                                          "only one client trained; its update is not unmasked alone")
+            log.warning("round %d: %s", current_round, outcome.aggregation_failed)
+            return False
+        if not ok:
+            outcome.aggregation_failed = "SecAgg+ halted: too few clients answered (below the threshold)"
+        return ok
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        if not ok:
+            self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
+        return ok
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        if not ok:
+            self._note_halt(context, "SecAgg+ halted while sharing keys: too few clients answered")
+        return ok
+
+    @staticmethod
+    def _note_halt(context: LegacyContext, reason: str) -> None:
+        current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        outcome = context.strategy.outcomes.get(current_round)
+        if outcome is not None:
+            outcome.aggregation_failed = reason
+        log.warning("round %d: %s", current_round, reason)
+
+
 def secagg_workflow(params: SecAggParameters) -> SecAggPlusWorkflow:
     # Flower reads an int share count as absolute (must be > 2) and a float as a fraction of
     # the sampled clients: 1.0 means "everyone", which is also right for two clients.
     shares: int | float = params.num_shares if params.num_shares > 2 else 1.0
     threshold: int | float = (params.reconstruction_threshold if params.num_shares > 2 else 1.0)
-    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
+    return GuardedSecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
                               max_weight=params.max_weight, clipping_range=params.clipping_range,
                               timeout=params.timeout)

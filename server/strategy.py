@@ -20,20 +20,28 @@ from flwr.server.strategy import FedAvg
 log = logging.getLogger(__name__)
 
 TRAINED = "trained"
+REFUSED_BUDGET = "refused-budget"
 
 
 @dataclass
 class RoundOutcome:
-    """What one round produced, for the progress table, metrics.jsonl and stop decisions."""
+    """What one round produced, for the progress table, metrics.jsonl, ledgers and stopping."""
 
-    clients: dict[str, dict] = field(default_factory=dict)
+    sampled: int = 0
+    clients: dict[str, dict] = field(default_factory=dict)  # fit replies, by client id
+    evaluations: dict[str, dict] = field(default_factory=dict)  # validation metrics, by client id
     failures: int = 0
     applied: bool = False
+    aggregation_failed: str | None = None  # why no aggregate was produced, when that happened
     max_update_abs: float = 0.0
 
     @property
     def trained(self) -> list[str]:
         return [cid for cid, c in self.clients.items() if c.get("status") == TRAINED]
+
+    @property
+    def refused(self) -> list[str]:
+        return [cid for cid, c in self.clients.items() if c.get("status") == REFUSED_BUDGET]
 
 
 class AdapterFedAvg(FedAvg):
@@ -59,22 +67,34 @@ class AdapterFedAvg(FedAvg):
         """Exactly clients-per-round, not FedAvg's rounded fraction."""
         return self.min_fit_clients, self.min_available_clients
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
-        outcome = self.outcomes.setdefault(server_round, RoundOutcome())
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager) -> list:
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.outcomes[server_round] = RoundOutcome(sampled=len(instructions))
+        return instructions
+
+    def record_replies(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                       failures: list) -> RoundOutcome:
+        """Keep what each client reported (in clear) for the round, whether or not it is aggregated."""
+        outcome = self.outcomes.setdefault(server_round, RoundOutcome(sampled=len(results) + len(failures)))
         outcome.failures = len(failures)
         for _, res in results:
             metrics = dict(res.metrics)
             metrics["num_examples"] = res.num_examples
             outcome.clients[str(metrics.get("client_id", "?"))] = metrics
-        trained = [(proxy, res) for proxy, res in results
-                   if res.metrics.get("status") == TRAINED and res.num_examples > 0]
+        return outcome
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        outcome = self.record_replies(server_round, results, failures)
+        trained = contributors(results)
         if not trained:
             log.warning("round %d: no client trained; the global adapter is unchanged", server_round)
+            outcome.aggregation_failed = outcome.aggregation_failed or "no client trained"
             return None, {}
         update = self._mean_update(trained)
         if not all(np.isfinite(u).all() for u in update):
             log.error("round %d: the aggregated update is not finite; it is not applied", server_round)
+            outcome.aggregation_failed = "aggregate not finite"
             return None, {}
         self.global_arrays = [g + u.astype(np.float32) for g, u in zip(self.global_arrays, update, strict=True)]
         outcome.applied = True
@@ -95,12 +115,20 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list):
         outcome = self.outcomes.setdefault(server_round, RoundOutcome())
+        results = [(proxy, res) for proxy, res in results if res.num_examples > 0]  # no validation data
         for _, res in results:
-            cid = str(res.metrics.get("client_id", "?"))
-            outcome.clients.setdefault(cid, {}).update(
-                val_loss=res.loss, val_accuracy=res.metrics.get("accuracy"),
-                val_macro_f1=res.metrics.get("macro_f1"))
+            outcome.evaluations[str(res.metrics.get("client_id", "?"))] = {
+                "val_loss": res.loss, "val_accuracy": res.metrics.get("accuracy"),
+                "val_macro_f1": res.metrics.get("macro_f1")}
+        if not results:
+            return None, {}
         return super().aggregate_evaluate(server_round, results, failures)
+
+
+def contributors(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+    """Results that carry a trained update with a non-zero weight."""
+    return [(proxy, res) for proxy, res in results
+            if res.metrics.get("status") == TRAINED and res.num_examples > 0]
 
 
 def _weighted_mean(results: list[tuple[int, dict]]) -> dict[str, Scalar]:

@@ -194,6 +194,7 @@ def test_a_budget_breach_exits_2(tmp_path):
     ("truncated-line", "line 2 is not valid JSON"),
     ("unknown-key-file", "public key file not found"),
     ("key-for-nobody", "--public-key names client-9"),
+    ("not-utf8", "is not UTF-8 text"),
 ])
 def test_bad_audit_input_is_a_one_line_error(dp_run, tmp_path, case, expected):
     _, original = dp_run
@@ -210,11 +211,40 @@ def test_bad_audit_input_is_a_one_line_error(dp_run, tmp_path, case, expected):
         extra = [f"--public-key=client-0={tmp_path / 'missing.pub'}"]
     elif case == "key-for-nobody":
         extra = [f"--public-key=client-9={run / 'ledgers' / 'client-0' / 'ledger.pub'}"]
+    elif case == "not-utf8":
+        (run / "ledgers" / "client-1" / "ledger.jsonl").write_bytes(b"\xff\xfe\x00 not a ledger\n")
     result = run_fedtune("audit", str(target), *extra, timeout=120)
     assert result.returncode not in (0, 2)
     assert "Traceback" not in result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("nan-epsilon", "client-0 record 2 (round 2): not canonical JSON"),
+    ("string-round", "client-1 record 1 (round one): malformed record (field 'round' is 'one', not a int)"),
+    ("no-server-ledger", "has client ledgers but no server ledger"),
+    ("last-server-record-removed", "metrics.jsonl lists rounds [1, 2], the server ledger [1]"),
+])
+def test_malformed_or_truncated_ledgers_fail_verification_cleanly(dp_run, tmp_path, case, expected):
+    _, original = dp_run
+    run = _copy(original, tmp_path)
+    if case == "nan-epsilon":
+        path, lines = _lines(run, "client-0")
+        lines[1] = lines[1].replace('"epsilon":', '"epsilon":NaN,"was":', 1)
+        path.write_text("\n".join(lines) + "\n")
+    elif case == "string-round":
+        path, lines = _lines(run, "client-1")
+        lines[0] = lines[0].replace('"round":1', '"round":"one"', 1)
+        path.write_text("\n".join(lines) + "\n")
+    elif case == "no-server-ledger":
+        shutil.rmtree(run / "ledgers" / "server")
+    elif case == "last-server-record-removed":
+        path, lines = _lines(run, "server")
+        path.write_text(lines[0] + "\n")
+    result, payload = _audit(run)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert any(expected in problem for problem in payload["problems"]), payload["problems"]
 
 
 def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):

@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def test_pyproject_itself_is_a_valid_config_file():
     ("partitioner=shards", "'partitioner' must be one of iid, dirichlet"),
     ("target-delta=1", "'target-delta' must lie strictly between 0 and 1"),
     ("num-rounds", "--set expects key=value"),
+    ("secagg-clipping-range=inf", "'secagg-clipping-range' must be 0 (auto) or a positive number"),
 ])
 def test_bad_values_name_the_key_to_fix(override, message):
-    with pytest.raises(FedtuneError, match=message.replace("(", r"\(").replace("?", r"\?").replace(".", r"\.")):
+    with pytest.raises(FedtuneError, match=re.escape(message)):
         RunConfig.load(overrides=[override])
 
 
@@ -69,3 +71,22 @@ def test_secure_aggregation_needs_two_clients_per_round():
 def test_missing_config_file_is_a_user_error(tmp_path):
     with pytest.raises(FedtuneError, match="config file not found"):
         RunConfig.load(path=tmp_path / "nope.toml")
+
+
+def test_booleans_are_not_numbers(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("num-rounds = true\n")
+    with pytest.raises(FedtuneError, match="'num-rounds' must be a number, got True"):
+        RunConfig.load(path=path)
+
+
+def test_a_node_config_privacy_setting_overrides_the_coordinator():
+    from flwr.app import Context, RecordDict
+
+    from client.app import resolve_config
+
+    coordinator = RunConfig(dp=False, target_epsilon=50.0, num_rounds=2).to_flower()
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "dp": True, "target-epsilon": 2.0},
+                      state=RecordDict(), run_config=coordinator)
+    resolved = resolve_config(context, None)
+    assert resolved.dp is True and resolved.target_epsilon == 2.0 and resolved.num_rounds == 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from common.privacy import plan_privacy
+from common.privacy import epsilon_of, plan_privacy
 from common.splits import federated_splits
 from server.secure_aggregation import secagg_parameters
 from tests.conftest import initial_adapter
@@ -44,7 +44,7 @@ def plain_and_secagg_runs(tiny_config, tmp_path_factory):
     for secure in (False, True):
         out = tmp_path_factory.mktemp("run") / ("secagg" if secure else "plain")
         _simulate(out, config, dp=False, secure_aggregation=secure, num_rounds=1, num_clients=3,
-                  clients_per_round=3)
+                  clients_per_round=3, fraction_evaluate=1.0)
         runs[secure] = out
     return config, runs
 
@@ -86,6 +86,7 @@ def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(plain
     assert sorted(record["clients"]) == ["client-0", "client-1", "client-2"]
     for entry in record["clients"].values():
         assert entry["status"] == "trained" and entry["num_examples"] > 0 and entry["steps"] > 0
+        assert 0.0 <= entry["val_accuracy"] <= 1.0 and entry["val_loss"] > 0  # clients evaluated
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["secure_aggregation"] is True
     assert summary["dp"] is False and summary["test_accuracy"] == record["test_accuracy"]
@@ -144,3 +145,28 @@ def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path
     statuses = sorted((r["client_id"], r["round"], r["status"]) for r in json.loads(audit.stdout)["rows"])
     assert statuses == [("client-0", 1, "trained"), ("client-0", 2, "refused-budget"),
                         ("client-1", 1, "trained"), ("client-1", 2, "refused-budget")]
+
+
+def test_secagg_never_unmasks_the_update_of_a_single_trained_client(tiny_config, tmp_path):
+    """Two of three clients refuse: the lone trained update must not be revealed as a 'sum'."""
+    config = tiny_config(num_clients=3, clients_per_round=3, partitioner="dirichlet", dirichlet_alpha=0.3)
+    sizes = [len(c.train) for c in federated_splits(config).clients]
+    sigma = 1.0
+    first_round = sorted(
+        (epsilon_of([plan_privacy(num_examples=n, batch_size=config.batch_size, local_epochs=1, num_rounds=1,
+                                  target_epsilon=100.0, target_delta=1e-5, noise_multiplier=sigma).round_entry()],
+                    delta=1e-5), cid) for cid, n in enumerate(sizes))
+    assert first_round[1][0] > 1.05 * first_round[0][0], sizes  # the partition gives distinct budgets
+    budget = (first_round[0][0] + first_round[1][0]) / 2  # only the largest client can afford a round
+    lone = f"client-{first_round[0][1]}"
+    out = tmp_path / "run"
+    _simulate(out, config, num_rounds=1, dp=True, secure_aggregation=True, noise_multiplier=sigma,
+              target_epsilon=budget, partitioner="dirichlet", dirichlet_alpha=0.3)
+    [record] = read_metrics(out)
+    assert record["clients_trained"] == 1 and record["clients"][lone]["status"] == "trained"
+    assert sum(c["status"] == "refused-budget" for c in record["clients"].values()) == 2
+    assert not record["update_applied"] and "only one client trained" in record["aggregation_failed"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == summary["initial_test_accuracy"]  # nothing was ever applied
+    audit = run_fedtune("audit", str(out), "--json", timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:]  # the lone client's spend is recorded and counts
