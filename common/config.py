@@ -54,6 +54,7 @@ class RunConfig:
     secure_aggregation: bool = _opt(True, "Aggregate with SecAgg+; false uses plain FedAvg.")
     secagg_clipping_range: float = _opt(0.0, "SecAgg+ range for update entries; 0 derives it from the run.")
     secagg_max_weight: int = _opt(0, "SecAgg+ max example count per client; 0 derives it from the data.")
+    max_update_norm: float = _opt(0.0, "Reject an update (or aggregate) with a larger L2 norm; 0 derives it.")
     round_timeout: float = _opt(0.0, "Seconds to wait for replies in a round stage; 0 waits forever.")
     partitioner: str = _opt("iid", "How examples are split across clients: 'iid' or 'dirichlet'.")
     dirichlet_alpha: float = _opt(0.5, "Label skew for the dirichlet partitioner (smaller = more skew).")
@@ -144,6 +145,8 @@ class RunConfig:
         _check(self.secagg_clipping_range >= 0 and math.isfinite(self.secagg_clipping_range),
                "secagg_clipping_range", "must be 0 (auto) or a positive number")
         _check(self.secagg_max_weight >= 0, "secagg_max_weight", "must be 0 (auto) or positive")
+        _check(self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "max_update_norm",
+               "must be 0 (auto) or a positive number")
         _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",
                "must be 0 (no timeout) or a positive number of seconds")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")

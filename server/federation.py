@@ -27,6 +27,7 @@ from server.rounds import run_rounds
 from server.run_directory import RunDirectory
 from server.secure_aggregation import secagg_parameters, secagg_workflow
 from server.strategy import AdapterFedAvg, RoundOutcome
+from server.update_validation import update_norm_bound
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,12 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         result = scores[server_round]
         return result["loss"], {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
 
+    max_norm = update_norm_bound(config=config, max_client_examples=splits.max_client_examples,
+                                 num_parameters=sum(a.size for a in initial))
     strategy = AdapterFedAvg(initial_arrays=initial, clients_per_round=config.clients_per_round,
                              num_clients=config.num_clients, fraction_evaluate=config.fraction_evaluate,
-                             secure_aggregation=config.secure_aggregation, evaluate_fn=evaluate)
+                             secure_aggregation=config.secure_aggregation, max_update_norm=max_norm,
+                             evaluate_fn=evaluate)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_rounds),
                            strategy=strategy)
     if config.secure_aggregation:
@@ -74,7 +78,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
 
     def after_round(server_round: int, seconds: float) -> bool:
         outcome = strategy.outcomes.get(server_round) or RoundOutcome()
-        clients = {cid: {**metrics, **outcome.evaluations.get(cid, {})}
+        clients = {cid: {**metrics, **outcome.evaluations.get(cid, {}),
+                         **({"rejected": outcome.rejected[cid]} if cid in outcome.rejected else {})}
                    for cid, metrics in outcome.clients.items()}
         if clipping_range is not None and outcome.max_update_abs > clipping_range:
             log.warning("round %d: an update coordinate reached %.4g, beyond the SecAgg+ clipping range "
@@ -136,13 +141,14 @@ def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_s
         "client_ledger_heads": {cid: m.get("ledger_head") for cid, m in sorted(clients.items())},
         "aggregation": record["aggregation"], "update_applied": record["update_applied"],
         "aggregation_failed": record["aggregation_failed"],
+        "rejected": {cid: m["rejected"] for cid, m in sorted(clients.items()) if "rejected" in m},
         "adapter_sha256": adapter_sha256, "test_accuracy": record["test_accuracy"],
     }
 
 
 def _client_entry(metrics: dict) -> dict:
     keys = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss", "num_examples",
-            "update_max_abs", "val_loss", "val_accuracy", "val_macro_f1")
+            "update_max_abs", "rejected", "val_loss", "val_accuracy", "val_macro_f1")
     return {k: metrics.get(k) for k in keys if k in metrics}
 
 

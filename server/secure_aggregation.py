@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 from flwr.server.compat.legacy_context import LegacyContext
@@ -14,10 +13,9 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from server.update_validation import coordinate_bound
 
 log = logging.getLogger(__name__)
-
-ADAM_DRIFT_BOUND = 3.0  # per step, an Adam update moves a coordinate by about lr at most; 3x margin
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,8 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
         raise FedtuneError(f"secagg-max-weight {config.secagg_max_weight} must exceed the largest client's "
                            f"example count ({max_client_examples}); set it to 0 to derive it")
     max_weight = float(config.secagg_max_weight or max_client_examples + 1)
-    steps = config.local_epochs * math.ceil(max_client_examples / config.batch_size)
-    largest_lr = max(config.learning_rate, config.head_learning_rate)
-    clipping = config.secagg_clipping_range or ADAM_DRIFT_BOUND * largest_lr * steps
+    clipping = config.secagg_clipping_range or coordinate_bound(config=config,
+                                                                max_client_examples=max_client_examples)
     return SecAggParameters(num_shares=n, reconstruction_threshold=min(threshold, n),
                             max_weight=max_weight, clipping_range=float(clipping),
                             timeout=config.round_timeout or None)

@@ -17,6 +17,8 @@ from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, para
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from server.update_validation import update_problem
+
 log = logging.getLogger(__name__)
 
 TRAINED = "trained"
@@ -34,6 +36,7 @@ class RoundOutcome:
     applied: bool = False
     aggregation_failed: str | None = None  # why no aggregate was produced, when that happened
     max_update_abs: float = 0.0
+    rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its update was not used
 
     @property
     def trained(self) -> list[str]:
@@ -46,7 +49,7 @@ class RoundOutcome:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int,
-                 fraction_evaluate: float, secure_aggregation: bool,
+                 fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
                  evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
         super().__init__(
             fraction_fit=clients_per_round / num_clients, min_fit_clients=clients_per_round,
@@ -60,6 +63,8 @@ class AdapterFedAvg(FedAvg):
             evaluate_metrics_aggregation_fn=_weighted_mean,
         )
         self.secure_aggregation = secure_aggregation
+        self.max_update_norm = max_update_norm
+        self.shapes = [a.shape for a in initial_arrays]
         self.global_arrays = [a.copy() for a in initial_arrays]
         self.outcomes: dict[int, RoundOutcome] = {}
 
@@ -91,15 +96,35 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no client trained; the global adapter is unchanged", server_round)
             outcome.aggregation_failed = outcome.aggregation_failed or "no client trained"
             return None, {}
+        if not self.secure_aggregation:
+            trained = self._valid_updates(server_round, trained, outcome)
+            if not trained:
+                outcome.aggregation_failed = "every update was rejected"
+                return None, {}
         update = self._mean_update(trained)
-        if not all(np.isfinite(u).all() for u in update):
-            log.error("round %d: the aggregated update is not finite; it is not applied", server_round)
-            outcome.aggregation_failed = "aggregate not finite"
+        problem = update_problem(update, shapes=self.shapes, max_norm=self.max_update_norm)
+        if problem is not None:
+            log.error("round %d: the aggregated update %s; the round is skipped", server_round, problem)
+            outcome.aggregation_failed = f"aggregate rejected: it {problem}"
             return None, {}
         self.global_arrays = [g + u.astype(np.float32) for g, u in zip(self.global_arrays, update, strict=True)]
         outcome.applied = True
         outcome.max_update_abs = max(float(res.metrics.get("update_max_abs", 0.0)) for _, res in trained)
         return ndarrays_to_parameters(self.global_arrays), {"clients_trained": len(trained)}
+
+    def _valid_updates(self, server_round: int, trained: list, outcome: RoundOutcome) -> list:
+        """Plain path: drop each update that is malformed or too large, keep the others."""
+        kept = []
+        for proxy, res in trained:
+            problem = update_problem(parameters_to_ndarrays(res.parameters), shapes=self.shapes,
+                                     max_norm=self.max_update_norm)
+            cid = str(res.metrics.get("client_id", "?"))
+            if problem is None:
+                kept.append((proxy, res))
+            else:
+                outcome.rejected[cid] = problem
+                log.warning("round %d: rejected the update of %s: it %s", server_round, cid, problem)
+        return kept
 
     def _mean_update(self, trained: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
         if self.secure_aggregation:
