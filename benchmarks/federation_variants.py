@@ -1,6 +1,6 @@
 """Side-by-side runs of the demo federation: DP/no-DP x SecAgg+/plain, in one invocation.
 
-    python -m benchmarks.federation_variants [--quick] [--out runs/bench]
+    python -m benchmarks.federation_variants [--quick] [--out DIR]
 
 Each variant is a real `fedtune simulate` in its own process (its own Ray instance), one after
 another on the same machine, so their seconds can be compared. Writes the results as JSON to
@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 VARIANTS = {
@@ -77,10 +78,11 @@ def update_benchmarks_md(table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--out", type=Path, default=None, help="default runs/bench/<timestamp>")
     args = parser.parse_args()
+    out = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
     extra = QUICK if args.quick else {}
-    rows = [run_variant(name, {**keys, **extra}, args.out / name.split(" (")[0].replace(" ", "_").replace("+", "p"))
+    rows = [run_variant(name, {**keys, **extra}, out / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower())
             for name, keys in VARIANTS.items()]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
               "job": "quick (3 clients, 2 rounds, max-length 32)" if args.quick else "demo defaults",
