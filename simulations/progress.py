@@ -49,11 +49,3 @@ class RoundTable:
         table = self._table(header=len(self.rows) == 1)
         table.add_row(*row)
         self.console.print(table)
-
-    def final(self) -> Table:
-        table = Table(title="rounds")
-        for name in COLUMNS:
-            table.add_column(name, justify="right")
-        for row in self.rows:
-            table.add_row(*row)
-        return table
