@@ -104,8 +104,7 @@ class FedtuneClient(NumPyClient):
         model = build_lora_classifier(
             model_path=resolve_model_path(cfg.model),
             num_labels=len(federated_splits(cfg).label_names),
-            lora=LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              target_modules=tuple(cfg.target_modules)),
+            lora=LoraSettings.from_config(cfg),
             seed=cfg.seed)
         arrays_to_adapter(model, parameters)
         return model

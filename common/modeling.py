@@ -41,6 +41,12 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()  # empty: pick from LORA_TARGETS
 
+    @classmethod
+    def from_config(cls, config) -> LoraSettings:
+        """The LoRA shape a run config asks for; every party must build the same one."""
+        return cls(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   target_modules=tuple(config.target_modules))
+
 
 def resolve_model_path(model: str) -> Path:
     """'default' is the packaged all-MiniLM-L6-v2; anything else must be a local HF folder."""

@@ -44,8 +44,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     tokenizer = load_tokenizer(model_path)
     model = build_lora_classifier(
         model_path=model_path, num_labels=len(splits.label_names),
-        lora=LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=tuple(config.target_modules)),
+        lora=LoraSettings.from_config(config),
         seed=config.seed)
     initial = adapter_to_arrays(model)
     test_set = encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length)

@@ -93,6 +93,6 @@ def initial_adapter(config):
 
     model = build_lora_classifier(model_path=resolve_model_path(config.model),
                                   num_labels=len(federated_splits(config).label_names),
-                                  lora=LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha),
+                                  lora=LoraSettings.from_config(config),
                                   seed=config.seed)
     return adapter_to_arrays(model)
