@@ -11,6 +11,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
+from client.fault_injection import fault_injection_mod
 from client.fl_client import FedtuneClient
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import RunConfig
@@ -54,7 +55,12 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
     def requires_secagg(context: Context) -> bool:
         return resolve_config(context, config).secure_aggregation
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod(requires_secagg)])
+    def run_config(context: Context) -> RunConfig:
+        return resolve_config(context, config)
+
+    # The fault drill wraps SecAgg+, so a node can vanish at any of its stages.
+    return ClientApp(client_fn=client_fn, mods=[fault_injection_mod(run_config),
+                                                secure_aggregation_mod(requires_secagg)])
 
 
 app = build_client_app()

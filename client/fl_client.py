@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from flwr.client import NumPyClient
 
 from client.privacy_ledger import REFUSED_BUDGET, TRAINED, ClientPrivacyLedger
+from client.update_cache import CachedUpdate, UpdateCache
 from client.trainer import train_locally
 from common.config import RunConfig
 from common.evaluation import evaluate_classifier
-from common.modeling import (LoraSettings, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
+from common.faults import CORRUPTIONS, STALL, client_fault
+from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
                              load_tokenizer, resolve_model_path)
 from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
 from common.splits import ClientSplit, federated_splits
@@ -26,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
 
+ALREADY_SPENT = "refused-already-spent"  # asked again for a round it paid for, but cannot re-send
 
 
 class FedtuneClient(NumPyClient):
@@ -41,10 +45,17 @@ class FedtuneClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         cfg = self.config
         server_round = int(config.get("server-round", 0))
+        # The coordinator's run id survives a resume; Flower's changes with every (re)start.
+        run_id = str(config.get("fedtune-run-id") or self.run_id)
         data = self._data()
         ledger = ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
+        cache = UpdateCache(self.ledger_dir)
+        replay = self._replay(ledger=ledger, cache=cache, run_id=run_id, server_round=server_round,
+                              parameters=parameters)
+        if replay is not None:
+            return replay
         history = ledger.history()
-        plan = ledger.plan_for(self.run_id) if cfg.dp else None
+        plan = ledger.plan_for(run_id) if cfg.dp else None
         if cfg.dp and plan is None:
             plan = plan_privacy(num_examples=len(data.train), batch_size=cfg.batch_size,
                                 local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
@@ -62,7 +73,7 @@ class FedtuneClient(NumPyClient):
                 spent = epsilon_of(history, delta=plan.target_delta, accountant=plan.accountant)
                 log.warning("%s: refusing round %d: it would exceed epsilon %.3g (spent %.3f)",
                             self.client_id, server_round, plan.target_epsilon, spent)
-                ledger.record(run_id=self.run_id, server_round=server_round, status=REFUSED_BUDGET, plan=plan,
+                ledger.record(run_id=run_id, server_round=server_round, status=REFUSED_BUDGET, plan=plan,
                               steps=0, epsilon=spent, local_examples=len(data.train))
                 metrics.update(status=REFUSED_BUDGET, epsilon=spent, steps=0, train_loss=float("nan"),
                                update_max_abs=0.0, ledger_head=ledger.head_hash)
@@ -76,17 +87,72 @@ class FedtuneClient(NumPyClient):
                                max_grad_norm=cfg.max_grad_norm, plan=plan, history=history,
                                seed=cfg.seed * 1_000_003 + server_round)
         update = [new - old for new, old in zip(adapter_to_arrays(model), parameters, strict=True)]
+        update = self._inject_fault(update, server_round)
         metrics.update(status=TRAINED, steps=result.steps, train_loss=result.train_loss,
                        update_max_abs=float(max(np.abs(u).max() for u in update)))
         epsilon = None
         if plan is not None:
             epsilon = epsilon_of(result.history, delta=plan.target_delta, accountant=plan.accountant)
             metrics["epsilon"] = epsilon
-        # Written before the update leaves: once sent, the spend is real whatever happens next.
-        ledger.record(run_id=self.run_id, server_round=server_round, status=TRAINED, plan=plan,
-                      steps=result.steps, epsilon=epsilon, local_examples=len(data.train))
+        fields = ledger.fields(run_id=run_id, server_round=server_round, status=TRAINED, plan=plan,
+                               steps=result.steps, epsilon=epsilon, local_examples=len(data.train))
+        cache.save(run_id=run_id, server_round=server_round, cached=CachedUpdate(
+            update=update, num_examples=len(data.train), global_sha256=adapter_sha256(parameters),
+            ledger_fields=fields, metrics=metrics))
+        # Signed before the update leaves: once sent, the spend is real whatever happens next.
+        ledger.append(fields)
         metrics["ledger_head"] = ledger.head_hash
+        self._stall_if_asked(server_round)
         return update, len(data.train), metrics
+
+    def _replay(self, *, ledger: ClientPrivacyLedger, cache: UpdateCache, run_id: str, server_round: int,
+                parameters: list[np.ndarray]) -> tuple[list[np.ndarray], int, dict] | None:
+        """Answer a round this client was already asked (a resumed coordinator) without a second spend."""
+        signed = ledger.record_for(run_id, server_round)
+        cached = cache.load(run_id=run_id, server_round=server_round)
+        if cached is not None and cached.ledger_fields.get("run_id") != run_id:
+            cached = None
+        if signed is None and cached is None:
+            return None
+        zeros = [np.zeros_like(a) for a in parameters]
+        base = {"client_id": self.client_id, "server_round": server_round, "steps": 0,
+                "train_loss": float("nan"), "update_max_abs": 0.0}
+        if signed is not None and signed["status"] == REFUSED_BUDGET:
+            return zeros, 0, {**base, "status": REFUSED_BUDGET, "epsilon": signed.get("epsilon"),
+                              "ledger_head": ledger.head_hash}
+        if cached is None or cached.global_sha256 != adapter_sha256(parameters):
+            log.error("%s: round %d of run %s was already trained against %s global adapter; "
+                      "not training it twice", self.client_id, server_round, run_id,
+                      "a lost" if cached is None else "a different")
+            return zeros, 0, {**base, "status": ALREADY_SPENT, "epsilon": (signed or {}).get("epsilon"),
+                              "ledger_head": ledger.head_hash}
+        if signed is None:  # crashed after caching, before signing: nothing has left yet; sign now
+            ledger.append(cached.ledger_fields)
+        log.info("%s: round %d of run %s was already trained; re-sending that update (no new spend)",
+                 self.client_id, server_round, run_id)
+        return cached.update, cached.num_examples, {**cached.metrics, "ledger_head": ledger.head_hash,
+                                                    "resent": True}
+
+    def _inject_fault(self, update: list[np.ndarray], server_round: int) -> list[np.ndarray]:
+        """A fault drill's broken update (`inject-faults`), made before SecAgg+ would mask it."""
+        if not self.config.inject_faults:
+            return update
+        fault = client_fault(self.config.inject_faults, server_round=server_round,
+                             partition_id=self.partition_id, kinds=CORRUPTIONS)
+        if fault == "nan":
+            return [np.full_like(u, np.nan) for u in update]
+        if fault == "wrong-shape":
+            return [u.reshape(-1)[: max(1, u.size // 2)].copy() for u in update]
+        if fault == "scale-1000":
+            return [u * 1000.0 for u in update]
+        return update
+
+    def _stall_if_asked(self, server_round: int) -> None:
+        if self.config.inject_faults and client_fault(self.config.inject_faults, server_round=server_round,
+                                                      partition_id=self.partition_id, kinds=(STALL,)):
+            seconds = 2 * self.config.round_timeout if self.config.round_timeout else 60.0
+            log.warning("%s: inject-faults stalls round %d for %.0f s", self.client_id, server_round, seconds)
+            time.sleep(seconds)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         dataset = _encoded(self.config, self.partition_id, "validation")

@@ -43,8 +43,24 @@ class ClientPrivacyLedger:
                                    accountant=record["accountant"])
         return None
 
+    def record_for(self, run_id: str, server_round: int) -> dict | None:
+        """The record this client signed for a round of a run, if it was asked before."""
+        for record in reversed(self.ledger.records):
+            if record["run_id"] == run_id and record["round"] == server_round:
+                return record
+        return None
+
     def record(self, *, run_id: str, server_round: int, status: str, plan: PrivacyPlan | None,
                steps: int, epsilon: float | None, local_examples: int) -> dict:
+        return self.append(self.fields(run_id=run_id, server_round=server_round, status=status, plan=plan,
+                                       steps=steps, epsilon=epsilon, local_examples=local_examples))
+
+    def append(self, fields: dict) -> dict:
+        return self.ledger.append(fields)  # verified, signed, fsynced
+
+    def fields(self, *, run_id: str, server_round: int, status: str, plan: PrivacyPlan | None,
+               steps: int, epsilon: float | None, local_examples: int) -> dict:
+        """What the client signs for a round (before signing: the update cache keeps a copy)."""
         fields = {
             "kind": "client", "client_id": self.client_id, "run_id": run_id, "round": server_round,
             "status": status, "dp": plan is not None, "steps": steps, "local_examples": local_examples,
@@ -57,7 +73,7 @@ class ClientPrivacyLedger:
                           target_epsilon=plan.target_epsilon, epsilon=epsilon,
                           budget_remaining=plan.target_epsilon - epsilon
                           if epsilon is not None and math.isfinite(epsilon) else None)
-        return self.ledger.append(fields)
+        return fields
 
     @property
     def head_hash(self) -> str:

@@ -41,14 +41,21 @@ def simulate(
     overrides: list[str] = SetOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<timestamp>)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory "
+                                          "from its last checkpoint (its own config is used)."),
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
     from common.config import RunConfig
-    from simulations.simulate import simulate as run
+    from simulations.simulate import resume_config, simulate as run
 
-    resolved = RunConfig.load(path=config, overrides=overrides)
+    if resume is not None:
+        if config is not None or out is not None:
+            raise FedtuneError("--resume takes the run directory's own config and outputs; drop --config/--out")
+        resolved, out = resume_config(resume, overrides), resume
+    else:
+        resolved = RunConfig.load(path=config, overrides=overrides)
     shell = console()
-    summary = run(config=resolved, out=out, verbose=verbose, console=shell)
+    summary = run(config=resolved, out=out, verbose=verbose, console=shell, resume=resume is not None)
     shell.print_json(json.dumps(summary))
 
 

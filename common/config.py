@@ -63,6 +63,8 @@ class RunConfig:
     fraction_evaluate: float = _opt(0.0, "Share of clients evaluating on their validation split each round "
                                          "(their metrics travel in clear, outside DP; 0 = none).")
     seed: int = _opt(0, "Seeds splits, partitions, client sampling and initialisation; never DP noise.")
+    inject_faults: str = _opt("", "Fault drill for simulations: 'ROUND:FAULT[:CLIENTS]; ...' "
+                                  "(dropouts, bad updates, a coordinator crash; see README).")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,6 +156,11 @@ class RunConfig:
         _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie strictly between 0 and 1")
         _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must lie in [0, 1)")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must lie in [0, 1]")
+        if self.inject_faults:
+            from common.faults import check_faults
+
+            check_faults(self.inject_faults, secure_aggregation=self.secure_aggregation,
+                         num_clients=self.num_clients)
         if self.secure_aggregation:
             _check(self.clients_per_round >= 2, "clients_per_round",
                    "must be at least 2 with secure-aggregation (SecAgg+ sums several updates); "

@@ -6,6 +6,7 @@ classification head, as a list of float32 arrays in the model's parameter order.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -111,6 +112,14 @@ def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.
 def adapter_to_arrays(model: torch.nn.Module) -> list[np.ndarray]:
     return [p.detach().cpu().numpy().astype(np.float32, copy=True)
             for _, p in trainable_named_parameters(model)]
+
+
+def adapter_sha256(arrays: list[np.ndarray]) -> str:
+    """A fingerprint of an adapter (or update): float32 bytes in parameter order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def arrays_to_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import random
+import signal
 import timeit
 from typing import Callable
 
@@ -13,17 +14,21 @@ from flwr.app import Context
 from flwr.common import ndarray_to_bytes
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.errors import FedtuneError
+from common.faults import coordinator_crashes
+from common.json_safe import json_safe
 from common.evaluation import evaluate_classifier
 from common.ledger import Ledger
-from common.modeling import (LoraSettings, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
+from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
                              load_tokenizer, resolve_model_path, save_adapter)
 from common.splits import federated_splits
 from common.tokens import encode
-from server.rounds import run_rounds
+from server.checkpoint import Checkpoint, random_state, restore_random_state
+from server.rounds import plain_fit_workflow, run_rounds
 from server.run_directory import RunDirectory
 from server.secure_aggregation import secagg_parameters, secagg_workflow
 from server.strategy import AdapterFedAvg, RoundOutcome
@@ -35,10 +40,15 @@ RoundCallback = Callable[[dict], None]
 
 
 def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: RunDirectory,
-                   on_round: RoundCallback | None = None) -> dict:
-    """Run the federation described by `config` and write `run_dir`; returns the summary."""
+                   on_round: RoundCallback | None = None, resume: bool = False) -> dict:
+    """Run the federation described by `config` and write `run_dir`; returns the summary.
+
+    With `resume`, continue from the run directory's checkpoint (or from round 1 when the run
+    died before its first checkpoint), under the same fedtune run id.
+    """
     started = timeit.default_timer()
     random.seed(config.seed)  # Flower samples clients with `random`
+    run_id = run_dir.run_id
     splits = federated_splits(config)
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
@@ -47,8 +57,13 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         lora=LoraSettings.from_config(config),
         seed=config.seed)
     initial = adapter_to_arrays(model)
+    ledger = Ledger(run_dir.path / "ledgers" / "server")
+    checkpoint = _restore(run_dir=run_dir, ledger=ledger, initial=initial) if resume else None
+    start_round = checkpoint.completed_round + 1 if checkpoint else 1
+    if checkpoint is not None and checkpoint.stopped:
+        start_round = config.num_rounds + 1
     test_set = encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length)
-    scores: dict[int, dict] = {}
+    scores: dict[int, dict] = {0: checkpoint.initial_scores} if checkpoint else {}
 
     def evaluate(server_round: int, arrays: list[np.ndarray]) -> tuple[float, dict]:
         arrays_to_adapter(model, arrays)
@@ -58,7 +73,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
 
     max_norm = update_norm_bound(config=config, max_client_examples=splits.max_client_examples,
                                  num_parameters=sum(a.size for a in initial))
-    strategy = AdapterFedAvg(initial_arrays=initial, clients_per_round=config.clients_per_round,
+    strategy = AdapterFedAvg(initial_arrays=checkpoint.global_arrays if checkpoint else initial,
+                             clients_per_round=config.clients_per_round, run_id=run_id,
                              num_clients=config.num_clients, fraction_evaluate=config.fraction_evaluate,
                              secure_aggregation=config.secure_aggregation, max_update_norm=max_norm,
                              evaluate_fn=evaluate)
@@ -70,10 +86,18 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         fit_workflow = secagg_workflow(params)
         clipping_range = params.clipping_range
     else:
-        fit_workflow, clipping_range = default_fit_workflow, None
+        fit_workflow, clipping_range = plain_fit_workflow(config.round_timeout or None), None
     bytes_up = _upload_bytes(initial, secure=config.secure_aggregation)
-    ledger = Ledger(run_dir.path / "ledgers" / "server")
     log.info(splits.report)
+    rounds: list[dict] = list(checkpoint.rounds) if checkpoint else []
+
+    def fit_round(grid: Grid, ctx: LegacyContext) -> None:
+        fit_workflow(grid, ctx)
+        server_round = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if config.inject_faults and coordinator_crashes(config.inject_faults, server_round=server_round):
+            log.error("inject-faults: killing the coordinator after round %d's replies, before its checkpoint",
+                      server_round)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def after_round(server_round: int, seconds: float) -> bool:
         outcome = strategy.outcomes.get(server_round) or RoundOutcome()
@@ -99,31 +123,58 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
             "failures": outcome.failures,
             "clients": {cid: _client_entry(c) for cid, c in sorted(clients.items())},
         }
+        fields = json_safe(_server_ledger_fields(run_id=run_id, record=record, clients=clients,
+                                                 adapter_sha256=adapter_sha256(strategy.global_arrays)))
+        stop = bool(outcome.clients) and len(outcome.refused) == len(outcome.clients) == outcome.sampled
+        rounds.append(json_safe(record))
+        # Checkpoint first: a crash after this line loses nothing (resume completes the outputs).
+        Checkpoint(completed_round=server_round, stopped=stop, global_arrays=strategy.global_arrays,
+                   rounds=rounds, server_ledger_fields=fields, initial_scores=scores.get(0, {}),
+                   random_state=random_state()).save(run_dir.path)
         run_dir.append_round(record)
-        ledger.append(_server_ledger_fields(run_id=str(context.run_id), record=record, clients=clients,
-                                            adapter_sha256=adapter_sha256(strategy.global_arrays)))
+        ledger.append(fields)
         if on_round is not None:
             on_round(record)
-        if outcome.clients and len(outcome.refused) == len(outcome.clients) == outcome.sampled:
+        if stop:
             log.warning("round %d: every sampled client refused (budget spent); stopping the run", server_round)
-            return False
-        return True
+        return not stop
 
-    completed = run_rounds(grid=grid, context=legacy, fit_workflow=fit_workflow,
+    completed = run_rounds(grid=grid, context=legacy, fit_workflow=fit_round, start_round=start_round,
                            evaluate_clients=config.fraction_evaluate > 0, after_round=after_round)
     save_adapter(model=model, arrays=strategy.global_arrays, out_dir=run_dir.adapter_dir, tokenizer=tokenizer)
-    summary = _summary(config=config, rounds=run_dir.read_rounds(), completed=completed,
+    summary = _summary(config=config, rounds=run_dir.read_rounds(), completed=len(run_dir.read_rounds()),
                        initial=scores.get(0, {}), seconds=timeit.default_timer() - started)
+    if resume:
+        summary["resumed_after_round"] = start_round - 1
     run_dir.write_summary(summary)
     return summary
 
 
-def adapter_sha256(arrays: list[np.ndarray]) -> str:
-    """A fingerprint of the global adapter, as float32 bytes in parameter order."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-    return digest.hexdigest()
+def _restore(*, run_dir: RunDirectory, ledger: Ledger, initial: list[np.ndarray]) -> Checkpoint | None:
+    """Bring the run directory back to its last checkpoint, and the process state with it.
+
+    metrics.jsonl is rewritten to exactly the checkpointed rounds (a round that was running at
+    the crash is redone), and the server ledger gets the checkpointed round's record if the
+    crash came between the checkpoint and the ledger append.
+    """
+    checkpoint = Checkpoint.load(run_dir.path)
+    signed_rounds = [record["round"] for record in ledger.records]
+    done = checkpoint.completed_round if checkpoint else 0
+    if signed_rounds and signed_rounds[-1] > done:
+        raise FedtuneError(f"the server ledger has round {signed_rounds[-1]} but the checkpoint only round "
+                           f"{done}; {run_dir.path} was modified after the crash and cannot be resumed")
+    if checkpoint is None:
+        run_dir.rewrite_rounds([])
+        log.warning("resuming %s from round 1: it stopped before its first checkpoint", run_dir.path)
+        return None
+    if [a.shape for a in checkpoint.global_arrays] != [a.shape for a in initial]:
+        raise FedtuneError(f"the checkpoint's adapter does not fit the model of {run_dir.path / 'config.toml'}")
+    run_dir.rewrite_rounds(checkpoint.rounds)
+    if not signed_rounds or signed_rounds[-1] < done:
+        ledger.append(checkpoint.server_ledger_fields)
+    restore_random_state(checkpoint.random_state)
+    log.warning("resuming %s after round %d", run_dir.path, done)
+    return checkpoint
 
 
 def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_sha256: str) -> dict:
@@ -147,7 +198,7 @@ def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_s
 
 def _client_entry(metrics: dict) -> dict:
     keys = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss", "num_examples",
-            "update_max_abs", "rejected", "val_loss", "val_accuracy", "val_macro_f1")
+            "update_max_abs", "rejected", "resent", "val_loss", "val_accuracy", "val_macro_f1")
     return {k: metrics.get(k) for k in keys if k in metrics}
 
 

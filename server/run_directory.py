@@ -1,9 +1,11 @@
-"""The run directory: config.toml, metrics.jsonl (a line per round), adapter/, summary.json."""
+"""The run directory: config.toml, run.json (the run's id), metrics.jsonl (a line per round),
+checkpoint.npz, ledgers/, adapter/, summary.json."""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from common.config import RunConfig
@@ -26,7 +28,28 @@ class RunDirectory:
             raise FedtuneError(f"{path} already holds a run; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "config.toml", config.to_toml())
+        # A fedtune run id: unlike Flower's run id it survives a resume, so clients can tell a
+        # round they already paid for from a new one.
+        _atomic_write(path / "run.json", json.dumps({"run_id": uuid.uuid4().hex}) + "\n")
         return cls(path)
+
+    @classmethod
+    def open_existing(cls, path: Path) -> RunDirectory:
+        """A run directory to resume: it must hold the config and id a run was started with."""
+        path = Path(path)
+        for name in ("config.toml", "run.json"):
+            if not (path / name).is_file():
+                raise FedtuneError(f"{path} is not a fedtune run directory to resume (no {name})")
+        if (path / "summary.json").is_file():
+            raise FedtuneError(f"{path} holds a finished run (summary.json exists); nothing to resume")
+        return cls(path)
+
+    @property
+    def run_id(self) -> str:
+        try:
+            return str(json.loads((self.path / "run.json").read_text(encoding="utf-8"))["run_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FedtuneError(f"{self.path / 'run.json'} is unreadable ({exc})") from None
 
     @property
     def adapter_dir(self) -> Path:
@@ -37,6 +60,11 @@ class RunDirectory:
             handle.write(json.dumps(json_safe(record), sort_keys=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def rewrite_rounds(self, records: list[dict]) -> None:
+        """Replace metrics.jsonl (on resume: exactly the rounds the checkpoint holds)."""
+        _atomic_write(self.path / "metrics.jsonl",
+                      "".join(json.dumps(json_safe(r), sort_keys=False) + "\n" for r in records))
 
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
@@ -50,5 +78,8 @@ class RunDirectory:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -63,9 +63,15 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = super().collect_masked_vectors_stage(grid, context, state)
         current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         strategy = context.strategy
+        try:
+            ok = super().collect_masked_vectors_stage(grid, context, state)
+        except (ValueError, TypeError, IndexError) as exc:  # e.g. a masked vector of the wrong shape
+            strategy.record_replies(current_round, state.legacy_results, state.failures)
+            self._note_halt(context, f"SecAgg+ could not sum the masked updates ({exc}); "
+                                     "a client sent a malformed update")
+            return False
         outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
         trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
         if ok and trained < 2:

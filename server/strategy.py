@@ -48,7 +48,7 @@ class RoundOutcome:
 
 
 class AdapterFedAvg(FedAvg):
-    def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int,
+    def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int, run_id: str,
                  fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
                  evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
         super().__init__(
@@ -56,7 +56,7 @@ class AdapterFedAvg(FedAvg):
             fraction_evaluate=fraction_evaluate,
             min_evaluate_clients=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
             min_available_clients=num_clients,
-            on_fit_config_fn=lambda rnd: {"server-round": rnd},
+            on_fit_config_fn=lambda rnd: {"server-round": rnd, "fedtune-run-id": run_id},
             on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
@@ -132,7 +132,8 @@ class AdapterFedAvg(FedAvg):
             return parameters_to_ndarrays(trained[0][1].parameters)
         total = sum(res.num_examples for _, res in trained)
         mean = None
-        for _, res in trained:
+        # In client order, not arrival order: the float sum is then the same on every run.
+        for _, res in sorted(trained, key=lambda item: str(item[1].metrics.get("client_id", ""))):
             weight = res.num_examples / total
             arrays = parameters_to_ndarrays(res.parameters)
             mean = [weight * a for a in arrays] if mean is None else [m + weight * a for m, a in zip(mean, arrays)]

@@ -13,7 +13,8 @@ from common.errors import FedtuneError
 from common.modeling import resolve_model_path
 from common.privacy import plan_privacy
 from common.splits import federated_splits
-from server.run_directory import default_run_dir
+from server.checkpoint import Checkpoint
+from server.run_directory import RunDirectory, default_run_dir
 from simulations.progress import RoundTable
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -37,8 +38,11 @@ def preflight(config: RunConfig, console: Console) -> None:
 
 
 def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
-             console: Console | None = None) -> dict:
-    """Run the federation and return its summary; writes the run directory `out`."""
+             console: Console | None = None, resume: bool = False) -> dict:
+    """Run the federation and return its summary; writes the run directory `out`.
+
+    With `resume`, `out` is an interrupted run (see `resume_config`) continued from its checkpoint.
+    """
     from flwr.simulation import run_simulation  # heavy: imported when a simulation runs
 
     from client.app import build_client_app
@@ -47,8 +51,10 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
     run_dir = Path(out) if out else default_run_dir()
-    if (run_dir / "metrics.jsonl").exists():
-        raise FedtuneError(f"{run_dir} already holds a run; choose another --out")
+    if resume:
+        RunDirectory.open_existing(run_dir)  # fails early, before Ray starts
+    elif (run_dir / "metrics.jsonl").exists():
+        raise FedtuneError(f"{run_dir} already holds a run; choose another --out, or --resume it")
     preflight(config, console)
     if not verbose:  # the table says what matters; Flower's INFO/WARNING lines are for --verbose
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -57,8 +63,16 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "
                   f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "
                   f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
+    if resume:
+        checkpoint = Checkpoint.load(run_dir)
+        done = checkpoint.completed_round if checkpoint else 0
+        console.print(f"Resuming {run_dir} after round {done} (its last checkpoint); rounds {done + 1}.."
+                      f"{config.num_rounds} follow")
+        for record in checkpoint.rounds if checkpoint else []:
+            table.add(record)
     run_simulation(
-        server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results),
+        server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results,
+                                    resume=resume),
         client_app=build_client_app(config=config, ledger_root=run_dir / "ledgers"),
         num_supernodes=config.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -70,3 +84,19 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
                            f"(rerun with --verbose) and {run_dir}")
     return results["summary"]
+
+
+# Keys a resumed run may change: how the drill and the waiting go, never what is trained or how
+# privately. Everything else comes from the run directory's config.toml.
+RESUMABLE_OVERRIDES = ("inject-faults", "round-timeout")
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config an interrupted run was started with, plus the few overrides a resume allows."""
+    RunDirectory.open_existing(run_dir)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUMABLE_OVERRIDES:
+            raise FedtuneError(f"--resume keeps the run's config; only {', '.join(RESUMABLE_OVERRIDES)} "
+                               f"may change (got '{key}')")
+    return RunConfig.load(path=run_dir / "config.toml", overrides=overrides)

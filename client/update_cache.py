@@ -1,0 +1,63 @@
+"""The last update a client signed for, kept so that a re-asked round is re-sent, not retrained.
+
+When the coordinator crashes after clients trained a round but before it checkpointed, the
+resumed run asks for that round again. Training again would spend privacy twice for one
+round; the client instead re-sends the very update it already paid for (post-processing of a
+DP release costs nothing). The file also carries the ledger fields of that round, so a client
+that crashed between caching and signing signs before anything leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CachedUpdate:
+    update: list[np.ndarray]
+    num_examples: int
+    global_sha256: str  # the global adapter the update was computed against
+    ledger_fields: dict
+    metrics: dict
+
+
+class UpdateCache:
+    def __init__(self, ledger_dir: Path) -> None:
+        self.directory = Path(ledger_dir) / "sent-updates"
+
+    def _path(self, run_id: str, server_round: int) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in run_id)
+        return self.directory / f"{safe}-round-{server_round}.npz"
+
+    def save(self, *, run_id: str, server_round: int, cached: CachedUpdate) -> None:
+        """Atomically replace the cache with this round's update (only the latest is ever re-asked)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"num_examples": cached.num_examples, "global_sha256": cached.global_sha256,
+                "ledger_fields": cached.ledger_fields, "metrics": cached.metrics}
+        target = self._path(run_id, server_round)
+        tmp = target.with_name(target.name + ".tmp")
+        with tmp.open("wb") as handle:
+            np.savez(handle, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                     **{f"u{i}": a for i, a in enumerate(cached.update)})
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        for old in self.directory.glob("*.npz"):
+            if old != target:
+                old.unlink(missing_ok=True)
+
+    def load(self, *, run_id: str, server_round: int) -> CachedUpdate | None:
+        path = self._path(run_id, server_round)
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes().decode())
+            update = [data[f"u{i}"] for i in range(len(data.files) - 1)]
+        return CachedUpdate(update=update, num_examples=int(meta["num_examples"]),
+                            global_sha256=meta["global_sha256"], ledger_fields=meta["ledger_fields"],
+                            metrics=meta["metrics"])
