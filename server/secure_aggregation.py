@@ -91,8 +91,19 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().share_keys_stage(grid, context, state)
+        # Flower 1.41 keeps every *sampled* node in the unmask stage's "dead" list, and asks the
+        # survivors for key shares of a node that dropped before sharing its keys: nobody holds
+        # any (the clients raise KeyError), so one dropout in setup or share-keys failed the
+        # whole round. Only nodes that shared keys can have masked anyone; only they count.
+        state.sampled_node_ids = set(state.active_node_ids)
         if not ok:
             self._note_halt(context, "SecAgg+ halted while sharing keys: too few clients answered")
+        return ok
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().unmask_stage(grid, context, state)
+        if not ok:
+            self._note_halt(context, "SecAgg+ halted in unmask: too few key shares to remove the masks")
         return ok
 
     @staticmethod

@@ -81,7 +81,9 @@ class AdapterFedAvg(FedAvg):
                        failures: list) -> RoundOutcome:
         """Keep what each client reported (in clear) for the round, whether or not it is aggregated."""
         outcome = self.outcomes.setdefault(server_round, RoundOutcome(sampled=len(results) + len(failures)))
-        outcome.failures = len(failures)
+        # Sampled clients without a usable reply: errors, timeouts, SecAgg+ dropouts (Flower may
+        # list one dropout several times in `failures`, and a timeout not at all).
+        outcome.failures = max(outcome.sampled - len(results), 0) if outcome.sampled else len(failures)
         for _, res in results:
             metrics = dict(res.metrics)
             metrics["num_examples"] = res.num_examples

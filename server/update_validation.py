@@ -30,7 +30,7 @@ def update_problem(arrays: list[np.ndarray], *, shapes: list[tuple[int, ...]], m
         return f"has {len(arrays)} tensors, the adapter has {len(shapes)}"
     for index, (array, shape) in enumerate(zip(arrays, shapes)):
         if tuple(array.shape) != tuple(shape):
-            return f"tensor {index} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            return f"has tensor {index} of shape {tuple(array.shape)}, expected {tuple(shape)}"
     if not all(np.isfinite(a).all() for a in arrays):
         return "contains NaN or Inf"
     norm = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays))

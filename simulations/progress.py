@@ -16,7 +16,7 @@ def round_row(record: dict) -> tuple[str, ...]:
     clients = record["clients"].values()
     losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
-    sampled = len(record["clients"])
+    sampled = record.get("clients_sampled") or len(record["clients"])
     return (
         str(record["round"]),
         f"{record['clients_trained']}/{sampled}",
@@ -49,3 +49,22 @@ class RoundTable:
         table = self._table(header=len(self.rows) == 1)
         table.add_row(*row)
         self.console.print(table)
+        note = round_note(record)
+        if note:
+            self.console.print(f"[yellow]      round {record['round']}: {note}[/yellow]", highlight=False)
+
+
+def round_note(record: dict) -> str:
+    """What went wrong in a round, in words: missing clients, rejected updates, nothing applied."""
+    notes = []
+    missing = (record.get("clients_sampled") or 0) - len(record["clients"])
+    if missing > 0:
+        notes.append(f"{missing} sampled client(s) did not answer")
+    rejected = {cid: c["rejected"] for cid, c in record["clients"].items() if c.get("rejected")}
+    notes += [f"rejected {cid}'s update: it {why}" for cid, why in sorted(rejected.items())]
+    resent = sorted(cid for cid, c in record["clients"].items() if c.get("resent"))
+    if resent:
+        notes.append(f"re-sent after the resume (already paid for): {', '.join(resent)}")
+    if not record.get("update_applied", True):
+        notes.append(f"global adapter unchanged ({record.get('aggregation_failed') or 'no aggregate'})")
+    return "; ".join(notes)

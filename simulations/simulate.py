@@ -37,6 +37,11 @@ def preflight(config: RunConfig, console: Console) -> None:
                               f"sample rate {plan.sample_rate:.4f}, {plan.steps_per_round} steps/round[/dim]")
 
 
+def _hide_injected_faults(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not any(mark in text for mark in ("InjectedFault", "inject-faults", "processing a message by RayBackend"))
+
+
 def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
              console: Console | None = None, resume: bool = False) -> dict:
     """Run the federation and return its summary; writes the run directory `out`.
@@ -58,6 +63,8 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     preflight(config, console)
     if not verbose:  # the table says what matters; Flower's INFO/WARNING lines are for --verbose
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        if config.inject_faults:  # a drill's vanishing clients are reported by the table, not tracebacks
+            logging.getLogger("flwr").addFilter(_hide_injected_faults)
     table = RoundTable(console)
     results: dict = {}
     console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "

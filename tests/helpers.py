@@ -28,3 +28,17 @@ def set_args(**keys) -> list[str]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_adapter_arrays(run_dir: Path, *, num_labels: int) -> list:
+    """The run's saved adapter as arrays in parameter order, loaded the way a user loads it."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from common.config import RunConfig
+    from common.modeling import adapter_to_arrays
+
+    config = RunConfig.load(path=run_dir / "config.toml")
+    base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=True)
+    return adapter_to_arrays(model)

@@ -41,7 +41,7 @@ def test_plain_path_excludes_bad_clients_and_averages_the_rest():
     outcome = strategy.outcomes[1]
     assert outcome.rejected == {
         "client-2": "contains NaN or Inf",
-        "client-3": "tensor 0 has shape (3, 4), expected (4, 3)",
+        "client-3": "has tensor 0 of shape (3, 4), expected (4, 3)",
         "client-4": "has L2 norm 38.73, above the bound 1 (max-update-norm)",
     }
     assert outcome.applied and outcome.aggregation_failed is None

@@ -1,0 +1,217 @@
+"""Fault drills on real simulations: dropouts in every SecAgg+ stage, bad updates, a straggler,
+and a coordinator killed after a checkpoint or in the middle of a round, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.fl_client import FedtuneClient
+from common.ledger import read_records
+from common.planning import privacy_schedule
+from common.splits import federated_splits
+from server.checkpoint import Checkpoint
+from tests.conftest import initial_adapter
+from tests.helpers import ROOT, read_metrics, run_fedtune, saved_adapter_arrays, set_args
+
+pytestmark = pytest.mark.slow
+
+
+def _args(config, **keys) -> list[str]:
+    base = dict(model=config.model, data=config.data, num_clients=config.num_clients,
+                clients_per_round=config.clients_per_round, batch_size=config.batch_size,
+                max_length=config.max_length, learning_rate=config.learning_rate, lora_rank=config.lora_rank,
+                target_epsilon=config.target_epsilon, num_rounds=config.num_rounds, dp=config.dp,
+                secure_aggregation=config.secure_aggregation)
+    base.update(keys)
+    return set_args(**base)
+
+
+def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
+    return run_fedtune("simulate", "--out", str(out), *_args(config, **keys), timeout=900)
+
+
+def _ledger(run: Path, owner: str) -> list[dict]:
+    return read_records(run / "ledgers" / owner / "ledger.jsonl")
+
+
+def _planned_epsilon(config, partition: int, rounds_trained: int) -> float:
+    """Epsilon after `rounds_trained` rounds, from the plan alone (what `fedtune plan` prints)."""
+    n = len(federated_splits(config).clients[partition].train)
+    schedule = privacy_schedule(dataset_size=n, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                                rounds=config.num_rounds, target_epsilon=config.target_epsilon,
+                                delta=config.target_delta)
+    return schedule["rounds"][rounds_trained - 1]["epsilon"]
+
+
+def _audit_clean(run: Path) -> dict:
+    audit = run_fedtune("audit", str(run), "--json", timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    return json.loads(audit.stdout)
+
+
+DROPOUTS = ("1:drop-setup:0; 2:drop-share-keys:1; 3:drop-collect-masked-vectors:2; "
+            "4:drop-collect-masked-vectors:0,1,2; 5:drop-unmask:3")
+
+
+def test_secagg_survives_one_dropout_at_every_stage_and_fails_cleanly_below_threshold(tiny_config, tmp_path):
+    """5 clients, threshold 3: one client vanishes at each stage in turn (rounds 1-3 and 5), three
+    vanish after training in round 4. Spent is spent: those three still count round 4."""
+    config = tiny_config(num_clients=5, clients_per_round=5, num_rounds=5, dp=True, secure_aggregation=True)
+    out = tmp_path / "run"
+    result = _simulate(out, config, inject_faults=DROPOUTS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4, 5]
+    everyone = {f"client-{i}" for i in range(5)}
+    answered = {1: everyone - {"client-0"}, 2: everyone - {"client-1"}, 3: everyone - {"client-2"},
+                4: {"client-3", "client-4"}, 5: everyone}  # a node vanishing in unmask already sent its vector
+    for m in metrics:
+        assert set(m["clients"]) == answered[m["round"]], m["round"]
+        assert m["failures"] == 5 - len(answered[m["round"]])
+        assert m["update_applied"] is (m["round"] != 4), m
+    assert "halted" in metrics[3]["aggregation_failed"]
+    assert metrics[4]["clients_trained"] == 5
+
+    server = _ledger(out, "server")
+    assert [r["round"] for r in server] == [1, 2, 3, 4, 5]
+    sha = [r["adapter_sha256"] for r in server]
+    assert sha[3] == sha[2] and len({sha[0], sha[1], sha[2], sha[4]}) == 4  # round 4 applied nothing
+    assert server[3]["aggregation_failed"] and not server[3]["update_applied"]
+
+    # Each client signed every round it trained, whether or not its reply arrived.
+    trained_rounds = {0: [2, 3, 4, 5], 1: [1, 3, 4, 5], 2: [1, 2, 3, 4, 5], 3: [1, 2, 3, 4, 5],
+                      4: [1, 2, 3, 4, 5]}
+    for partition, rounds in trained_rounds.items():
+        records = _ledger(out, f"client-{partition}")
+        assert [r["round"] for r in records] == rounds and all(r["status"] == "trained" for r in records)
+        assert records[-1]["epsilon"] == pytest.approx(_planned_epsilon(config, partition, len(rounds)), rel=1e-9)
+    audit = _audit_clean(out)
+    assert any("client-2 signed a record for round 3" in note for note in audit["notes"])
+    assert "did not answer" in result.stdout and "global adapter unchanged" in result.stdout
+
+
+def test_bad_updates_and_a_straggler_are_left_out_and_the_rest_averaged(tiny_config, tmp_path):
+    """Plain FedAvg, 6 clients: NaN, wrong shape, 1000x and a straggler past the round timeout.
+    The new adapter is exactly the initial one plus the mean of the two honest updates."""
+    config = tiny_config(num_clients=6, clients_per_round=6, num_rounds=1, dp=False, secure_aggregation=False,
+                         round_timeout=20.0)
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = _simulate(out, config, round_timeout=20,
+                       inject_faults="1:nan:0; 1:wrong-shape:1; 1:scale-1000:2; 1:stall:3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [record] = read_metrics(out)
+    assert record["update_applied"] and record["failures"] == 1 and "client-3" not in record["clients"]
+    assert record["seconds"] < 40  # the straggler (40 s) was not waited for
+    rejected = {cid: c.get("rejected") for cid, c in record["clients"].items() if c.get("rejected")}
+    assert rejected["client-0"] == "contains NaN or Inf"
+    assert rejected["client-1"].startswith("has tensor 0 of shape")
+    assert rejected["client-2"].startswith("has L2 norm") and set(rejected) == {"client-0", "client-1", "client-2"}
+    [server] = _ledger(out, "server")
+    assert server["rejected"] == rejected
+
+    initial = initial_adapter(config)
+    honest = []
+    for partition in (4, 5):  # the same deterministic local training, in this process
+        client = FedtuneClient(config=config, partition_id=partition, ledger_dir=tmp_path / f"c{partition}",
+                               run_id="check")
+        update, n, _ = client.fit([a.copy() for a in initial], {"server-round": 1})
+        honest.append((update, n))
+    total = sum(n for _, n in honest)
+    expected = [g + sum(n / total * u[i] for u, n in honest) for i, g in enumerate(initial)]
+    saved = saved_adapter_arrays(out, num_labels=3)
+    assert len(saved) == len(expected)
+    for got, want, start in zip(saved, expected, initial):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert any(not np.allclose(got, start) for got, start in zip(saved, initial))
+    assert time.monotonic() - started < 300
+
+
+def _resume(out: Path) -> subprocess.CompletedProcess:
+    result = run_fedtune("simulate", "--resume", str(out), "--set", "inject-faults=", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_coordinator_killed_mid_round_resumes_without_counting_a_round_twice(tiny_config, tmp_path):
+    """Killed after every client trained round 2 but before the checkpoint: the resumed run asks
+    for round 2 again, the clients re-send what they already paid for, and epsilon ends exactly
+    where an uninterrupted run ends."""
+    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, dp=True, secure_aggregation=True)
+    out = tmp_path / "run"
+    crashed = _simulate(out, config, inject_faults="2:crash-coordinator")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    assert Checkpoint.load(out).completed_round == 1 and not (out / "summary.json").exists()
+    assert [m["round"] for m in read_metrics(out)] == [1]
+    for partition in range(3):  # round 2 was trained and signed before the crash
+        assert [r["round"] for r in _ledger(out, f"client-{partition}")] == [1, 2]
+
+    result = _resume(out)
+    assert "Resuming" in result.stdout and "re-sent after the resume" in result.stdout
+    metrics = read_metrics(out)
+    assert [m["round"] for m in metrics] == [1, 2, 3] and all(m["update_applied"] for m in metrics)
+    assert all(c.get("resent") for c in metrics[1]["clients"].values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["resumed_after_round"] == 1
+    for partition in range(3):
+        records = _ledger(out, f"client-{partition}")
+        assert [r["round"] for r in records] == [1, 2, 3]  # one signed spend per round, none twice
+        assert len({r["run_id"] for r in records}) == 1
+        uninterrupted = _planned_epsilon(config, partition, 3)
+        assert records[-1]["epsilon"] == pytest.approx(uninterrupted, rel=1e-9)
+        assert summary["epsilon"][f"client-{partition}"] == pytest.approx(uninterrupted, rel=1e-9)
+    assert [r["round"] for r in _ledger(out, "server")] == [1, 2, 3]
+    _audit_clean(out)
+
+
+def test_killed_right_after_a_checkpoint_the_resumed_run_is_bit_identical(tiny_config, tmp_path):
+    """Without DP noise or SecAgg+ rounding, training is deterministic: a run SIGKILLed from
+    outside right after its first checkpoint, then resumed, ends with the same adapter bytes."""
+    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, dp=False, secure_aggregation=False)
+    reference = tmp_path / "reference"
+    assert _simulate(reference, config).returncode == 0
+
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", "--out", str(out),
+                                *_args(config)], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / "checkpoint.npz").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the simulation and its Ray processes
+        process.wait()
+    killed_after = Checkpoint.load(out).completed_round
+    assert killed_after < 3 and not (out / "summary.json").exists()
+
+    _resume(out)
+    assert [m["round"] for m in read_metrics(out)] == [1, 2, 3]
+    assert [r["round"] for r in _ledger(out, "server")] == [1, 2, 3]
+    for got, want in zip(saved_adapter_arrays(out, num_labels=3), saved_adapter_arrays(reference, num_labels=3)):
+        assert np.array_equal(got, want)
+    assert _ledger(out, "server")[-1]["adapter_sha256"] == _ledger(reference, "server")[-1]["adapter_sha256"]
+    _audit_clean(out)
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_config, tmp_path):
+    not_a_run = run_fedtune("simulate", "--resume", str(tmp_path))
+    assert not_a_run.returncode == 3 and "not a fedtune run directory" in not_a_run.stderr
+    (tmp_path / "config.toml").write_text('dp = true\n')
+    (tmp_path / "run.json").write_text('{"run_id": "x"}\n')
+    changed = run_fedtune("simulate", "--resume", str(tmp_path), "--set", "target-epsilon=100")
+    assert changed.returncode == 3 and "only inject-faults, round-timeout may change" in changed.stderr
+    (tmp_path / "summary.json").write_text("{}")
+    finished = run_fedtune("simulate", "--resume", str(tmp_path))
+    assert finished.returncode == 3 and "finished run" in finished.stderr
