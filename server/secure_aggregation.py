@@ -68,7 +68,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         try:
             ok = super().collect_masked_vectors_stage(grid, context, state)
         except (ValueError, TypeError, IndexError) as exc:  # e.g. a masked vector of the wrong shape
-            strategy.record_replies(current_round, state.legacy_results, state.failures)
+            strategy.record_replies(current_round, state.legacy_results, state.failures).failures = 0
             self._note_halt(context, f"SecAgg+ could not sum the masked updates ({exc}); "
                                      "a client sent a malformed update")
             return False

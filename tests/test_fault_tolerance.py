@@ -19,6 +19,7 @@ from common.ledger import read_records
 from common.planning import privacy_schedule
 from common.splits import federated_splits
 from server.checkpoint import Checkpoint
+from server.secure_aggregation import secagg_parameters
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT, read_metrics, run_fedtune, saved_adapter_arrays, set_args
 
@@ -134,6 +135,27 @@ def test_bad_updates_and_a_straggler_are_left_out_and_the_rest_averaged(tiny_con
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert any(not np.allclose(got, start) for got, start in zip(saved, initial))
     assert time.monotonic() - started < 300
+
+
+def test_secagg_skips_a_round_whose_sum_is_broken_and_clips_a_huge_update(tiny_config, tmp_path):
+    """Under SecAgg+ the server sees only the sum: NaN and wrong-shape updates break it and the
+    round is skipped; a 1000x update is clipped to the SecAgg+ range, bounding its influence."""
+    config = tiny_config(num_clients=5, clients_per_round=5, num_rounds=3, dp=False, secure_aggregation=True)
+    out = tmp_path / "run"
+    result = _simulate(out, config, inject_faults="1:nan:0; 2:wrong-shape:1; 3:scale-1000:2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second, third = read_metrics(out)
+    assert not first["update_applied"] and "aggregate rejected: it has L2 norm" in first["aggregation_failed"]
+    assert not second["update_applied"] and "could not sum the masked updates" in second["aggregation_failed"]
+    assert third["update_applied"] and third["clients"]["client-2"]["update_max_abs"] > 100
+    server = _ledger(out, "server")
+    assert server[0]["adapter_sha256"] == server[1]["adapter_sha256"] != server[2]["adapter_sha256"]
+    splits = federated_splits(config)
+    clip = secagg_parameters(config=config, max_client_examples=splits.max_client_examples).clipping_range
+    initial = initial_adapter(config)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(saved_adapter_arrays(out, num_labels=3), initial))
+    assert 0 < moved <= clip * 1.01  # the mean of five clipped updates moves no coordinate past the range
+    assert "was clipped" in result.stdout + result.stderr
 
 
 def _resume(out: Path) -> subprocess.CompletedProcess:
