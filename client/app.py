@@ -52,15 +52,13 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
         return FedtuneClient(config=cfg, partition_id=partition_id, run_id=str(context.run_id),
                              ledger_dir=_ledger_dir(context, ledger_root, partition_id)).to_client()
 
-    def requires_secagg(context: Context) -> bool:
-        return resolve_config(context, config).secure_aggregation
-
     def run_config(context: Context) -> RunConfig:
         return resolve_config(context, config)
 
     # The fault drill wraps SecAgg+, so a node can vanish at any of its stages.
-    return ClientApp(client_fn=client_fn, mods=[fault_injection_mod(run_config),
-                                                secure_aggregation_mod(requires_secagg)])
+    return ClientApp(client_fn=client_fn, mods=[
+        fault_injection_mod(run_config),
+        secure_aggregation_mod(lambda context: run_config(context).secure_aggregation)])
 
 
 app = build_client_app()
