@@ -137,6 +137,27 @@ def plan(
         err.print(f"wrote {plot}")
 
 
+@cli.command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="Directory for the CA, SuperLink certificate and SuperNode keys."),
+    hosts: str = typer.Option(..., "--hosts", help="Comma-separated names/IPs SuperNodes use to reach the "
+                              "SuperLink (e.g. coordinator.example.org,10.0.0.5)."),
+    nodes: int = typer.Option(..., "--nodes", help="How many SuperNode (institution) key pairs to make."),
+    days: int = typer.Option(365, "--days", help="Certificate validity in days."),
+) -> None:
+    """TLS certificates and SuperNode authentication keys for a deployment."""
+    from common.certs import make_credentials
+
+    made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], nodes=nodes,
+                            days=days)
+    shell = console()
+    shell.print(f"CA certificate      {made.ca_certificate}   (give to every institution)")
+    shell.print(f"SuperLink TLS       {made.superlink_certificate}, {made.superlink_key}")
+    for key in made.supernode_keys:
+        shell.print(f"SuperNode key pair  {key} (private, 0600), {key}.pub (register it)")
+    shell.print(f"{out / 'ca.key'} signs certificates: keep it offline.")
+
+
 def main() -> None:
     if "--verbose" not in sys.argv:
         # Library deprecation chatter is not for users; --verbose shows everything.
