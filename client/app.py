@@ -13,22 +13,20 @@ from flwr.client import Client, ClientApp
 
 from client.fault_injection import fault_injection_mod
 from client.fl_client import FedtuneClient
+from client.node_data import NodeData
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import RunConfig
+from common.errors import FedtuneError
 
 
-def _partition_id(context: Context) -> int:
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("node config needs 'partition-id' (which share of the data this node holds)")
-    return int(node["partition-id"])
-
-
-def _ledger_dir(context: Context, ledger_root: Path | None, partition_id: int) -> Path:
+def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> Path:
     """Where this institution keeps its ledger: its own node config wins, then the run's root."""
     if "ledger-dir" in context.node_config:
         return Path(str(context.node_config["ledger-dir"]))
-    return (ledger_root or Path("ledgers")) / f"client-{partition_id}"
+    if "data" in context.node_config:  # a real institution: its ledger is its own, at a known place
+        raise FedtuneError("node config needs 'ledger-dir' (where this institution keeps its signed privacy "
+                           "ledger), e.g. ledger-dir='/srv/fedtune/ledger'")
+    return (ledger_root or Path("ledgers")) / client_id
 
 
 # Privacy settings an institution may fix in its own node config; they override the run config
@@ -48,9 +46,9 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
 
     def client_fn(context: Context) -> Client:
         cfg = resolve_config(context, config)
-        partition_id = _partition_id(context)
-        return FedtuneClient(config=cfg, partition_id=partition_id, run_id=str(context.run_id),
-                             ledger_dir=_ledger_dir(context, ledger_root, partition_id)).to_client()
+        node = NodeData.from_node_config(dict(context.node_config))
+        return FedtuneClient(config=cfg, node=node, run_id=str(context.run_id),
+                             ledger_dir=_ledger_dir(context, ledger_root, node.client_id)).to_client()
 
     def run_config(context: Context) -> RunConfig:
         return resolve_config(context, config)

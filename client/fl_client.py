@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from flwr.client import NumPyClient
 
+from client.node_data import NodeData, client_split, label_names_from
 from client.privacy_ledger import REFUSED_BUDGET, TRAINED, ClientPrivacyLedger
 from client.update_cache import CachedUpdate, UpdateCache
 from client.trainer import train_locally
@@ -23,7 +24,7 @@ from common.faults import CORRUPTIONS, STALL, client_fault
 from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
                              load_tokenizer, resolve_model_path)
 from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
-from common.splits import ClientSplit, federated_splits
+from common.splits import ClientSplit
 from common.tokens import encode
 from torch.utils.data import TensorDataset
 
@@ -33,12 +34,15 @@ ALREADY_SPENT = "refused-already-spent"  # asked again for a round it paid for, 
 
 
 class FedtuneClient(NumPyClient):
-    def __init__(self, *, config: RunConfig, partition_id: int, ledger_dir: Path, run_id: str) -> None:
+    def __init__(self, *, config: RunConfig, ledger_dir: Path, run_id: str, partition_id: int | None = None,
+                 node: NodeData | None = None) -> None:
         self.config = config
-        self.partition_id = partition_id
-        self.client_id = f"client-{partition_id}"
+        self.node = node or NodeData(client_id=f"client-{partition_id}", partition_id=partition_id)
+        self.partition_id = self.node.partition_id  # fault drills address clients by partition
+        self.client_id = self.node.client_id
         self.ledger_dir = Path(ledger_dir)
         self.run_id = run_id
+        self.label_names: tuple[str, ...] = ()
 
     # -- Flower entry points -----------------------------------------------------------------
 
@@ -47,6 +51,7 @@ class FedtuneClient(NumPyClient):
         server_round = int(config.get("server-round", 0))
         # The coordinator's run id survives a resume; Flower's changes with every (re)start.
         run_id = str(config.get("fedtune-run-id") or self.run_id)
+        self.label_names = label_names_from(config, self.config)
         data = self._data()
         ledger = ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
         cache = UpdateCache(self.ledger_dir)
@@ -80,7 +85,7 @@ class FedtuneClient(NumPyClient):
                 return [np.zeros_like(a) for a in parameters], 0, metrics
 
         model = self._model(parameters)
-        dataset = _encoded(cfg, self.partition_id, "train")
+        dataset = _encoded(cfg, self.node, self.label_names, "train")
         result = train_locally(model=model, dataset=dataset, learning_rate=cfg.learning_rate,
                                head_learning_rate=cfg.head_learning_rate,
                                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
@@ -135,7 +140,7 @@ class FedtuneClient(NumPyClient):
 
     def _inject_fault(self, update: list[np.ndarray], server_round: int) -> list[np.ndarray]:
         """A fault drill's broken update (`inject-faults`), made before SecAgg+ would mask it."""
-        if not self.config.inject_faults:
+        if not self.config.inject_faults or self.partition_id is None:
             return update
         fault = client_fault(self.config.inject_faults, server_round=server_round,
                              partition_id=self.partition_id, kinds=CORRUPTIONS)
@@ -148,14 +153,17 @@ class FedtuneClient(NumPyClient):
         return update
 
     def _stall_if_asked(self, server_round: int) -> None:
-        if self.config.inject_faults and client_fault(self.config.inject_faults, server_round=server_round,
-                                                      partition_id=self.partition_id, kinds=(STALL,)):
+        if self.partition_id is None or not self.config.inject_faults:
+            return
+        if client_fault(self.config.inject_faults, server_round=server_round, partition_id=self.partition_id,
+                        kinds=(STALL,)):
             seconds = 2 * self.config.round_timeout if self.config.round_timeout else 60.0
             log.warning("%s: inject-faults stalls round %d for %.0f s", self.client_id, server_round, seconds)
             time.sleep(seconds)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        dataset = _encoded(self.config, self.partition_id, "validation")
+        self.label_names = label_names_from(config, self.config)
+        dataset = _encoded(self.config, self.node, self.label_names, "validation")
         scores = evaluate_classifier(model=self._model(parameters), dataset=dataset)
         return scores["loss"], len(dataset), {
             "client_id": self.client_id, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
@@ -163,13 +171,13 @@ class FedtuneClient(NumPyClient):
     # -- helpers -----------------------------------------------------------------------------
 
     def _data(self) -> ClientSplit:
-        return federated_splits(self.config).clients[self.partition_id]
+        return client_split(self.config, self.node, self.label_names)
 
     def _model(self, parameters: list[np.ndarray]):
         cfg = self.config
         model = build_lora_classifier(
             model_path=resolve_model_path(cfg.model),
-            num_labels=len(federated_splits(cfg).label_names),
+            num_labels=len(self.label_names),
             lora=LoraSettings.from_config(cfg),
             seed=cfg.seed)
         arrays_to_adapter(model, parameters)
@@ -177,8 +185,8 @@ class FedtuneClient(NumPyClient):
 
 
 @functools.lru_cache(maxsize=8)
-def _encoded(config: RunConfig, partition_id: int, part: str) -> TensorDataset:
+def _encoded(config: RunConfig, node: NodeData, label_names: tuple[str, ...], part: str) -> TensorDataset:
     """Tokenized local data, kept for the life of the process (a simulation actor or a node)."""
-    split = getattr(federated_splits(config).clients[partition_id], part)
+    split = getattr(client_split(config, node, label_names), part)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
     return encode(tokenizer=tokenizer, split=split, max_length=config.max_length)

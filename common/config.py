@@ -63,6 +63,9 @@ class RunConfig:
     fraction_evaluate: float = _opt(0.0, "Share of clients evaluating on their validation split each round "
                                          "(their metrics travel in clear, outside DP; 0 = none).")
     seed: int = _opt(0, "Seeds splits, partitions, client sampling and initialisation; never DP noise.")
+    max_client_examples: int = _opt(0, "Largest training set of any institution (bounds SecAgg+ weights and "
+                                       "update checks); 0 derives it from the run's data (simulation).")
+    output_dir: str = _opt("", "Run directory the coordinator writes; '' = runs/<timestamp> (simulate: --out).")
     inject_faults: str = _opt("", "Fault drill for simulations: 'ROUND:FAULT[:CLIENTS]; ...' "
                                   "(dropouts, bad updates, a coordinator crash; see README).")
 
@@ -147,6 +150,7 @@ class RunConfig:
         _check(self.secagg_clipping_range >= 0 and math.isfinite(self.secagg_clipping_range),
                "secagg_clipping_range", "must be 0 (auto) or a positive number")
         _check(self.secagg_max_weight >= 0, "secagg_max_weight", "must be 0 (auto) or positive")
+        _check(self.max_client_examples >= 0, "max_client_examples", "must be 0 (auto) or positive")
         _check(self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "max_update_norm",
                "must be 0 (auto) or a positive number")
         _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",

@@ -30,7 +30,7 @@ def build_server_app(*, config: RunConfig | None = None, run_dir: Path | None = 
         if resume:
             directory = RunDirectory.open_existing(run_dir)
         else:
-            directory = RunDirectory.create(path=run_dir or default_run_dir(), config=cfg)
+            directory = RunDirectory.create(path=run_dir or Path(cfg.output_dir or default_run_dir()), config=cfg)
         summary = run_federation(grid=grid, context=context, config=cfg, run_dir=directory, on_round=on_round,
                                  resume=resume)
         if results is not None:

@@ -71,17 +71,20 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         result = scores[server_round]
         return result["loss"], {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
 
-    max_norm = update_norm_bound(config=config, max_client_examples=splits.max_client_examples,
+    # In a deployment the coordinator cannot see the institutions' data: max-client-examples says it.
+    max_examples = config.max_client_examples or splits.max_client_examples
+    max_norm = update_norm_bound(config=config, max_client_examples=max_examples,
                                  num_parameters=sum(a.size for a in initial))
     strategy = AdapterFedAvg(initial_arrays=checkpoint.global_arrays if checkpoint else initial,
                              clients_per_round=config.clients_per_round, run_id=run_id,
+                             label_names=list(splits.label_names),
                              num_clients=config.num_clients, fraction_evaluate=config.fraction_evaluate,
                              secure_aggregation=config.secure_aggregation, max_update_norm=max_norm,
                              evaluate_fn=evaluate)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_rounds),
                            strategy=strategy)
     if config.secure_aggregation:
-        params = secagg_parameters(config=config, max_client_examples=splits.max_client_examples)
+        params = secagg_parameters(config=config, max_client_examples=max_examples)
         log.info(params.describe())
         fit_workflow = secagg_workflow(params)
         clipping_range = params.clipping_range

@@ -7,6 +7,7 @@ applies it, keeps the per-client metrics of the round, and never sees a full mod
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class RoundOutcome:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int, run_id: str,
+                 label_names: list[str],
                  fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
                  evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
         super().__init__(
@@ -56,8 +58,10 @@ class AdapterFedAvg(FedAvg):
             fraction_evaluate=fraction_evaluate,
             min_evaluate_clients=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
             min_available_clients=num_clients,
-            on_fit_config_fn=lambda rnd: {"server-round": rnd, "fedtune-run-id": run_id},
-            on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
+            # Clients of a deployment hold their own files: the label order comes from here.
+            on_fit_config_fn=lambda rnd: {"server-round": rnd, "fedtune-run-id": run_id,
+                                          "label-names": json.dumps(label_names)},
+            on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "label-names": json.dumps(label_names)},
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
             evaluate_metrics_aggregation_fn=_weighted_mean,

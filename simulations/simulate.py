@@ -55,7 +55,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
 
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
-    run_dir = Path(out) if out else default_run_dir()
+    run_dir = Path(out or config.output_dir or default_run_dir())
     if resume:
         RunDirectory.open_existing(run_dir)  # fails early, before Ray starts
     elif (run_dir / "metrics.jsonl").exists():

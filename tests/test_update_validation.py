@@ -19,7 +19,7 @@ def _result(arrays, n, cid):
 
 
 def _strategy(secure: bool) -> AdapterFedAvg:
-    return AdapterFedAvg(initial_arrays=GLOBAL, clients_per_round=5, num_clients=5, fraction_evaluate=0.0, run_id="r",
+    return AdapterFedAvg(initial_arrays=GLOBAL, clients_per_round=5, num_clients=5, fraction_evaluate=0.0, run_id="r", label_names=["a", "b"],
                          secure_aggregation=secure, max_update_norm=1.0)
 
 

@@ -1,0 +1,74 @@
+"""Where an institution's records come from: a share of one corpus (simulation) or its own file
+(deployment, named in the SuperNode's node config, never by the coordinator)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import RunConfig
+from common.data import load_labelled_texts
+from common.errors import FedtuneError
+from common.splits import ClientSplit, Split, federated_splits
+
+# Node config keys that say where this institution's data is and how to read it.
+NODE_DATA_KEYS = ("data", "text-column", "label-column")
+
+
+@dataclass(frozen=True)
+class NodeData:
+    client_id: str
+    partition_id: int | None = None  # simulation: this share of the run's corpus
+    path: str | None = None  # deployment: the institution's own CSV/JSONL/Parquet file
+    text_column: str = "text"
+    label_column: str = "label"
+
+    @classmethod
+    def from_node_config(cls, node: dict) -> NodeData:
+        if "data" in node:
+            client_id = str(node.get("client-id") or (f"client-{node['partition-id']}" if "partition-id" in node
+                                                      else ""))
+            if not client_id:
+                raise FedtuneError("node config needs 'client-id' (this institution's name in ledgers and "
+                                   "metrics), e.g. client-id='hospital-a'")
+            return cls(client_id=client_id, path=str(node["data"]),
+                       text_column=str(node.get("text-column", "text")),
+                       label_column=str(node.get("label-column", "label")))
+        if "partition-id" in node:
+            return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
+        raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
+                           "data='/srv/records.csv') or, in a simulation, 'partition-id'")
+
+
+def label_names_from(fit_config: dict, config: RunConfig) -> tuple[str, ...]:
+    """The federation's label names in order, as the coordinator sends them (a node's own file
+    may lack some labels); a simulation can also derive them from the shared corpus."""
+    if "label-names" in fit_config:
+        return tuple(json.loads(str(fit_config["label-names"])))
+    return tuple(federated_splits(config).label_names)
+
+
+@functools.lru_cache(maxsize=8)
+def client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...]) -> ClientSplit:
+    """This institution's train/validation split, labels indexed by the federation's names."""
+    if node.path is None:
+        return federated_splits(config).clients[node.partition_id]
+    examples = load_labelled_texts(data=node.path, text_column=node.text_column, label_column=node.label_column)
+    unknown = sorted(set(examples.label_names) - set(label_names))
+    if unknown:
+        raise FedtuneError(f"{node.path} has label(s) {unknown} that the federation does not know "
+                           f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
+    index = {name: label_names.index(name) for name in examples.label_names}
+    labels = [index[examples.label_names[i]] for i in examples.labels]
+    order = np.random.default_rng([config.seed, 7]).permutation(len(examples))
+    n_val = int(len(order) * config.validation_fraction)
+    if len(order) - n_val < 1:
+        raise FedtuneError(f"{node.path} has {len(order)} usable examples, too few to train")
+
+    def take(idx) -> Split:
+        return Split(texts=[examples.texts[i] for i in idx], labels=[labels[i] for i in idx])
+
+    return ClientSplit(train=take(order[n_val:]), validation=take(order[:n_val]))
