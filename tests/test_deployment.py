@@ -1,0 +1,94 @@
+"""A real deployment on loopback: SuperLink with TLS and SuperNode authentication, three
+SuperNodes each with its own data file and ledger, a DP + SecAgg+ job submitted with `flwr run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.certs import make_credentials
+from common.ledger import read_records
+from tests.conftest import make_texts, write_csv
+from tests.deployment import LoopbackFederation, wait_for
+from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
+
+pytestmark = pytest.mark.slow
+
+SITES = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink (TLS + node auth) with SuperNodes 0-2 and 4 registered; key 3 never is."""
+    workdir = tmp_path_factory.mktemp("deployment")
+    make_credentials(out=workdir / "creds", hosts=["localhost", "127.0.0.1"], nodes=5)
+    rows = make_texts(200, seed=1)
+    for site in range(SITES):  # each institution's own file, with its own column names
+        write_csv(workdir / f"site-{site}.csv", rows[site * 150:(site + 1) * 150], header=("note", "topic"))
+    write_csv(workdir / "coordinator-test.csv", rows[SITES * 150:])
+    fed = LoopbackFederation(workdir=workdir, credentials=workdir / "creds")
+    try:
+        fed.start_superlink()
+        for index in (0, 1, 2, 4):
+            fed.register(index)
+        yield fed
+    finally:
+        fed.close()
+
+
+def _node_config(fed: LoopbackFederation, site: int, run: Path) -> str:
+    return (f"client-id='site-{site}' data='{fed.workdir / f'site-{site}.csv'}' text-column='note' "
+            f"label-column='topic' ledger-dir='{run / 'ledgers' / f'site-{site}'}' target-epsilon=4.0")
+
+
+def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(federation, tiny_model_dir):
+    fed = federation
+    run = fed.workdir / "run"
+    nodes = [fed.start_supernode(site, _node_config(fed, site, run), root_certificates=fed.credentials / "ca.crt")
+             for site in range(SITES)]
+    run_config = (f"model='{tiny_model_dir}' data='{fed.workdir / 'coordinator-test.csv'}' num-clients={SITES} "
+                  f"clients-per-round={SITES} num-rounds=2 batch-size=16 max-length=24 learning-rate=0.01 "
+                  f"lora-rank=4 target-epsilon=100.0 test-fraction=0.9 output-dir='{run}' "
+                  f"max-client-examples=150 round-timeout=60")
+    job = fed.flwr_run_async(run_config)
+    victim = run / "ledgers" / "site-2" / "ledger.jsonl"
+
+    def trained_round_2() -> bool:
+        return victim.exists() and any(r["round"] == 2 for r in read_records(victim))
+
+    wait_for(lambda: trained_round_2() or job.poll() is not None, timeout=600, what="site-2 training round 2")
+    nodes[2].kill()  # site-2's SuperNode dies in the middle of round 2
+    stdout, _ = job.communicate(timeout=600)
+    assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
+
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
+    assert metrics[0]["clients_trained"] == SITES and metrics[1]["clients_trained"] >= 2
+    # The privacy budget came from each node's own config, not the coordinator's 100.
+    for site in range(SITES):
+        records = read_records(run / "ledgers" / f"site-{site}" / "ledger.jsonl")
+        assert [r["round"] for r in records] == [1, 2] and all(r["target_epsilon"] == 4.0 for r in records)
+        assert records[-1]["epsilon"] <= 4.0
+    assert [r["round"] for r in read_records(run / "ledgers" / "server" / "ledger.jsonl")] == [1, 2]
+    adapter = saved_adapter_arrays(run, num_labels=3)
+    assert all(np.isfinite(a).all() for a in adapter)
+    audit = run_fedtune("audit", str(run), "--json", timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:]
+    assert {row["client_id"] for row in json.loads(audit.stdout)["rows"]} == {f"site-{s}" for s in range(SITES)}
+
+
+def test_a_node_whose_key_is_not_registered_is_refused(federation):
+    node = federation.start_supernode(3, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
+                                      root_certificates=federation.credentials / "ca.crt")
+    wait_for(lambda: node.popen.poll() is not None, timeout=120, what="the unregistered SuperNode to exit")
+    assert node.popen.returncode != 0 and "Failed to activate SuperNode" in node.text()
+
+
+def test_a_node_without_the_federation_ca_cannot_connect(federation):
+    node = federation.start_supernode(4, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
+                                      root_certificates=None)  # the system CAs do not know ours
+    wait_for(lambda: node.popen.poll() is not None, timeout=120, what="the SuperNode without our CA to exit")
+    assert node.popen.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in node.text()
