@@ -158,6 +158,27 @@ def certs(
     shell.print(f"{out / 'ca.key'} signs certificates: keep it offline.")
 
 
+@cli.command("check-node")
+def check_node_command(
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink, as flower-supernode takes it."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
+    node_config: str = typer.Option(..., "--node-config", help="The node config flower-supernode will get."),
+) -> None:
+    """Check a SuperNode's setup before starting it: node config and data, keys, TLS to the SuperLink."""
+    from common.node_check import check_node
+
+    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
+                        node_config=node_config)
+    shell = console()
+    for line in result.passed:
+        shell.print(f"[green]ok[/green]    {line}", highlight=False)
+    for line in result.problems:
+        err.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+    if result.problems:
+        raise typer.Exit(INPUT_ERROR)
+
+
 def main() -> None:
     if "--verbose" not in sys.argv:
         # Library deprecation chatter is not for users; --verbose shows everything.

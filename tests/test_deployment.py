@@ -92,3 +92,52 @@ def test_a_node_without_the_federation_ca_cannot_connect(federation):
                                       root_certificates=None)  # the system CAs do not know ours
     wait_for(lambda: node.popen.poll() is not None, timeout=120, what="the SuperNode without our CA to exit")
     assert node.popen.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in node.text()
+
+
+def _check_node(fed: LoopbackFederation, *, ca: Path, node_config: str, address: str | None = None):
+    return run_fedtune("check-node", "--superlink", address or fed.address, "--root-certificates", str(ca),
+                       "--auth-supernode-private-key", str(fed.credentials / "supernodes" / "supernode-0"),
+                       "--node-config", node_config)
+
+
+def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federation, tmp_path):
+    fed = federation
+    ca = fed.credentials / "ca.crt"
+    good = f"client-id='site-0' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' " \
+           f"ledger-dir='{tmp_path / 'ledger'}'"
+    ok = _check_node(fed, ca=ca, node_config=good)
+    assert ok.returncode == 0 and "speaks TLS" in ok.stdout, ok.stdout + ok.stderr
+
+    foreign = make_credentials(out=tmp_path / "other", hosts=["localhost"], nodes=1).ca_certificate
+    wrong_ca = _check_node(fed, ca=foreign, node_config=good)
+    assert wrong_ca.returncode == 3 and "not signed by" in wrong_ca.stderr and "federation's ca.crt" in wrong_ca.stderr
+
+    closed = _check_node(fed, ca=ca, node_config=good, address="127.0.0.1:1")
+    assert "nothing answers at 127.0.0.1:1" in closed.stderr and "address and port" in closed.stderr
+
+    no_data = _check_node(fed, ca=ca, node_config=f"client-id='site-0' ledger-dir='{tmp_path}'")
+    assert no_data.returncode == 3 and "node config needs 'data'" in no_data.stderr
+    wrong_column = _check_node(fed, ca=ca, node_config=good.replace("text-column='note'", "text-column='body'"))
+    assert wrong_column.returncode == 3 and "body" in wrong_column.stderr
+
+    expired = tmp_path / "expired.crt"
+    expired.write_bytes(_expired_certificate())
+    old = _check_node(fed, ca=expired, node_config=good)
+    assert old.returncode == 3 and "expired on" in old.stderr
+
+
+def _expired_certificate() -> bytes:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(past).not_valid_after(past + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
