@@ -179,6 +179,64 @@ def check_node_command(
         raise typer.Exit(INPUT_ERROR)
 
 
+@cli.command("run-node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_node(
+    ctx: typer.Context,
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
+    node_config: str = typer.Option(..., "--node-config", help="This institution's node config."),
+) -> None:
+    """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
+    hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
+    import shutil
+    import subprocess
+    import threading
+    import time
+
+    from common.node_check import check_node, hint_for
+
+    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
+                        node_config=node_config)
+    if result.problems:
+        raise FedtuneError("; ".join(result.problems))
+    venv_bin = str(Path(sys.executable).parent)  # the SuperNode starts flwr-clientapp etc. by name
+    env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    executable = shutil.which("flower-supernode", path=env["PATH"]) or "flower-supernode"
+    args = [executable, "--superlink", superlink, "--root-certificates", str(root_certificates),
+            "--auth-supernode-private-key", str(private_key), "--node-config", node_config, *ctx.args]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    hints: list[str] = []
+    fatal_at: list[float] = []
+
+    def relay() -> None:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            hint = hint_for(line)
+            if hint and hint not in hints:
+                hints.append(hint)
+            if (hint or "Traceback" in line) and not fatal_at:
+                fatal_at.append(time.monotonic())
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        while process.poll() is None:
+            # Flower can keep its local API server up after a fatal error: do not hang with it.
+            if fatal_at and time.monotonic() - fatal_at[0] > 10:
+                process.terminate()
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        code = process.wait()
+        reader.join(timeout=5)
+    code = code if code > 0 else (1 if fatal_at else code)
+    for hint in hints:
+        err.print(f"[bold red]error:[/bold red] {hint}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     if "--verbose" not in sys.argv:
         # Library deprecation chatter is not for users; --verbose shows everything.

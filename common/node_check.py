@@ -123,3 +123,17 @@ def _check_superlink(address: str, ca: Path, timeout: float) -> str:
                            f"--ssl-certfile?") from None
     finally:
         raw.close()
+
+
+# Flower's messages for what a node cannot fix by itself, and what to do about each.
+FLOWER_HINTS = {
+    "Failed to activate SuperNode": "the SuperLink does not accept this node's key: the coordinator must "
+                                    "register it (`flwr supernode register supernode-N.pub`), and no other "
+                                    "running node may use the same key",
+    "SuperNode authentication is enabled": "start the node with --auth-supernode-private-key (its supernode-N file)",
+    "CERTIFICATE_VERIFY_FAILED": "pass the federation's ca.crt with --root-certificates",
+}
+
+
+def hint_for(line: str) -> str | None:
+    return next((hint for mark, hint in FLOWER_HINTS.items() if mark in line), None)

@@ -12,7 +12,7 @@ import pytest
 from common.certs import make_credentials
 from common.ledger import read_records
 from tests.conftest import make_texts, write_csv
-from tests.deployment import LoopbackFederation, wait_for
+from tests.deployment import LoopbackFederation, free_port, wait_for
 from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
 
 pytestmark = pytest.mark.slow
@@ -141,3 +141,16 @@ def _expired_certificate() -> bytes:
             .serial_number(1).not_valid_before(past).not_valid_after(past + dt.timedelta(days=30))
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_run_node_says_an_unregistered_key_must_be_registered_by_the_coordinator(federation, tmp_path):
+    fed = federation
+    node = (f"client-id='site-9' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
+            f"ledger-dir='{tmp_path / 'ledger'}'")
+    result = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(fed.credentials / "ca.crt"),
+                         "--auth-supernode-private-key", str(fed.credentials / "supernodes" / "supernode-3"),
+                         "--node-config", node, "--max-retries", "1", "--host", "127.0.0.1", "--port",
+                         str(free_port()), timeout=180)
+    assert result.returncode != 0
+    assert "Failed to activate SuperNode" in result.stdout
+    assert "flwr supernode register" in result.stderr
