@@ -13,7 +13,7 @@ from flwr.client import Client, ClientApp
 
 from client.fault_injection import fault_injection_mod
 from client.fl_client import FedtuneClient
-from client.node_data import NodeData
+from client.node_data import NODE_PRIVACY_KEYS, NodeData
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import RunConfig
 from common.errors import FedtuneError
@@ -27,12 +27,6 @@ def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> P
         raise FedtuneError("node config needs 'ledger-dir' (where this institution keeps its signed privacy "
                            "ledger), e.g. ledger-dir='/srv/fedtune/ledger'")
     return (ledger_root or Path("ledgers")) / client_id
-
-
-# Privacy settings an institution may fix in its own node config; they override the run config
-# the coordinator sends, so the coordinator cannot switch DP off or widen the budget.
-NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "target-delta", "max-grad-norm", "noise-multiplier",
-                     "accountant", "secure-aggregation")
 
 
 def resolve_config(context: Context, config: RunConfig | None) -> RunConfig:

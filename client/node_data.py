@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from dataclasses import dataclass
@@ -16,6 +17,22 @@ from common.splits import ClientSplit, Split, federated_splits
 
 # Node config keys that say where this institution's data is and how to read it.
 NODE_DATA_KEYS = ("data", "text-column", "label-column")
+# Privacy settings an institution may fix in its own node config; they override the run config
+# the coordinator sends, so the coordinator cannot switch DP off or widen the budget.
+NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "target-delta", "max-grad-norm", "noise-multiplier",
+                     "accountant", "secure-aggregation")
+# Flower's simulation engine sets partition-id and num-partitions itself.
+NODE_KEYS = (*NODE_DATA_KEYS, *NODE_PRIVACY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
+
+
+def check_node_keys(node: dict) -> None:
+    """A misspelt key must not pass silently: `target_epsilon=1` ignored would mean the
+    coordinator's budget applies."""
+    for key in node:
+        if key not in NODE_KEYS:
+            hint = difflib.get_close_matches(key.replace("_", "-"), NODE_KEYS, n=1)
+            raise FedtuneError(f"unknown node config key '{key}'." + (f" Did you mean '{hint[0]}'?" if hint else
+                                                                        f" Known keys: {', '.join(NODE_KEYS)}"))
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,7 @@ class NodeData:
 
     @classmethod
     def from_node_config(cls, node: dict) -> NodeData:
+        check_node_keys(node)
         if "data" in node:
             client_id = str(node.get("client-id") or (f"client-{node['partition-id']}" if "partition-id" in node
                                                       else ""))

@@ -1,0 +1,41 @@
+"""A deployed institution reads its own file, with the federation's label order."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.node_data import NodeData, client_split, label_names_from
+from common.errors import FedtuneError
+from tests.conftest import write_csv
+
+
+def test_a_node_file_is_indexed_by_the_federations_labels_not_its_own(tiny_config, tmp_path):
+    # This site has no 'markets' rows: its own sorted labels would be [politics, sport].
+    rows = [(f"text {i} about sport", "sport") for i in range(20)] + [(f"vote {i}", "politics") for i in range(10)]
+    path = write_csv(tmp_path / "site.csv", rows, header=("note", "topic"))
+    node = NodeData.from_node_config({"client-id": "site-a", "data": str(path), "text-column": "note",
+                                      "label-column": "topic", "ledger-dir": str(tmp_path)})
+    labels = label_names_from({"label-names": '["markets", "politics", "sport"]'}, tiny_config())
+    split = client_split(tiny_config(validation_fraction=0.1), node, labels)
+    assert len(split.train) == 27 and len(split.validation) == 3
+    texts = split.train.texts + split.validation.texts
+    names = [labels[i] for i in split.train.labels + split.validation.labels]
+    assert all(("sport" in t) == (n == "sport") for t, n in zip(texts, names))
+    assert set(names) == {"sport", "politics"}
+
+
+def test_a_label_the_federation_does_not_know_is_refused(tiny_config, tmp_path):
+    path = write_csv(tmp_path / "site.csv", [("a", "sport"), ("b", "weather")])
+    node = NodeData(client_id="x", path=str(path))
+    with pytest.raises(FedtuneError, match=r"label\(s\) \['weather'\] that the federation does not know"):
+        client_split(tiny_config(), node, ("sport",))
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"client-id": "a", "ledger-dir": "/l"}, "node config needs 'data'"),
+    ({"data": "/x.csv", "ledger-dir": "/l"}, "node config needs 'client-id'"),
+    ({"client-id": "a", "data": "/x.csv", "target_epsilon": 1.0}, "Did you mean 'target-epsilon'"),
+])
+def test_node_config_mistakes_say_what_to_fix(node, message):
+    with pytest.raises(FedtuneError, match=message):
+        NodeData.from_node_config(node)
