@@ -35,7 +35,8 @@ class UpdateCache:
         return self.directory / f"{safe}-round-{server_round}.npz"
 
     def save(self, *, run_id: str, server_round: int, cached: CachedUpdate) -> None:
-        """Atomically replace the cache with this round's update (only the latest is ever re-asked)."""
+        """Atomically store this round's update, dropping this run's earlier ones (only the
+        latest round is ever re-asked); other runs sharing the ledger keep theirs."""
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"num_examples": cached.num_examples, "global_sha256": cached.global_sha256,
                 "ledger_fields": cached.ledger_fields, "metrics": cached.metrics}
@@ -47,7 +48,8 @@ class UpdateCache:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-        for old in self.directory.glob("*.npz"):
+        prefix = target.name.rsplit("-round-", 1)[0] + "-round-"
+        for old in self.directory.glob(prefix + "*.npz"):  # earlier rounds of this run are never re-asked
             if old != target:
                 old.unlink(missing_ok=True)
 

@@ -41,6 +41,10 @@ def make_credentials(*, out: Path, hosts: list[str], nodes: int, days: int = 365
     """A CA, a SuperLink certificate for `hosts` (names or IPs), and `nodes` SuperNode key pairs."""
     if not hosts:
         raise FedtuneError("--hosts needs at least one host name or IP the SuperNodes will dial")
+    for host in hosts:
+        if not _is_ip(host) and (":" in host or "[" in host or "/" in host or " " in host):
+            raise FedtuneError(f"--hosts entry {host!r} is not a host name or IP address (no ports, brackets or "
+                               f"schemes: e.g. coordinator.example.org,10.0.0.5,::1)")
     if nodes < 1:
         raise FedtuneError("--nodes must be at least 1")
     if days < 1:
@@ -94,6 +98,14 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(digital_signature=True, key_cert_sign=cert_sign, crl_sign=cert_sign,
                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                          key_agreement=not cert_sign, encipher_only=False, decipher_only=False)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _san(host: str) -> x509.GeneralName:

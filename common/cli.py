@@ -190,6 +190,7 @@ def run_node(
     """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
     hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
     import shutil
+    import signal
     import subprocess
     import threading
     import time
@@ -206,6 +207,7 @@ def run_node(
     args = [executable, "--superlink", superlink, "--root-certificates", str(root_certificates),
             "--auth-supernode-private-key", str(private_key), "--node-config", node_config, *ctx.args]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())  # stopping run-node stops the node
     hints: list[str] = []
     fatal_at: list[float] = []
 
@@ -215,23 +217,26 @@ def run_node(
             hint = hint_for(line)
             if hint and hint not in hints:
                 hints.append(hint)
-            if (hint or "Traceback" in line) and not fatal_at:
                 fatal_at.append(time.monotonic())
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     try:
         while process.poll() is None:
-            # Flower can keep its local API server up after a fatal error: do not hang with it.
+            # After these errors Flower can keep its local API server up: do not hang with it.
             if fatal_at and time.monotonic() - fatal_at[0] > 10:
                 process.terminate()
             time.sleep(0.2)
     finally:
         if process.poll() is None:
             process.terminate()
-        code = process.wait()
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
         reader.join(timeout=5)
-    code = code if code > 0 else (1 if fatal_at else code)
+    code = code if code > 0 else (1 if hints else code)
     for hint in hints:
         err.print(f"[bold red]error:[/bold red] {hint}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -166,6 +166,12 @@ class Ledger:
             raise LedgerError(f"ledger {self.path} failed verification: {check.problems[0]}; "
                               f"refusing to train on a ledger that may under-count privacy spend")
         last_hash = record_hash(records[-1]) if records else GENESIS
+        before_last = record_hash(records[-2]) if len(records) > 1 else GENESIS
+        if records and head.get("seq") == len(records) - 2 and head.get("hash") == before_last:
+            # Killed between appending a (verified, signed) record and moving the head: keep the
+            # record. It can only over-count spend, never hide it.
+            self._write_head(records[-1])
+            head = {"seq": len(records) - 1, "hash": last_hash}
         if head.get("seq") != len(records) - 1 or head.get("hash") != last_hash:
             raise LedgerError(f"ledger {self.path} holds {len(records)} records but its head marker "
                               f"{head_path.name} says {head.get('seq', -1) + 1}: records were removed or the file "
@@ -183,11 +189,17 @@ class Ledger:
             handle.flush()
             os.fsync(handle.fileno())
         self.records.append(record)
+        self._write_head(record)
+        return record
+
+    def _write_head(self, record: dict[str, Any]) -> None:
         head = self.directory / HEAD_FILE
         tmp = head.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": record["seq"], "hash": record_hash(record)}))
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"seq": record["seq"], "hash": record_hash(record)}))
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, head)
-        return record
 
     @property
     def head_hash(self) -> str:

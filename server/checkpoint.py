@@ -43,6 +43,7 @@ class Checkpoint:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        fsync_directory(target.parent)  # the rename itself must be on disk before later appends
 
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint | None:
@@ -69,3 +70,11 @@ def random_state() -> list:
 def restore_random_state(state: list) -> None:
     version, internal, gauss = state
     random.setstate((version, tuple(internal), gauss))
+
+
+def fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -11,6 +11,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.json_safe import json_safe
+from server.checkpoint import fsync_directory
 
 
 def default_run_dir() -> Path:
@@ -83,3 +84,4 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)

@@ -96,6 +96,11 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         # any (the clients raise KeyError), so one dropout in setup or share-keys failed the
         # whole round. Only nodes that shared keys can have masked anyone; only they count.
         state.sampled_node_ids = set(state.active_node_ids)
+        # Nor did anyone mask with a node that left before sharing keys: drop it from every
+        # neighbour set, or the unmask stage looks up its keys (KeyError) or removes a mask
+        # nobody added when another node drops later in the same round.
+        for nid, neighbours in state.nid_to_neighbours.items():
+            neighbours &= state.sampled_node_ids | {nid}
         if not ok:
             self._note_halt(context, "SecAgg+ halted while sharing keys: too few clients answered")
         return ok

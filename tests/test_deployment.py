@@ -54,24 +54,24 @@ def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(fed
                   f"lora-rank=4 target-epsilon=100.0 test-fraction=0.9 output-dir='{run}' "
                   f"max-client-examples=150 round-timeout=60")
     job = fed.flwr_run_async(run_config)
-    victim = run / "ledgers" / "site-2" / "ledger.jsonl"
 
-    def trained_round_2() -> bool:
-        return victim.exists() and any(r["round"] == 2 for r in read_records(victim))
+    def round_1_done() -> bool:
+        return (run / "metrics.jsonl").exists() and bool(read_metrics(run))
 
-    wait_for(lambda: trained_round_2() or job.poll() is not None, timeout=600, what="site-2 training round 2")
-    nodes[2].kill()  # site-2's SuperNode dies in the middle of round 2
+    wait_for(lambda: round_1_done() or job.poll() is not None, timeout=600, what="round 1 to finish")
+    nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's SuperNode dies in it
     stdout, _ = job.communicate(timeout=600)
     assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
 
     metrics = read_metrics(run)
     assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
-    assert metrics[0]["clients_trained"] == SITES and metrics[1]["clients_trained"] >= 2
+    assert metrics[0]["clients_trained"] == SITES
+    assert set(metrics[1]["clients"]) == {"site-0", "site-1"} and metrics[1]["failures"] == 1  # the two survivors
     # The privacy budget came from each node's own config, not the coordinator's 100.
     for site in range(SITES):
         records = read_records(run / "ledgers" / f"site-{site}" / "ledger.jsonl")
-        assert [r["round"] for r in records] == [1, 2] and all(r["target_epsilon"] == 4.0 for r in records)
-        assert records[-1]["epsilon"] <= 4.0
+        assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
+        assert all(r["target_epsilon"] == 4.0 and r["epsilon"] <= 4.0 for r in records)
     assert [r["round"] for r in read_records(run / "ledgers" / "server" / "ledger.jsonl")] == [1, 2]
     adapter = saved_adapter_arrays(run, num_labels=3)
     assert all(np.isfinite(a).all() for a in adapter)

@@ -60,21 +60,24 @@ def _audit_clean(run: Path) -> dict:
 
 
 DROPOUTS = ("1:drop-setup:0; 2:drop-share-keys:1; 3:drop-collect-masked-vectors:2; "
-            "4:drop-collect-masked-vectors:0,1,2; 5:drop-unmask:3")
+            "4:drop-collect-masked-vectors:0,1,2; 5:drop-unmask:3; 6:drop-share-keys:4; "
+            "6:drop-collect-masked-vectors:0")
 
 
 def test_secagg_survives_one_dropout_at_every_stage_and_fails_cleanly_below_threshold(tiny_config, tmp_path):
     """5 clients, threshold 3: one client vanishes at each stage in turn (rounds 1-3 and 5), three
-    vanish after training in round 4. Spent is spent: those three still count round 4."""
-    config = tiny_config(num_clients=5, clients_per_round=5, num_rounds=5, dp=True, secure_aggregation=True)
+    vanish after training in round 4, and two at different stages of round 6. Spent is spent:
+    a client that vanished after training still counts that round."""
+    config = tiny_config(num_clients=5, clients_per_round=5, num_rounds=6, dp=True, secure_aggregation=True)
     out = tmp_path / "run"
     result = _simulate(out, config, inject_faults=DROPOUTS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_metrics(out)
-    assert [m["round"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     everyone = {f"client-{i}" for i in range(5)}
     answered = {1: everyone - {"client-0"}, 2: everyone - {"client-1"}, 3: everyone - {"client-2"},
-                4: {"client-3", "client-4"}, 5: everyone}  # a node vanishing in unmask already sent its vector
+                4: {"client-3", "client-4"}, 5: everyone,  # a node vanishing in unmask already sent its vector
+                6: {"client-1", "client-2", "client-3"}}
     for m in metrics:
         assert set(m["clients"]) == answered[m["round"]], m["round"]
         assert m["failures"] == 5 - len(answered[m["round"]])
@@ -83,13 +86,13 @@ def test_secagg_survives_one_dropout_at_every_stage_and_fails_cleanly_below_thre
     assert metrics[4]["clients_trained"] == 5
 
     server = _ledger(out, "server")
-    assert [r["round"] for r in server] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in server] == [1, 2, 3, 4, 5, 6]
     sha = [r["adapter_sha256"] for r in server]
-    assert sha[3] == sha[2] and len({sha[0], sha[1], sha[2], sha[4]}) == 4  # round 4 applied nothing
+    assert sha[3] == sha[2] and len({sha[0], sha[1], sha[2], sha[4], sha[5]}) == 5  # round 4 applied nothing
     assert server[3]["aggregation_failed"] and not server[3]["update_applied"]
 
     # Each client signed every round it trained, whether or not its reply arrived.
-    trained_rounds = {0: [2, 3, 4, 5], 1: [1, 3, 4, 5], 2: [1, 2, 3, 4, 5], 3: [1, 2, 3, 4, 5],
+    trained_rounds = {0: [2, 3, 4, 5, 6], 1: [1, 3, 4, 5, 6], 2: [1, 2, 3, 4, 5, 6], 3: [1, 2, 3, 4, 5, 6],
                       4: [1, 2, 3, 4, 5]}
     for partition, rounds in trained_rounds.items():
         records = _ledger(out, f"client-{partition}")

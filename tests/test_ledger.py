@@ -71,3 +71,23 @@ def test_head_marker_is_written_after_each_append(tmp_path):
     ledger = _ledger_with(tmp_path, n=2)
     head = json.loads((tmp_path / HEAD_FILE).read_text())
     assert head == {"seq": 1, "hash": ledger.head_hash}
+
+
+def test_a_kill_between_append_and_head_keeps_the_signed_record(tmp_path):
+    ledger = _ledger_with(tmp_path, n=2)
+    head = (tmp_path / HEAD_FILE).read_text()
+    ledger.append({"round": 3, "epsilon": 1.5})
+    (tmp_path / HEAD_FILE).write_text(head)  # as if killed before the head moved
+    again = Ledger(tmp_path)
+    assert [r["round"] for r in again.records] == [1, 2, 3]  # the spend is kept, not refused or lost
+    assert json.loads((tmp_path / HEAD_FILE).read_text())["seq"] == 2
+    # but a head two records behind is still a ledger that was tampered with
+    (tmp_path / HEAD_FILE).write_text(json.dumps({"seq": 0, "hash": "x"}))
+    with pytest.raises(LedgerError, match="head marker"):
+        Ledger(tmp_path)
+
+
+def test_a_kill_before_the_first_head_keeps_the_first_record(tmp_path):
+    Ledger(tmp_path).append({"round": 1, "epsilon": 0.5})
+    (tmp_path / HEAD_FILE).unlink()
+    assert [r["round"] for r in Ledger(tmp_path).records] == [1]
