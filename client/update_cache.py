@@ -9,12 +9,12 @@ that crashed between caching and signing signs before anything leaves.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.npz_store import load_npz, save_npz
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,10 @@ class UpdateCache:
     def save(self, *, run_id: str, server_round: int, cached: CachedUpdate) -> None:
         """Atomically store this round's update, dropping this run's earlier ones (only the
         latest round is ever re-asked); other runs sharing the ledger keep theirs."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"num_examples": cached.num_examples, "global_sha256": cached.global_sha256,
                 "ledger_fields": cached.ledger_fields, "metrics": cached.metrics}
         target = self._path(run_id, server_round)
-        tmp = target.with_name(target.name + ".tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     **{f"u{i}": a for i, a in enumerate(cached.update)})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        save_npz(target, meta=meta, arrays=cached.update)
         prefix = target.name.rsplit("-round-", 1)[0] + "-round-"
         for old in self.directory.glob(prefix + "*.npz"):  # earlier rounds of this run are never re-asked
             if old != target:
@@ -57,9 +50,7 @@ class UpdateCache:
         path = self._path(run_id, server_round)
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes().decode())
-            update = [data[f"u{i}"] for i in range(len(data.files) - 1)]
+        meta, update = load_npz(path)
         return CachedUpdate(update=update, num_examples=int(meta["num_examples"]),
                             global_sha256=meta["global_sha256"], ledger_fields=meta["ledger_fields"],
                             metrics=meta["metrics"])

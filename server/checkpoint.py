@@ -8,8 +8,6 @@ resume); never half of each.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import FedtuneError
+from common.npz_store import load_npz, save_npz
 
 CHECKPOINT_FILE = "checkpoint.npz"
 
@@ -34,16 +33,8 @@ class Checkpoint:
     def save(self, run_dir: Path) -> None:
         meta = {"completed_round": self.completed_round, "stopped": self.stopped, "rounds": self.rounds,
                 "server_ledger_fields": self.server_ledger_fields, "initial_scores": self.initial_scores,
-                "random_state": self.random_state, "num_arrays": len(self.global_arrays)}
-        target = Path(run_dir) / CHECKPOINT_FILE
-        tmp = target.with_name(target.name + ".tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     **{f"a{i}": a for i, a in enumerate(self.global_arrays)})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        fsync_directory(target.parent)  # the rename itself must be on disk before later appends
+                "random_state": self.random_state}
+        save_npz(Path(run_dir) / CHECKPOINT_FILE, meta=meta, arrays=self.global_arrays)
 
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint | None:
@@ -51,9 +42,7 @@ class Checkpoint:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(data["meta"].tobytes().decode())
-                arrays = [data[f"a{i}"] for i in range(int(meta["num_arrays"]))]
+            meta, arrays = load_npz(path)
             return cls(completed_round=int(meta["completed_round"]), stopped=bool(meta["stopped"]),
                        global_arrays=arrays, rounds=list(meta["rounds"]),
                        server_ledger_fields=dict(meta["server_ledger_fields"]),
@@ -71,10 +60,3 @@ def restore_random_state(state: list) -> None:
     version, internal, gauss = state
     random.setstate((version, tuple(internal), gauss))
 
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

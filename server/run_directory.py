@@ -11,7 +11,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.json_safe import json_safe
-from server.checkpoint import fsync_directory
+from common.npz_store import fsync_directory
 
 
 def default_run_dir() -> Path:
