@@ -189,54 +189,16 @@ def run_node(
 ) -> None:
     """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
     hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
-    import shutil
-    import signal
-    import subprocess
-    import threading
-    import time
-
-    from common.node_check import check_node, hint_for
+    from common.node_check import check_node
+    from common.supernode_runner import run_supernode
 
     result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
                         node_config=node_config)
     if result.problems:
         raise FedtuneError("; ".join(result.problems))
-    venv_bin = str(Path(sys.executable).parent)  # the SuperNode starts flwr-clientapp etc. by name
-    env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
-    executable = shutil.which("flower-supernode", path=env["PATH"]) or "flower-supernode"
-    args = [executable, "--superlink", superlink, "--root-certificates", str(root_certificates),
-            "--auth-supernode-private-key", str(private_key), "--node-config", node_config, *ctx.args]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())  # stopping run-node stops the node
-    hints: list[str] = []
-    fatal_at: list[float] = []
-
-    def relay() -> None:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            hint = hint_for(line)
-            if hint and hint not in hints:
-                hints.append(hint)
-                fatal_at.append(time.monotonic())
-
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    try:
-        while process.poll() is None:
-            # After these errors Flower can keep its local API server up: do not hang with it.
-            if fatal_at and time.monotonic() - fatal_at[0] > 10:
-                process.terminate()
-            time.sleep(0.2)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-        reader.join(timeout=5)
-    code = code if code > 0 else (1 if hints else code)
+    code, hints = run_supernode(["--superlink", superlink, "--root-certificates", str(root_certificates),
+                                 "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
+                                 *ctx.args])
     for hint in hints:
         err.print(f"[bold red]error:[/bold red] {hint}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
