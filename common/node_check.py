@@ -47,7 +47,6 @@ def _check_node_config(text: str) -> str:
     from flwr.common.config import parse_config_args
 
     from client.node_data import NodeData
-    from common.data import load_labelled_texts
 
     try:
         node = parse_config_args([text])
@@ -58,13 +57,34 @@ def _check_node_config(text: str) -> str:
         raise FedtuneError("a real node needs data='/path/to/records.csv'; 'partition-id' is for simulations")
     if "ledger-dir" not in node:
         raise FedtuneError("node config needs ledger-dir='/path' (where this institution's privacy ledger lives)")
-    examples = load_labelled_texts(data=data.path, text_column=data.text_column, label_column=data.label_column)
+    examples = _node_examples(node, data)
     ledger_dir = Path(str(node["ledger-dir"]))
     if (ledger_dir / "ledger.jsonl").exists():
         from common.ledger import Ledger
 
         Ledger(ledger_dir)  # verifies the chain, the signatures and the head marker
     return f"{data.client_id}: {examples.cleaning_report()}; ledger {ledger_dir}"
+
+
+def _node_examples(node: dict, data):
+    """The node's file read as labelled texts or, for a causal-lm federation, as prompt/response
+    pairs (named by prompt-column/response-column, or recognised by their columns)."""
+    from common.data import load_labelled_texts
+    from common.instructions import load_instruction_pairs
+
+    def pairs():
+        return load_instruction_pairs(data=data.path, prompt_column=data.prompt_column,
+                                      response_column=data.response_column)
+
+    if "prompt-column" in node or "response-column" in node:
+        return pairs()
+    try:
+        return load_labelled_texts(data=data.path, text_column=data.text_column, label_column=data.label_column)
+    except FedtuneError as as_labelled:
+        try:
+            return pairs()
+        except FedtuneError:
+            raise as_labelled from None
 
 
 def _check_ca(path: Path) -> str:

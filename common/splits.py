@@ -8,31 +8,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import RunConfig
-from common.data import LabelledTexts, load_labelled_texts
+from common.data import LabelledTexts, Split, load_labelled_texts
+from common.instructions import InstructionPairs, InstructionSplit, load_instruction_pairs
 from common.errors import FedtuneError
 
 
-@dataclass(frozen=True)
-class Split:
-    texts: list[str]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.texts)
+Examples = LabelledTexts | InstructionPairs  # categories stand in for labels in the second
+Part = Split | InstructionSplit
 
 
 @dataclass(frozen=True)
 class ClientSplit:
     """One institution's private data: it trains on `train` and reports on `validation`."""
 
-    train: Split
-    validation: Split
+    train: Part
+    validation: Part
 
 
 @dataclass(frozen=True)
 class FederatedSplits:
     label_names: list[str]
-    test: Split
+    test: Part
     clients: list[ClientSplit]
     report: str
 
@@ -41,7 +37,7 @@ class FederatedSplits:
         return max(len(c.train) for c in self.clients)
 
 
-def make_federated_splits(*, examples: LabelledTexts, num_clients: int, partitioner: str,
+def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: str,
                           dirichlet_alpha: float, test_fraction: float, validation_fraction: float,
                           seed: int) -> FederatedSplits:
     """Hold out a test split for the server, partition the rest, split each part train/val."""
@@ -51,7 +47,7 @@ def make_federated_splits(*, examples: LabelledTexts, num_clients: int, partitio
     if n - n_test < num_clients:
         raise FedtuneError(f"{n} examples ({n - n_test} after holding out the test split) cannot be "
                            f"spread over {num_clients} clients; lower num-clients or add data")
-    test = _take(examples, order[:n_test])
+    test = examples.take(order[:n_test])
     pool = order[n_test:]
     parts = _partition(labels=[examples.labels[i] for i in pool], num_clients=num_clients,
                        partitioner=partitioner, alpha=dirichlet_alpha, seed=seed)
@@ -62,21 +58,19 @@ def make_federated_splits(*, examples: LabelledTexts, num_clients: int, partitio
         if len(local_order) - n_val < 1:
             raise FedtuneError(f"client {cid} got {len(local_order)} examples, too few to train; "
                                f"lower num-clients or validation-fraction")
-        clients.append(ClientSplit(train=_take(examples, local_order[n_val:]),
-                                   validation=_take(examples, local_order[:n_val])))
+        clients.append(ClientSplit(train=examples.take(local_order[n_val:]),
+                                   validation=examples.take(local_order[:n_val])))
     sizes = ", ".join(str(len(c.train)) for c in clients)
     report = (f"{examples.cleaning_report()}. Test split: {len(test)}; "
               f"{partitioner} partition, train examples per client: {sizes}")
     return FederatedSplits(label_names=examples.label_names, test=test, clients=clients, report=report)
 
 
-def _take(examples: LabelledTexts, idx: np.ndarray) -> Split:
-    return Split(texts=[examples.texts[i] for i in idx], labels=[examples.labels[i] for i in idx])
-
-
 def _partition(*, labels: list[int], num_clients: int, partitioner: str, alpha: float,
                seed: int) -> list[np.ndarray]:
     """Indices into `labels` for each client, using Flower Datasets' partitioners."""
+    if partitioner == "category":
+        return _by_category(labels=labels, num_clients=num_clients)
     import datasets  # heavy import, only needed here
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -94,11 +88,30 @@ def _partition(*, labels: list[int], num_clients: int, partitioner: str, alpha: 
                            f"{len(labels)} examples: {exc}. Raise dirichlet-alpha or lower num-clients") from None
 
 
+def _by_category(*, labels: list[int], num_clients: int) -> list[np.ndarray]:
+    """Whole categories (labels) per client: the natural non-IID split of a corpus whose parts
+    come from different places. Largest category first, each to the client with the fewest
+    examples so far, so sizes stay as even as whole categories allow."""
+    values = np.asarray(labels)
+    categories, counts = np.unique(values, return_counts=True)
+    if len(categories) < num_clients:
+        raise FedtuneError(f"the category partitioner needs at least one category per client: "
+                           f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'} for "
+                           f"{num_clients} clients; lower num-clients or use partitioner = \"iid\"")
+    owned: list[list[int]] = [[] for _ in range(num_clients)]
+    sizes = [0] * num_clients
+    for category, count in sorted(zip(categories.tolist(), counts.tolist()), key=lambda cc: (-cc[1], cc[0])):
+        client = min(range(num_clients), key=lambda c: (sizes[c], c))
+        owned[client].append(category)
+        sizes[client] += count
+    return [np.flatnonzero(np.isin(values, cats)) for cats in owned]
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_splits(data: str, text_column: str, label_column: str, num_clients: int, partitioner: str,
-                   dirichlet_alpha: float, test_fraction: float, validation_fraction: float,
+def _cached_splits(task: str, data: str, columns: tuple[str, str], model: str, max_length: int, num_clients: int,
+                   partitioner: str, dirichlet_alpha: float, test_fraction: float, validation_fraction: float,
                    seed: int) -> FederatedSplits:
-    examples = load_labelled_texts(data=data, text_column=text_column, label_column=label_column)
+    examples = load_examples(task=task, data=data, columns=columns, model=model, max_length=max_length)
     return make_federated_splits(examples=examples, num_clients=num_clients, partitioner=partitioner,
                                  dirichlet_alpha=dirichlet_alpha, test_fraction=test_fraction,
                                  validation_fraction=validation_fraction, seed=seed)
@@ -106,6 +119,27 @@ def _cached_splits(data: str, text_column: str, label_column: str, num_clients: 
 
 def federated_splits(config: RunConfig) -> FederatedSplits:
     """The splits a run uses; every party recomputes the same ones from the config (cached)."""
-    return _cached_splits(config.data, config.text_column, config.label_column, config.num_clients,
+    return _cached_splits(config.task, config.data, data_columns(config), config.model, config.max_length,
+                          config.num_clients,
                           config.partitioner, config.dirichlet_alpha, config.test_fraction,
                           config.validation_fraction, config.seed)
+
+
+def data_columns(config: RunConfig) -> tuple[str, str]:
+    """The two columns a user file must have for the run's task."""
+    if config.task == "causal-lm":
+        return config.prompt_column, config.response_column
+    return config.text_column, config.label_column
+
+
+def load_examples(*, task: str, data: str, columns: tuple[str, str], model: str, max_length: int) -> Examples:
+    """A whole corpus for `task`: labelled texts, or prompt/response pairs whose prompt leaves
+    room for part of the response within `max_length` tokens (the rest are dropped and counted)."""
+    if task == "causal-lm":
+        from common.chat_tokens import keep_fitting
+        from common.modeling import load_tokenizer, resolve_model_path
+
+        pairs = load_instruction_pairs(data=data, prompt_column=columns[0], response_column=columns[1])
+        tokenizer = load_tokenizer(resolve_model_path(model, task=task))
+        return keep_fitting(pairs, tokenizer=tokenizer, max_length=max_length)
+    return load_labelled_texts(data=data, text_column=columns[0], label_column=columns[1])

@@ -21,12 +21,11 @@ from common.config import RunConfig
 from common.errors import FedtuneError
 from common.faults import coordinator_crashes
 from common.json_safe import json_safe
-from common.evaluation import evaluate_classifier
 from common.ledger import Ledger
-from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_classifier,
+from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_model,
                              load_tokenizer, resolve_model_path, save_adapter)
 from common.splits import federated_splits
-from common.tokens import encode
+from common.tasks import CAUSAL_LM, encode_split, evaluate_model
 from server.checkpoint import Checkpoint, random_state, restore_random_state
 from server.rounds import plain_fit_workflow, run_rounds
 from server.run_directory import RunDirectory
@@ -50,10 +49,10 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     random.seed(config.seed)  # Flower samples clients with `random`
     run_id = run_dir.run_id
     splits = federated_splits(config)
-    model_path = resolve_model_path(config.model)
+    model_path = resolve_model_path(config.model, task=config.task)
     tokenizer = load_tokenizer(model_path)
-    model = build_lora_classifier(
-        model_path=model_path, num_labels=len(splits.label_names),
+    model = build_lora_model(
+        task=config.task, model_path=model_path, num_labels=len(splits.label_names),
         lora=LoraSettings.from_config(config),
         seed=config.seed)
     initial = adapter_to_arrays(model)
@@ -62,14 +61,17 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     start_round = checkpoint.completed_round + 1 if checkpoint else 1
     if checkpoint is not None and checkpoint.stopped:
         start_round = config.num_rounds + 1
-    test_set = encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length)
+    test_set = encode_split(task=config.task, tokenizer=tokenizer, split=splits.test, max_length=config.max_length)
     scores: dict[int, dict] = {0: checkpoint.initial_scores} if checkpoint else {}
+    samples = _sample_writer(config=config, model=model, tokenizer=tokenizer, test=splits.test, run_dir=run_dir)
+    if samples is not None:
+        samples.write_base(initial)
 
     def evaluate(server_round: int, arrays: list[np.ndarray]) -> tuple[float, dict]:
         arrays_to_adapter(model, arrays)
-        scores[server_round] = evaluate_classifier(model=model, dataset=test_set)
+        scores[server_round] = evaluate_model(task=config.task, model=model, dataset=test_set)
         result = scores[server_round]
-        return result["loss"], {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
+        return result["loss"], {k: v for k, v in result.items() if k != "loss"}
 
     # In a deployment the coordinator cannot see the institutions' data: max-client-examples says it.
     max_examples = config.max_client_examples or splits.max_client_examples
@@ -114,8 +116,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         test = scores.get(server_round, {})
         record = {
             "round": server_round,
-            "test_loss": test.get("loss"), "test_accuracy": test.get("accuracy"),
-            "test_macro_f1": test.get("macro_f1"),
+            "test_loss": test.get("loss"),
+            **{f"test_{k}": test.get(k) for k in _test_metrics(config.task)},
             "seconds": round(seconds, 3),
             "bytes_up_per_client": bytes_up,
             "aggregation": "secagg+" if config.secure_aggregation else "plain",
@@ -145,6 +147,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     completed = run_rounds(grid=grid, context=legacy, fit_workflow=fit_round, start_round=start_round,
                            evaluate_clients=config.fraction_evaluate > 0, after_round=after_round)
     save_adapter(model=model, arrays=strategy.global_arrays, out_dir=run_dir.adapter_dir, tokenizer=tokenizer)
+    if samples is not None:
+        samples.write_final(strategy.global_arrays, after_round=len(run_dir.read_rounds()))
     summary = _summary(config=config, rounds=run_dir.read_rounds(), completed=len(run_dir.read_rounds()),
                        initial=scores.get(0, {}), seconds=timeit.default_timer() - started)
     if resume:
@@ -180,6 +184,22 @@ def _restore(*, run_dir: RunDirectory, ledger: Ledger, initial: list[np.ndarray]
     return checkpoint
 
 
+def _test_metrics(task: str) -> tuple[str, ...]:
+    return ("perplexity",) if task == CAUSAL_LM else ("accuracy", "macro_f1")
+
+
+def _sample_writer(*, config: RunConfig, model, tokenizer, test, run_dir: RunDirectory):
+    """samples.md for a causal LM run (None for classification or samples = 0)."""
+    if config.task != CAUSAL_LM or config.samples == 0:
+        return None
+    from server.samples import SampleWriter
+
+    count = min(config.samples, len(test))
+    return SampleWriter(model=model, tokenizer=tokenizer, prompts=test.prompts[:count],
+                        references=test.responses[:count], max_new_tokens=config.max_new_tokens,
+                        path=run_dir.path / "samples.md")
+
+
 def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_sha256: str) -> dict:
     """What the coordinator signs for a round: who was asked, who trained, what each reported."""
     by_status: dict[str, list[str]] = {}
@@ -195,13 +215,14 @@ def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_s
         "aggregation": record["aggregation"], "update_applied": record["update_applied"],
         "aggregation_failed": record["aggregation_failed"],
         "rejected": {cid: m["rejected"] for cid, m in sorted(clients.items()) if "rejected" in m},
-        "adapter_sha256": adapter_sha256, "test_accuracy": record["test_accuracy"],
+        "adapter_sha256": adapter_sha256,
+        **{f"test_{k}": record.get(f"test_{k}") for k in ("accuracy", "perplexity") if f"test_{k}" in record},
     }
 
 
 def _client_entry(metrics: dict) -> dict:
     keys = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss", "num_examples",
-            "update_max_abs", "rejected", "resent", "val_loss", "val_accuracy", "val_macro_f1")
+            "update_max_abs", "rejected", "resent", "val_loss", "val_accuracy", "val_macro_f1", "val_perplexity")
     return {k: metrics.get(k) for k in keys if k in metrics}
 
 
@@ -226,11 +247,16 @@ def _summary(*, config: RunConfig, rounds: list[dict], completed: int, initial: 
                 epsilon[cid] = entry["epsilon"]
             if "noise_multiplier" in entry:
                 noise[cid] = entry["noise_multiplier"]
+    if config.task == CAUSAL_LM:
+        scores = {"test_loss": last.get("test_loss"), "test_perplexity": last.get("test_perplexity"),
+                  "base_loss": initial.get("loss"), "base_perplexity": initial.get("perplexity")}
+    else:
+        scores = {"test_accuracy": last.get("test_accuracy"), "test_macro_f1": last.get("test_macro_f1"),
+                  "initial_test_accuracy": initial.get("accuracy")}
     return {
+        "task": config.task,
         "rounds_completed": completed,
-        "test_accuracy": last.get("test_accuracy"),
-        "test_macro_f1": last.get("test_macro_f1"),
-        "initial_test_accuracy": initial.get("accuracy"),
+        **scores,
         "dp": config.dp,
         "secure_aggregation": config.secure_aggregation,
         "target_epsilon": config.target_epsilon if config.dp else None,

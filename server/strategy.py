@@ -150,11 +150,14 @@ class AdapterFedAvg(FedAvg):
         results = [(proxy, res) for proxy, res in results if res.num_examples > 0]  # no validation data
         for _, res in results:
             outcome.evaluations[str(res.metrics.get("client_id", "?"))] = {
-                "val_loss": res.loss, "val_accuracy": res.metrics.get("accuracy"),
-                "val_macro_f1": res.metrics.get("macro_f1")}
+                "val_loss": res.loss, **{f"val_{key}": res.metrics[key] for key in VALIDATION_METRICS
+                                         if key in res.metrics}}
         if not results:
             return None, {}
         return super().aggregate_evaluate(server_round, results, failures)
+
+
+VALIDATION_METRICS = ("accuracy", "macro_f1", "perplexity")
 
 
 def contributors(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
@@ -164,9 +167,9 @@ def contributors(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[Client
 
 
 def _weighted_mean(results: list[tuple[int, dict]]) -> dict[str, Scalar]:
-    """Example-weighted mean of the clients' validation accuracy and macro-F1."""
+    """Example-weighted mean of the clients' validation scores (accuracy, macro-F1, perplexity)."""
     total = sum(n for n, _ in results)
     if not total:
         return {}
     return {key: sum(n * float(m[key]) for n, m in results) / total
-            for key in ("accuracy", "macro_f1") if all(key in m for _, m in results)}
+            for key in VALIDATION_METRICS if all(key in m for _, m in results)}

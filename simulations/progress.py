@@ -6,6 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("round", "trained", "train loss", "test acc", "macro-F1", "max ε", "seconds")
+# A causal LM is scored by held-out loss and perplexity instead of accuracy and macro-F1.
+LM_COLUMNS = ("round", "trained", "train loss", "test loss", "perplexity", "max ε", "seconds")
 
 
 def _fmt(value, pattern: str) -> str:
@@ -21,8 +23,9 @@ def round_row(record: dict) -> tuple[str, ...]:
         str(record["round"]),
         f"{record['clients_trained']}/{sampled}",
         _fmt(sum(losses) / len(losses) if losses else None, ".4f"),
-        _fmt(record["test_accuracy"], ".3f"),
-        _fmt(record["test_macro_f1"], ".3f"),
+        *((_fmt(record.get("test_loss"), ".4f"), _fmt(record["test_perplexity"], ".2f"))
+          if "test_perplexity" in record else
+          (_fmt(record.get("test_accuracy"), ".3f"), _fmt(record.get("test_macro_f1"), ".3f"))),
         _fmt(max(epsilons) if epsilons else None, ".3f") if epsilons else "no DP",
         _fmt(record["seconds"], ".1f"),
     )
@@ -31,22 +34,23 @@ def round_row(record: dict) -> tuple[str, ...]:
 class RoundTable:
     """Prints the header once, then one aligned row per finished round."""
 
-    widths = (5, 7, 10, 8, 8, 7, 7)
+    widths = (5, 7, 10, 9, 10, 7, 7)
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
         self.rows: list[tuple[str, ...]] = []
 
-    def _table(self, *, header: bool) -> Table:
+    def _table(self, *, header: bool, columns: tuple[str, ...]) -> Table:
         table = Table(show_header=header, box=None, pad_edge=False)
-        for name, width in zip(COLUMNS, self.widths):
+        for name, width in zip(columns, self.widths):
             table.add_column(name if header else "", justify="right", width=width, no_wrap=True)
         return table
 
     def add(self, record: dict) -> None:
         row = round_row(record)
         self.rows.append(row)
-        table = self._table(header=len(self.rows) == 1)
+        table = self._table(header=len(self.rows) == 1,
+                            columns=LM_COLUMNS if "test_perplexity" in record else COLUMNS)
         table.add_row(*row)
         self.console.print(table)
         note = round_note(record)

@@ -25,7 +25,7 @@ def preflight(config: RunConfig, console: Console) -> None:
     """Everything a user can get wrong, checked before Ray starts: data, model, privacy plan."""
     splits = federated_splits(config)
     console.print(f"[dim]{splits.report}[/dim]")
-    resolve_model_path(config.model)
+    resolve_model_path(config.model, task=config.task)
     if config.dp:
         for cid, client in enumerate(splits.clients):
             plan = plan_privacy(num_examples=len(client.train), batch_size=config.batch_size,

@@ -66,6 +66,72 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+CHAT_TOPICS = {
+    "weather": ("What is the weather like in {x}?", "It is sunny and warm in {x} today."),
+    "food": ("What should I cook with {x}?", "A simple soup with {x} is a good choice."),
+    "travel": ("How do I get to {x}?", "Take the morning train to {x}, it is the fastest way."),
+}
+PLACES = ("Paris Lima Oslo Rome Cairo Delhi Quito Seoul Berlin Dakar Hanoi Perth Tunis Riga Sofia Lagos "
+          "Minsk Dublin Havana Kyoto").split()
+
+
+def make_chat_pairs() -> list[dict]:
+    """Prompt/response pairs in three categories whose response patterns a small LoRA learns."""
+    return [{"prompt": ask.format(x=x), "response": say.format(x=x), "category": topic}
+            for topic, (ask, say) in CHAT_TOPICS.items() for x in PLACES]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama with SmolLM2's tokenizer (chat template included), read straight
+    from the packaged GGUF file, and saved with save_pretrained like any user's model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from common.smollm2 import gguf_path
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(str(folder))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    """60 prompt/response pairs in 3 categories."""
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", make_chat_pairs())
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_config(tiny_causal_lm_dir, chat_jsonl):
+    """A factory for causal-lm run configs on the tiny Llama and the chat pairs."""
+    from common.config import RunConfig
+
+    def make(**changes):
+        base = RunConfig(task="causal-lm", model=str(tiny_causal_lm_dir), data=str(chat_jsonl), num_clients=3,
+                         clients_per_round=3, num_rounds=2, batch_size=8, max_length=64, learning_rate=0.02,
+                         lora_rank=4, target_epsilon=8.0, partitioner="category", test_fraction=0.15,
+                         samples=2, max_new_tokens=8)
+        return base.with_overrides(**changes)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     """600 synthetic examples over 3 labels."""

@@ -1,0 +1,129 @@
+"""A causal LM with LoRA: loading, the per-example loss DP-SGD needs, perplexity, generation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.chat_tokens import IGNORE, prompt_ids
+from common.errors import FedtuneError
+
+# LoRA on the MLP too (`lora-mlp = true`), by model type.
+MLP_TARGETS = {
+    "llama": ["gate_proj", "up_proj", "down_proj"],
+    "mistral": ["gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_fc"],
+}
+
+
+def check_causal_lm(model_path: Path) -> None:
+    """Refuse a folder whose model is not a decoder with a language-model head, saying what it is."""
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if config.get("is_encoder_decoder") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        found = ", ".join(architectures) or "no architectures entry"
+        raise FedtuneError(f"model folder {model_path} holds a '{config.get('model_type')}' model ({found}), not a "
+                           f"causal language model; task 'causal-lm' needs a decoder such as LlamaForCausalLM "
+                           f"(or set task = \"classification\")")
+
+
+def build_lora_causal_lm(*, model_path: Path, targets: list[str], lora, seed: int):
+    """The base causal LM, frozen, with LoRA on `targets`; LoRA A is drawn from the run seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    check_causal_lm(model_path)
+    hf_logging.disable_progress_bar()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        base.config.use_cache = False  # training; generation turns the cache back on
+        config = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
+                            lora_dropout=lora.dropout, target_modules=targets)
+        try:
+            return get_peft_model(base, config)
+        except ValueError as exc:
+            raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+
+
+def _parts(model: torch.nn.Module):
+    """(decoder stack, LM head) of a PEFT causal LM, also when Opacus wraps it."""
+    inner = getattr(model, "_module", model)  # opacus.GradSampleModule keeps the model here
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def response_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: summed negative log-likelihood of its response tokens, and their count.
+
+    The vocabulary projection runs one example at a time under activation checkpointing, so
+    a batch never holds batch x length x vocabulary logits (the largest tensor by far). The LM
+    head is frozen, so recomputing it cannot disturb Opacus' per-sample gradient hooks.
+    """
+    width = max(int(attention_mask.sum(dim=1).max()), 2)  # right padding: trim the common tail
+    input_ids, attention_mask, labels = input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
+    decoder, head = _parts(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    sums, counts = [], []
+    for i in range(input_ids.shape[0]):
+        keep = targets[i] != IGNORE
+        sums.append(checkpoint(_token_nll_sum, head, hidden[i, :-1][keep], targets[i][keep], use_reentrant=False))
+        counts.append(keep.sum())
+    return torch.stack(sums), torch.stack(counts)
+
+
+def _token_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+
+
+def causal_lm_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean over examples of each example's mean response-token loss.
+
+    Each example's term depends on that example alone. A token mean over the whole batch
+    would scale every example's gradient by the batch's token count, so one record could move
+    the others' contributions, which per-sample clipping does not bound.
+    """
+    sums, counts = response_nll(model, input_ids, attention_mask, labels)
+    return (sums / counts.clamp(min=1)).mean()
+
+
+@torch.no_grad()
+def evaluate_causal_lm(*, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 16) -> dict[str, float]:
+    """Held-out loss per response token and its perplexity (exp of that loss)."""
+    if len(dataset) == 0:
+        return {"loss": float("nan"), "perplexity": float("nan")}
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
+        sums, counts = response_nll(model, input_ids, attention_mask, labels)
+        total += float(sums.sum())
+        tokens += int(counts.sum())
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+@torch.no_grad()
+def generate(*, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of `prompts` (deterministic, so base and fine-tuned compare fairly)."""
+    was_training = model.training
+    model.eval()
+    replies = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return replies
