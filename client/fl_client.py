@@ -89,7 +89,7 @@ class FedtuneClient(NumPyClient):
                                head_learning_rate=cfg.head_learning_rate,
                                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
                                max_grad_norm=cfg.max_grad_norm, plan=plan, history=history,
-                               seed=cfg.seed * 1_000_003 + server_round)
+                               seed=cfg.seed * 1_000_003 + server_round, physical_batch_size=cfg.physical_batch)
         update = [new - old for new, old in zip(adapter_to_arrays(model), parameters, strict=True)]
         update = self._inject_fault(update, server_round)
         metrics.update(status=TRAINED, steps=result.steps, train_loss=result.train_loss,

@@ -25,11 +25,14 @@ class TrainResult:
 
 def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_rate: float,
                   head_learning_rate: float | None = None, batch_size: int, local_epochs: int, max_grad_norm: float,
-                  plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int) -> TrainResult:
+                  plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int,
+                  physical_batch_size: int = 0) -> TrainResult:
     """Train the model's trainable parameters in place; with a `plan`, under DP-SGD.
 
     `seed` drives only non-private randomness (dropout, the baseline's shuffling). DP noise
-    and Poisson sampling use a fresh OS-seeded generator of this client.
+    and Poisson sampling use a fresh OS-seeded generator of this client. A batch larger than
+    `physical_batch_size` (0: no limit) is processed in pieces whose clipped per-example
+    gradients are summed before the one noisy step: the same step, in bounded memory.
     """
     optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
     with torch.random.fork_rng(devices=[]):
@@ -37,9 +40,11 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_ra
         model.train()
         if plan is None:
             return _train_plain(model=model, dataset=dataset, optimizer=optimizer, batch_size=batch_size,
-                                local_epochs=local_epochs, seed=seed, history=history)
+                                local_epochs=local_epochs, seed=seed, history=history,
+                                physical=physical_batch_size)
         return _train_private(model=model, dataset=dataset, optimizer=optimizer, plan=plan,
-                              max_grad_norm=max_grad_norm, local_epochs=local_epochs, history=history)
+                              max_grad_norm=max_grad_norm, local_epochs=local_epochs, history=history,
+                              physical=physical_batch_size)
 
 
 def _adamw(model: torch.nn.Module, *, learning_rate: float, head_learning_rate: float) -> torch.optim.Optimizer:
@@ -61,21 +66,33 @@ def _is_head(name: str) -> bool:
     return "modules_to_save" in name
 
 
-def _train_plain(*, model, dataset, optimizer, batch_size, local_epochs, seed, history) -> TrainResult:
+def _train_plain(*, model, dataset, optimizer, batch_size, local_epochs, seed, history, physical) -> TrainResult:
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=shuffle)
     losses = []
     for _ in range(local_epochs):
-        for input_ids, attention_mask, labels in loader:
-            loss = _loss(model, input_ids, attention_mask, labels)
-            loss.backward()
+        for batch in loader:
+            total = 0.0
+            for piece in _pieces(batch, physical):  # gradient accumulation, weighted by piece size
+                share = len(piece[2]) / len(batch[2])
+                loss = _loss(model, *piece) * share
+                loss.backward()
+                total += loss.item()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(loss.item())
+            losses.append(total)
     return TrainResult(train_loss=_mean(losses), steps=len(losses), history=list(history))
 
 
-def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_norm, local_epochs,
+def _pieces(batch: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """A batch cut into consecutive pieces of at most `size` examples (0: one piece)."""
+    n = len(batch[0])
+    if size <= 0 or n <= size:
+        return [batch]
+    return [[t[start:start + size] for t in batch] for start in range(0, n, size)]
+
+
+def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_norm, local_epochs, physical,
                    history) -> TrainResult:
     """DP-SGD: Poisson batches, per-sample clipping, Gaussian noise, accountant per step."""
     generator = private_generator()
@@ -92,17 +109,26 @@ def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_nor
     losses, steps = [], 0
     try:
         for _ in range(local_epochs):
-            for input_ids, attention_mask, labels in loader:
-                if len(labels) == 0:
+            for batch in loader:
+                if len(batch[2]) == 0:
                     # An empty Poisson batch is still a DP step: it gets noise and is counted.
                     for p in dp_optimizer.params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                else:
-                    loss = _loss(private_model, input_ids, attention_mask, labels)
+                    dp_optimizer.step()
+                    dp_optimizer.zero_grad()
+                    steps += 1
+                    continue
+                pieces = _pieces(batch, physical)
+                total = 0.0
+                for index, piece in enumerate(pieces):
+                    loss = _loss(private_model, *piece)  # a mean over this piece: exact per-example grads
                     loss.backward()
-                    losses.append(loss.item())
-                dp_optimizer.step()
-                dp_optimizer.zero_grad()
+                    total += loss.item() * len(piece[2])
+                    # Clip and sum this piece's per-example gradients; noise and step after the last one.
+                    dp_optimizer.signal_skip_step(do_skip=index < len(pieces) - 1)
+                    dp_optimizer.step()
+                    dp_optimizer.zero_grad()
+                losses.append(total / len(batch[2]))
                 steps += 1
     finally:
         private_model.cleanup()  # remove Opacus hooks; the PEFT model stays usable

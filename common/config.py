@@ -44,6 +44,8 @@ class RunConfig:
     num_rounds: int = _opt(3, "Federated rounds to run (the privacy plan covers all of them).")
     local_epochs: int = _opt(1, "Passes over its local data a client makes each round.")
     batch_size: int = _opt(32, "Expected batch size; DP sample rate = batch-size / local N.")
+    physical_batch_size: int = _opt(0, "Examples per forward/backward pass (memory only: a larger batch is done in "
+                                       "pieces, same update); 0 = whole batch, or 8 for causal-lm.")
     learning_rate: float = _opt(5e-3, "AdamW learning rate for the LoRA matrices.")
     head_learning_rate: float = _opt(5e-2, "AdamW learning rate for the (randomly initialised) classifier head.")
     max_length: int = _opt(128, "Tokens kept per text (longer texts are truncated).")
@@ -137,6 +139,13 @@ class RunConfig:
     # -- derived -----------------------------------------------------------------------------
 
     @property
+    def physical_batch(self) -> int:
+        """Examples per forward/backward pass: causal LMs default to 8 (activations dominate memory)."""
+        if self.physical_batch_size:
+            return self.physical_batch_size
+        return 8 if self.task == "causal-lm" else 0
+
+    @property
     def target_modules(self) -> list[str]:
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
@@ -165,6 +174,7 @@ class RunConfig:
                "must be 0 (auto) or a positive number")
         _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",
                "must be 0 (no timeout) or a positive number of seconds")
+        _check(self.physical_batch_size >= 0, "physical_batch_size", "must be 0 (auto) or positive")
         _check(self.samples >= 0, "samples", "must be 0 (none) or a positive number of prompts")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")

@@ -80,6 +80,10 @@ def resolve_model_path(model: str, *, task: str = "classification") -> Path:
     if not (path / "config.json").is_file():
         raise FedtuneError(f"model folder {path} has no config.json; point `model` at a local "
                            f"Hugging Face model folder (nothing is downloaded from a hub)")
+    if task == "causal-lm":
+        from common.causal_lm import check_causal_lm
+
+        check_causal_lm(path)
     return path
 
 
