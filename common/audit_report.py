@@ -18,9 +18,10 @@ def write_report(*, result: AuditResult, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_plot_epsilon(plt, result, out_dir / "epsilon_per_round.png")]
-    accuracy = _plot_accuracy(plt, out_dir / "metrics.jsonl", out_dir / "test_accuracy.png")
-    if accuracy:
-        written.append(accuracy)
+    for metric in ("accuracy", "perplexity"):  # a classifier's, or a causal LM's
+        plot = _plot_test_metric(plt, out_dir / "metrics.jsonl", metric, out_dir / f"test_{metric}.png")
+        if plot:
+            written.append(plot)
     images = [p.name for p in written]
     written += [_markdown(result, images, out_dir / "report.md"), _html(result, images, out_dir / "report.html")]
     return written
@@ -52,20 +53,21 @@ def _plot_epsilon(plt, result: AuditResult, path: Path) -> Path:
     return path
 
 
-def _plot_accuracy(plt, metrics_path: Path, path: Path) -> Path | None:
+def _plot_test_metric(plt, metrics_path: Path, metric: str, path: Path) -> Path | None:
     from matplotlib.ticker import MaxNLocator
 
     if not metrics_path.is_file():
         return None
     rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    points = [(r["round"], r["test_accuracy"]) for r in rounds if r.get("test_accuracy") is not None]
+    points = [(r["round"], r[f"test_{metric}"]) for r in rounds if r.get(f"test_{metric}") is not None]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"test {metric}")
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Global adapter on the held-out test split")
     ax.grid(alpha=0.3)

@@ -186,6 +186,8 @@ def test_federation_lowers_perplexity_and_the_adapter_generates_in_a_fresh_proce
     assert all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values()) and len(summary["epsilon"]) == 3
     samples = (out / "samples.md").read_text()
     assert samples.count("**base model:**") == 2 and "fine-tuned (after round 3)" in samples
+    audit = run_fedtune("audit", str(out))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
     script = textwrap.dedent(f"""
         import torch
