@@ -15,7 +15,7 @@ import torch
 
 from client.trainer import train_locally
 from common.causal_lm import causal_lm_loss, evaluate_causal_lm, response_nll
-from common.chat_tokens import IGNORE, encode_pairs, keep_fitting, pair_ids
+from common.chat_tokens import IGNORE, encode_pairs, keep_fitting, pair_ids, prompt_ids
 from common.errors import FedtuneError
 from common.instructions import InstructionSplit, load_instruction_pairs
 from common.modeling import LoraSettings, adapter_to_arrays, build_lora_model, load_tokenizer
@@ -250,3 +250,31 @@ def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
     assert not all(np.array_equal(a, b) for a, b in zip(results[0], adapter_to_arrays(_model(config))))
     for whole, pieces in zip(*results, strict=True):
         np.testing.assert_allclose(whole, pieces, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(tmp_path, monkeypatch, capsys):
+    """The packaged Q4_1 GGUF becomes a plain folder whose model computes exactly what the
+    dequantized GGUF model computes, trains (no quantized flag) and is reused afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    from common.modeling import resolve_model_path
+    from common.smollm2 import gguf_path
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    folder = resolve_model_path("default", task="causal-lm")
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().out
+    assert folder.parent == tmp_path and (folder / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name], "no staging folder left behind"
+    converted = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert getattr(converted, "hf_quantizer", None) is None and converted.dtype == torch.float32
+    gguf = gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    ids = torch.tensor([prompt_ids(tokenizer, "What is AI?")])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert resolve_model_path("default", task="causal-lm") == folder
+    assert "converting" not in capsys.readouterr().out, "the second use reconverted"
+

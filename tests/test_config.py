@@ -18,7 +18,7 @@ def test_pyproject_flower_config_matches_the_typed_defaults():
 def test_defaults_are_the_embedded_demo():
     cfg = RunConfig()
     assert (cfg.model, cfg.data, cfg.num_clients, cfg.clients_per_round, cfg.num_rounds) == (
-        "default", "bbc-news", 5, 5, 3)
+        "default", "default", 5, 5, 3)
     assert (cfg.batch_size, cfg.max_length, cfg.lora_rank, cfg.target_epsilon, cfg.target_delta) == (
         32, 128, 8, 8.0, 1e-5)
     assert cfg.dp and cfg.secure_aggregation and cfg.seed == 0
