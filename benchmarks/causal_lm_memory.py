@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.federation_variants import update_benchmarks_md
+
 RESULTS = Path(__file__).parent / "results" / "causal_lm_memory.json"
+BEGIN, END = "<!-- causal-lm-memory:begin -->", "<!-- causal-lm-memory:end -->"
 
 
 def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool) -> dict:
@@ -75,11 +79,26 @@ def main() -> None:
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+              "command": " ".join(["python -m benchmarks.causal_lm_memory", *sys.argv[1:]]), "results": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": f"{platform.processor() or platform.machine()}, "
-                                              f"{__import__('os').cpu_count()} cores",
-                                   "command": "python -m benchmarks.causal_lm_memory " + " ".join(sys.argv[1:]),
-                                   "results": rows}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    table = render(result)
+    update_benchmarks_md(table, begin=BEGIN, end=END)
+    print(table)
+
+
+def render(result: dict) -> str:
+    rows = {r["dp"]: r for r in result["results"]}
+    lines = [f"Machine: {result['machine']}. Command: `{result['command']}`.", "",
+             "| training | batch | tokens per example | LoRA on MLP | seconds per step | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|"]
+    for dp in (False, True):
+        r = rows[dp]
+        lines.append(f"| {'DP-SGD (Opacus hooks)' if dp else 'non-private'} | {r['batch']} | {r['max_length']} "
+                     f"| {'yes' if r['lora_mlp'] else 'no'} | {r['seconds_per_step']:.2f} | {r['peak_rss_gib']:.2f} |")
+    lines.append(f"\nDP step time / non-private: {rows[True]['seconds_per_step'] / rows[False]['seconds_per_step']:.2f}x.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,14 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(table: str) -> None:
-    """Replace the generated block in BENCHMARKS.md (the prose around it is written by hand)."""
-    text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else f"{BEGIN}\n{END}\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+def update_benchmarks_md(table: str, *, begin: str = BEGIN, end: str = END) -> None:
+    """Replace a generated block in BENCHMARKS.md (the prose around it is written by hand);
+    a block not there yet is appended."""
+    text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else ""
+    block = f"{begin}\n{table}\n{end}"
+    if begin not in text:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     BENCHMARKS_MD.write_text(text, encoding="utf-8")
 
 

@@ -278,3 +278,18 @@ def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(tm
     assert resolve_model_path("default", task="causal-lm") == folder
     assert "converting" not in capsys.readouterr().out, "the second use reconverted"
 
+
+
+def test_a_deployed_node_reads_its_own_prompt_response_file(tiny_lm_config, tmp_path):
+    """In a deployment the node config names the file and its columns; no labels to reconcile."""
+    from client.node_data import NodeData, client_split
+
+    rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
+    path = write_jsonl(tmp_path / "site.jsonl", rows)
+    node = NodeData.from_node_config({"data": str(path), "client-id": "clinic-a", "prompt-column": "question",
+                                      "response-column": "answer", "ledger-dir": str(tmp_path / "ledger")})
+    split = client_split(tiny_lm_config(validation_fraction=0.2), node, ())
+    assert (len(split.train), len(split.validation)) == (16, 4)
+    assert sorted(split.train.prompts + split.validation.prompts) == sorted(r["question"] for r in rows)
+    pairs = dict(zip(split.train.prompts, split.train.responses))
+    assert all(pairs[f"Question {i}?"] == f"Answer {i}." for i in range(20) if f"Question {i}?" in pairs)
