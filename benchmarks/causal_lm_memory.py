@@ -36,7 +36,10 @@ def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool
     from common.modeling import LoraSettings, build_lora_model, load_tokenizer, resolve_model_path
     from common.privacy import PrivacyPlan
 
+    from common.memory import release_freed_memory
+
     torch.set_num_threads(2)
+    release_freed_memory()  # as a causal-lm client does before training
     config = RunConfig(task="causal-lm", lora_mlp=lora_mlp)
     path = resolve_model_path("default", task="causal-lm")
     tokenizer = load_tokenizer(path)

@@ -24,7 +24,8 @@ from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, ar
                              load_tokenizer, resolve_model_path)
 from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
 from common.splits import ClientSplit
-from common.tasks import encode_split, evaluate_model
+from common.memory import release_freed_memory
+from common.tasks import CAUSAL_LM, encode_split, evaluate_model
 from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class FedtuneClient(NumPyClient):
                                update_max_abs=0.0, ledger_head=ledger.head_hash)
                 return [np.zeros_like(a) for a in parameters], 0, metrics
 
+        if cfg.task == CAUSAL_LM:
+            release_freed_memory()  # activations of tens of MB per layer: return them to the OS when freed
         model = self._model(parameters)
         dataset = _encoded(cfg, self.node, self.label_names, "train")
         result = train_locally(model=model, dataset=dataset, learning_rate=cfg.learning_rate,

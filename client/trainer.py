@@ -12,7 +12,6 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.causal_lm import causal_lm_loss
-from common.memory import release_freed_memory
 from common.modeling import trainable_named_parameters
 from common.privacy import HistoryEntry, PrivacyPlan, private_generator
 
@@ -35,7 +34,6 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_ra
     `physical_batch_size` (0: no limit) is processed in pieces whose clipped per-example
     gradients are summed before the one noisy step: the same step, in bounded memory.
     """
-    release_freed_memory()
     optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

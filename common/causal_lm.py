@@ -22,9 +22,18 @@ MLP_TARGETS = {
 }
 
 
+# Config fields of models whose forward transforms the logits after the LM head; the loss here
+# calls the decoder and the head directly, so it would silently differ from the model's own.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def check_causal_lm(model_path: Path) -> None:
     """Refuse a folder whose model is not a decoder with a language-model head, saying what it is."""
     config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    transforms = [key for key in LOGIT_TRANSFORMS if config.get(key) not in (None, 1, 1.0)]
+    if transforms:
+        raise FedtuneError(f"model folder {model_path} scales or caps its logits ({', '.join(transforms)}); "
+                           f"fedtune's per-example loss does not apply that yet, so task 'causal-lm' refuses it")
     architectures = config.get("architectures") or []
     if config.get("is_encoder_decoder") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         found = ", ".join(architectures) or "no architectures entry"
@@ -48,9 +57,15 @@ def build_lora_causal_lm(*, model_path: Path, targets: list[str], lora, seed: in
         config = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
                             lora_dropout=lora.dropout, target_modules=targets)
         try:
-            return get_peft_model(base, config)
+            model = get_peft_model(base, config)
         except ValueError as exc:
             raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+    _, head = _parts(model)
+    if any(p.requires_grad for p in head.parameters()):
+        # The head runs per example on 2-D input (see response_nll): Opacus would take tokens for examples.
+        raise FedtuneError(f"LoRA targets {targets} reach the LM head; task 'causal-lm' trains adapters inside "
+                           f"the decoder only: leave the head's module name out of lora-target-modules")
+    return model
 
 
 def _parts(model: torch.nn.Module):

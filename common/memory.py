@@ -2,7 +2,7 @@
 
 glibc raises its mmap threshold after large blocks are freed, so later activation buffers
 (tens of MB each) come from the heap and stay mapped when freed: a causal-LM client measured
-5.2 GiB peak where its tensors never exceed 2.9 GiB. Fixing the threshold at 64 KiB serves
+4.7 GiB peak where its tensors never exceed 2.9 GiB (benchmarks/causal_lm_memory.py). Fixing the threshold at 64 KiB serves
 large blocks with mmap and returns them to the OS on free (what MALLOC_MMAP_THRESHOLD_=65536
 does, set from inside the process so simulation actors and SuperNode apps get it too).
 """

@@ -83,8 +83,9 @@ def _node_examples(node: dict, data):
     except FedtuneError as as_labelled:
         try:
             return pairs()
-        except FedtuneError:
-            raise as_labelled from None
+        except FedtuneError as as_pairs:
+            raise FedtuneError(f"{data.path} is neither labelled texts for classification ({as_labelled}) nor "
+                               f"prompt/response pairs for causal-lm ({as_pairs})") from None
 
 
 def _check_ca(path: Path) -> str:

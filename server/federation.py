@@ -147,13 +147,13 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     completed = run_rounds(grid=grid, context=legacy, fit_workflow=fit_round, start_round=start_round,
                            evaluate_clients=config.fraction_evaluate > 0, after_round=after_round)
     save_adapter(model=model, arrays=strategy.global_arrays, out_dir=run_dir.adapter_dir, tokenizer=tokenizer)
-    if samples is not None:
-        samples.write_final(strategy.global_arrays, after_round=len(run_dir.read_rounds()))
     summary = _summary(config=config, rounds=run_dir.read_rounds(), completed=len(run_dir.read_rounds()),
                        initial=scores.get(0, {}), seconds=timeit.default_timer() - started)
     if resume:
         summary["resumed_after_round"] = start_round - 1
     run_dir.write_summary(summary)
+    if samples is not None:  # after the summary: a failed generation loses no result
+        samples.write_final(strategy.global_arrays, after_round=len(run_dir.read_rounds()))
     return summary
 
 

@@ -50,7 +50,7 @@ def test_prompt_tokens_are_masked_and_only_the_response_is_learned(tiny_causal_l
         assert (labels[row, n:] == IGNORE).all() and (mask[row, n:] == 0).all() and (mask[row, :n] == 1).all()
         # The chat template wraps the prompt; the trained part is the reply and its end-of-turn.
         assert "<|im_start|>user" in tokenizer.decode(head) and prompt in tokenizer.decode(head)
-        assert tokenizer.decode(tail).startswith(response + "<|im_end|>")
+        assert tokenizer.decode(tail) == response + "<|im_end|>"  # not the newline the template prints after it
 
 
 def test_loss_counts_response_tokens_only_and_each_example_alone(tiny_lm_config):
@@ -58,6 +58,11 @@ def test_loss_counts_response_tokens_only_and_each_example_alone(tiny_lm_config)
     not depend on its batch-mates (a batch-wide token mean would let one record scale the others)."""
     config = tiny_lm_config()
     model = _model(config)
+    with torch.no_grad():  # LoRA B starts at zero, which would make every LoRA A gradient zero
+        generator = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     tokenizer = load_tokenizer(config.model)
     pairs = [("Tell me a joke", "Why did the chicken cross the road?"), ("Bye", "Goodbye!")]
     ids, mask, labels = encode_pairs(tokenizer=tokenizer, split=_split(pairs), max_length=64).tensors
@@ -87,6 +92,7 @@ def test_loss_counts_response_tokens_only_and_each_example_alone(tiny_lm_config)
     for p in params:
         p.grad_sample = None
     causal_lm_loss(model, ids[:1], mask[:1], labels[:1]).backward()
+    assert all(p.grad.abs().max() > 0 for p in params), "every adapter tensor gets a gradient"
     for sample, p in zip(per_sample, params, strict=True):
         torch.testing.assert_close(sample, p.grad, rtol=1e-4, atol=1e-7)
 
@@ -206,6 +212,12 @@ def test_federation_lowers_perplexity_and_the_adapter_generates_in_a_fresh_proce
     loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     assert "NEW 6" in loaded.stdout and "LORA True" in loaded.stdout
+
+
+def test_lora_on_the_lm_head_is_refused(tiny_lm_config):
+    """The head runs per example on 2-D input; Opacus would read its tokens as examples."""
+    with pytest.raises(FedtuneError, match="reach the LM head"):
+        _model(tiny_lm_config(lora_target_modules="q_proj,lm_head"))
 
 
 @pytest.mark.parametrize("case", ["no-prompt-column", "prompt-too-long", "not-a-causal-lm"])
