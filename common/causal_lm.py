@@ -44,8 +44,9 @@ def check_causal_lm(model_path: Path) -> None:
 
 def build_lora_causal_lm(*, model_path: Path, targets: list[str], lora, seed: int):
     """The base causal LM, frozen, with LoRA on `targets`; LoRA A is drawn from the run seed."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from common.modeling import attach_lora
     from transformers.utils import logging as hf_logging
 
     check_causal_lm(model_path)
@@ -54,12 +55,7 @@ def build_lora_causal_lm(*, model_path: Path, targets: list[str], lora, seed: in
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
         base.config.use_cache = False  # training; generation turns the cache back on
-        config = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
-                            lora_dropout=lora.dropout, target_modules=targets)
-        try:
-            model = get_peft_model(base, config)
-        except ValueError as exc:
-            raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+        model = attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets)
     _, head = _parts(model)
     if any(p.requires_grad for p in head.parameters()):
         # The head runs per example on 2-D input (see response_nll): Opacus would take tokens for examples.

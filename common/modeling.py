@@ -102,7 +102,6 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
     The random initialisation (LoRA A, the head) is drawn under a forked RNG seeded from the
     run seed, so it is reproducible without touching any other random stream in the process.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -113,14 +112,19 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
         base = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
-        targets = lora.targets_for(base.config.model_type)
-        config = LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
-                            lora_dropout=lora.dropout, target_modules=targets)
-        try:
-            model = get_peft_model(base, config)
-        except ValueError as exc:
-            raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
-    return model
+        return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type))
+
+
+def attach_lora(base, *, task_type: str, lora: LoraSettings, targets: list[str]):
+    """PEFT LoRA on `targets` of a loaded base model (call under the caller's seeded RNG)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets)
+    try:
+        return get_peft_model(base, config)
+    except ValueError as exc:
+        raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
 
 
 def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):

