@@ -45,9 +45,9 @@ def check_causal_lm(model_path: Path) -> None:
 def build_lora_causal_lm(*, model_path: Path, targets: list[str], lora, seed: int):
     """The base causal LM, frozen, with LoRA on `targets`; LoRA A is drawn from the run seed."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from common.modeling import attach_lora
-    from transformers.utils import logging as hf_logging
 
     check_causal_lm(model_path)
     hf_logging.disable_progress_bar()

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 CHATTERBOT = "chatterbot"
 CATEGORY_COLUMN = "category"
-ALPACA_COLUMNS = ("instruction", "input", "output")
 UNCATEGORISED = "all"
 
 

