@@ -19,9 +19,10 @@ from client.privacy_ledger import REFUSED_BUDGET, TRAINED, ClientPrivacyLedger
 from client.update_cache import CachedUpdate, UpdateCache
 from client.trainer import train_locally
 from common.config import RunConfig
+from common.errors import FedtuneError
 from common.faults import CORRUPTIONS, STALL, client_fault
 from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_model,
-                             load_tokenizer, resolve_model_path)
+                             load_tokenizer, lora_a_sha256, resolve_model_path)
 from common.privacy import epsilon_after_next_round, epsilon_of, fits_budget, plan_privacy
 from common.splits import ClientSplit
 from common.memory import release_freed_memory
@@ -87,6 +88,7 @@ class FedtuneClient(NumPyClient):
         if cfg.task == CAUSAL_LM:
             release_freed_memory()  # activations of tens of MB per layer: return them to the OS when freed
         model = self._model(parameters)
+        shared_a = self._check_shared_lora_a(model, expected=str(config.get("lora-a-sha256", "")))
         dataset = _encoded(cfg, self.node, self.label_names, "train")
         result = train_locally(model=model, dataset=dataset, learning_rate=cfg.learning_rate,
                                head_learning_rate=cfg.head_learning_rate,
@@ -97,6 +99,10 @@ class FedtuneClient(NumPyClient):
         update = self._inject_fault(update, server_round)
         metrics.update(status=TRAINED, steps=result.steps, train_loss=result.train_loss,
                        update_max_abs=float(max(np.abs(u).max() for u in update)))
+        if shared_a:
+            if lora_a_sha256(model) != shared_a:
+                raise RuntimeError("FFA-LoRA: a frozen LoRA A changed during local training")
+            metrics["lora_a_sha256"] = shared_a  # public (seed-derived): lets the run show A stayed shared
         epsilon = None
         if plan is not None:
             epsilon = epsilon_of(result.history, delta=plan.target_delta, accountant=plan.accountant)
@@ -139,6 +145,17 @@ class FedtuneClient(NumPyClient):
                  self.client_id, server_round, run_id)
         return cached.update, cached.num_examples, {**cached.metrics, "ledger_head": ledger.head_hash,
                                                     "resent": True}
+
+    def _check_shared_lora_a(self, model, *, expected: str) -> str:
+        """FFA-LoRA: this node's frozen A must be the coordinator's, or B means nothing there."""
+        if self.config.lora_variant != "ffa":
+            return ""
+        mine = lora_a_sha256(model)
+        if expected and mine != expected:
+            raise FedtuneError(f"{self.client_id}: the frozen LoRA A built here (sha256 {mine[:12]}) differs from the "
+                               f"coordinator's ({expected[:12]}); every party needs the same model folder, seed, "
+                               f"lora-rank, lora-target-modules and torch version. Nothing was trained or spent.")
+        return mine
 
     def _inject_fault(self, update: list[np.ndarray], server_round: int) -> list[np.ndarray]:
         """A fault drill's broken update (`inject-faults`), made before SecAgg+ would mask it."""

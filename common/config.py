@@ -18,6 +18,7 @@ from common.errors import FedtuneError
 TASKS = ("classification", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
+LORA_VARIANTS = ("lora", "ffa")
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors PEFT's field(metadata=help)
@@ -54,6 +55,9 @@ class RunConfig:
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = _opt("", "Comma-separated module names for LoRA; '' picks per architecture.")
     lora_mlp: bool = _opt(False, "Also adapt the MLP projections (when lora-target-modules is '').")
+    lora_variant: str = _opt("lora", "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at its seed-derived "
+                                     "value on every party and trains and sends only B (exact averaging, "
+                                     "half the upload).")
     dp: bool = _opt(True, "Train with DP-SGD (Opacus). false gives the non-private baseline.")
     target_epsilon: float = _opt(8.0, "Each client's total epsilon budget for the whole run.")
     target_delta: float = _opt(1e-5, "Each client's delta.")
@@ -153,6 +157,7 @@ class RunConfig:
         """Reject values that cannot make a meaningful run, saying which key to fix."""
         _check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
         _check(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {', '.join(PARTITIONERS)}")
+        _check(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {', '.join(LORA_VARIANTS)}")
         _check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
         for key in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size",
                     "max_length", "lora_rank", "lora_alpha"):

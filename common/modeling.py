@@ -42,12 +42,13 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()  # empty: pick from LORA_TARGETS
     mlp: bool = False  # with automatic targets, also the MLP projections
+    variant: str = "lora"  # "ffa": A frozen at its seeded initial value, only B trains and travels
 
     @classmethod
     def from_config(cls, config) -> LoraSettings:
         """The LoRA shape a run config asks for; every party must build the same one."""
         return cls(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                   target_modules=tuple(config.target_modules), mlp=config.lora_mlp)
+                   target_modules=tuple(config.target_modules), mlp=config.lora_mlp, variant=config.lora_variant)
 
     def targets_for(self, model_type: str) -> list[str]:
         if self.target_modules:
@@ -120,9 +121,30 @@ def attach_lora(base, *, task_type: str, lora: LoraSettings, targets: list[str])
     config = LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets)
     try:
-        return get_peft_model(base, config)
+        model = get_peft_model(base, config)
     except ValueError as exc:
         raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+    if lora.variant == "ffa":
+        freeze_lora_a(model)
+    return model
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA (Sun et al., ICLR 2024): keep every LoRA A at its initial value.
+
+    A is drawn under the run seed, so every party holds the same A without sending it. Then
+    the update of a layer is B·A with A shared, and the server's mean of the B's times A is
+    exactly the mean of the clients' B·A, which averaging A and B separately is not. Frozen
+    parameters drop out of `trainable_named_parameters`, so A is neither noised nor sent.
+    """
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+
+
+def lora_a_sha256(model: torch.nn.Module) -> str:
+    """A fingerprint of all LoRA A matrices: with FFA-LoRA they must match on every party."""
+    return adapter_sha256([p.detach().cpu().numpy() for name, p in model.named_parameters() if ".lora_A." in name])
 
 
 def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):

@@ -23,7 +23,7 @@ from common.faults import coordinator_crashes
 from common.json_safe import json_safe
 from common.ledger import Ledger
 from common.modeling import (LoraSettings, adapter_sha256, adapter_to_arrays, arrays_to_adapter, build_lora_model,
-                             load_tokenizer, resolve_model_path, save_adapter)
+                             load_tokenizer, lora_a_sha256, resolve_model_path, save_adapter)
 from common.splits import federated_splits
 from common.tasks import CAUSAL_LM, encode_split, evaluate_model
 from server.checkpoint import Checkpoint, random_state, restore_random_state
@@ -80,6 +80,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     strategy = AdapterFedAvg(initial_arrays=checkpoint.global_arrays if checkpoint else initial,
                              clients_per_round=config.clients_per_round, run_id=run_id,
                              label_names=list(splits.label_names),
+                             shared_lora_a=lora_a_sha256(model) if config.lora_variant == "ffa" else "",
                              num_clients=config.num_clients, fraction_evaluate=config.fraction_evaluate,
                              secure_aggregation=config.secure_aggregation, max_update_norm=max_norm,
                              evaluate_fn=evaluate)
@@ -222,7 +223,7 @@ def _server_ledger_fields(*, run_id: str, record: dict, clients: dict, adapter_s
 
 def _client_entry(metrics: dict) -> dict:
     keys = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss", "num_examples",
-            "update_max_abs", "rejected", "resent", "val_loss", "val_accuracy", "val_macro_f1", "val_perplexity")
+            "update_max_abs", "lora_a_sha256", "rejected", "resent", "val_loss", "val_accuracy", "val_macro_f1", "val_perplexity")
     return {k: metrics.get(k) for k in keys if k in metrics}
 
 

@@ -50,7 +50,7 @@ class RoundOutcome:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int, run_id: str,
-                 label_names: list[str],
+                 label_names: list[str], shared_lora_a: str = "",
                  fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
                  evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
         super().__init__(
@@ -59,8 +59,9 @@ class AdapterFedAvg(FedAvg):
             min_evaluate_clients=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
             min_available_clients=num_clients,
             # Clients of a deployment hold their own files: the label order comes from here.
+            # With FFA-LoRA, `lora-a-sha256` lets each client check it holds the federation's frozen A.
             on_fit_config_fn=lambda rnd: {"server-round": rnd, "fedtune-run-id": run_id,
-                                          "label-names": json.dumps(label_names)},
+                                          "label-names": json.dumps(label_names), "lora-a-sha256": shared_lora_a},
             on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "label-names": json.dumps(label_names)},
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
