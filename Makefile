@@ -31,11 +31,12 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
 
+# About 50 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
 bench: setup
-	$(OFFLINE) $(BIN)/python -m benchmarks.federation_variants
+	$(OFFLINE) $(BIN)/python -m benchmarks.run_all
 
 bench-quick: setup
-	$(OFFLINE) $(BIN)/python -m benchmarks.federation_variants --quick
+	$(OFFLINE) $(BIN)/python -m benchmarks.run_all --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.federation_variants import update_benchmarks_md
+from benchmarks.harness import update_benchmarks_md
 
 RESULTS = Path(__file__).parent / "results" / "causal_lm_memory.json"
-BEGIN, END = "<!-- causal-lm-memory:begin -->", "<!-- causal-lm-memory:end -->"
 
 
 def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool) -> dict:
@@ -87,7 +86,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)
-    update_benchmarks_md(table, begin=BEGIN, end=END)
+    update_benchmarks_md(table, name="causal-lm-memory")
     print(table)
 
 

@@ -93,7 +93,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         clipping_range = params.clipping_range
     else:
         fit_workflow, clipping_range = plain_fit_workflow(config.round_timeout or None), None
-    bytes_up = _upload_bytes(initial, secure=config.secure_aggregation)
+    bytes_up = upload_bytes(initial, secure=config.secure_aggregation)
     log.info(splits.report)
     rounds: list[dict] = list(checkpoint.rounds) if checkpoint else []
 
@@ -227,7 +227,7 @@ def _client_entry(metrics: dict) -> dict:
     return {k: metrics.get(k) for k in keys if k in metrics}
 
 
-def _upload_bytes(arrays: list[np.ndarray], *, secure: bool) -> int:
+def upload_bytes(arrays: list[np.ndarray], *, secure: bool) -> int:
     """Bytes of the adapter update one client uploads, as Flower serializes it.
 
     SecAgg+ sends int64 masked fixed-point values plus one array for the weight factor.

@@ -49,21 +49,9 @@ def write_csv(path: Path, rows: list[tuple[str, str]], *, header=("text", "label
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved with save_pretrained."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from benchmarks.tiny_model import save_tiny_bert
 
-    from common.modeling import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    source = resolve_model_path("default")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    tokenizer.save_pretrained(str(folder))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(str(folder))
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 CHAT_TOPICS = {

@@ -1,0 +1,161 @@
+"""What every benchmark shares: real `fedtune simulate` runs, peak memory of a process tree,
+the machine line, and writing results (JSON under benchmarks/results/, tables in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class SimulationRun:
+    """One finished `fedtune simulate`: its summary, per-round records and peak memory."""
+
+    out: Path
+    summary: dict
+    rounds: list[dict]
+    wall_seconds: float
+    peak_rss_gib: float
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mean_round_seconds(self) -> float:
+        return sum(r["seconds"] for r in self.rounds) / len(self.rounds)
+
+    @property
+    def max_epsilon(self) -> float | None:
+        values = [e for e in self.summary.get("epsilon", {}).values() if e is not None]
+        return max(values) if values else None
+
+    def mean_validation_accuracy(self) -> float:
+        """Clients' own validation accuracy after the last round (fraction-evaluate = 1)."""
+        scores = [c["val_accuracy"] for c in self.rounds[-1]["clients"].values() if "val_accuracy" in c]
+        if not scores:
+            raise RuntimeError(f"{self.out}: no client validation scores; run with fraction-evaluate=1")
+        return sum(scores) / len(scores)
+
+
+def simulate(keys: dict[str, object], *, out: Path, label: str) -> SimulationRun:
+    """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak RSS."""
+    args = [sys.executable, "-m", "common.cli", "simulate", "--out", str(out)]
+    for key, value in keys.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        args += ["--set", f"{key}={text}"]
+    log(f"{label}: fedtune simulate {' '.join(a for a in args[5:] if a != '--set')}")
+    started = time.perf_counter()
+    process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, **OFFLINE_ENV), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    with TreePeakMemory(process.pid) as memory:
+        _, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{label}: fedtune simulate failed ({process.returncode}):\n{stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = SimulationRun(out=out, summary=summary, rounds=rounds, wall_seconds=time.perf_counter() - started,
+                        peak_rss_gib=memory.peak_gib, keys={k: str(v) for k, v in keys.items()})
+    log(f"{label}: done in {run.wall_seconds:.0f} s, peak {run.peak_rss_gib:.2f} GiB")
+    return run
+
+
+class TreePeakMemory:
+    """Samples the summed RSS of a process and all its descendants (Ray workers included)."""
+
+    def __init__(self, pid: int, *, interval: float = 0.5) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+    def __enter__(self) -> TreePeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            except psutil.NoSuchProcess:
+                return
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval)
+
+
+def write_result(name: str, result: dict, *, quick: bool) -> Path:
+    """benchmarks/results/<name>.json (or <name>_quick.json), with the machine and the time."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'_quick' if quick else ''}.json"
+    result = {"machine": machine(), "measured": time.strftime("%Y-%m-%d %H:%M"), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_result(name: str, *, quick: bool) -> dict:
+    return json.loads((RESULTS / f"{name}{'_quick' if quick else ''}.json").read_text(encoding="utf-8"))
+
+
+def update_benchmarks_md(table: str, *, name: str) -> None:
+    """Replace the generated block `name` in BENCHMARKS.md (the prose around it is written by
+    hand); a block not there yet is appended."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else ""
+    block = f"{begin}\n{table}\n{end}"
+    if begin not in text:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    BENCHMARKS_MD.write_text(text, encoding="utf-8")
+
+
+def publish(name: str, table: str, *, quick: bool) -> None:
+    """Print a table; a full run also writes it into BENCHMARKS.md (quick numbers never land there)."""
+    if not quick:
+        update_benchmarks_md(table, name=name)
+    print(f"\n## {name}{' (quick)' if quick else ''}\n{table}\n", flush=True)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""What privacy costs in accuracy: BBC News over 5 clients at epsilon 1, 3, 8 and without DP.
+
+    python -m benchmarks.utility [--quick] [--seeds N]
+
+Every federation is a real `fedtune simulate` (MiniLM, 5 clients, all sampled, 3 rounds of one
+local epoch, the tuned defaults, max-length 64 to fit the hour), for IID and Dirichlet(0.5)
+partitions and for LoRA and FFA-LoRA. Plain FedAvg stands in for SecAgg+, which gives the same
+aggregate up to fixed-point rounding (tests/test_simulation.py) at a few percent more time.
+Two baselines train in this process with the clients' own training code
+(`client.trainer.train_locally`) on the same test split:
+- centralized: all clients' training data pooled, non-private LoRA, 3 epochs;
+- one client alone: client 0's own data, without DP and at epsilon 8 over 3 epochs.
+DP noise is fresh from the OS in every run; `--seeds N` repeats each federation with seeds
+0..N-1 (splits, sampling and initialisation change too) and reports mean and spread.
+--quick: IID, LoRA, epsilon 8 and no DP, max-length 32, one round, no baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.harness import RESULTS, log, machine, markdown_table, publish, simulate, write_result
+
+NAME = "utility"
+EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
+PARTITIONERS = ("iid", "dirichlet")
+VARIANTS = ("lora", "ffa")
+JOB = {"num-clients": 5, "clients-per-round": 5, "num-rounds": 3, "local-epochs": 1, "max-length": 64,
+       "secure-aggregation": False, "dirichlet-alpha": 0.5}
+QUICK_JOB = {**JOB, "num-rounds": 1, "max-length": 32}
+# FFA-LoRA's B alone must move further than LoRA's A and B together (see BENCHMARKS.md, tuning).
+VARIANT_KEYS = {"lora": {"lora-variant": "lora"}, "ffa": {"lora-variant": "ffa", "learning-rate": 2e-2}}
+
+
+def federation_rows(*, job: dict, cells: list[tuple[str, str, float | None]], seeds: int, out: Path) -> list[dict]:
+    rows = []
+    for partitioner, variant, epsilon in cells:
+        runs = []
+        for seed in range(seeds):
+            keys = {**job, **VARIANT_KEYS[variant], "partitioner": partitioner, "seed": seed, "dp": epsilon is not None,
+                    **({"target-epsilon": epsilon} if epsilon is not None else {})}
+            label = f"{partitioner} {variant} eps={epsilon or 'no DP'} seed {seed}"
+            runs.append(simulate(keys, out=out / label.replace(" ", "-").replace("=", ""), label=label))
+        rows.append({"kind": "federation", "partitioner": partitioner, "variant": variant, "epsilon": epsilon,
+                     **_spread("accuracy", [r.summary["test_accuracy"] for r in runs]),
+                     **_spread("macro_f1", [r.summary["test_macro_f1"] for r in runs]),
+                     "max_epsilon": max((r.max_epsilon or 0.0) for r in runs) if epsilon else None,
+                     "mean_round_seconds": statistics.mean(r.mean_round_seconds for r in runs)})
+    return rows
+
+
+def _spread(name: str, values: list[float]) -> dict:
+    return {name: statistics.mean(values), f"{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"{name}_runs": values}
+
+
+def baseline_rows(*, job: dict) -> list[dict]:
+    """Centralized non-private LoRA, and client 0 alone (no DP, epsilon 8), on the same test split."""
+    import torch
+
+    from client.trainer import train_locally
+    from common.config import RunConfig
+    from common.data import Split
+    from common.modeling import LoraSettings, build_lora_classifier, load_tokenizer, resolve_model_path
+    from common.privacy import plan_privacy
+    from common.splits import federated_splits
+    from common.tasks import evaluate_model
+    from common.tokens import encode
+
+    torch.set_num_threads(2)
+    config = RunConfig.from_mapping(job)
+    epochs = config.num_rounds * config.local_epochs
+    splits = federated_splits(config)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    test = encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length)
+    pooled = Split(texts=[t for c in splits.clients for t in c.train.texts],
+                   labels=[y for c in splits.clients for y in c.train.labels])
+    cases = [("centralized, all data, no DP", pooled, None), ("client 0 alone, no DP", splits.clients[0].train, None),
+             ("client 0 alone, epsilon 8", splits.clients[0].train, 8.0)]
+    rows = []
+    for name, split, epsilon in cases:
+        log(f"baseline: {name} ({len(split)} training examples, {epochs} epochs)")
+        started = time.perf_counter()
+        model = build_lora_classifier(model_path=resolve_model_path(config.model), num_labels=len(splits.label_names),
+                                      lora=LoraSettings.from_config(config), seed=config.seed)
+        train = encode(tokenizer=tokenizer, split=split, max_length=config.max_length)
+        plan = None if epsilon is None else plan_privacy(
+            num_examples=len(train), batch_size=config.batch_size, local_epochs=epochs, num_rounds=1,
+            target_epsilon=epsilon, target_delta=config.target_delta, accountant=config.accountant)
+        train_locally(model=model, dataset=train, learning_rate=config.learning_rate,
+                      head_learning_rate=config.head_learning_rate, batch_size=config.batch_size,
+                      local_epochs=epochs, max_grad_norm=config.max_grad_norm, plan=plan, history=[], seed=config.seed)
+        scores = evaluate_model(task="classification", model=model, dataset=test)
+        rows.append({"kind": "baseline", "baseline": name, "epsilon": epsilon, "examples": len(split),
+                     "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+                     "seconds": time.perf_counter() - started})
+    return rows
+
+
+def render(result: dict) -> str:
+    seeds = result["seeds"]
+    fmt = (lambda r, k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}") if seeds > 1 else (lambda r, k: f"{r[k]:.3f}")
+    rows = []
+    for r in result["rows"]:
+        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        if r["kind"] == "federation":
+            spent = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
+            rows.append([f"federation, {r['partitioner']}, {r['variant']}", eps, fmt(r, "accuracy"),
+                         fmt(r, "macro_f1"), spent, f"{r['mean_round_seconds']:.0f}"])
+        else:
+            rows.append([f"baseline: {r['baseline']}", eps, f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}", "-", "-"])
+    seeds_text = f"mean ± std over {seeds} seeds" if seeds > 1 else "one run per cell"
+    return (f"Machine: {result['machine']}. Job: {result['job_text']}; {seeds_text}. "
+            f"Command: `{result['command']}`.\n\n"
+            + markdown_table(["setting", "target ε", "test accuracy", "test macro-F1", "spent ε (max client)",
+                              "s / round"], rows)
+            + f"\n\n![Test accuracy against epsilon]({result['plot']})")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positions = {1.0: 0, 3.0: 1, 8.0: 2, None: 3}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for partitioner in PARTITIONERS:
+        for variant in VARIANTS:
+            cells = [r for r in result["rows"] if r["kind"] == "federation" and r["partitioner"] == partitioner
+                     and r["variant"] == variant]
+            if not cells:
+                continue
+            cells.sort(key=lambda r: positions[r["epsilon"]])
+            ax.errorbar([positions[r["epsilon"]] for r in cells], [r["accuracy"] for r in cells],
+                        yerr=[r["accuracy_std"] for r in cells], marker="o", capsize=3,
+                        linestyle="-" if variant == "lora" else "--", label=f"{variant}, {partitioner}")
+    styles = {"centralized, all data, no DP": ("black", ":"), "client 0 alone, no DP": ("grey", "-."),
+              "client 0 alone, epsilon 8": ("tab:red", "-.")}
+    for r in result["rows"]:
+        if r["kind"] == "baseline":
+            color, style = styles.get(r["baseline"], ("grey", ":"))
+            ax.axhline(r["accuracy"], color=color, linestyle=style, linewidth=1, label=r["baseline"])
+    ax.set_xticks(range(4), ["ε = 1", "ε = 3", "ε = 8", "no DP"])
+    ax.set_ylabel("test accuracy")
+    ax.set_title("BBC News, 5 clients: accuracy against the privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+    if args.quick:
+        job, cells = QUICK_JOB, [("iid", "lora", 8.0), ("iid", "lora", None)]
+    else:
+        job = JOB
+        cells = [(p, v, e) for p in PARTITIONERS for v in VARIANTS for e in EPSILONS]
+    rows = federation_rows(job=job, cells=cells, seeds=args.seeds, out=args.out / "utility")
+    if not args.quick:
+        rows += baseline_rows(job=job)
+    png = RESULTS / f"utility{'_quick' if args.quick else ''}.png"
+    result = {"job": job, "seeds": args.seeds, "rows": rows, "plot": f"benchmarks/results/{png.name}",
+              "job_text": f"MiniLM, BBC News, {job['num-clients']} clients all sampled, {job['num-rounds']} rounds, "
+                          f"max-length {job['max-length']}, delta 1e-5, plain FedAvg",
+              "command": "make bench-quick" if args.quick else "make bench"}
+    write_result(NAME, result, quick=args.quick)
+    plot(result, png)
+    publish(NAME, render({**result, "machine": machine()}), quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
