@@ -152,8 +152,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--memory-of", choices=MODES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
-    config = {"batch_size": 32, "max_length": 128, "steps": 3 if args.quick else 8,
-              "rounds": 2 if args.quick else 5}
+    config = {"batch_size": 32, "max_length": 128, "steps": 3 if args.quick else 6,
+              "rounds": 2 if args.quick else 4}
     if args.memory_of:
         print(json.dumps(measure_memory(args.memory_of, steps=3, batch_size=config["batch_size"],
                                         max_length=config["max_length"])))

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import machine, markdown_table, publish, simulate, write_result
+from benchmarks.harness import RESULTS, line_plot, machine, markdown_table, publish, simulate, write_result
 from benchmarks.tiny_model import tiny_job
 
 NAME = "scale"
@@ -44,11 +44,18 @@ def main() -> None:
                                    f"{SAMPLED} clients sampled per round",
               "command": "make bench-quick" if args.quick else "make bench"}
     write_result(NAME, result, quick=args.quick)
+    png = RESULTS / f"{NAME}{'_quick' if args.quick else ''}.png"
+    line_plot(png, x=[r["clients"] for r in rows],
+              series={"seconds per round": [r["mean_round_seconds"] for r in rows],
+                      "peak RSS, GiB x 10": [10 * r["peak_rss_gib"] for r in rows]},
+              xlabel=f"clients in the federation ({SAMPLED} sampled per round)", ylabel="",
+              title="Cost of a simulated federation against its size")
     table = markdown_table(
         ["clients", "training examples per client", "s / round", "whole run s", "peak RSS of the simulation (GiB)"],
         [[r["clients"], f"{r['mean_client_examples']:.0f}", f"{r['mean_round_seconds']:.2f}",
           f"{r['wall_seconds']:.0f}", f"{r['peak_rss_gib']:.2f}"] for r in rows])
-    publish(NAME, f"Machine: {machine()}. Job: {result['job']}. Command: `{result['command']}`.\n\n{table}",
+    publish(NAME, f"Machine: {machine()}. Job: {result['job']}. Command: `{result['command']}`.\n\n{table}"
+            f"\n\n![Cost against clients](benchmarks/results/{png.name})",
             quick=args.quick)
 
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import machine, markdown_table, publish, write_result, simulate
+from benchmarks.harness import RESULTS, line_plot, machine, markdown_table, publish, simulate, write_result
 from benchmarks.tiny_model import tiny_job
 
 NAME = "secagg_cost"
@@ -45,10 +45,16 @@ def main() -> None:
                                    "every client sampled",
               "command": "make bench-quick" if args.quick else "make bench"}
     write_result(NAME, result, quick=args.quick)
+    png = RESULTS / f"{NAME}{'_quick' if args.quick else ''}.png"
+    line_plot(png, x=[r["clients"] for r in rows],
+              series={"plain FedAvg": [r["plain_round_seconds"] for r in rows],
+                      "SecAgg+": [r["secagg_round_seconds"] for r in rows]},
+              xlabel="clients per round", ylabel="seconds per round", title="SecAgg+ against plain FedAvg")
     table = markdown_table(["clients per round", "s / round, plain FedAvg", "s / round, SecAgg+", "SecAgg+ / plain"],
                            [[r["clients"], f"{r['plain_round_seconds']:.2f}", f"{r['secagg_round_seconds']:.2f}",
                              f"{r['ratio']:.2f}x"] for r in rows])
-    publish(NAME, f"Machine: {machine()}. Job: {result['job']}. Command: `{result['command']}`.\n\n{table}",
+    publish(NAME, f"Machine: {machine()}. Job: {result['job']}. Command: `{result['command']}`.\n\n{table}"
+            f"\n\n![Seconds per round](benchmarks/results/{png.name})",
             quick=args.quick)
 
 
