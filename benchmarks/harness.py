@@ -24,7 +24,12 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, CPU only"
+
+
+def default_out() -> Path:
+    """Where benchmark runs keep their run directories: runs/bench/<timestamp> in the repo."""
+    return ROOT / "runs" / "bench" / time.strftime("%Y%m%d-%H%M%S")
 
 
 def log(message: str) -> None:
@@ -59,8 +64,8 @@ class SimulationRun:
         return sum(scores) / len(scores)
 
 
-def simulate(keys: dict[str, object], *, out: Path, label: str) -> SimulationRun:
-    """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak RSS."""
+def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float = 1800) -> SimulationRun:
+    """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak memory."""
     args = [sys.executable, "-m", "common.cli", "simulate", "--out", str(out)]
     for key, value in keys.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -70,7 +75,11 @@ def simulate(keys: dict[str, object], *, out: Path, label: str) -> SimulationRun
     process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, **OFFLINE_ENV), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     with TreePeakMemory(process.pid) as memory:
-        _, stderr = process.communicate()
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise RuntimeError(f"{label}: fedtune simulate ran past {timeout:.0f} s; killed") from None
     if process.returncode != 0:
         raise RuntimeError(f"{label}: fedtune simulate failed ({process.returncode}):\n{stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -82,7 +91,13 @@ def simulate(keys: dict[str, object], *, out: Path, label: str) -> SimulationRun
 
 
 class TreePeakMemory:
-    """Samples the summed RSS of a process and all its descendants (Ray workers included)."""
+    """Samples the memory of a process and all its descendants (Ray workers included).
+
+    It sums PSS (proportional set size): a page shared by k processes (torch's libraries, Ray's
+    shared memory, pages shared after a fork) counts 1/k in each, so the total is what the tree
+    really holds, not RSS summed with shared pages counted again per process. Sampled every
+    `interval` seconds, so a peak shorter than that can be missed.
+    """
 
     def __init__(self, pid: int, *, interval: float = 0.5) -> None:
         self.pid, self.interval = pid, interval
@@ -114,7 +129,7 @@ class TreePeakMemory:
             try:
                 for proc in [root, *root.children(recursive=True)]:
                     try:
-                        total += proc.memory_info().rss
+                        total += proc.memory_full_info().pss
                     except (psutil.NoSuchProcess, psutil.AccessDenied):
                         pass
             except psutil.NoSuchProcess:

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, log, markdown_table, publish, simulate, write_result
+from benchmarks.harness import RESULTS, ROOT, log, markdown_table, publish, simulate, write_result
 
 # The utility benchmark's federation, at the privacy level the goal is stated for.
 BASE = {"num-clients": 5, "clients-per-round": 5, "num-rounds": 3, "max-length": 64, "dp": True,
@@ -31,10 +31,17 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "batch 64, head lr 1e-1": {"batch-size": 64, "learning-rate": 5e-3, "head-learning-rate": 1e-1},
     "batch 128, lr 1e-2, head lr 1e-1": {"batch-size": 128, "learning-rate": 1e-2, "head-learning-rate": 1e-1},
     "smaller steps: lr 2e-3, head lr 2e-2": {"batch-size": 32, "learning-rate": 2e-3, "head-learning-rate": 2e-2},
+    "larger steps: lr 1e-2, head lr 1e-1": {"batch-size": 32, "learning-rate": 1e-2, "head-learning-rate": 1e-1},
+    "larger steps: lr 2e-2, head lr 2e-1": {"batch-size": 32, "learning-rate": 2e-2, "head-learning-rate": 2e-1},
+    "C 0.1": {"batch-size": 32, "learning-rate": 5e-3, "head-learning-rate": 5e-2, "max-grad-norm": 0.1},
     "2 local epochs": {"batch-size": 32, "learning-rate": 5e-3, "head-learning-rate": 5e-2, "local-epochs": 2},
     "ffa, lr 2e-2": {"lora-variant": "ffa", "batch-size": 32, "learning-rate": 2e-2, "head-learning-rate": 5e-2},
     "ffa, lr 5e-2, head lr 1e-1": {"lora-variant": "ffa", "batch-size": 32, "learning-rate": 5e-2,
                                    "head-learning-rate": 1e-1},
+    "ffa, lr 1e-1, head lr 2e-1": {"lora-variant": "ffa", "batch-size": 32, "learning-rate": 1e-1,
+                                   "head-learning-rate": 2e-1},
+    "ffa, lr 5e-2, head lr 1e-1, batch 64": {"lora-variant": "ffa", "batch-size": 64, "learning-rate": 5e-2,
+                                             "head-learning-rate": 1e-1},
 }
 NAME = "tuning"
 
@@ -50,7 +57,7 @@ def render(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="candidate names to (re)run; default all")
-    parser.add_argument("--out", type=Path, default=Path("runs/tune") / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "tune" / time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     existing = RESULTS / f"{NAME}.json"
     rows = json.loads(existing.read_text())["rows"] if existing.exists() else []

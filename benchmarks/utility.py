@@ -9,9 +9,11 @@ aggregate up to fixed-point rounding (tests/test_simulation.py) at a few percent
 Two baselines train in this process with the clients' own training code
 (`client.trainer.train_locally`) on the same test split:
 - centralized: all clients' training data pooled, non-private LoRA, 3 epochs;
-- one client alone: client 0's own data, without DP and at epsilon 8 over 3 epochs.
+- one client alone: client 0's own data under each partition, without DP and at epsilon 8
+  over 3 epochs (the same number of DP steps as its 3 federated rounds).
 DP noise is fresh from the OS in every run; `--seeds N` repeats each federation with seeds
-0..N-1 (splits, sampling and initialisation change too) and reports mean and spread.
+0..N-1 (splits, sampling and initialisation change too) and reports mean and spread; the
+baselines run once, with seed 0's split.
 --quick: IID, LoRA, epsilon 8 and no DP, max-length 32, one round, no baselines.
 """
 
@@ -22,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, log, machine, markdown_table, publish, simulate, write_result
+from benchmarks.harness import default_out, RESULTS, log, machine, markdown_table, publish, simulate, write_result
 
 NAME = "utility"
 EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
@@ -73,13 +75,16 @@ def baseline_rows(*, job: dict) -> list[dict]:
     torch.set_num_threads(2)
     config = RunConfig.from_mapping(job)
     epochs = config.num_rounds * config.local_epochs
-    splits = federated_splits(config)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
+    by_partitioner = {p: federated_splits(config.with_overrides(partitioner=p)) for p in PARTITIONERS}
+    splits = by_partitioner["iid"]  # the test split and the pooled data do not depend on the partitioner
     test = encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length)
     pooled = Split(texts=[t for c in splits.clients for t in c.train.texts],
                    labels=[y for c in splits.clients for y in c.train.labels])
-    cases = [("centralized, all data, no DP", pooled, None), ("client 0 alone, no DP", splits.clients[0].train, None),
-             ("client 0 alone, epsilon 8", splits.clients[0].train, 8.0)]
+    cases = [("centralized, all data, no DP", pooled, None)]
+    for partitioner, part in by_partitioner.items():
+        cases += [(f"client 0 alone ({partitioner}), no DP", part.clients[0].train, None),
+                  (f"client 0 alone ({partitioner}), epsilon 8", part.clients[0].train, 8.0)]
     rows = []
     for name, split, epsilon in cases:
         log(f"baseline: {name} ({len(split)} training examples, {epochs} epochs)")
@@ -138,11 +143,11 @@ def plot(result: dict, path: Path) -> None:
             ax.errorbar([positions[r["epsilon"]] for r in cells], [r["accuracy"] for r in cells],
                         yerr=[r["accuracy_std"] for r in cells], marker="o", capsize=3,
                         linestyle="-" if variant == "lora" else "--", label=f"{variant}, {partitioner}")
-    styles = {"centralized, all data, no DP": ("black", ":"), "client 0 alone, no DP": ("grey", "-."),
-              "client 0 alone, epsilon 8": ("tab:red", "-.")}
     for r in result["rows"]:
         if r["kind"] == "baseline":
-            color, style = styles.get(r["baseline"], ("grey", ":"))
+            color = "black" if r["baseline"].startswith("centralized") else (
+                "tab:red" if r["epsilon"] else "grey")
+            style = ":" if "dirichlet" in r["baseline"] else "-."
             ax.axhline(r["accuracy"], color=color, linestyle=style, linewidth=1, label=r["baseline"])
     ax.set_xticks(range(4), ["ε = 1", "ε = 3", "ε = 8", "no DP"])
     ax.set_ylabel("test accuracy")
@@ -158,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--out", type=Path, default=default_out())
     args = parser.parse_args()
     if args.quick:
         job, cells = QUICK_JOB, [("iid", "lora", 8.0), ("iid", "lora", None)]

@@ -151,10 +151,14 @@ class FedtuneClient(NumPyClient):
         if self.config.lora_variant != "ffa":
             return ""
         mine = lora_a_sha256(model)
-        if expected and mine != expected:
+        if not expected:
+            log.warning("%s: the coordinator sent no lora-a-sha256; cannot check that this node's frozen LoRA A "
+                        "is the federation's (is the coordinator running lora-variant=ffa?)", self.client_id)
+        elif mine != expected:
             raise FedtuneError(f"{self.client_id}: the frozen LoRA A built here (sha256 {mine[:12]}) differs from the "
                                f"coordinator's ({expected[:12]}); every party needs the same model folder, seed, "
-                               f"lora-rank, lora-target-modules and torch version. Nothing was trained or spent.")
+                               f"lora-rank, lora-target-modules, lora-mlp, label set and torch/transformers/peft "
+                               f"versions. Nothing was trained or spent.")
         return mine
 
     def _inject_fault(self, update: list[np.ndarray], server_round: int) -> list[np.ndarray]:

@@ -57,7 +57,7 @@ class RunConfig:
     lora_mlp: bool = _opt(False, "Also adapt the MLP projections (when lora-target-modules is '').")
     lora_variant: str = _opt("lora", "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at its seed-derived "
                                      "value on every party and trains and sends only B (exact averaging, "
-                                     "half the upload).")
+                                     "about half the upload).")
     dp: bool = _opt(True, "Train with DP-SGD (Opacus). false gives the non-private baseline.")
     target_epsilon: float = _opt(8.0, "Each client's total epsilon budget for the whole run.")
     target_delta: float = _opt(1e-5, "Each client's delta.")

@@ -138,13 +138,14 @@ def freeze_lora_a(model: torch.nn.Module) -> None:
     parameters drop out of `trainable_named_parameters`, so A is neither noised nor sent.
     """
     for name, param in model.named_parameters():
-        if ".lora_A." in name:
+        if ".lora_A." in name or ".lora_embedding_A." in name:
             param.requires_grad_(False)
 
 
 def lora_a_sha256(model: torch.nn.Module) -> str:
     """A fingerprint of all LoRA A matrices: with FFA-LoRA they must match on every party."""
-    return adapter_sha256([p.detach().cpu().numpy() for name, p in model.named_parameters() if ".lora_A." in name])
+    return adapter_sha256([p.detach().cpu().numpy() for name, p in model.named_parameters()
+                           if ".lora_A." in name or ".lora_embedding_A." in name])
 
 
 def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):
@@ -181,7 +182,7 @@ def arrays_to_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     named = trainable_named_parameters(model)
     if len(arrays) != len(named):
         raise FedtuneError(f"adapter update has {len(arrays)} tensors, the model expects {len(named)}; "
-                           f"was it made with the same model, lora-rank and target modules?")
+                           f"was it made with the same model, lora-rank, target modules and lora-variant?")
     with torch.no_grad():
         for (name, param), array in zip(named, arrays, strict=True):
             if tuple(array.shape) != tuple(param.shape):

