@@ -98,7 +98,7 @@ def plan(
     target_epsilon: float = typer.Option(8.0, "--target-epsilon", help="Budget epsilon for the whole run."),
     delta: float = typer.Option(1e-5, "--delta", help="Budget delta."),
     dataset_size: int = typer.Option(..., "--dataset-size", help="The client's number of training examples."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Expected batch size."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Expected batch size (the run default)."),
     local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
     rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
     accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),

@@ -114,7 +114,7 @@ def tiny_lm_config(tiny_causal_lm_dir, chat_jsonl):
         base = RunConfig(task="causal-lm", model=str(tiny_causal_lm_dir), data=str(chat_jsonl), num_clients=3,
                          clients_per_round=3, num_rounds=2, batch_size=8, max_length=64, learning_rate=0.02,
                          lora_rank=4, target_epsilon=8.0, partitioner="category", test_fraction=0.15,
-                         samples=2, max_new_tokens=8)
+                         samples=2, max_new_tokens=8, lora_variant="lora")
         return base.with_overrides(**changes)
 
     return make
@@ -134,7 +134,7 @@ def tiny_config(tiny_model_dir, tiny_csv):
     def make(**changes):
         base = RunConfig(model=str(tiny_model_dir), data=str(tiny_csv), num_clients=2, clients_per_round=2,
                          num_rounds=3, batch_size=16, max_length=24, learning_rate=0.01, lora_rank=4,
-                         target_epsilon=4.0)
+                         target_epsilon=4.0, lora_variant="lora", head_learning_rate=0.05)
         return base.with_overrides(**changes)
 
     return make
