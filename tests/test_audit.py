@@ -21,7 +21,8 @@ def dp_run(tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("dp-run") / "run"
     keys = dict(model=config.model, data=config.data, num_clients=3, clients_per_round=3, num_rounds=2,
                 batch_size=config.batch_size, max_length=config.max_length, lora_rank=config.lora_rank,
-                learning_rate=config.learning_rate, target_epsilon=5.0, dp=True, secure_aggregation=True)
+                learning_rate=config.learning_rate, head_learning_rate=config.head_learning_rate,
+                lora_variant=config.lora_variant, target_epsilon=5.0, dp=True, secure_aggregation=True)
     result = run_fedtune("simulate", "--out", str(out), *set_args(**keys), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return config, out

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
     base = dict(model=config.model, data=config.data, num_clients=config.num_clients,
                 clients_per_round=config.clients_per_round, batch_size=config.batch_size,
-                max_length=config.max_length, learning_rate=config.learning_rate, lora_rank=config.lora_rank,
+                max_length=config.max_length, learning_rate=config.learning_rate,
+                head_learning_rate=config.head_learning_rate, lora_variant=config.lora_variant, lora_rank=config.lora_rank,
                 target_epsilon=config.target_epsilon)
     base.update(keys)
     result = run_fedtune("simulate", "--out", str(out), *set_args(**base), timeout=900)
