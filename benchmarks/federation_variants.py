@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from pathlib import Path
 
-from benchmarks.harness import machine, publish, simulate, write_result
+from benchmarks.harness import default_out, machine, publish, simulate, write_result
 
 VARIANTS = {
     "DP-SGD + SecAgg+ (demo)": {"dp": "true", "secure-aggregation": "true"},
@@ -56,9 +55,9 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/bench/<timestamp>")
+    parser.add_argument("--out", type=Path, default=default_out(), help="default runs/bench/<timestamp>")
     args = parser.parse_args()
-    out = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out
     extra = QUICK if args.quick else {}
     rows = [run_variant(name, {**keys, **extra}, out / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower())
             for name, keys in VARIANTS.items()]

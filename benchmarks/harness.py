@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,7 @@ class SimulationRun:
     summary: dict
     rounds: list[dict]
     wall_seconds: float
-    peak_rss_gib: float
-    keys: dict[str, str] = field(default_factory=dict)
+    peak_pss_gib: float  # the whole process tree (TreePeakMemory)
 
     @property
     def mean_round_seconds(self) -> float:
@@ -85,8 +84,8 @@ def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float =
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     run = SimulationRun(out=out, summary=summary, rounds=rounds, wall_seconds=time.perf_counter() - started,
-                        peak_rss_gib=memory.peak_gib, keys={k: str(v) for k, v in keys.items()})
-    log(f"{label}: done in {run.wall_seconds:.0f} s, peak {run.peak_rss_gib:.2f} GiB")
+                        peak_pss_gib=memory.peak_gib)
+    log(f"{label}: done in {run.wall_seconds:.0f} s, peak {run.peak_pss_gib:.2f} GiB")
     return run
 
 

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (about 50 minutes).
+"""`make bench`: every benchmark, one after another, on this machine (45 minutes measured).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import OFFLINE_ENV, ROOT, log
+from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
 BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility")
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes in all")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS)
     args = parser.parse_args()
-    out = ROOT / "runs" / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    out = default_out()
     started = time.perf_counter()
     failed = []
     for name in args.only or BENCHMARKS:

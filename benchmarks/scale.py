@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import default_out, RESULTS, line_plot, machine, markdown_table, publish, simulate, write_result
+from benchmarks.harness import RESULTS, default_out, line_plot, machine, markdown_table, publish, simulate, write_result
 from benchmarks.tiny_model import steady_round_seconds, tiny_job
 
 NAME = "scale"
@@ -37,7 +37,7 @@ def main() -> None:
             examples = [c["num_examples"] for r in run.rounds for c in r["clients"].values()]
             rows.append({"clients": clients, "mean_round_seconds": steady_round_seconds(run.rounds),
                          "rounds": [r["seconds"] for r in run.rounds], "wall_seconds": run.wall_seconds,
-                         "peak_rss_gib": run.peak_rss_gib,
+                         "peak_pss_gib": run.peak_pss_gib,
                          "mean_client_examples": sum(examples) / len(examples)})
     result = {"rows": rows, "job": f"tiny BERT, BBC News, max-length 32, LoRA r=4, DP-SGD + SecAgg+, 3 rounds "
                                    f"(seconds: mean of rounds 2-3), "
@@ -47,13 +47,13 @@ def main() -> None:
     png = RESULTS / f"{NAME}{'_quick' if args.quick else ''}.png"
     line_plot(png, x=[r["clients"] for r in rows],
               series={"seconds per round": [r["mean_round_seconds"] for r in rows],
-                      "peak memory (GiB x 10)": [10 * r["peak_rss_gib"] for r in rows]},
+                      "peak memory (GiB x 10)": [10 * r["peak_pss_gib"] for r in rows]},
               xlabel=f"clients in the federation ({SAMPLED} sampled per round)", ylabel="seconds; GiB x 10",
               title="Cost of a simulated federation against its size")
     table = markdown_table(
         ["clients", "training examples per client", "s / round", "whole run s", "peak memory of the simulation (GiB, PSS)"],
         [[r["clients"], f"{r['mean_client_examples']:.0f}", f"{r['mean_round_seconds']:.2f}",
-          f"{r['wall_seconds']:.0f}", f"{r['peak_rss_gib']:.2f}"] for r in rows])
+          f"{r['wall_seconds']:.0f}", f"{r['peak_pss_gib']:.2f}"] for r in rows])
     publish(NAME, f"Machine: {machine()}. Job: {result['job']}. Command: `{result['command']}`.\n\n{table}"
             f"\n\n![Cost against clients](benchmarks/results/{png.name})",
             quick=args.quick)

@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import default_out, RESULTS, line_plot, machine, markdown_table, publish, simulate, write_result
+from benchmarks.harness import RESULTS, default_out, line_plot, machine, markdown_table, publish, simulate, write_result
 from benchmarks.tiny_model import steady_round_seconds, tiny_job
 
 NAME = "secagg_cost"
