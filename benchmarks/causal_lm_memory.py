@@ -29,13 +29,16 @@ def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool
     import torch
 
     from client.trainer import train_locally
-    from common.chat_tokens import encode_pairs
+    from common.tasks.chat_tokens import encode_pairs
     from common.config import RunConfig
-    from common.instructions import InstructionSplit
-    from common.modeling import LoraSettings, build_lora_model, load_tokenizer, resolve_model_path
-    from common.privacy import PrivacyPlan
+    from common.data.instructions import InstructionSplit
+    from common.models.loading import load_tokenizer
+    from common.models.lora import LoraSettings
+    from common.tasks import build_lora_model, resolve_model_path
+    from common.privacy.plan import PrivacyPlan
 
-    from common.memory import release_freed_memory
+    from common.models.memory import release_freed_memory
+    from common.tasks import get_task
 
     torch.set_num_threads(2)
     release_freed_memory()  # as a causal-lm client does before training
@@ -53,7 +56,7 @@ def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool
     plan = PrivacyPlan(num_examples=batch, sample_rate=1.0, steps_per_round=steps, noise_multiplier=1.0,
                        planned_rounds=1, target_epsilon=1e9, target_delta=1e-5, accountant="rdp") if dp else None
     started = time.perf_counter()
-    train_locally(model=model, dataset=dataset, learning_rate=1e-3, batch_size=batch, local_epochs=steps,
+    train_locally(model=model, dataset=dataset, loss=get_task("causal-lm").loss, learning_rate=1e-3, batch_size=batch, local_epochs=steps,
                   max_grad_norm=1.0, plan=plan, history=[], seed=0)
     seconds = (time.perf_counter() - started) / steps
     return {"dp": dp, "batch": batch, "max_length": max_length, "lora_mlp": lora_mlp, "steps": steps,

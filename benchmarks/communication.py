@@ -27,8 +27,10 @@ def measure(*, task: str, label: str) -> list[dict]:
     from flwr.common import ndarray_to_bytes
 
     from common.config import RunConfig
-    from common.modeling import (LoraSettings, adapter_to_arrays, build_lora_model, resolve_model_path)
-    from server.federation import upload_bytes
+    from common.models.adapter import adapter_to_arrays
+    from common.models.lora import LoraSettings
+    from common.tasks import build_lora_model, resolve_model_path
+    from server.bookkeeping import upload_bytes
 
     path = resolve_model_path("default", task=task)
     rows = []

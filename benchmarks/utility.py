@@ -75,12 +75,15 @@ def baseline_rows(*, job: dict) -> list[dict]:
 
     from client.trainer import train_locally
     from common.config import RunConfig
-    from common.data import Split
-    from common.modeling import LoraSettings, build_lora_classifier, load_tokenizer, resolve_model_path
-    from common.privacy import plan_privacy
-    from common.splits import federated_splits
-    from common.tasks import evaluate_model
-    from common.tokens import encode
+    from common.data.labelled import Split
+    from common.models.classifier import build_lora_classifier
+    from common.models.loading import load_tokenizer
+    from common.models.lora import LoraSettings
+    from common.tasks import resolve_model_path
+    from common.privacy.plan import plan_privacy
+    from common.run_data import federated_splits
+    from common.tasks import get_task
+    from common.tasks.classification import encode
 
     torch.set_num_threads(2)
     config = RunConfig.from_mapping({**job, **BASELINE_KEYS[None]})
@@ -106,10 +109,10 @@ def baseline_rows(*, job: dict) -> list[dict]:
         plan = None if epsilon is None else plan_privacy(
             num_examples=len(train), batch_size=config.batch_size, local_epochs=epochs, num_rounds=1,
             target_epsilon=epsilon, target_delta=config.target_delta, accountant=config.accountant)
-        train_locally(model=model, dataset=train, learning_rate=config.learning_rate,
+        train_locally(model=model, dataset=train, loss=get_task("classification").loss, learning_rate=config.learning_rate,
                       head_learning_rate=config.head_learning_rate, batch_size=config.batch_size,
                       local_epochs=epochs, max_grad_norm=config.max_grad_norm, plan=plan, history=[], seed=config.seed)
-        scores = evaluate_model(task="classification", model=model, dataset=test)
+        scores = get_task("classification").evaluate(model=model, dataset=test)
         rows.append({"kind": "baseline", "baseline": name, "epsilon": epsilon, "examples": len(split),
                      "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
                      "seconds": time.perf_counter() - started})

@@ -2,6 +2,7 @@
 
 `app` is what `flwr run` loads (config from the Flower run config); `build_client_app`
 gives the same app bound to an already-resolved config, as `fedtune simulate` uses it.
+The node's own privacy keys (node config) override the run config the coordinator sends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
-from client.fault_injection import fault_injection_mod
+from client.drills import DrillClient, dropout_mod
 from client.fl_client import FedtuneClient
 from client.node_data import NODE_PRIVACY_KEYS, NodeData
 from client.secure_aggregation import secure_aggregation_mod
@@ -41,15 +42,18 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
     def client_fn(context: Context) -> Client:
         cfg = resolve_config(context, config)
         node = NodeData.from_node_config(dict(context.node_config))
-        return FedtuneClient(config=cfg, node=node, run_id=str(context.run_id),
-                             ledger_dir=_ledger_dir(context, ledger_root, node.client_id)).to_client()
+        client = FedtuneClient(config=cfg, node=node, run_id=str(context.run_id),
+                               ledger_dir=_ledger_dir(context, ledger_root, node.client_id))
+        if cfg.inject_faults and node.partition_id is not None:  # a drill, in simulation only
+            return DrillClient(client, config=cfg, partition_id=node.partition_id).to_client()
+        return client.to_client()
 
     def run_config(context: Context) -> RunConfig:
         return resolve_config(context, config)
 
-    # The fault drill wraps SecAgg+, so a node can vanish at any of its stages.
+    # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
     return ClientApp(client_fn=client_fn, mods=[
-        fault_injection_mod(run_config),
+        dropout_mod(run_config),
         secure_aggregation_mod(lambda context: run_config(context).secure_aggregation)])
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from common.config import RunConfig
-from common.data import LabelledTexts, load_labelled_texts
+from common.data.splits import ClientSplit
 from common.errors import FedtuneError
-from common.splits import ClientSplit, federated_splits, load_examples
+from common.protocol import EvaluateInstructions, FitInstructions
+from common.run_data import federated_splits
+from common.tasks import get_task
 
 # Node config keys that say where this institution's data is and how to read it.
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column")
@@ -65,11 +66,11 @@ class NodeData:
                            "data='/srv/records.csv') or, in a simulation, 'partition-id'")
 
 
-def label_names_from(fit_config: dict, config: RunConfig) -> tuple[str, ...]:
+def label_names_from(instructions: FitInstructions | EvaluateInstructions, config: RunConfig) -> tuple[str, ...]:
     """The federation's label names in order, as the coordinator sends them (a node's own file
     may lack some labels); a simulation can also derive them from the shared corpus."""
-    if "label-names" in fit_config:
-        return tuple(json.loads(str(fit_config["label-names"])))
+    if instructions.label_names is not None:
+        return instructions.label_names
     return tuple(federated_splits(config).label_names)
 
 
@@ -78,26 +79,12 @@ def client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...]
     """This institution's train/validation split, labels indexed by the federation's names."""
     if node.path is None:
         return federated_splits(config).clients[node.partition_id]
-    if config.task == "causal-lm":  # prompt/response pairs: no labels to reconcile
-        examples = load_examples(task=config.task, data=node.path, columns=(node.prompt_column, node.response_column),
-                                 model=config.model, max_length=config.max_length)
-    else:
-        examples = _with_federation_labels(
-            load_labelled_texts(data=node.path, text_column=node.text_column, label_column=node.label_column),
-            label_names=label_names, path=node.path)
+    task = get_task(config.task)
+    examples = task.load_examples(data=node.path, columns=task.data_columns(node), model=config.model,
+                                  max_length=config.max_length)
+    examples = task.align_labels(examples, label_names=label_names, source=node.path)
     order = np.random.default_rng([config.seed, 7]).permutation(len(examples))
     n_val = int(len(order) * config.validation_fraction)
     if len(order) - n_val < 1:
         raise FedtuneError(f"{node.path} has {len(order)} usable examples, too few to train")
     return ClientSplit(train=examples.take(order[n_val:]), validation=examples.take(order[:n_val]))
-
-
-def _with_federation_labels(examples: LabelledTexts, *, label_names: tuple[str, ...], path: str) -> LabelledTexts:
-    """The file's labels re-indexed by the federation's label order (it may lack some)."""
-    unknown = sorted(set(examples.label_names) - set(label_names))
-    if unknown:
-        raise FedtuneError(f"{path} has label(s) {unknown} that the federation does not know "
-                           f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
-    index = {name: label_names.index(name) for name in examples.label_names}
-    return replace(examples, labels=[index[examples.label_names[i]] for i in examples.labels],
-                   label_names=list(label_names))

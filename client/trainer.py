@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.causal_lm import causal_lm_loss
-from common.modeling import trainable_named_parameters
-from common.privacy import HistoryEntry, PrivacyPlan, private_generator
+from common.models.adapter import trainable_named_parameters
+from common.privacy.accounting import HistoryEntry
+from common.privacy.noise import private_generator
+from common.privacy.plan import PrivacyPlan
+
+# (model, input_ids, attention_mask, labels) -> the batch's mean per-example loss: the task's
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,7 @@ class TrainResult:
     history: list[HistoryEntry]  # accountant history after this round (unchanged without DP)
 
 
-def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_rate: float,
+def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossFn, learning_rate: float,
                   head_learning_rate: float | None = None, batch_size: int, local_epochs: int, max_grad_norm: float,
                   plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int,
                   physical_batch_size: int = 0) -> TrainResult:
@@ -39,10 +45,10 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, learning_ra
         torch.manual_seed(seed)
         model.train()
         if plan is None:
-            return _train_plain(model=model, dataset=dataset, optimizer=optimizer, batch_size=batch_size,
-                                local_epochs=local_epochs, seed=seed, history=history,
+            return _train_plain(model=model, dataset=dataset, loss=loss, optimizer=optimizer,
+                                batch_size=batch_size, local_epochs=local_epochs, seed=seed, history=history,
                                 physical=physical_batch_size)
-        return _train_private(model=model, dataset=dataset, optimizer=optimizer, plan=plan,
+        return _train_private(model=model, dataset=dataset, loss=loss, optimizer=optimizer, plan=plan,
                               max_grad_norm=max_grad_norm, local_epochs=local_epochs, history=history,
                               physical=physical_batch_size)
 
@@ -66,7 +72,8 @@ def _is_head(name: str) -> bool:
     return "modules_to_save" in name
 
 
-def _train_plain(*, model, dataset, optimizer, batch_size, local_epochs, seed, history, physical) -> TrainResult:
+def _train_plain(*, model, dataset, loss, optimizer, batch_size, local_epochs, seed, history,
+                 physical) -> TrainResult:
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=shuffle)
     losses = []
@@ -75,9 +82,9 @@ def _train_plain(*, model, dataset, optimizer, batch_size, local_epochs, seed, h
             total = 0.0
             for piece in _pieces(batch, physical):  # gradient accumulation, weighted by piece size
                 share = len(piece[2]) / len(batch[2])
-                loss = _loss(model, *piece) * share
-                loss.backward()
-                total += loss.item()
+                piece_loss = loss(model, *piece) * share
+                piece_loss.backward()
+                total += piece_loss.item()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(total)
@@ -92,9 +99,13 @@ def _pieces(batch: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
     return [[t[start:start + size] for t in batch] for start in range(0, n, size)]
 
 
-def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_norm, local_epochs, physical,
+def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_grad_norm, local_epochs, physical,
                    history) -> TrainResult:
-    """DP-SGD: Poisson batches, per-sample clipping, Gaussian noise, accountant per step."""
+    """DP-SGD: Poisson batches, per-sample clipping, Gaussian noise, accountant per step.
+
+    With a physical batch size, Opacus' BatchMemoryManager cuts each Poisson batch into pieces
+    whose clipped per-example gradients are summed before the one noisy step.
+    """
     generator = private_generator()
     loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
     # The model must be in train mode before wrapping: Opacus records activations only then.
@@ -105,44 +116,51 @@ def _train_private(*, model, dataset, optimizer, plan: PrivacyPlan, max_grad_nor
                                loss_reduction="mean", generator=generator)
     accountant = create_accountant(mechanism=plan.accountant)
     accountant.history = [tuple(h) for h in history]
-    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-    losses, steps = [], 0
+    batch = _LogicalBatch(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    dp_optimizer.attach_step_hook(batch.close)  # runs once per noisy step, after the batch's last piece
     try:
-        for _ in range(local_epochs):
-            for batch in loader:
-                if len(batch[2]) == 0:
-                    # An empty Poisson batch is still a DP step: it gets noise and is counted.
-                    for p in dp_optimizer.params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                    dp_optimizer.step()
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical or max(len(dataset), 1),
+                                optimizer=dp_optimizer) as pieces:
+            for _ in range(local_epochs):
+                for piece in pieces:
+                    if len(piece[2]) == 0:
+                        # An empty Poisson batch is still a DP step: it gets noise and is counted.
+                        for p in dp_optimizer.params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    else:
+                        piece_loss = loss(private_model, *piece)  # a mean over this piece: exact per-example grads
+                        piece_loss.backward()
+                        batch.add(piece_loss.item(), len(piece[2]))
+                    dp_optimizer.step()  # clips and sums; noise and the step come after a batch's last piece
                     dp_optimizer.zero_grad()
-                    steps += 1
-                    continue
-                pieces = _pieces(batch, physical)
-                total = 0.0
-                for index, piece in enumerate(pieces):
-                    loss = _loss(private_model, *piece)  # a mean over this piece: exact per-example grads
-                    loss.backward()
-                    total += loss.item() * len(piece[2])
-                    # Clip and sum this piece's per-example gradients; noise and step after the last one.
-                    dp_optimizer.signal_skip_step(do_skip=index < len(pieces) - 1)
-                    dp_optimizer.step()
-                    dp_optimizer.zero_grad()
-                losses.append(total / len(batch[2]))
-                steps += 1
     finally:
         private_model.cleanup()  # remove Opacus hooks; the PEFT model stays usable
-    if steps != plan.steps_per_round:
-        raise RuntimeError(f"took {steps} DP steps, the privacy plan expects {plan.steps_per_round}")
-    return TrainResult(train_loss=_mean(losses), steps=steps,
+    if batch.steps != plan.steps_per_round:
+        raise RuntimeError(f"took {batch.steps} DP steps, the privacy plan expects {plan.steps_per_round}")
+    return TrainResult(train_loss=_mean(batch.losses), steps=batch.steps,
                        history=[(float(s), float(q), int(n)) for s, q, n in accountant.history])
 
 
-def _loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    if labels.dim() == 2:  # causal LM: token labels, -100 outside the response
-        return causal_lm_loss(model, input_ids, attention_mask, labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return torch.nn.functional.cross_entropy(logits, labels)
+class _LogicalBatch:
+    """Opacus' step hook: counts each noisy step for the accountant and records the loss of its
+    logical (Poisson) batch, summed over the batch's physical pieces."""
+
+    def __init__(self, account: Callable) -> None:
+        self.account = account
+        self.losses: list[float] = []
+        self.steps = 0
+        self._total, self._count = 0.0, 0
+
+    def add(self, mean_loss: float, count: int) -> None:
+        self._total += mean_loss * count
+        self._count += count
+
+    def close(self, optimizer: DPOptimizer) -> None:
+        self.account(optimizer)
+        self.steps += 1
+        if self._count:  # an empty batch has no loss to report
+            self.losses.append(self._total / self._count)
+        self._total, self._count = 0.0, 0
 
 
 def _mean(values: list[float]) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.npz_store import load_npz, save_npz
+from common.storage import load_npz, save_npz
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
+from common.faults import check_faults
+from common.tasks import TASK_NAMES, get_task
 
-TASKS = ("classification", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
 LORA_VARIANTS = ("lora", "ffa")
@@ -145,10 +146,10 @@ class RunConfig:
 
     @property
     def physical_batch(self) -> int:
-        """Examples per forward/backward pass: causal LMs default to 8 (activations dominate memory)."""
+        """Examples per forward/backward pass: the task's default unless set (causal LMs: 8)."""
         if self.physical_batch_size:
             return self.physical_batch_size
-        return 8 if self.task == "causal-lm" else 0
+        return get_task(self.task).default_physical_batch
 
     @property
     def target_modules(self) -> list[str]:
@@ -156,7 +157,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Reject values that cannot make a meaningful run, saying which key to fix."""
-        _check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
+        _check(self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         _check(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {', '.join(PARTITIONERS)}")
         _check(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {', '.join(LORA_VARIANTS)}")
         _check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
@@ -189,8 +190,6 @@ class RunConfig:
         _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must lie in [0, 1)")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must lie in [0, 1]")
         if self.inject_faults:
-            from common.faults import check_faults
-
             check_faults(self.inject_faults, secure_aggregation=self.secure_aggregation,
                          num_clients=self.num_clients)
         if self.secure_aggregation:

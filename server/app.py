@@ -13,7 +13,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
-from server.federation import RoundCallback, run_federation
+from server.federation import run_federation
+from server.recorder import RoundCallback
 from server.run_directory import RunDirectory, default_run_dir
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import FedtuneError
-from common.npz_store import load_npz, save_npz
+from common.storage import load_npz, save_npz
 
 CHECKPOINT_FILE = "checkpoint.npz"
 

@@ -4,14 +4,13 @@ checkpoint.npz, ledgers/, adapter/, summary.json."""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.json_safe import json_safe
-from common.npz_store import fsync_directory
+from common.storage import append_line, atomic_write, json_safe
 
 
 def default_run_dir() -> Path:
@@ -28,10 +27,10 @@ class RunDirectory:
         if (path / "metrics.jsonl").exists():
             raise FedtuneError(f"{path} already holds a run; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "config.toml", config.to_toml())
+        atomic_write(path / "config.toml", config.to_toml())
         # A fedtune run id: unlike Flower's run id it survives a resume, so clients can tell a
         # round they already paid for from a new one.
-        _atomic_write(path / "run.json", json.dumps({"run_id": uuid.uuid4().hex}) + "\n")
+        atomic_write(path / "run.json", json.dumps({"run_id": uuid.uuid4().hex}) + "\n")
         return cls(path)
 
     @classmethod
@@ -57,18 +56,15 @@ class RunDirectory:
         return self.path / "adapter"
 
     def append_round(self, record: dict) -> None:
-        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(json_safe(record), sort_keys=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path / "metrics.jsonl", json.dumps(json_safe(record), sort_keys=False))
 
     def rewrite_rounds(self, records: list[dict]) -> None:
         """Replace metrics.jsonl (on resume: exactly the rounds the checkpoint holds)."""
-        _atomic_write(self.path / "metrics.jsonl",
-                      "".join(json.dumps(json_safe(r), sort_keys=False) + "\n" for r in records))
+        atomic_write(self.path / "metrics.jsonl",
+                     "".join(json.dumps(json_safe(r), sort_keys=False) + "\n" for r in records))
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+        atomic_write(self.path / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
 
     def read_rounds(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -76,12 +72,3 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)

@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common.causal_lm import generate
-from common.modeling import arrays_to_adapter
+from common.models.adapter import arrays_to_adapter
+from common.storage import atomic_write
+from common.tasks.base import Task
 
 
 class SampleWriter:
     """Generates for the first `count` test prompts; the adapter decides base vs fine-tuned."""
 
-    def __init__(self, *, model, tokenizer, prompts: list[str], references: list[str], max_new_tokens: int,
-                 path: Path) -> None:
-        self.model, self.tokenizer, self.max_new_tokens, self.path = model, tokenizer, max_new_tokens, path
+    def __init__(self, *, task: Task, model, tokenizer, prompts: list[str], references: list[str],
+                 max_new_tokens: int, path: Path) -> None:
+        self.task, self.model, self.tokenizer, self.max_new_tokens, self.path = (task, model, tokenizer,
+                                                                                 max_new_tokens, path)
         self.prompts, self.references = prompts, references
         self.base: list[str] = []
 
@@ -31,7 +33,7 @@ class SampleWriter:
 
     def _generate(self, arrays: list[np.ndarray]) -> list[str]:
         arrays_to_adapter(self.model, arrays)
-        return generate(model=self.model, tokenizer=self.tokenizer, prompts=self.prompts,
+        return self.task.generate(model=self.model, tokenizer=self.tokenizer, prompts=self.prompts,
                         max_new_tokens=self.max_new_tokens)
 
     def _write(self, *, fine_tuned: list[str] | None, after_round: int | None) -> None:
@@ -44,9 +46,7 @@ class SampleWriter:
             lines += [f"## {i + 1}. {_one_line(prompt)}", "", f"**reference:** {_one_line(reference)}", "",
                       f"**base model:** {_one_line(self.base[i])}", "",
                       f"**{heading}:** {_one_line(fine_tuned[i]) if fine_tuned else '-'}", ""]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "\n".join(lines))
 
 
 def _one_line(text: str) -> str:

@@ -2,12 +2,12 @@
 
 Under SecAgg+ the weighted mean arrives already computed by the protocol (each result carries
 the same unmasked aggregate); on the plain path it is computed here. Either way the strategy
-applies it, keeps the per-client metrics of the round, and never sees a full model.
+applies it, keeps what each client reported in clear for the round, and never sees a full model.
+The global adapter changes in `aggregate_fit`, nowhere else.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -18,12 +18,26 @@ from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, para
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
 from server.update_validation import update_problem
 
 log = logging.getLogger(__name__)
 
-TRAINED = "trained"
-REFUSED_BUDGET = "refused-budget"
+
+@dataclass(frozen=True)
+class FitReply:
+    """A client's fit reply as the coordinator keeps it: the clear report and the weight."""
+
+    report: FitReport
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A client's validation loss and scores for the round's adapter."""
+
+    loss: float
+    scores: dict[str, float]
 
 
 @dataclass
@@ -31,8 +45,8 @@ class RoundOutcome:
     """What one round produced, for the progress table, metrics.jsonl, ledgers and stopping."""
 
     sampled: int = 0
-    clients: dict[str, dict] = field(default_factory=dict)  # fit replies, by client id
-    evaluations: dict[str, dict] = field(default_factory=dict)  # validation metrics, by client id
+    replies: dict[str, FitReply] = field(default_factory=dict)  # by client id
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)  # by client id
     failures: int = 0
     applied: bool = False
     aggregation_failed: str | None = None  # why no aggregate was produced, when that happened
@@ -41,32 +55,30 @@ class RoundOutcome:
 
     @property
     def trained(self) -> list[str]:
-        return [cid for cid, c in self.clients.items() if c.get("status") == TRAINED]
-
-    @property
-    def refused(self) -> list[str]:
-        return [cid for cid, c in self.clients.items() if c.get("status") == REFUSED_BUDGET]
+        return [cid for cid, reply in self.replies.items() if reply.report.status == Status.TRAINED]
 
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int, run_id: str,
-                 label_names: list[str], shared_lora_a: str = "",
+                 label_names: list[str], score_names: tuple[str, ...], shared_lora_a: str = "",
                  fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
                  evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
+        labels = tuple(label_names)
         super().__init__(
             fraction_fit=clients_per_round / num_clients, min_fit_clients=clients_per_round,
             fraction_evaluate=fraction_evaluate,
             min_evaluate_clients=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
             min_available_clients=num_clients,
             # Clients of a deployment hold their own files: the label order comes from here.
-            # With FFA-LoRA, `lora-a-sha256` lets each client check it holds the federation's frozen A.
-            on_fit_config_fn=lambda rnd: {"server-round": rnd, "fedtune-run-id": run_id,
-                                          "label-names": json.dumps(label_names), "lora-a-sha256": shared_lora_a},
-            on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "label-names": json.dumps(label_names)},
+            # With FFA-LoRA, `lora_a_sha256` lets each client check it holds the federation's frozen A.
+            on_fit_config_fn=lambda rnd: FitInstructions(server_round=rnd, run_id=run_id, label_names=labels,
+                                                         lora_a_sha256=shared_lora_a).to_config(),
+            on_evaluate_config_fn=lambda rnd: EvaluateInstructions(server_round=rnd, label_names=labels).to_config(),
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
-            evaluate_metrics_aggregation_fn=_weighted_mean,
+            evaluate_metrics_aggregation_fn=lambda results: _weighted_mean(results, score_names),
         )
+        self.score_names = score_names
         self.secure_aggregation = secure_aggregation
         self.max_update_norm = max_update_norm
         self.shapes = [a.shape for a in initial_arrays]
@@ -90,9 +102,8 @@ class AdapterFedAvg(FedAvg):
         # list one dropout several times in `failures`, and a timeout not at all).
         outcome.failures = max(outcome.sampled - len(results), 0) if outcome.sampled else len(failures)
         for _, res in results:
-            metrics = dict(res.metrics)
-            metrics["num_examples"] = res.num_examples
-            outcome.clients[str(metrics.get("client_id", "?"))] = metrics
+            report = FitReport.from_metrics(res.metrics)
+            outcome.replies[report.client_id] = FitReply(report=report, num_examples=res.num_examples)
         return outcome
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -116,7 +127,7 @@ class AdapterFedAvg(FedAvg):
             return None, {}
         self.global_arrays = [g + u.astype(np.float32) for g, u in zip(self.global_arrays, update, strict=True)]
         outcome.applied = True
-        outcome.max_update_abs = max(float(res.metrics.get("update_max_abs", 0.0)) for _, res in trained)
+        outcome.max_update_abs = max(float(FitReport.from_metrics(res.metrics).update_max_abs) for _, res in trained)
         return ndarrays_to_parameters(self.global_arrays), {"clients_trained": len(trained)}
 
     def _valid_updates(self, server_round: int, trained: list, outcome: RoundOutcome) -> list:
@@ -125,7 +136,7 @@ class AdapterFedAvg(FedAvg):
         for proxy, res in trained:
             problem = update_problem(parameters_to_ndarrays(res.parameters), shapes=self.shapes,
                                      max_norm=self.max_update_norm)
-            cid = str(res.metrics.get("client_id", "?"))
+            cid = FitReport.from_metrics(res.metrics).client_id
             if problem is None:
                 kept.append((proxy, res))
             else:
@@ -140,7 +151,7 @@ class AdapterFedAvg(FedAvg):
         total = sum(res.num_examples for _, res in trained)
         mean = None
         # In client order, not arrival order: the float sum is then the same on every run.
-        for _, res in sorted(trained, key=lambda item: str(item[1].metrics.get("client_id", ""))):
+        for _, res in sorted(trained, key=lambda item: FitReport.from_metrics(item[1].metrics).client_id):
             weight = res.num_examples / total
             arrays = parameters_to_ndarrays(res.parameters)
             mean = [weight * a for a in arrays] if mean is None else [m + weight * a for m, a in zip(mean, arrays)]
@@ -150,27 +161,23 @@ class AdapterFedAvg(FedAvg):
         outcome = self.outcomes.setdefault(server_round, RoundOutcome())
         results = [(proxy, res) for proxy, res in results if res.num_examples > 0]  # no validation data
         for _, res in results:
-            outcome.evaluations[str(res.metrics.get("client_id", "?"))] = {
-                "val_loss": res.loss, **{f"val_{key}": res.metrics[key] for key in VALIDATION_METRICS
-                                         if key in res.metrics}}
+            report = EvaluateReport.from_metrics(res.metrics, score_names=self.score_names)
+            outcome.evaluations[report.client_id] = Evaluation(loss=res.loss, scores=report.scores)
         if not results:
             return None, {}
         return super().aggregate_evaluate(server_round, results, failures)
 
 
-VALIDATION_METRICS = ("accuracy", "macro_f1", "perplexity")
-
-
 def contributors(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
     """Results that carry a trained update with a non-zero weight."""
     return [(proxy, res) for proxy, res in results
-            if res.metrics.get("status") == TRAINED and res.num_examples > 0]
+            if FitReport.from_metrics(res.metrics).status == Status.TRAINED and res.num_examples > 0]
 
 
-def _weighted_mean(results: list[tuple[int, dict]]) -> dict[str, Scalar]:
-    """Example-weighted mean of the clients' validation scores (accuracy, macro-F1, perplexity)."""
+def _weighted_mean(results: list[tuple[int, dict]], score_names: tuple[str, ...]) -> dict[str, Scalar]:
+    """Example-weighted mean of the clients' validation scores (the task's, e.g. accuracy)."""
     total = sum(n for n, _ in results)
     if not total:
         return {}
     return {key: sum(n * float(m[key]) for n, m in results) / total
-            for key in VALIDATION_METRICS if all(key in m for _, m in results)}
+            for key in score_names if all(key in m for _, m in results)}

@@ -5,16 +5,20 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = ("round", "trained", "train loss", "test acc", "macro-F1", "max ε", "seconds")
-# A causal LM is scored by held-out loss and perplexity instead of accuracy and macro-F1.
-LM_COLUMNS = ("round", "trained", "train loss", "test loss", "perplexity", "max ε", "seconds")
+from common.tasks.base import Task
+
+
+def columns(task: Task) -> tuple[str, ...]:
+    """The table's header: the task's own two score columns between the common ones."""
+    return ("round", "trained", "train loss", *(header for header, _, _ in task.progress_columns), "max ε",
+            "seconds")
 
 
 def _fmt(value, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
-def round_row(record: dict) -> tuple[str, ...]:
+def round_row(record: dict, task: Task) -> tuple[str, ...]:
     clients = record["clients"].values()
     losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
@@ -23,9 +27,7 @@ def round_row(record: dict) -> tuple[str, ...]:
         str(record["round"]),
         f"{record['clients_trained']}/{sampled}",
         _fmt(sum(losses) / len(losses) if losses else None, ".4f"),
-        *((_fmt(record.get("test_loss"), ".4f"), _fmt(record["test_perplexity"], ".2f"))
-          if "test_perplexity" in record else
-          (_fmt(record.get("test_accuracy"), ".3f"), _fmt(record.get("test_macro_f1"), ".3f"))),
+        *(_fmt(record.get(key), pattern) for _, key, pattern in task.progress_columns),
         _fmt(max(epsilons) if epsilons else None, ".3f") if epsilons else "no DP",
         _fmt(record["seconds"], ".1f"),
     )
@@ -36,7 +38,8 @@ class RoundTable:
 
     widths = (5, 7, 10, 9, 10, 7, 7)
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, task: Task, console: Console | None = None) -> None:
+        self.task = task
         self.console = console or Console()
         self.rows: list[tuple[str, ...]] = []
 
@@ -47,10 +50,9 @@ class RoundTable:
         return table
 
     def add(self, record: dict) -> None:
-        row = round_row(record)
+        row = round_row(record, self.task)
         self.rows.append(row)
-        table = self._table(header=len(self.rows) == 1,
-                            columns=LM_COLUMNS if "test_perplexity" in record else COLUMNS)
+        table = self._table(header=len(self.rows) == 1, columns=columns(self.task))
         table.add_row(*row)
         self.console.print(table)
         note = round_note(record)

@@ -6,13 +6,16 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.simulation import run_simulation
 from rich.console import Console
 
+from client.app import build_client_app
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.modeling import resolve_model_path
-from common.privacy import plan_privacy
-from common.splits import federated_splits
+from common.privacy.plan import plan_privacy
+from common.run_data import federated_splits
+from common.tasks import get_task
+from server.app import build_server_app
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir
 from simulations.progress import RoundTable
@@ -25,7 +28,7 @@ def preflight(config: RunConfig, console: Console) -> None:
     """Everything a user can get wrong, checked before Ray starts: data, model, privacy plan."""
     splits = federated_splits(config)
     console.print(f"[dim]{splits.report}[/dim]")
-    resolve_model_path(config.model, task=config.task)
+    get_task(config.task).model_path(config.model)
     if config.dp:
         for cid, client in enumerate(splits.clients):
             plan = plan_privacy(num_examples=len(client.train), batch_size=config.batch_size,
@@ -48,11 +51,6 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
 
     With `resume`, `out` is an interrupted run (see `resume_config`) continued from its checkpoint.
     """
-    from flwr.simulation import run_simulation  # heavy: imported when a simulation runs
-
-    from client.app import build_client_app
-    from server.app import build_server_app
-
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
     run_dir = Path(out or config.output_dir or default_run_dir())
@@ -65,7 +63,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         logging.getLogger("flwr").setLevel(logging.ERROR)
         if config.inject_faults:  # a drill's vanishing clients are reported by the table, not tracebacks
             logging.getLogger("flwr").addFilter(_hide_injected_faults)
-    table = RoundTable(console)
+    table = RoundTable(get_task(config.task), console)
     results: dict = {}
     console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "
                   f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "

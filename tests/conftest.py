@@ -83,7 +83,7 @@ def tiny_causal_lm_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from common.smollm2 import gguf_path
+    from common.models.smollm2 import gguf_path
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     gguf = gguf_path()
@@ -142,8 +142,11 @@ def tiny_config(tiny_model_dir, tiny_csv):
 
 def initial_adapter(config):
     """The global adapter a server would send in round 1 for `config`."""
-    from common.modeling import LoraSettings, adapter_to_arrays, build_lora_classifier, resolve_model_path
-    from common.splits import federated_splits
+    from common.models.adapter import adapter_to_arrays
+    from common.models.classifier import build_lora_classifier
+    from common.models.lora import LoraSettings
+    from common.tasks import resolve_model_path
+    from common.run_data import federated_splits
 
     model = build_lora_classifier(model_path=resolve_model_path(config.model),
                                   num_labels=len(federated_splits(config).label_names),

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "commands", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -36,7 +36,7 @@ def saved_adapter_arrays(run_dir: Path, *, num_labels: int) -> list:
     from transformers import AutoModelForSequenceClassification
 
     from common.config import RunConfig
-    from common.modeling import adapter_to_arrays
+    from common.models.adapter import adapter_to_arrays
 
     config = RunConfig.load(path=run_dir / "config.toml")
     base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger import Ledger, read_records
-from common.privacy import epsilon_of
-from common.splits import federated_splits
+from common.ledger.chain import Ledger, read_records
+from common.privacy.accounting import epsilon_of
+from common.run_data import federated_splits
 from tests.helpers import read_metrics, run_fedtune, set_args
 
 

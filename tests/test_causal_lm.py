@@ -14,13 +14,20 @@ import pytest
 import torch
 
 from client.trainer import train_locally
-from common.causal_lm import causal_lm_loss, evaluate_causal_lm, response_nll
-from common.chat_tokens import IGNORE, encode_pairs, keep_fitting, pair_ids, prompt_ids
+from common.models.causal_lm import causal_lm_loss, response_nll
+from common.tasks.causal_lm import evaluate_causal_lm
+from common.models.causal_lm import IGNORE
+from common.tasks.chat_tokens import encode_pairs, keep_fitting, pair_ids, prompt_ids
 from common.errors import FedtuneError
-from common.instructions import InstructionSplit, load_instruction_pairs
-from common.modeling import LoraSettings, adapter_to_arrays, build_lora_model, load_tokenizer
-from common.privacy import epsilon_of, plan_privacy
-from common.splits import federated_splits
+from common.data.instructions import InstructionSplit, load_instruction_pairs
+from common.models.adapter import adapter_to_arrays
+from common.models.loading import load_tokenizer
+from common.models.lora import LoraSettings
+from common.tasks import build_lora_model
+from common.privacy.accounting import epsilon_of
+from common.privacy.plan import plan_privacy
+from common.run_data import federated_splits
+from common.tasks import get_task
 from tests.conftest import write_csv, write_jsonl
 from tests.helpers import ROOT, read_metrics, run_fedtune, set_args
 from tests.test_privacy_accounting import independent_epsilon
@@ -152,7 +159,7 @@ def test_dp_training_lowers_held_out_loss_and_spends_the_planned_epsilon(tiny_lm
     before = evaluate_causal_lm(model=model, dataset=test)["loss"]
     plan = plan_privacy(num_examples=len(train), batch_size=8, local_epochs=4, num_rounds=1, target_epsilon=8.0,
                         target_delta=1e-5)
-    result = train_locally(model=model, dataset=train, learning_rate=0.05, batch_size=8, local_epochs=4,
+    result = train_locally(model=model, dataset=train, loss=get_task("causal-lm").loss, learning_rate=0.05, batch_size=8, local_epochs=4,
                            max_grad_norm=1.0, plan=plan, history=[], seed=0)
     after = evaluate_causal_lm(model=model, dataset=test)["loss"]
     lora_b = [a for (name, _), a in zip(_named(model), adapter_to_arrays(model)) if "lora_B" in name]
@@ -246,7 +253,7 @@ def test_bad_input_gets_a_clear_error(case, tiny_lm_config, tiny_model_dir, tmp_
 def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
     """physical-batch-size bounds memory only: clipping is per example, so summing the clipped
     gradients of pieces is the same step (noise off and sample rate 1 make the batches equal)."""
-    from common.privacy import PrivacyPlan
+    from common.privacy.plan import PrivacyPlan
 
     config = tiny_lm_config()
     tokenizer = load_tokenizer(config.model)
@@ -256,7 +263,7 @@ def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
     results = []
     for physical in (0, 3):
         model = _model(config)
-        train_locally(model=model, dataset=train, learning_rate=0.01, batch_size=len(train), local_epochs=2,
+        train_locally(model=model, dataset=train, loss=get_task("causal-lm").loss, learning_rate=0.01, batch_size=len(train), local_epochs=2,
                       max_grad_norm=0.05, plan=plan, history=[], seed=0, physical_batch_size=physical)
         results.append(adapter_to_arrays(model))
     assert not all(np.array_equal(a, b) for a, b in zip(results[0], adapter_to_arrays(_model(config))))
@@ -270,8 +277,8 @@ def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(tm
     dequantized GGUF model computes, trains (no quantized flag) and is reused afterwards."""
     from transformers import AutoModelForCausalLM
 
-    from common.modeling import resolve_model_path
-    from common.smollm2 import gguf_path
+    from common.tasks import resolve_model_path
+    from common.models.smollm2 import gguf_path
 
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
     folder = resolve_model_path("default", task="causal-lm")

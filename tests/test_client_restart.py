@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from common.ledger import read_records
-from common.privacy import epsilon_of
+from common.ledger.chain import read_records
+from common.privacy.accounting import epsilon_of
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT
 

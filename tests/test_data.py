@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from common.data import load_labelled_texts
+from common.data.labelled import load_labelled_texts
 from common.errors import FedtuneError
-from common.splits import make_federated_splits
+from common.data.splits import make_federated_splits
 from tests.conftest import make_texts, write_csv
 
 

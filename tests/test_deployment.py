@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.certs import make_credentials
-from common.ledger import read_records
+from commands.certs import make_credentials
+from common.ledger.chain import read_records
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for
 from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays

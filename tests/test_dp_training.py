@@ -5,12 +5,16 @@ import pytest
 
 from client.fl_client import FedtuneClient
 from client.trainer import train_locally
-from common.evaluation import evaluate_classifier
-from common.modeling import (LoraSettings, adapter_to_arrays, build_lora_classifier, load_tokenizer,
-                             resolve_model_path, trainable_named_parameters)
-from common.privacy import plan_privacy
-from common.splits import federated_splits
-from common.tokens import encode
+from common.tasks.classification import evaluate_classifier
+from common.models.adapter import adapter_to_arrays, trainable_named_parameters
+from common.models.classifier import build_lora_classifier
+from common.models.loading import load_tokenizer
+from common.models.lora import LoraSettings
+from common.tasks import resolve_model_path
+from common.privacy.plan import plan_privacy
+from common.run_data import federated_splits
+from common.tasks.classification import encode
+from common.tasks import get_task
 from tests.conftest import initial_adapter
 
 
@@ -28,7 +32,7 @@ def test_dp_training_changes_every_adapter_tensor_and_improves_accuracy(tiny_con
                         target_epsilon=8.0, target_delta=1e-5)
     history = []
     for round_seed in range(10):
-        result = train_locally(model=model, dataset=train, learning_rate=0.05, batch_size=32, local_epochs=1,
+        result = train_locally(model=model, dataset=train, loss=get_task("classification").loss, learning_rate=0.05, batch_size=32, local_epochs=1,
                                max_grad_norm=1.0, plan=plan, history=history, seed=round_seed)
         history = result.history
         assert result.steps == plan.steps_per_round

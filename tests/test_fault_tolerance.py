@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from client.fl_client import FedtuneClient
-from common.ledger import read_records
-from common.planning import privacy_schedule
-from common.splits import federated_splits
+from common.ledger.chain import read_records
+from common.privacy.plan import privacy_schedule
+from common.run_data import federated_splits
 from server.checkpoint import Checkpoint
 from server.secure_aggregation import secagg_parameters
 from tests.conftest import initial_adapter
@@ -208,7 +208,7 @@ def test_killed_right_after_a_checkpoint_the_resumed_run_is_bit_identical(tiny_c
 
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", "--out", str(out),
+    process = subprocess.Popen([sys.executable, "-m", "commands", "simulate", "--out", str(out),
                                 *_args(config)], cwd=ROOT, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600

@@ -13,13 +13,17 @@ from client.fl_client import FedtuneClient
 from client.privacy_ledger import ClientPrivacyLedger
 from client.trainer import train_locally
 from common.errors import FedtuneError
-from common.evaluation import evaluate_classifier
-from common.modeling import (LoraSettings, adapter_to_arrays, build_lora_classifier, load_tokenizer, lora_a_sha256,
-                             resolve_model_path, trainable_named_parameters)
-from common.privacy import plan_privacy
-from common.splits import federated_splits
-from common.tokens import encode
+from common.tasks.classification import evaluate_classifier
+from common.models.adapter import adapter_to_arrays, trainable_named_parameters
+from common.models.classifier import build_lora_classifier
+from common.models.loading import load_tokenizer
+from common.models.lora import LoraSettings, lora_a_sha256
+from common.tasks import resolve_model_path
+from common.privacy.plan import plan_privacy
+from common.run_data import federated_splits
+from common.tasks.classification import encode
 from server.strategy import AdapterFedAvg
+from common.tasks import get_task
 from tests.helpers import read_metrics, run_fedtune, set_args
 
 
@@ -99,7 +103,7 @@ def _aggregate(config, server, clients) -> list[np.ndarray]:
     """The real coordinator strategy (plain path) averaging the clients' replies."""
     initial = adapter_to_arrays(server)
     strategy = AdapterFedAvg(initial_arrays=initial, clients_per_round=3, num_clients=3, run_id="run-1",
-                             label_names=["a", "b", "c"], fraction_evaluate=0.0, secure_aggregation=False,
+                             label_names=["a", "b", "c"], score_names=("accuracy", "macro_f1"), fraction_evaluate=0.0, secure_aggregation=False,
                              max_update_norm=1e6)
     strategy.configure_fit = None  # not used: replies are handed over directly
     results = [(None, FitRes(status=Status(code=Code.OK, message=""), num_examples=c["num_examples"],
@@ -222,7 +226,7 @@ def test_ffa_under_dp_still_learns(tiny_config, monkeypatch):
                         target_epsilon=8.0, target_delta=1e-5)
     history = []
     for round_seed in range(10):
-        history = train_locally(model=model, dataset=train, learning_rate=0.2, batch_size=32, local_epochs=1,
+        history = train_locally(model=model, dataset=train, loss=get_task("classification").loss, learning_rate=0.2, batch_size=32, local_epochs=1,
                                 max_grad_norm=1.0, plan=plan, history=history, seed=round_seed).history
     after = evaluate_classifier(model=model, dataset=test)
     # 0.72 with these seeds; over other noise draws 0.43 to 0.80 were seen, from 0.37 (chance 1/3).

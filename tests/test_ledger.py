@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from common.ledger import (HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, load_public_key, read_records,
-                           verify_records)
+from common.ledger.chain import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, load_public_key, read_records, verify_records
 from common.errors import FedtuneError
 
 

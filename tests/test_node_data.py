@@ -6,6 +6,7 @@ import pytest
 
 from client.node_data import NodeData, client_split, label_names_from
 from common.errors import FedtuneError
+from common.protocol import FitInstructions
 from tests.conftest import write_csv
 
 
@@ -15,7 +16,8 @@ def test_a_node_file_is_indexed_by_the_federations_labels_not_its_own(tiny_confi
     path = write_csv(tmp_path / "site.csv", rows, header=("note", "topic"))
     node = NodeData.from_node_config({"client-id": "site-a", "data": str(path), "text-column": "note",
                                       "label-column": "topic", "ledger-dir": str(tmp_path)})
-    labels = label_names_from({"label-names": '["markets", "politics", "sport"]'}, tiny_config())
+    labels = label_names_from(FitInstructions.from_config({"label-names": '["markets", "politics", "sport"]'}),
+                              tiny_config())
     split = client_split(tiny_config(validation_fraction=0.1), node, labels)
     assert len(split.train) == 27 and len(split.validation) == 3
     texts = split.train.texts + split.validation.texts

@@ -4,7 +4,8 @@ import pytest
 from dp_accounting import dp_event, pld
 from client.fl_client import FedtuneClient
 from client.privacy_ledger import ClientPrivacyLedger
-from common.privacy import compose, epsilon_of, plan_privacy
+from common.privacy.accounting import compose, epsilon_of
+from common.privacy.plan import plan_privacy
 from tests.conftest import initial_adapter
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.fl_client import ALREADY_SPENT, FedtuneClient
+from client.fl_client import FedtuneClient
+from common.protocol import Status
 from client.update_cache import UpdateCache
-from common.ledger import read_records
+from common.ledger.chain import read_records
 from tests.conftest import initial_adapter
 
 FIT = {"server-round": 1, "fedtune-run-id": "run-a"}
@@ -47,7 +48,7 @@ def test_a_round_asked_again_with_another_adapter_is_refused(tiny_config, tmp_pa
     _, _, metrics = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
     other = [p + 0.01 for p in parameters]
     update, n, refused = _client(config, tmp_path).fit(other, dict(FIT))
-    assert n == 0 and refused["status"] == ALREADY_SPENT and refused["epsilon"] == metrics["epsilon"]
+    assert n == 0 and refused["status"] == Status.ALREADY_SPENT and refused["epsilon"] == metrics["epsilon"]
     assert all(not u.any() for u in update)
     assert len(_records(tmp_path)) == 1
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from common.privacy import epsilon_of, plan_privacy
-from common.splits import federated_splits
+from common.privacy.accounting import epsilon_of
+from common.privacy.plan import plan_privacy
+from common.run_data import federated_splits
 from server.secure_aggregation import secagg_parameters
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT, read_metrics, run_fedtune, set_args
@@ -98,10 +99,10 @@ def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(plain
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
         from common.config import RunConfig
-        from common.evaluation import evaluate_classifier
-        from common.modeling import load_tokenizer
-        from common.splits import federated_splits
-        from common.tokens import encode
+        from common.tasks.classification import evaluate_classifier
+        from common.models.loading import load_tokenizer
+        from common.run_data import federated_splits
+        from common.tasks.classification import encode
         cfg = RunConfig.load(path={str(run / 'config.toml')!r})
         base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=3)
         model = PeftModel.from_pretrained(base, {str(run / 'adapter')!r})

@@ -5,7 +5,7 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from client.fl_client import FedtuneClient
-from common.splits import federated_splits
+from common.run_data import federated_splits
 from server.strategy import AdapterFedAvg
 from server.update_validation import update_norm_bound
 from tests.conftest import initial_adapter
@@ -20,6 +20,7 @@ def _result(arrays, n, cid):
 
 def _strategy(secure: bool) -> AdapterFedAvg:
     return AdapterFedAvg(initial_arrays=GLOBAL, clients_per_round=5, num_clients=5, fraction_evaluate=0.0, run_id="r", label_names=["a", "b"],
+                         score_names=("accuracy", "macro_f1"),
                          secure_aggregation=secure, max_update_norm=1.0)
 
 

@@ -1,0 +1,5 @@
+"""`python -m commands` is the `fedtune` command."""
+
+from commands.main import main
+
+main()

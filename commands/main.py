@@ -1,0 +1,227 @@
+"""The `fedtune` command line. User mistakes print one line and exit non-zero.
+
+This package sits above everything it drives (simulations, server, client, common). Each
+command imports what it drives when it runs, so `fedtune --help` and `fedtune audit` never
+load torch, transformers or Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from common.errors import FedtuneError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+).")
+err = Console(stderr=True)
+
+
+def console() -> Console:
+    """Rich output; when piped, wide enough that tables are not cut to 80 columns."""
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+@cli.callback()
+def _root() -> None:
+    """Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."""
+
+
+INPUT_ERROR = 3  # 1 and 2 are the audit's verdicts (verification failed, budget exceeded)
+
+SetOption = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable).")
+
+
+@cli.command()
+def simulate(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of config keys."),
+    overrides: list[str] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<timestamp>)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory "
+                                          "from its last checkpoint (its own config is used)."),
+) -> None:
+    """Run a whole federation on this machine with Flower's simulation engine."""
+    from common.config import RunConfig
+    from simulations.simulate import resume_config, simulate as run
+
+    if resume is not None:
+        if config is not None or out is not None:
+            raise FedtuneError("--resume takes the run directory's own config and outputs; drop --config/--out")
+        resolved, out = resume_config(resume, overrides), resume
+    else:
+        resolved = RunConfig.load(path=config, overrides=overrides)
+    shell = console()
+    summary = run(config=resolved, out=out, verbose=verbose, console=shell, resume=resume is not None)
+    shell.print_json(json.dumps(summary))
+
+
+@cli.command()
+def audit(
+    target: Path = typer.Argument(..., help="A run directory, a ledger directory or a ledger.jsonl file."),
+    public_keys: list[str] = typer.Option([], "--public-key", help="Pin a key: NAME=FILE (e.g. client-0=keys/c0.pub)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
+    report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
+) -> None:
+    """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
+    from commands.audit_view import print_audit
+    from common.ledger.audit import audit_run
+
+    pinned = {}
+    for item in public_keys:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
+        pinned[name] = Path(path)
+    result = audit_run(target=target, pinned_keys=pinned)
+    if as_json:
+        from common.storage import json_safe
+
+        print(json.dumps(json_safe(result.to_json()), indent=2))
+    else:
+        print_audit(result, console())
+    if report:
+        from common.ledger.report import write_report
+        from common.tasks import TASK_NAMES, get_task
+
+        out_dir = target if target.is_dir() and (target / "ledgers").is_dir() else \
+            (target.parent if target.is_file() else target)
+        files = write_report(result=result, out_dir=out_dir,
+                             test_metrics=tuple(get_task(name).headline_metric for name in TASK_NAMES))
+        err.print("wrote " + ", ".join(str(f) for f in files))
+    raise typer.Exit(result.exit_code)
+
+
+@cli.command()
+def plan(
+    target_epsilon: float = typer.Option(8.0, "--target-epsilon", help="Budget epsilon for the whole run."),
+    delta: float = typer.Option(1e-5, "--delta", help="Budget delta."),
+    dataset_size: int = typer.Option(..., "--dataset-size", help="The client's number of training examples."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Expected batch size (the run default)."),
+    local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
+    accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
+    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Force sigma (0 calibrates)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of epsilon per round."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """The noise multiplier and epsilon after each round, computed exactly as a client will."""
+    from commands.plan_view import plot_schedule, print_schedule
+    from common.config import RunConfig
+    from common.privacy.plan import privacy_schedule
+
+    RunConfig(target_epsilon=target_epsilon, target_delta=delta, batch_size=batch_size,
+              local_epochs=local_epochs, num_rounds=rounds, accountant=accountant,
+              noise_multiplier=noise_multiplier, secure_aggregation=False, num_clients=1,
+              clients_per_round=1)  # the same validation and messages as a run config
+    schedule = privacy_schedule(dataset_size=dataset_size, batch_size=batch_size, local_epochs=local_epochs,
+                                rounds=rounds, target_epsilon=target_epsilon, delta=delta,
+                                accountant=accountant, noise_multiplier=noise_multiplier)
+    if as_json:
+        print(json.dumps(schedule, indent=2))
+    else:
+        print_schedule(schedule, console())
+    if plot is not None:
+        plot_schedule(schedule, plot)
+        err.print(f"wrote {plot}")
+
+
+@cli.command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="Directory for the CA, SuperLink certificate and SuperNode keys."),
+    hosts: str = typer.Option(..., "--hosts", help="Comma-separated names/IPs SuperNodes use to reach the "
+                              "SuperLink (e.g. coordinator.example.org,10.0.0.5)."),
+    nodes: int = typer.Option(..., "--nodes", help="How many SuperNode (institution) key pairs to make."),
+    days: int = typer.Option(365, "--days", help="Certificate validity in days."),
+) -> None:
+    """TLS certificates and SuperNode authentication keys for a deployment."""
+    from commands.certs import make_credentials
+
+    made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], nodes=nodes,
+                            days=days)
+    shell = console()
+    shell.print(f"CA certificate      {made.ca_certificate}   (give to every institution)")
+    shell.print(f"SuperLink TLS       {made.superlink_certificate}, {made.superlink_key}")
+    for key in made.supernode_keys:
+        shell.print(f"SuperNode key pair  {key} (private, 0600), {key}.pub (register it)")
+    shell.print(f"{out / 'ca.key'} signs certificates: keep it offline.")
+
+
+@cli.command("check-node")
+def check_node_command(
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink, as flower-supernode takes it."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
+    node_config: str = typer.Option(..., "--node-config", help="The node config flower-supernode will get."),
+) -> None:
+    """Check a SuperNode's setup before starting it: node config and data, keys, TLS to the SuperLink."""
+    from commands.node_check import check_node
+
+    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
+                        node_config=node_config)
+    shell = console()
+    for line in result.passed:
+        shell.print(f"[green]ok[/green]    {line}", highlight=False)
+    for line in result.problems:
+        err.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+    if result.problems:
+        raise typer.Exit(INPUT_ERROR)
+
+
+@cli.command("run-node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_node(
+    ctx: typer.Context,
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
+    node_config: str = typer.Option(..., "--node-config", help="This institution's node config."),
+) -> None:
+    """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
+    hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
+    from commands.node_check import check_node
+    from commands.supernode_runner import run_supernode
+
+    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
+                        node_config=node_config)
+    if result.problems:
+        raise FedtuneError("; ".join(result.problems))
+    code, hints = run_supernode(["--superlink", superlink, "--root-certificates", str(root_certificates),
+                                 "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
+                                 *ctx.args])
+    for hint in hints:
+        err.print(f"[bold red]error:[/bold red] {hint}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    if "--verbose" not in sys.argv:
+        # Library deprecation chatter is not for users; --verbose shows everything.
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Ray actors inherit it
+    try:
+        code = cli(standalone_mode=False)  # returns the code of typer.Exit in this mode
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except FedtuneError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(INPUT_ERROR)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

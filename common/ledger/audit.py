@@ -1,0 +1,230 @@
+"""Audit a finished run from its ledgers alone, without trusting the operator.
+
+Checks, in order: every ledger's hash chain and Ed25519 signatures (under pinned keys when
+given); each client's claimed epsilon against a recomputation from its own recorded history
+with an independent accountant (Google's dp_accounting PLD, not Opacus); the server's
+record of each client's epsilon and ledger head against what that client signed; and budgets.
+Exit codes: 0 clean, 1 a verification failed, 2 a budget was exceeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.errors import FedtuneError
+from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
+                                 read_records, record_hash, verify_records)
+from common.privacy.accounting import HistoryEntry, independent_epsilon
+from common.protocol import Status
+
+UNDER_REPORT_TOLERANCE = 0.01  # a claim more than 1% below the recomputation is flagged
+BUDGET_TOLERANCE = 0.01  # accountants differ slightly; a recomputation >1% above budget is a breach
+
+
+@dataclass
+class LedgerCheck:
+    owner: str
+    path: str
+    records: int
+    key_fingerprint: str
+    key_pinned: bool
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClientRow:
+    client_id: str
+    run_id: str
+    round: int
+    status: str
+    steps: int
+    noise_multiplier: float | None
+    sample_rate: float | None
+    claimed_epsilon: float | None
+    recomputed_epsilon: float | None
+    target_epsilon: float | None
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AuditResult:
+    ledgers: list[LedgerCheck]
+    rows: list[ClientRow]
+    problems: list[str]
+    budget_exceeded: list[str]
+    notes: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 2 if self.budget_exceeded else 0
+
+    @property
+    def verdict(self) -> str:
+        return {0: "clean", 1: "verification failed", 2: "budget exceeded"}[self.exit_code]
+
+    def to_json(self) -> dict:
+        return {"verdict": self.verdict, "exit_code": self.exit_code, **asdict(self)}
+
+
+def find_ledgers(target: Path) -> dict[str, Path]:
+    """Owner name -> ledger file, for a run directory, a ledger directory or a ledger file."""
+    target = Path(target)
+    if target.is_file() and target.name == LEDGER_FILE:
+        return {target.parent.name: target}
+    if (target / LEDGER_FILE).is_file():
+        return {target.name: target / LEDGER_FILE}
+    root = target / "ledgers"
+    found = {d.name: d / LEDGER_FILE for d in sorted(root.iterdir()) if (d / LEDGER_FILE).is_file()} \
+        if root.is_dir() else {}
+    if not found:
+        raise FedtuneError(f"{target} is not a fedtune run directory or ledger (no ledgers/*/{LEDGER_FILE} "
+                           f"and no {LEDGER_FILE} inside)")
+    return found
+
+
+def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None) -> AuditResult:
+    pinned_keys = dict(pinned_keys or {})
+    ledgers = find_ledgers(target)
+    unknown = sorted(set(pinned_keys) - set(ledgers))
+    if unknown:
+        raise FedtuneError(f"--public-key names {', '.join(unknown)}, but the ledgers here are "
+                           f"{', '.join(ledgers)}")
+    result = AuditResult(ledgers=[], rows=[], problems=[], budget_exceeded=[], notes=[])
+    records_by_owner: dict[str, list[dict]] = {}
+    for owner, path in ledgers.items():
+        key_path = pinned_keys.get(owner, path.parent / PUBLIC_KEY_FILE)
+        key = load_public_key(key_path)
+        check = verify_records(path, read_records(path), key)
+        result.ledgers.append(LedgerCheck(owner=owner, path=str(path), records=len(check.records),
+                                          key_fingerprint=public_key_fingerprint(key),
+                                          key_pinned=owner in pinned_keys, problems=list(check.problems)))
+        result.problems.extend(check.problems)
+        records_by_owner[owner] = check.records
+    unpinned = [c.owner for c in result.ledgers if not c.key_pinned]
+    if unpinned:
+        result.notes.append(f"keys read from beside the ledgers for {', '.join(unpinned)}; pin them with "
+                            f"--public-key NAME=FILE to rule out a re-signed ledger")
+    server = records_by_owner.pop("server", None)
+    for owner, records in records_by_owner.items():
+        _audit_client(owner, records, result)
+    run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
+    if server is not None:
+        _cross_check(server, records_by_owner, result)
+        if run_dir is not None:
+            _check_run_outputs(run_dir, server, result)
+    elif run_dir is not None:
+        result.problems.append(f"{run_dir} has client ledgers but no server ledger (ledgers/server/{LEDGER_FILE})")
+    return result
+
+
+def _number(record: dict, key: str, kind: type = float, *, optional: bool = False):
+    """A field of the expected numeric type (never a bool or a string), or ValueError naming it."""
+    value = record.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"field '{key}' is {value!r}, not a {kind.__name__}")
+    return kind(value)
+
+
+def _client_row(owner: str, record: dict, history: list[HistoryEntry]) -> ClientRow:
+    dp, status = record.get("dp"), record.get("status")
+    if not isinstance(dp, bool) or status not in (Status.TRAINED, Status.REFUSED_BUDGET):
+        raise ValueError(f"dp={dp!r}, status={status!r}")
+    if dp and status == Status.TRAINED:
+        history.append((_number(record, "noise_multiplier"), _number(record, "sample_rate"),
+                        _number(record, "steps", int)))
+    return ClientRow(
+        client_id=str(record.get("client_id", owner)), run_id=str(record.get("run_id")),
+        round=_number(record, "round", int), status=status, steps=_number(record, "steps", int),
+        noise_multiplier=_number(record, "noise_multiplier", optional=not dp),
+        sample_rate=_number(record, "sample_rate", optional=not dp),
+        claimed_epsilon=_number(record, "epsilon", optional=True) if dp else None,
+        recomputed_epsilon=independent_epsilon(history, _number(record, "delta")) if dp else None,
+        target_epsilon=_number(record, "target_epsilon", optional=not dp))
+
+
+def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
+    history: list[HistoryEntry] = []
+    for index, record in enumerate(records):
+        name = f"{owner} record {index + 1} (round {record.get('round', '?')})"
+        try:
+            row = _client_row(owner, record, history)
+        except ValueError as exc:
+            result.problems.append(f"{name}: malformed record ({exc})")
+            continue
+        dp, claimed, recomputed = record["dp"], row.claimed_epsilon, row.recomputed_epsilon
+        if dp:
+            if claimed is None or not math.isfinite(claimed) or claimed < recomputed * (1 - UNDER_REPORT_TOLERANCE):
+                row.flags.append("under-reported")
+                result.problems.append(f"{name}: claims epsilon {claimed} but its recorded history gives "
+                                       f"{recomputed:.4f} (independent PLD accountant)")
+            budget = row.target_epsilon
+            if budget is not None and (
+                    (claimed is not None and claimed > budget * (1 + 1e-9))
+                    or recomputed > budget * (1 + BUDGET_TOLERANCE)):
+                row.flags.append("over budget")
+                result.budget_exceeded.append(f"{name}: epsilon {max(claimed or 0, recomputed):.4f} exceeds "
+                                              f"the budget {budget}")
+        result.rows.append(row)
+
+
+def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: AuditResult) -> None:
+    """The epsilon and ledger head the server recorded must be exactly what the client signed;
+    rounds a client signed that the server never recorded are noted (its spend still counts)."""
+    signed = {}
+    for owner, records in clients.items():
+        for record in records:
+            signed[(str(record.get("client_id", owner)), str(record.get("run_id")), record.get("round"))] = record
+    listed = {(cid, str(entry.get("run_id")), entry.get("round"))
+              for entry in server for cid in (entry.get("epsilon") or {})}
+    server_runs = {str(entry.get("run_id")) for entry in server}
+    for key in sorted(set(signed) - listed, key=str):
+        if key[1] in server_runs:  # a client can drop after training: its spend counts, the server never heard
+            result.notes.append(f"{key[0]} signed a record for round {key[2]} that the server ledger does not "
+                                f"list (the client's reply did not arrive, or server records were removed)")
+    for index, entry in enumerate(server):
+        name = f"server record {index + 1} (round {entry.get('round', '?')})"
+        for cid, epsilon in (entry.get("epsilon") or {}).items():
+            own = signed.get((cid, str(entry.get("run_id")), entry.get("round")))
+            if own is None:
+                result.problems.append(f"{name}: lists {cid}, but {cid}'s ledger has no record for that round")
+                continue
+            if own.get("epsilon") != epsilon:
+                result.problems.append(f"{name}: records epsilon {epsilon} for {cid}, which signed "
+                                       f"{own.get('epsilon')}")
+            head = (entry.get("client_ledger_heads") or {}).get(cid)
+            if head is not None and head != _hash_or_none(own):
+                result.problems.append(f"{name}: {cid}'s ledger head differs from the record {cid} holds")
+
+
+def _hash_or_none(record: dict) -> str | None:
+    try:
+        return record_hash(record)
+    except (TypeError, ValueError):  # not canonical JSON: already reported by the chain check
+        return None
+
+
+def _check_run_outputs(run_dir: Path, server: list[dict], result: AuditResult) -> None:
+    """The server's signed rounds must agree with the run's metrics.jsonl and summary.json."""
+    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    if metrics_path.is_file():
+        try:
+            rounds = [json.loads(line)["round"] for line in metrics_path.read_text().splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            result.problems.append(f"{metrics_path} is not one JSON object with a 'round' per line")
+            rounds = None
+        if rounds is not None and rounds != [entry.get("round") for entry in server]:
+            result.problems.append(f"metrics.jsonl lists rounds {rounds}, the server ledger "
+                                   f"{[entry.get('round') for entry in server]}")
+    if summary_path.is_file():
+        try:
+            completed = json.loads(summary_path.read_text()).get("rounds_completed")
+        except ValueError:
+            completed = None
+        if completed is not None and completed != len(server):
+            result.problems.append(f"summary.json says {completed} rounds completed, the server ledger "
+                                   f"has {len(server)}")

@@ -1,0 +1,18 @@
+"""The randomness of the DP mechanism: the node's own, never the run's."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def private_generator() -> torch.Generator:
+    """A generator for DP noise and Poisson sampling that no other party can predict.
+
+    Seeded with 64 bits from the operating system, per client, per round; never from the run
+    seed (a shared seed would make every client draw the same noise and the same batches).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator

