@@ -23,7 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from common.config import RunConfig
 from common.faults import CORRUPTIONS, DROP_FIT, DROP_STAGES, STALL, InjectedFault, client_fault
-from common.protocol import FitInstructions, FitReport
+from common.protocol import FitInstructions, FitReport, Status
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ class DrillClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict):
         update, num_examples, metrics = self.client.fit(parameters, config)
+        report = FitReport.from_metrics(metrics)
+        if report.status != Status.TRAINED or report.resent:  # drills hit freshly trained rounds only
+            return update, num_examples, metrics
         server_round = FitInstructions.from_config(config).server_round
         fault = self._fault(server_round, CORRUPTIONS)
         if fault is not None:
             update = corrupt(update, fault)
-            report = FitReport.from_metrics(metrics)
             metrics = replace(report, update_max_abs=float(max(np.abs(u).max() for u in update))).to_metrics()
         if self._fault(server_round, (STALL,)):
             seconds = 2 * self.config.round_timeout if self.config.round_timeout else 60.0

@@ -1,8 +1,8 @@
 """The `fedtune` command line. User mistakes print one line and exit non-zero.
 
 This package sits above everything it drives (simulations, server, client, common). Each
-command imports what it drives when it runs, so `fedtune --help` and `fedtune audit` never
-load torch, transformers or Flower.
+command imports what it drives when it runs, so `fedtune --help` and `fedtune audit` (without
+`--report`, which asks each task for its headline score) never load torch, transformers or Flower.
 """
 
 from __future__ import annotations

@@ -12,38 +12,55 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644, exclusive: bool = False) -> None:
-    """Replace `path` with `data` atomically; the file has `mode` from its first byte.
+def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None, exclusive: bool = False) -> None:
+    """Replace `path` with `data` atomically.
 
+    `mode` None creates the file as `open` would (0o666 less the umask); a given `mode` is the
+    file's mode from its first byte (a private key is never readable by others, even briefly).
     With `exclusive`, refuse (FileExistsError) when `path` already exists instead of replacing
     it: a signing key must never be overwritten by a second process creating it at once.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
-        os.fchmod(descriptor, mode)
+        if mode is not None:
+            os.fchmod(descriptor, mode)  # exactly `mode`, whatever the umask
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         if exclusive:
-            os.link(tmp, path)  # fails if `path` exists, unlike a rename
-            tmp.unlink()
+            _link_exclusive(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)
+
+
+def _link_exclusive(tmp: Path, path: Path) -> None:
+    """Give `tmp`'s content the name `path` unless `path` exists (a hard link, unlike a rename,
+    refuses to replace); where the file system has no hard links, an exclusive create instead."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # e.g. a file system without hard links
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.stat(tmp).st_mode & 0o777)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(tmp.read_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def append_line(path: Path, line: str) -> None:

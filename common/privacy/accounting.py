@@ -9,8 +9,6 @@ dp_accounting PLD accountant), which is what the audit trusts.
 
 from __future__ import annotations
 
-from opacus.accountants import create_accountant
-
 HistoryEntry = tuple[float, float, int]
 
 
@@ -27,6 +25,8 @@ def compose(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEnt
 
 def epsilon_of(history: list[HistoryEntry], *, delta: float, accountant: str = "prv") -> float:
     """Epsilon spent by everything in `history`, from one Opacus accountant fed all of it."""
+    from opacus.accountants import create_accountant  # loads torch: `fedtune audit` never needs it
+
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)

@@ -33,14 +33,6 @@ def resolve_model_path(model: str, *, task: str = "classification") -> Path:
     return get_task(task).model_path(model)
 
 
-def all_score_names() -> tuple[str, ...]:
-    """Every score any task reports, in registry order (what the coordinator accepts from clients)."""
-    names: list[str] = []
-    for task in TASK_NAMES:
-        names += [n for n in get_task(task).score_names if n not in names]
-    return tuple(names)
-
-
 def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora, seed: int):
     """The run's model for `task`: the frozen base with LoRA (and a head where the task has one)."""
     return get_task(task).build_model(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
