@@ -65,7 +65,7 @@ class SimulationRun:
 
 def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float = 1800) -> SimulationRun:
     """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak memory."""
-    args = [sys.executable, "-m", "commands", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "fedtune", "simulate", "--out", str(out)]
     for key, value in keys.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         args += ["--set", f"{key}={text}"]

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
-    return subprocess.run([sys.executable, "-m", "commands", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -72,7 +72,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_import_layers_hold():
-    """import-linter over the contracts in pyproject.toml: commands > simulations > server | client
+    """import-linter over the contracts in pyproject.toml: fedtune (the CLI) > simulations > server | client
     > common, and inside common/ each concern imports only the ones below it."""
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     assert lint, "import-linter is a dev dependency: run `make setup`"
@@ -84,7 +84,7 @@ def test_import_layers_hold():
 def test_the_layer_contract_fails_on_a_violation(tmp_path):
     """The contract is not vacuous: a copy of the tree where common/ imports the client is refused."""
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
-    for name in ("commands", "simulations", "server", "client", "common"):
+    for name in ("fedtune", "simulations", "server", "client", "common"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     storage = tmp_path / "common" / "storage.py"
@@ -129,7 +129,7 @@ def test_wire_keys_are_written_only_in_the_protocol_module():
     are read only through FitReport / EvaluateReport, never by key."""
     instruction_keys = {"server-round", "fedtune-run-id", "label-names", "lora-a-sha256"}
     found = []
-    for package in (*PRODUCT, "simulations", "commands"):
+    for package in (*PRODUCT, "simulations", "fedtune"):
         for name, path in _modules(package).items():
             if name == "common.protocol":
                 continue

@@ -15,7 +15,6 @@ import pytest
 
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.ledger.audit import audit_run
 from common.protocol import (CLEAR_FIT_FIELDS, EvaluateInstructions, EvaluateReport, FitInstructions, FitReport,
                              Status)
 from common.tasks import get_task
@@ -154,13 +153,13 @@ def test_a_fit_report_sends_exactly_its_fields_and_leaves_absent_ones_out():
 
 
 def test_a_run_made_before_the_layout_change_still_audits_clean():
-    result = audit_run(target=BEFORE, pinned_keys={"client-0": BEFORE / "ledgers" / "client-0" / "ledger.pub"})
-    assert result.exit_code == 0, result.problems
-    assert len(result.rows) == 15 and all(not row.flags for row in result.rows)
-    assert max(row.recomputed_epsilon for row in result.rows) <= 8.0 * 1.01
-
-
-def test_fedtune_audit_verifies_a_run_made_before_the_layout_change():
-    result = run_fedtune("audit", str(BEFORE))
+    """`fedtune audit` on the demo run the previous layout wrote: every record verifies and
+    recomputes (5 clients x 3 rounds), with a key pinned as an auditor would."""
+    pinned = BEFORE / "ledgers" / "client-0" / "ledger.pub"
+    result = run_fedtune("audit", str(BEFORE), "--json", "--public-key", f"client-0={pinned}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Verdict: clean (exit 0)" in result.stdout
+    audit = json.loads(result.stdout)
+    assert audit["verdict"] == "clean" and not audit["problems"]
+    assert len(audit["rows"]) == 15 and all(not row["flags"] for row in audit["rows"])
+    assert max(row["recomputed_epsilon"] for row in audit["rows"]) <= 8.0 * 1.01
+    assert [ledger["key_pinned"] for ledger in audit["ledgers"] if ledger["owner"] == "client-0"] == [True]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from commands.certs import make_credentials
+from fedtune.certs import make_credentials
 from common.ledger.chain import read_records
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for

@@ -208,7 +208,7 @@ def test_killed_right_after_a_checkpoint_the_resumed_run_is_bit_identical(tiny_c
 
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "commands", "simulate", "--out", str(out),
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--out", str(out),
                                 *_args(config)], cwd=ROOT, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600

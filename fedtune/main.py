@@ -71,7 +71,7 @@ def audit(
     report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
 ) -> None:
     """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
-    from commands.audit_view import print_audit
+    from fedtune.audit_view import print_audit
     from common.ledger.audit import audit_run
 
     pinned = {}
@@ -113,7 +113,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """The noise multiplier and epsilon after each round, computed exactly as a client will."""
-    from commands.plan_view import plot_schedule, print_schedule
+    from fedtune.plan_view import plot_schedule, print_schedule
     from common.config import RunConfig
     from common.privacy.plan import privacy_schedule
 
@@ -142,7 +142,7 @@ def certs(
     days: int = typer.Option(365, "--days", help="Certificate validity in days."),
 ) -> None:
     """TLS certificates and SuperNode authentication keys for a deployment."""
-    from commands.certs import make_credentials
+    from fedtune.certs import make_credentials
 
     made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], nodes=nodes,
                             days=days)
@@ -162,7 +162,7 @@ def check_node_command(
     node_config: str = typer.Option(..., "--node-config", help="The node config flower-supernode will get."),
 ) -> None:
     """Check a SuperNode's setup before starting it: node config and data, keys, TLS to the SuperLink."""
-    from commands.node_check import check_node
+    from fedtune.node_check import check_node
 
     result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
                         node_config=node_config)
@@ -185,8 +185,8 @@ def run_node(
 ) -> None:
     """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
     hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
-    from commands.node_check import check_node
-    from commands.supernode_runner import run_supernode
+    from fedtune.node_check import check_node
+    from fedtune.supernode_runner import run_supernode
 
     result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
                         node_config=node_config)

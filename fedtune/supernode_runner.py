@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from commands.node_check import hint_for
+from fedtune.node_check import hint_for
 
 GIVE_UP_AFTER_FATAL_S = 10
 
