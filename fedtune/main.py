@@ -50,7 +50,7 @@ def simulate(
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
     from common.config import RunConfig
-    from simulations.simulate import resume_config, simulate as run
+    from simulations.resume import resume_config
 
     if resume is not None:
         if config is not None or out is not None:
@@ -58,6 +58,8 @@ def simulate(
         resolved, out = resume_config(resume, overrides), resume
     else:
         resolved = RunConfig.load(path=config, overrides=overrides)
+    from simulations.simulate import simulate as run  # Flower, Ray and torch load once the config is valid
+
     shell = console()
     summary = run(config=resolved, out=out, verbose=verbose, console=shell, resume=resume is not None)
     shell.print_json(json.dumps(summary))

@@ -6,16 +6,13 @@ import logging
 import os
 from pathlib import Path
 
-from flwr.simulation import run_simulation
 from rich.console import Console
 
-from client.app import build_client_app
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.privacy.plan import plan_privacy
 from common.run_data import federated_splits
 from common.tasks import get_task
-from server.app import build_server_app
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir
 from simulations.progress import RoundTable
@@ -49,7 +46,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
              console: Console | None = None, resume: bool = False) -> dict:
     """Run the federation and return its summary; writes the run directory `out`.
 
-    With `resume`, `out` is an interrupted run (see `resume_config`) continued from its checkpoint.
+    With `resume`, `out` is an interrupted run (see `simulations.resume`) continued from its checkpoint.
     """
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
@@ -59,6 +56,13 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     elif (run_dir / "metrics.jsonl").exists():
         raise FedtuneError(f"{run_dir} already holds a run; choose another --out, or --resume it")
     preflight(config, console)
+    # The engine and both apps load only once the checks above passed: a mistake in the config, the
+    # data or the run directory is reported in a second, not after Ray, Flower and the apps load.
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
     if not verbose:  # the table says what matters; Flower's INFO/WARNING lines are for --verbose
         logging.getLogger("flwr").setLevel(logging.ERROR)
         if config.inject_faults:  # a drill's vanishing clients are reported by the table, not tracebacks
@@ -89,19 +93,3 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
                            f"(rerun with --verbose) and {run_dir}")
     return results["summary"]
-
-
-# Keys a resumed run may change: how the drill and the waiting go, never what is trained or how
-# privately. Everything else comes from the run directory's config.toml.
-RESUMABLE_OVERRIDES = ("inject-faults", "round-timeout")
-
-
-def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The config an interrupted run was started with, plus the few overrides a resume allows."""
-    RunDirectory.open_existing(run_dir)
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key not in RESUMABLE_OVERRIDES:
-            raise FedtuneError(f"--resume keeps the run's config; only {', '.join(RESUMABLE_OVERRIDES)} "
-                               f"may change (got '{key}')")
-    return RunConfig.load(path=run_dir / "config.toml", overrides=overrides)
