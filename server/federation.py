@@ -24,7 +24,7 @@ from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.run_data import federated_splits
 from common.tasks import get_task
-from common.tasks.base import Task
+from common.tasks.base import GeneratesText, Task
 from server.bookkeeping import run_summary, upload_bytes
 from server.drills import crash_after_fit
 from server.recorder import RoundCallback, RoundRecorder
@@ -125,7 +125,7 @@ def _fit_workflow(config: RunConfig, *, max_client_examples: int) -> tuple[Workf
 
 def _sample_writer(*, config: RunConfig, task: Task, model, tokenizer, test, run_dir: RunDirectory):
     """samples.md for a task that generates text (None otherwise, or with samples = 0)."""
-    if not task.generates_text or config.samples == 0:
+    if not isinstance(task, GeneratesText) or config.samples == 0:
         return None
     prompts, references = task.sample_pairs(test, min(config.samples, len(test)))
     return SampleWriter(task=task, model=model, tokenizer=tokenizer, prompts=prompts, references=references,

@@ -10,13 +10,13 @@ import numpy as np
 
 from common.models.adapter import arrays_to_adapter
 from common.storage import atomic_write
-from common.tasks.base import Task
+from common.tasks.base import GeneratesText
 
 
 class SampleWriter:
     """Generates for the first `count` test prompts; the adapter decides base vs fine-tuned."""
 
-    def __init__(self, *, task: Task, model, tokenizer, prompts: list[str], references: list[str],
+    def __init__(self, *, task: GeneratesText, model, tokenizer, prompts: list[str], references: list[str],
                  max_new_tokens: int, path: Path) -> None:
         self.task, self.model, self.tokenizer, self.max_new_tokens, self.path = (task, model, tokenizer,
                                                                                  max_new_tokens, path)

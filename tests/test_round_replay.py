@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from client.fl_client import FedtuneClient
-from common.protocol import Status
 from client.update_cache import UpdateCache
 from common.ledger.chain import read_records
+from common.protocol import Status
 from tests.conftest import initial_adapter
 
 FIT = {"server-round": 1, "fedtune-run-id": "run-a"}

@@ -23,7 +23,6 @@ class Task(ABC):
     # (header, metrics.jsonl key, format) of the task's columns in the progress table
     progress_columns: ClassVar[tuple[tuple[str, str, str], ...]]
     default_physical_batch: ClassVar[int] = 0  # examples per forward pass when unset (0: whole batch)
-    generates_text: ClassVar[bool] = False  # whether `generate` and samples.md apply
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -80,8 +79,15 @@ class Task(ABC):
     def prepare_training_process(self) -> None:
         """Called once before local training in a process (nothing by default)."""
 
-    def generate(self, *, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-        raise NotImplementedError(f"task '{self.name}' does not generate text")
 
+class GeneratesText(ABC):
+    """A task whose model writes text: the coordinator shows base and fine-tuned generations for
+    fixed held-out prompts in samples.md. A task without it has no samples."""
+
+    @abstractmethod
+    def generate(self, *, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of `prompts` (deterministic, so base and fine-tuned compare fairly)."""
+
+    @abstractmethod
     def sample_pairs(self, split, count: int) -> tuple[list[str], list[str]]:
-        raise NotImplementedError(f"task '{self.name}' does not generate text")
+        """The first `count` (prompt, reference response) pairs of a held-out split."""

@@ -18,7 +18,7 @@ from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss, check_
 from common.models.loading import load_tokenizer
 from common.models.memory import release_freed_memory
 from common.models.smollm2 import smollm2_folder
-from common.tasks.base import Task
+from common.tasks.base import GeneratesText, Task
 from common.tasks.chat_tokens import encode_pairs, keep_fitting, prompt_ids
 
 
@@ -55,13 +55,12 @@ def generate(*, model, tokenizer, prompts: list[str], max_new_tokens: int) -> li
     return replies
 
 
-class CausalLM(Task):
+class CausalLM(Task, GeneratesText):
     name = "causal-lm"
     score_names = ("perplexity",)
     headline_metric = "perplexity"
     progress_columns = (("test loss", "test_loss", ".4f"), ("perplexity", "test_perplexity", ".2f"))
     default_physical_batch = 8  # activations dominate memory
-    generates_text = True
 
     def default_model_folder(self) -> Path:
         return smollm2_folder()
