@@ -1,8 +1,10 @@
 """The fedtune ClientApp: one per institution, with Flower's SecAgg+ mod when enabled.
 
-`app` is what `flwr run` loads (config from the Flower run config); `build_client_app`
-gives the same app bound to an already-resolved config, as `fedtune simulate` uses it.
-The node's own privacy keys (node config) override the run config the coordinator sends.
+`app` is what `flwr run` loads: the job is the coordinator's run config, and the node's privacy
+policy comes from its own node config with safe defaults (common/privacy/policy.py); the job
+may tighten it, a job that loosens it is refused. `build_client_app` gives the same app bound
+to an already-resolved config, as `fedtune simulate` uses it: there the researcher holds every
+node, so the run config is the policy (node config keys may still tighten it).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from flwr.client import Client, ClientApp
 
 from client.drills import DrillClient, dropout_mod
 from client.fl_client import FedtuneClient
-from client.node_data import NODE_PRIVACY_KEYS, NodeData
+from client.node_data import NodeData
+from client.policy_guard import transport_of
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.privacy.policy import NodePolicy
 
 
 def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> Path:
@@ -30,20 +34,34 @@ def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> P
     return (ledger_root or Path("ledgers")) / client_id
 
 
+def job_of(context: Context, config: RunConfig | None) -> RunConfig:
+    """What the coordinator asks (a simulation binds it; a deployment reads Flower's run config)."""
+    return config if config is not None else RunConfig.from_mapping(dict(context.run_config))
+
+
+def policy_of(context: Context, config: RunConfig | None) -> NodePolicy:
+    """The node's policy: its node config over safe defaults (over the researcher's run config
+    in a simulation, where one party holds every node)."""
+    defaults = NodePolicy.of_simulation(config) if config is not None else NodePolicy()
+    return NodePolicy.from_node_config(dict(context.node_config), defaults=defaults)
+
+
 def resolve_config(context: Context, config: RunConfig | None) -> RunConfig:
-    base = config.to_flower() if config is not None else dict(context.run_config)
-    own = {key: context.node_config[key] for key in NODE_PRIVACY_KEYS if key in context.node_config}
-    return RunConfig.from_mapping({**base, **own})
+    """The config this node acts on: the job with the node's policy in force (the job as asked
+    when it loosens the policy: every train request is then refused)."""
+    policy, job = policy_of(context, config), job_of(context, config)
+    return job if policy.loosenings(job) else policy.applied_to(job)
 
 
 def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
     """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir)."""
 
     def client_fn(context: Context) -> Client:
-        cfg = resolve_config(context, config)
         node = NodeData.from_node_config(dict(context.node_config))
-        client = FedtuneClient(config=cfg, node=node, run_id=str(context.run_id),
+        client = FedtuneClient(config=job_of(context, config), policy=policy_of(context, config), node=node,
+                               transport=transport_of(context), run_id=str(context.run_id),
                                ledger_dir=_ledger_dir(context, ledger_root, node.client_id))
+        cfg = client.config
         if cfg.inject_faults and node.partition_id is not None:  # a drill, in simulation only
             return DrillClient(client, config=cfg, partition_id=node.partition_id).to_client()
         return client.to_client()
@@ -52,9 +70,7 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
         return resolve_config(context, config)
 
     # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
-    return ClientApp(client_fn=client_fn, mods=[
-        dropout_mod(run_config),
-        secure_aggregation_mod(lambda context: run_config(context).secure_aggregation)])
+    return ClientApp(client_fn=client_fn, mods=[dropout_mod(run_config), secure_aggregation_mod])
 
 
 app = build_client_app()

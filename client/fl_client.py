@@ -8,15 +8,18 @@ the budget guard runs first, and the signed ledger record is on disk before the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.node_data import NodeData, client_split, label_names_from
+from client.node_data import NodeData, client_split, label_names_from, model_of
+from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
 from client.replay import replay_round
 from client.trainer import train_locally
@@ -28,6 +31,7 @@ from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_a
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.privacy.accounting import epsilon_of
+from common.privacy.policy import NodePolicy
 from common.privacy.plan import PrivacyPlan, epsilon_after_next_round, fits_budget, plan_privacy
 from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
 from common.tasks import get_task
@@ -39,8 +43,15 @@ FitReply = tuple[list[np.ndarray], int, dict]
 
 class FedtuneClient(NumPyClient):
     def __init__(self, *, config: RunConfig, ledger_dir: Path, run_id: str, partition_id: int | None = None,
-                 node: NodeData | None = None) -> None:
-        self.config = config
+                 node: NodeData | None = None, policy: NodePolicy | None = None,
+                 transport: Transport | None = None) -> None:
+        """`config` is the job as the coordinator asked it; `policy` the node's (a simulation's
+        researcher holds every node, so by default the job is the policy)."""
+        self.job = config
+        self.policy = policy or NodePolicy.of_simulation(config)
+        self.refusal = request_refusal(policy=self.policy, job=config, transport=transport)
+        self.config = config if self.refusal else self.policy.applied_to(config)  # what the node does
+        self.transport = transport
         self.task = get_task(config.task)
         self.node = node or NodeData(client_id=f"client-{partition_id}", partition_id=partition_id)
         self.partition_id = self.node.partition_id  # fault drills address clients by partition
@@ -55,56 +66,93 @@ class FedtuneClient(NumPyClient):
         instructions = FitInstructions.from_config(config)
         # The coordinator's run id survives a resume; Flower's changes with every (re)start.
         run_id = instructions.run_id or self.run_id
-        self.label_names = label_names_from(instructions, self.config)
-        data = self._data()
-        ledger = ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
+        ledger = self._ledger()
+        refuse = functools.partial(self._refuse, ledger, run_id=run_id, server_round=instructions.server_round,
+                                   parameters=parameters)
+        if self.refusal:  # before reading a record: the job asks for less than the policy allows
+            return refuse(status=Status.REFUSED_POLICY, reason=self.refusal, num_examples=0)
+        self.label_names = label_names_from(instructions, self.config, self.node)
+        num_examples = len(self._data().train)
+        reason = data_refusal(policy=self.policy, config=self.config, transport=self.transport,
+                              num_examples=num_examples)
+        if reason:
+            return refuse(status=Status.REFUSED_POLICY, reason=reason, num_examples=num_examples)
         cache = UpdateCache(self.ledger_dir)
         replay = replay_round(ledger=ledger, cache=cache, run_id=run_id, server_round=instructions.server_round,
                               parameters=parameters)
         if replay is not None:
             return replay
-        plan = self._plan(ledger, run_id=run_id, num_examples=len(data.train))
+        plan = self._plan(ledger, run_id=run_id, num_examples=num_examples)
+        if isinstance(plan, str):
+            return refuse(status=Status.REFUSED_POLICY, reason=plan, num_examples=num_examples)
         if plan is not None and not fits_budget(epsilon_after_next_round(ledger.history(), plan), plan):
-            return self._refuse(ledger, plan=plan, run_id=run_id, server_round=instructions.server_round,
-                                num_examples=len(data.train), parameters=parameters)
+            return refuse(status=Status.REFUSED_BUDGET, plan=plan, num_examples=num_examples)
         return self._train_round(parameters, ledger=ledger, cache=cache, plan=plan, run_id=run_id,
-                                 instructions=instructions, num_examples=len(data.train))
+                                 instructions=instructions, num_examples=num_examples)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        self.label_names = label_names_from(EvaluateInstructions.from_config(config), self.config)
+        """Only as often as the policy allows, on the node's own validation records; each answer
+        (and each refusal) is signed in the ledger, since the scores travel in clear."""
+        instructions = EvaluateInstructions.from_config(config)
+        ledger = self._ledger()
+        answered = ledger.evaluations_answered()
+        if answered >= self.policy.max_evaluations:
+            reason = (f"this node answers at most {self.policy.max_evaluations} evaluation request(s) "
+                      f"(policy max-evaluations) and has answered {answered}")
+            ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.REFUSED_POLICY,
+                          plan=None, steps=0, epsilon=None, local_examples=0, policy=self.policy.to_record(),
+                          reason=reason, request="evaluate")
+            return 0.0, 0, EvaluateReport(client_id=self.client_id, reason=reason).to_metrics()
+        self.label_names = label_names_from(instructions, self.config, self.node)
         dataset = _encoded(self.config, self.node, self.label_names, "validation")
         scores = self.task.evaluate(model=self._model(parameters), dataset=dataset)
+        ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.EVALUATED,
+                      plan=None, steps=0, epsilon=None, local_examples=len(dataset),
+                      policy=self.policy.to_record(), request="evaluate")
         report = EvaluateReport(client_id=self.client_id, scores={k: v for k, v in scores.items() if k != "loss"})
         return scores["loss"], len(dataset), report.to_metrics()
 
     # -- the round ---------------------------------------------------------------------------
 
-    def _plan(self, ledger: ClientPrivacyLedger, *, run_id: str, num_examples: int) -> PrivacyPlan | None:
-        """This run's noise plan: read back from the ledger, or calibrated once in its first round."""
+    def _plan(self, ledger: ClientPrivacyLedger, *, run_id: str, num_examples: int) -> PrivacyPlan | str | None:
+        """This run's noise plan: read back from the ledger, or calibrated once in its first round.
+
+        A plan read back never raises the node's budget (a coordinator can name any run id), and
+        is reused only for the data it was made for; a str is the reason to refuse."""
         cfg = self.config
         if not cfg.dp:
             return None
         plan = ledger.plan_for(run_id)
-        if plan is None:
-            plan = plan_privacy(num_examples=num_examples, batch_size=cfg.batch_size,
-                                local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
-                                target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-                                accountant=cfg.accountant, noise_multiplier=cfg.noise_multiplier)
-            log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
-                     self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
-                     plan.steps_per_round)
+        if plan is not None:
+            if plan.num_examples != num_examples:
+                return (f"run {run_id}'s noise plan was made for {plan.num_examples} training records and this "
+                        f"node now has {num_examples}; start a new run")
+            return dataclasses.replace(plan, target_epsilon=min(plan.target_epsilon, cfg.target_epsilon),
+                                       target_delta=min(plan.target_delta, cfg.target_delta),
+                                       accountant=cfg.accountant)
+        plan = plan_privacy(num_examples=num_examples, batch_size=cfg.batch_size,
+                            local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
+                            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                            accountant=cfg.accountant, noise_multiplier=cfg.noise_multiplier)
+        log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
+                 self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
+                 plan.steps_per_round)
         return plan
 
-    def _refuse(self, ledger: ClientPrivacyLedger, *, plan: PrivacyPlan, run_id: str, server_round: int,
-                num_examples: int, parameters: list[np.ndarray]) -> FitReply:
-        """The budget guard said no: sign the refusal and send zeros with weight 0."""
-        spent = epsilon_of(ledger.history(), delta=plan.target_delta, accountant=plan.accountant)
-        log.warning("%s: refusing round %d: it would exceed epsilon %.3g (spent %.3f)",
-                    self.client_id, server_round, plan.target_epsilon, spent)
-        ledger.record(run_id=run_id, server_round=server_round, status=Status.REFUSED_BUDGET, plan=plan,
-                      steps=0, epsilon=spent, local_examples=num_examples)
-        report = FitReport(client_id=self.client_id, server_round=server_round, status=Status.REFUSED_BUDGET,
-                           epsilon=spent, **_plan_fields(plan), ledger_head=ledger.head_hash)
+    def _refuse(self, ledger: ClientPrivacyLedger, *, status: Status, run_id: str, server_round: int,
+                num_examples: int, parameters: list[np.ndarray], plan: PrivacyPlan | None = None,
+                reason: str | None = None) -> FitReply:
+        """The budget guard or the policy said no: sign the refusal and send zeros with weight 0."""
+        spent = None if plan is None else epsilon_of(ledger.history(), delta=plan.target_delta,
+                                                     accountant=plan.accountant)
+        spent = spent if spent is not None and math.isfinite(spent) else None  # inf: a round without DP
+        if reason is None:
+            reason = f"this round would take epsilon past the node's budget {plan.target_epsilon:g}"
+        log.warning("%s: refusing round %d: %s", self.client_id, server_round, reason)
+        ledger.record(run_id=run_id, server_round=server_round, status=status, plan=plan, steps=0, epsilon=spent,
+                      local_examples=num_examples, policy=self.policy.to_record(), reason=reason)
+        report = FitReport(client_id=self.client_id, server_round=server_round, status=status, epsilon=spent,
+                           **_plan_fields(plan), ledger_head=ledger.head_hash, reason=reason)
         return [np.zeros_like(a) for a in parameters], 0, report.to_metrics()
 
     def _train_round(self, parameters: list[np.ndarray], *, ledger: ClientPrivacyLedger, cache: UpdateCache,
@@ -127,11 +175,13 @@ class FedtuneClient(NumPyClient):
         epsilon = None if plan is None else epsilon_of(result.history, delta=plan.target_delta,
                                                           accountant=plan.accountant)
         report = FitReport(client_id=self.client_id, server_round=server_round, status=Status.TRAINED,
-                           steps=result.steps, train_loss=result.train_loss,
+                           steps=result.steps,
+                           train_loss=result.train_loss if self.policy.share_train_loss else None,
                            update_max_abs=float(max(np.abs(u).max() for u in update)), epsilon=epsilon,
                            **_plan_fields(plan), lora_a_sha256=shared_a or None)
         fields = ledger.fields(run_id=run_id, server_round=server_round, status=Status.TRAINED, plan=plan,
-                               steps=result.steps, epsilon=epsilon, local_examples=num_examples)
+                               steps=result.steps, epsilon=epsilon, local_examples=num_examples,
+                               policy=self.policy.to_record())
         cache.save(run_id=run_id, server_round=server_round, cached=CachedUpdate(
             update=update, num_examples=num_examples, global_sha256=adapter_sha256(parameters),
             ledger_fields=fields, metrics=report.to_metrics()))
@@ -156,12 +206,15 @@ class FedtuneClient(NumPyClient):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _ledger(self) -> ClientPrivacyLedger:
+        return ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
+
     def _data(self) -> ClientSplit:
         return client_split(self.config, self.node, self.label_names)
 
     def _model(self, parameters: list[np.ndarray]):
         cfg = self.config
-        model = self.task.build_model(model_path=self.task.model_path(cfg.model), num_labels=len(self.label_names),
+        model = self.task.build_model(model_path=self.task.model_path(model_of(cfg, self.node)), num_labels=len(self.label_names),
                                       lora=LoraSettings.from_config(cfg), seed=cfg.seed)
         arrays_to_adapter(model, parameters)
         return model
@@ -180,5 +233,5 @@ def _encoded(config: RunConfig, node: NodeData, label_names: tuple[str, ...], pa
     """Tokenized local data, kept for the life of the process (a simulation actor or a node)."""
     split = getattr(client_split(config, node, label_names), part)
     task = get_task(config.task)
-    tokenizer = load_tokenizer(task.model_path(config.model))
+    tokenizer = load_tokenizer(task.model_path(model_of(config, node)))
     return task.encode(tokenizer=tokenizer, split=split, max_length=config.max_length)

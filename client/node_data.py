@@ -12,18 +12,17 @@ import numpy as np
 from common.config import RunConfig
 from common.data.splits import ClientSplit
 from common.errors import FedtuneError
+from common.privacy.policy import POLICY_KEYS
 from common.protocol import EvaluateInstructions, FitInstructions
 from common.run_data import federated_splits
 from common.tasks import get_task
 
-# Node config keys that say where this institution's data is and how to read it.
-NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column")
-# Privacy settings an institution may fix in its own node config; they override the run config
-# the coordinator sends, so the coordinator cannot switch DP off or widen the budget.
-NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "target-delta", "max-grad-norm", "noise-multiplier",
-                     "accountant", "secure-aggregation")
+# Node config keys that say where this institution's data and model are and how to read them;
+# in deployment the coordinator's run config never names a file the node opens.
+NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
+                  "validation-fraction", "split-seed")
 # Flower's simulation engine sets partition-id and num-partitions itself.
-NODE_KEYS = (*NODE_DATA_KEYS, *NODE_PRIVACY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
+NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
 
 
 def check_node_keys(node: dict) -> None:
@@ -45,6 +44,9 @@ class NodeData:
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    model: str = "default"  # deployment: the node's own copy of the agreed base model
+    validation_fraction: float = 0.1  # deployment: the node's validation share, chosen by the node
+    split_seed: int = 0  # deployment: which records are validation, chosen by the node
 
     @classmethod
     def from_node_config(cls, node: dict) -> NodeData:
@@ -59,19 +61,48 @@ class NodeData:
                        text_column=str(node.get("text-column", "text")),
                        label_column=str(node.get("label-column", "label")),
                        prompt_column=str(node.get("prompt-column", "prompt")),
-                       response_column=str(node.get("response-column", "response")))
+                       response_column=str(node.get("response-column", "response")),
+                       model=str(node.get("model", "default")),
+                       validation_fraction=_fraction(node.get("validation-fraction", 0.1)),
+                       split_seed=_whole(node.get("split-seed", 0)))
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
         raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
                            "data='/srv/records.csv') or, in a simulation, 'partition-id'")
 
 
-def label_names_from(instructions: FitInstructions | EvaluateInstructions, config: RunConfig) -> tuple[str, ...]:
+def _fraction(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if isinstance(value, bool) or not 0.0 <= number < 1.0:
+        raise FedtuneError("node config key 'validation-fraction' must lie in [0, 1)")
+    return number
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FedtuneError("node config key 'split-seed' must be a whole number")
+    return value
+
+
+def label_names_from(instructions: FitInstructions | EvaluateInstructions, config: RunConfig,
+                     node: NodeData) -> tuple[str, ...]:
     """The federation's label names in order, as the coordinator sends them (a node's own file
-    may lack some labels); a simulation can also derive them from the shared corpus."""
+    may lack some). Only a simulation derives them from the shared corpus: a real node never
+    opens a file the coordinator names."""
     if instructions.label_names is not None:
         return instructions.label_names
+    if node.path is not None:
+        raise FedtuneError("the coordinator sent no label-names; this node reads no file the coordinator names, "
+                           "so it cannot derive them. Nothing was read, trained or spent.")
     return tuple(federated_splits(config).label_names)
+
+
+def model_of(config: RunConfig, node: NodeData) -> str:
+    """The base model a node loads: in deployment its own copy (node config), never the job's path."""
+    return node.model if node.path is not None else config.model
 
 
 @functools.lru_cache(maxsize=8)
@@ -80,11 +111,11 @@ def client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...]
     if node.path is None:
         return federated_splits(config).clients[node.partition_id]
     task = get_task(config.task)
-    examples = task.load_examples(data=node.path, columns=task.data_columns(node), model=config.model,
+    examples = task.load_examples(data=node.path, columns=task.data_columns(node), model=model_of(config, node),
                                   max_length=config.max_length)
-    examples = task.align_labels(examples, label_names=label_names, source=node.path)
-    order = np.random.default_rng([config.seed, 7]).permutation(len(examples))
-    n_val = int(len(order) * config.validation_fraction)
+    examples = task.align_labels(examples, label_names=label_names, source="this node's data file")
+    order = np.random.default_rng([node.split_seed, 7]).permutation(len(examples))
+    n_val = int(len(order) * node.validation_fraction)
     if len(order) - n_val < 1:
-        raise FedtuneError(f"{node.path} has {len(order)} usable examples, too few to train")
+        raise FedtuneError(f"this node's data file has {len(order)} usable examples, too few to train")
     return ClientSplit(train=examples.take(order[n_val:]), validation=examples.take(order[:n_val]))

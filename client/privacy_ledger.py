@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.ledger.chain import Ledger
-from common.ledger.records import client_record_fields, plan_of_run, record_of_round, trained_history
+from common.ledger.records import (client_record_fields, evaluations_answered, plan_of_run, record_of_round,
+                                   trained_history)
 from common.privacy.accounting import HistoryEntry
 from common.privacy.plan import PrivacyPlan
 from common.protocol import Status
@@ -33,20 +34,24 @@ class ClientPrivacyLedger:
         """The record this client signed for a round of a run, if it was asked before."""
         return record_of_round(self.ledger.records, run_id, server_round)
 
-    def record(self, *, run_id: str, server_round: int, status: Status, plan: PrivacyPlan | None,
-               steps: int, epsilon: float | None, local_examples: int) -> dict:
-        return self.append(self.fields(run_id=run_id, server_round=server_round, status=status, plan=plan,
-                                       steps=steps, epsilon=epsilon, local_examples=local_examples))
+    def evaluations_answered(self) -> int:
+        return evaluations_answered(self.ledger.records)
+
+    def record(self, **fields) -> dict:
+        """Sign a record now (a refusal or an evaluation: nothing is cached for it)."""
+        return self.append(self.fields(**fields))
 
     def append(self, fields: dict) -> dict:
         return self.ledger.append(fields)  # verified, signed, fsynced
 
     def fields(self, *, run_id: str, server_round: int, status: Status, plan: PrivacyPlan | None,
-               steps: int, epsilon: float | None, local_examples: int) -> dict:
+               steps: int, epsilon: float | None, local_examples: int, policy: dict | None = None,
+               reason: str | None = None, request: str = "fit") -> dict:
         """What the client signs for a round (before signing: the update cache keeps a copy)."""
         return client_record_fields(client_id=self.client_id, run_id=run_id, server_round=server_round,
                                     status=status, plan=plan, steps=steps, epsilon=epsilon,
-                                    local_examples=local_examples)
+                                    local_examples=local_examples, policy=policy, reason=reason,
+                                    request=request)
 
     @property
     def head_hash(self) -> str:

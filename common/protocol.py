@@ -13,7 +13,6 @@ never sends data values, only counts, its privacy parameters and hashes.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Mapping
@@ -27,6 +26,11 @@ class Status(StrEnum):
     TRAINED = "trained"
     REFUSED_BUDGET = "refused-budget"  # training would take it past its own budget
     ALREADY_SPENT = "refused-already-spent"  # asked again for a round it paid for, cannot re-send
+    REFUSED_POLICY = "refused-policy"  # the request asks for less than the node's policy allows
+    EVALUATED = "evaluated"  # answered an evaluation request (ledger only: it is not a fit status)
+
+
+REFUSALS = (Status.REFUSED_BUDGET, Status.REFUSED_POLICY)
 
 
 # -- coordinator -> client ---------------------------------------------------------------------
@@ -94,7 +98,7 @@ class FitReport:
     server_round: int
     status: Status | str
     steps: int = 0
-    train_loss: float = math.nan
+    train_loss: float | None = None  # only when the node's policy shares it (it is not private)
     update_max_abs: float = 0.0  # lets the coordinator warn when SecAgg+'s range clipped a value
     epsilon: float | None = None  # cumulative, as signed in the client's ledger
     noise_multiplier: float | None = None
@@ -103,6 +107,7 @@ class FitReport:
     lora_a_sha256: str | None = None  # public: derived from the run seed
     ledger_head: str | None = None  # hash of the client's last ledger record (the auditor's anchor)
     resent: bool = False  # a re-sent update of a round already paid for
+    reason: str | None = None  # why a node refused: policy key names and limits, never data
 
     def to_metrics(self) -> dict[str, Any]:
         """Flower metrics: absent values are left out (Flower has no null), `resent` only when true."""
@@ -132,15 +137,21 @@ CLEAR_FIT_FIELDS = tuple(spec.name for spec in fields(FitReport))
 
 @dataclass(frozen=True)
 class EvaluateReport:
-    """An evaluation reply's metrics: who answered and its validation scores (loss travels apart)."""
+    """An evaluation reply's metrics: who answered and its validation scores (loss travels apart).
+    A node whose policy allows no (more) evaluations answers with weight 0 and the reason."""
 
     client_id: str
     scores: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None  # set when the node refused
 
     def to_metrics(self) -> dict[str, Any]:
+        if self.reason is not None:
+            return {"client_id": self.client_id, "status": str(Status.REFUSED_POLICY), "reason": self.reason}
         return {"client_id": self.client_id, **self.scores}
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any], *, score_names: tuple[str, ...]) -> EvaluateReport:
+        reason = metrics.get("reason")
         return cls(client_id=str(metrics.get("client_id", "?")),
-                   scores={name: metrics[name] for name in score_names if name in metrics})
+                   scores={name: metrics[name] for name in score_names if name in metrics},
+                   reason=None if reason is None else str(reason))

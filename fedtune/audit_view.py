@@ -36,4 +36,6 @@ def print_audit(result: AuditResult, console: Console) -> None:
         console.print(f"  [red]FAIL[/red] {problem}", soft_wrap=True)
     for breach in result.budget_exceeded:
         console.print(f"  [yellow]OVER BUDGET[/yellow] {breach}", soft_wrap=True)
+    for breach in result.policy_breaches:
+        console.print(f"  [yellow]POLICY[/yellow] {breach}", soft_wrap=True)
     console.print(f"Verdict: [{VERDICT_STYLE[result.exit_code]}]{result.verdict}[/] (exit {result.exit_code})")

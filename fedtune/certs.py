@@ -1,14 +1,14 @@
-"""`fedtune certs`: the TLS and node-authentication material of one federation.
+"""`fedtune certs`: the coordinator's TLS material of one federation.
 
 Laid out as the Flower commands take it:
 
     OUT/ca.crt, OUT/ca.key                     the federation's CA (keep ca.key offline)
     OUT/superlink/server.pem, server.key       the SuperLink's certificate (SAN = --hosts) and key
-    OUT/supernodes/supernode-N, .pub           one ECDSA P-384 key pair per institution (OpenSSH),
-                                               the .pub registered with `flwr supernode register`
 
-Private keys are written owner-only (0600); certificates and public keys 0644. Each
-institution receives ca.crt and its own supernode-N key pair, nothing else.
+No SuperNode key is made here: each institution makes its own with `fedtune node-keys` and sends
+only the .pub, which the coordinator registers with `flwr supernode register`. So whoever holds
+this folder cannot act as any institution's node. Private keys are written owner-only (0600),
+certificates 0644. Each institution receives ca.crt, nothing else.
 """
 
 from __future__ import annotations
@@ -34,19 +34,16 @@ class FederationCredentials:
     ca_certificate: Path
     superlink_certificate: Path
     superlink_key: Path
-    supernode_keys: list[Path]  # private keys; the public key is the same path + ".pub"
 
 
-def make_credentials(*, out: Path, hosts: list[str], nodes: int, days: int = 365) -> FederationCredentials:
-    """A CA, a SuperLink certificate for `hosts` (names or IPs), and `nodes` SuperNode key pairs."""
+def make_credentials(*, out: Path, hosts: list[str], days: int = 365) -> FederationCredentials:
+    """A CA and a SuperLink certificate for `hosts` (names or IPs); SuperNode keys are the institutions'."""
     if not hosts:
         raise FedtuneError("--hosts needs at least one host name or IP the SuperNodes will dial")
     for host in hosts:
         if not _is_ip(host) and (":" in host or "[" in host or "/" in host or " " in host):
             raise FedtuneError(f"--hosts entry {host!r} is not a host name or IP address (no ports, brackets or "
                                f"schemes: e.g. coordinator.example.org,10.0.0.5,::1)")
-    if nodes < 1:
-        raise FedtuneError("--nodes must be at least 1")
     if days < 1:
         raise FedtuneError("--days must be at least 1")
     out = Path(out)
@@ -75,17 +72,8 @@ def make_credentials(*, out: Path, hosts: list[str], nodes: int, days: int = 365
     _write(out / "ca.key", _private_pem(ca_key), PRIVATE)
     _write(out / "superlink" / "server.pem", server_cert.public_bytes(pem), PUBLIC)
     _write(out / "superlink" / "server.key", _private_pem(server_key), PRIVATE)
-    keys = []
-    for index in range(nodes):
-        key = ec.generate_private_key(ec.SECP384R1())
-        path = out / "supernodes" / f"supernode-{index}"
-        _write(path, key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
-               PRIVATE)
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write(path.with_name(path.name + ".pub"), public + f" supernode-{index}\n".encode(), PUBLIC)
-        keys.append(path)
     return FederationCredentials(ca_certificate=out / "ca.crt", superlink_certificate=out / "superlink" / "server.pem",
-                                 superlink_key=out / "superlink" / "server.key", supernode_keys=keys)
+                                 superlink_key=out / "superlink" / "server.key")
 
 
 def _builder(*, subject: x509.Name, issuer: x509.Name, key, now: dt.datetime, days: int) -> x509.CertificateBuilder:

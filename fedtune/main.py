@@ -137,23 +137,50 @@ def plan(
 
 @cli.command()
 def certs(
-    out: Path = typer.Option(..., "--out", help="Directory for the CA, SuperLink certificate and SuperNode keys."),
+    out: Path = typer.Option(..., "--out", help="Directory for the CA and the SuperLink certificate and key."),
     hosts: str = typer.Option(..., "--hosts", help="Comma-separated names/IPs SuperNodes use to reach the "
                               "SuperLink (e.g. coordinator.example.org,10.0.0.5)."),
-    nodes: int = typer.Option(..., "--nodes", help="How many SuperNode (institution) key pairs to make."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", hidden=True),  # gone: only to say what replaced it
     days: int = typer.Option(365, "--days", help="Certificate validity in days."),
 ) -> None:
-    """TLS certificates and SuperNode authentication keys for a deployment."""
+    """TLS certificates for a deployment (the CA and the SuperLink's); institutions run `fedtune node-keys`."""
+    if nodes is not None:
+        raise FedtuneError("--nodes is gone: the coordinator no longer makes SuperNode keys. Each institution "
+                           "runs `fedtune node-keys --out DIR` on its own machine and sends you only its "
+                           "supernode.pub, which you register with `flwr supernode register`")
     from fedtune.certs import make_credentials
 
-    made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], nodes=nodes,
-                            days=days)
+    made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], days=days)
     shell = console()
     shell.print(f"CA certificate      {made.ca_certificate}   (give to every institution)")
     shell.print(f"SuperLink TLS       {made.superlink_certificate}, {made.superlink_key}")
-    for key in made.supernode_keys:
-        shell.print(f"SuperNode key pair  {key} (private, 0600), {key}.pub (register it)")
     shell.print(f"{out / 'ca.key'} signs certificates: keep it offline.")
+    shell.print("SuperNode keys: each institution runs `fedtune node-keys` and sends you only its .pub;\n"
+                "register each with `flwr supernode register FILE.pub <federation>`.", highlight=False)
+
+
+@cli.command("node-keys")
+def node_keys(
+    out: Path = typer.Option(..., "--out", help="Directory for this institution's SuperNode key pair."),
+    ledger_dir: Optional[Path] = typer.Option(None, "--ledger-dir", help="Also make the ledger's signing key "
+                                              "pair here (the node config's ledger-dir)."),
+    name: str = typer.Option("supernode", "--name", help="This institution's name, the public key's comment."),
+) -> None:
+    """Run by each institution on its own machine: its SuperNode (and ledger) keys, which never leave it."""
+    from fedtune.node_keys import make_node_keys
+
+    made = make_node_keys(out=out, ledger_dir=ledger_dir, name=name)
+    shell = console()
+    shell.print(f"send to the coordinator  {made.supernode_public_key}   "
+                f"(it runs `flwr supernode register {made.supernode_public_key.name} <federation>`)", highlight=False)
+    if made.ledger_public_key is not None:
+        shell.print(f"give to the auditor      {made.ledger_public_key}   "
+                    f"(pinned as --public-key CLIENT-ID={made.ledger_public_key.name})", highlight=False)
+    else:
+        shell.print("give to the auditor      ledger.pub from the node config's ledger-dir, made there on the first "
+                    "round\n                         (or now: --ledger-dir)", highlight=False)
+    kept = ", ".join(str(path) for path in (made.supernode_key, made.ledger_key) if path is not None)
+    shell.print(f"never leaves this site   {kept}   (private, 0600)", highlight=False)
 
 
 @cli.command("check-node")

@@ -13,14 +13,14 @@ import numpy as np
 from flwr.common import ndarray_to_bytes
 
 from common.ledger.records import server_record_fields
-from common.protocol import Status
+from common.protocol import REFUSALS
 from common.storage import json_safe
 from common.tasks.base import Task
 from server.strategy import RoundOutcome
 
 # A client's entry in a round record: what it reported, in this order (absent ones left out).
 CLIENT_ENTRY_FIELDS = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss",
-                       "num_examples", "update_max_abs", "lora_a_sha256", "rejected", "resent")
+                       "num_examples", "update_max_abs", "lora_a_sha256", "rejected", "resent", "reason")
 
 
 def client_entries(outcome: RoundOutcome, *, task: Task) -> dict[str, dict[str, Any]]:
@@ -72,8 +72,8 @@ def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundO
 
 
 def every_client_refused(outcome: RoundOutcome) -> bool:
-    """Every sampled client answered that its budget is spent: no later round can train."""
-    refused = [cid for cid, reply in outcome.replies.items() if reply.report.status == Status.REFUSED_BUDGET]
+    """Every sampled client refused (budget spent, or the job asks for less than its policy allows)."""
+    refused = [cid for cid, reply in outcome.replies.items() if reply.report.status in REFUSALS]
     return bool(outcome.replies) and len(refused) == len(outcome.replies) == outcome.sampled
 
 

@@ -53,7 +53,9 @@ class RoundRecorder:
         if self.on_round is not None:
             self.on_round(record)
         if stop:
-            log.warning("round %d: every sampled client refused (budget spent); stopping the run", server_round)
+            log.warning("round %d: every sampled client refused (budget spent, or the job asks for less privacy "
+                        "than their policies allow: see each client's reason in metrics.jsonl); stopping the run",
+                        server_round)
         return not stop
 
     def _warn_if_clipped(self, server_round: int, outcome: RoundOutcome) -> None:

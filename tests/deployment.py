@@ -1,5 +1,8 @@
 """A real Flower deployment on loopback for tests: a SuperLink with TLS and SuperNode
-authentication, SuperNodes with their own node config, and `flwr run` against it.
+authentication, SuperNodes with their own node config and their own keys, and `flwr run` against it.
+
+Each simulated institution N makes its key pair in its own folder (workdir/site-N/keys, with
+`fedtune node-keys`' code); the coordinator is handed, and registers, only the .pub.
 
 Every process runs in its own process group and is killed on exit; every wait is bounded.
 """
@@ -15,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.node_keys import make_node_keys
 from tests.helpers import ROOT
 
 BIN = Path(sys.executable).parent
@@ -60,10 +64,10 @@ class Process:
 
 @dataclass
 class LoopbackFederation:
-    """Start it with `start_superlink`, `register`, `start_supernode`; `close` kills everything."""
+    """Start it with `make_node_key`, `start_superlink`, `register`, `start_supernode`; `close` kills everything."""
 
     workdir: Path
-    credentials: Path  # `fedtune certs --out` directory
+    credentials: Path  # `fedtune certs --out` directory: the CA and the SuperLink's certificate, no node keys
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
 
@@ -114,14 +118,25 @@ class LoopbackFederation:
         self.processes.append(Process(name="flwr-run", popen=popen, log=self.workdir / "logs" / "flwr-run.log"))
         return popen
 
+    def node_key(self, index: int) -> Path:
+        """Institution `index`'s private SuperNode key, in its own folder."""
+        return self.workdir / f"site-{index}" / "keys" / "supernode"
+
+    def make_node_key(self, index: int) -> Path:
+        """Institution `index` makes its key pair itself; returns the .pub it sends the coordinator."""
+        return make_node_keys(out=self.node_key(index).parent, name=f"site-{index}").supernode_public_key
+
     def register(self, index: int) -> None:
-        result = self.flwr("supernode", "register", str(self.credentials / "supernodes" / f"supernode-{index}.pub"),
-                           "fedtune")
+        """The coordinator receives institution `index`'s .pub (nothing else) and registers it."""
+        received = self.workdir / "coordinator" / "received" / f"site-{index}.pub"
+        received.parent.mkdir(parents=True, exist_ok=True)
+        received.write_bytes(self.node_key(index).with_name("supernode.pub").read_bytes())
+        result = self.flwr("supernode", "register", str(received), "fedtune")
         assert result.returncode == 0, result.stdout + result.stderr
 
     def start_supernode(self, index: int, node_config: str, *, key_index: int | None = None,
                         root_certificates: Path | None = None, extra: tuple[str, ...] = ()) -> Process:
-        key = self.credentials / "supernodes" / f"supernode-{index if key_index is None else key_index}"
+        key = self.node_key(index if key_index is None else key_index)
         args = [str(BIN / "flower-supernode"), "--superlink", self.address,
                 "--auth-supernode-private-key", str(key), "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", node_config, *extra]

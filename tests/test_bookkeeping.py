@@ -87,7 +87,8 @@ def test_server_ledger_record_names_who_trained_and_what_each_reported():
     assert fields["aggregation"] == "plain" and fields["adapter_sha256"] == "ff"
     assert fields["test_accuracy"] == 0.91 and "test_macro_f1" not in fields
     before = json.loads((BEFORE / "ledgers" / "server" / "ledger.jsonl").read_text().splitlines()[0])
-    assert set(fields) == set(before) - {"seq", "prev_hash", "signature"}
+    # One field added since: why each refusing client refused (policy keys and limits, no data).
+    assert set(fields) == set(before) - {"seq", "prev_hash", "signature"} | {"refusal_reasons"}
 
 
 def test_a_round_where_every_sampled_client_refused_stops_the_run():

@@ -82,13 +82,18 @@ def test_booleans_are_not_numbers(tmp_path):
         RunConfig.load(path=path)
 
 
-def test_a_node_config_privacy_setting_overrides_the_coordinator():
+def test_a_job_may_tighten_the_node_policy_and_the_node_then_uses_the_tighter_value():
     from flwr.app import Context, RecordDict
 
-    from client.app import resolve_config
+    from client.app import policy_of, resolve_config
 
-    coordinator = RunConfig(dp=False, target_epsilon=50.0, num_rounds=2).to_flower()
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "dp": True, "target-epsilon": 2.0},
-                      state=RecordDict(), run_config=coordinator)
+    job = RunConfig(dp=True, target_epsilon=1.5, target_delta=1e-6, accountant="rdp", num_rounds=2).to_flower()
+    node = {"partition-id": 0, "dp": False, "target-epsilon": 2.0, "target-delta": 1e-5, "accountant": "rdp"}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=job)
     resolved = resolve_config(context, None)
-    assert resolved.dp is True and resolved.target_epsilon == 2.0 and resolved.num_rounds == 2
+    assert resolved.dp is True and resolved.target_epsilon == 1.5 and resolved.target_delta == 1e-6
+    assert resolved.accountant == "rdp" and resolved.num_rounds == 2
+    assert policy_of(context, None).loosenings(RunConfig.from_mapping(job)) == []
+    looser = RunConfig(target_epsilon=50.0, accountant="prv")
+    reasons = policy_of(context, None).loosenings(looser)
+    assert any("target-epsilon=50" in r for r in reasons) and any("accountant=prv" in r for r in reasons)

@@ -24,12 +24,14 @@ SITES = 3
 def federation(tmp_path_factory):
     """A SuperLink (TLS + node auth) with SuperNodes 0-2 and 4 registered; key 3 never is."""
     workdir = tmp_path_factory.mktemp("deployment")
-    make_credentials(out=workdir / "creds", hosts=["localhost", "127.0.0.1"], nodes=5)
+    make_credentials(out=workdir / "creds", hosts=["localhost", "127.0.0.1"])
     rows = make_texts(200, seed=1)
     for site in range(SITES):  # each institution's own file, with its own column names
         write_csv(workdir / f"site-{site}.csv", rows[site * 150:(site + 1) * 150], header=("note", "topic"))
     write_csv(workdir / "coordinator-test.csv", rows[SITES * 150:])
     fed = LoopbackFederation(workdir=workdir, credentials=workdir / "creds")
+    for index in range(5):  # each institution makes its own key; the coordinator gets only the .pub
+        fed.make_node_key(index)
     try:
         fed.start_superlink()
         for index in (0, 1, 2, 4):
@@ -51,7 +53,7 @@ def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(fed
              for site in range(SITES)]
     run_config = (f"model='{tiny_model_dir}' data='{fed.workdir / 'coordinator-test.csv'}' num-clients={SITES} "
                   f"clients-per-round={SITES} num-rounds=2 batch-size=16 max-length=24 learning-rate=0.01 "
-                  f"lora-rank=4 target-epsilon=100.0 test-fraction=0.9 output-dir='{run}' "
+                  f"lora-rank=4 target-epsilon=3.0 test-fraction=0.9 output-dir='{run}' "
                   f"max-client-examples=150 round-timeout=60")
     job = fed.flwr_run_async(run_config)
 
@@ -67,11 +69,13 @@ def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(fed
     assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
     assert metrics[0]["clients_trained"] == SITES
     assert set(metrics[1]["clients"]) == {"site-0", "site-1"} and metrics[1]["failures"] == 1  # the two survivors
-    # The privacy budget came from each node's own config, not the coordinator's 100.
+    # Each node's policy allows 4; the job tightened it to 3, which the nodes then used.
     for site in range(SITES):
         records = read_records(run / "ledgers" / f"site-{site}" / "ledger.jsonl")
         assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
-        assert all(r["target_epsilon"] == 4.0 and r["epsilon"] <= 4.0 for r in records)
+        assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
+        assert all(r["policy"]["target-epsilon"] == 4.0 and r["policy"]["dp"] for r in records)
+    assert all("train_loss" not in entry for m in metrics for entry in m["clients"].values())  # withheld
     assert [r["round"] for r in read_records(run / "ledgers" / "server" / "ledger.jsonl")] == [1, 2]
     adapter = saved_adapter_arrays(run, num_labels=3)
     assert all(np.isfinite(a).all() for a in adapter)
@@ -96,7 +100,7 @@ def test_a_node_without_the_federation_ca_cannot_connect(federation):
 
 def _check_node(fed: LoopbackFederation, *, ca: Path, node_config: str, address: str | None = None):
     return run_fedtune("check-node", "--superlink", address or fed.address, "--root-certificates", str(ca),
-                       "--auth-supernode-private-key", str(fed.credentials / "supernodes" / "supernode-0"),
+                       "--auth-supernode-private-key", str(fed.node_key(0)),
                        "--node-config", node_config)
 
 
@@ -108,7 +112,7 @@ def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federa
     ok = _check_node(fed, ca=ca, node_config=good)
     assert ok.returncode == 0 and "speaks TLS" in ok.stdout, ok.stdout + ok.stderr
 
-    foreign = make_credentials(out=tmp_path / "other", hosts=["localhost"], nodes=1).ca_certificate
+    foreign = make_credentials(out=tmp_path / "other", hosts=["localhost"]).ca_certificate
     wrong_ca = _check_node(fed, ca=foreign, node_config=good)
     assert wrong_ca.returncode == 3 and "not signed by" in wrong_ca.stderr and "federation's ca.crt" in wrong_ca.stderr
 
@@ -148,7 +152,7 @@ def test_run_node_says_an_unregistered_key_must_be_registered_by_the_coordinator
     node = (f"client-id='site-9' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
             f"ledger-dir='{tmp_path / 'ledger'}'")
     result = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(fed.credentials / "ca.crt"),
-                         "--auth-supernode-private-key", str(fed.credentials / "supernodes" / "supernode-3"),
+                         "--auth-supernode-private-key", str(fed.node_key(3)),
                          "--node-config", node, "--max-retries", "1", "--host", "127.0.0.1", "--port",
                          str(free_port()), timeout=180)
     assert result.returncode != 0

@@ -17,8 +17,9 @@ def test_a_node_file_is_indexed_by_the_federations_labels_not_its_own(tiny_confi
     node = NodeData.from_node_config({"client-id": "site-a", "data": str(path), "text-column": "note",
                                       "label-column": "topic", "ledger-dir": str(tmp_path)})
     labels = label_names_from(FitInstructions.from_config({"label-names": '["markets", "politics", "sport"]'}),
-                              tiny_config())
-    split = client_split(tiny_config(validation_fraction=0.1), node, labels)
+                              tiny_config(), node)
+    # The node's validation share is its own: the coordinator's validation-fraction changes nothing.
+    split = client_split(tiny_config(validation_fraction=0.5), node, labels)
     assert len(split.train) == 27 and len(split.validation) == 3
     texts = split.train.texts + split.validation.texts
     names = [labels[i] for i in split.train.labels + split.validation.labels]
@@ -29,8 +30,9 @@ def test_a_node_file_is_indexed_by_the_federations_labels_not_its_own(tiny_confi
 def test_a_label_the_federation_does_not_know_is_refused(tiny_config, tmp_path):
     path = write_csv(tmp_path / "site.csv", [("a", "sport"), ("b", "weather")])
     node = NodeData(client_id="x", path=str(path))
-    with pytest.raises(FedtuneError, match=r"label\(s\) \['weather'\] that the federation does not know"):
+    with pytest.raises(FedtuneError, match=r"1 label value\(s\) outside the federation's 1 label names") as refused:
         client_split(tiny_config(), node, ("sport",))
+    assert "weather" not in str(refused.value)  # the text reaches the coordinator: counts, never values
 
 
 @pytest.mark.parametrize("node, message", [

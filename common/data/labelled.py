@@ -106,7 +106,8 @@ def _clean(rows: list[tuple[object, object]], *, source: str) -> LabelledTexts:
                            f"{duplicate} duplicate rows dropped); check the text and label columns")
     label_names = sorted({label for _, label in kept})
     if len(label_names) < 2:
-        raise FedtuneError(f"{source}: classification needs at least 2 labels, found {label_names}")
+        raise FedtuneError(f"{source}: classification needs at least 2 distinct labels, found {len(label_names)}; "
+                           f"check the label column")
     index = {name: i for i, name in enumerate(label_names)}
     result = LabelledTexts(texts=[t for t, _ in kept], labels=[index[lbl] for _, lbl in kept],
                            label_names=label_names, source=source,

@@ -17,9 +17,11 @@ from pathlib import Path
 from common.errors import FedtuneError
 from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
                                  read_records, record_hash, verify_records)
+from common.ledger.policy_audit import policy_findings
 from common.privacy.accounting import HistoryEntry, independent_epsilon
 from common.protocol import Status
 
+RECORD_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.EVALUATED)
 UNDER_REPORT_TOLERANCE = 0.01  # a claim more than 1% below the recomputation is flagged
 BUDGET_TOLERANCE = 0.01  # accountants differ slightly; a recomputation >1% above budget is a breach
 
@@ -56,13 +58,16 @@ class AuditResult:
     problems: list[str]
     budget_exceeded: list[str]
     notes: list[str]
+    policy_breaches: list[str] = field(default_factory=list)  # what the recorded node policy forbids
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.problems else 2 if self.budget_exceeded else 0
+        return 1 if self.problems else 2 if self.budget_exceeded or self.policy_breaches else 0
 
     @property
     def verdict(self) -> str:
+        if self.exit_code == 2 and not self.budget_exceeded:
+            return "policy breached"
         return {0: "clean", 1: "verification failed", 2: "budget exceeded"}[self.exit_code]
 
     def to_json(self) -> dict:
@@ -110,6 +115,9 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None) -> Au
     server = records_by_owner.pop("server", None)
     for owner, records in records_by_owner.items():
         _audit_client(owner, records, result)
+        breaches, notes = policy_findings(owner, records)
+        result.policy_breaches.extend(breaches)
+        result.notes.extend(notes)
     run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
     if server is not None:
         _cross_check(server, records_by_owner, result)
@@ -132,18 +140,19 @@ def _number(record: dict, key: str, kind: type = float, *, optional: bool = Fals
 
 def _client_row(owner: str, record: dict, history: list[HistoryEntry]) -> ClientRow:
     dp, status = record.get("dp"), record.get("status")
-    if not isinstance(dp, bool) or status not in (Status.TRAINED, Status.REFUSED_BUDGET):
+    if not isinstance(dp, bool) or status not in RECORD_STATUSES:
         raise ValueError(f"dp={dp!r}, status={status!r}")
-    if dp and status == Status.TRAINED:
+    if status == Status.TRAINED:  # a round without DP is not free: sigma 0 makes epsilon infinite
         history.append((_number(record, "noise_multiplier"), _number(record, "sample_rate"),
-                        _number(record, "steps", int)))
+                        _number(record, "steps", int)) if dp else (0.0, 1.0, max(1, _number(record, "steps", int))))
     return ClientRow(
         client_id=str(record.get("client_id", owner)), run_id=str(record.get("run_id")),
         round=_number(record, "round", int), status=status, steps=_number(record, "steps", int),
         noise_multiplier=_number(record, "noise_multiplier", optional=not dp),
         sample_rate=_number(record, "sample_rate", optional=not dp),
         claimed_epsilon=_number(record, "epsilon", optional=True) if dp else None,
-        recomputed_epsilon=independent_epsilon(history, _number(record, "delta")) if dp else None,
+        recomputed_epsilon=independent_epsilon(history, _number(record, "delta")) if dp
+        else math.inf if status == Status.TRAINED else None,
         target_epsilon=_number(record, "target_epsilon", optional=not dp))
 
 
@@ -158,7 +167,7 @@ def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
             continue
         dp, claimed, recomputed = record["dp"], row.claimed_epsilon, row.recomputed_epsilon
         if dp:
-            if claimed is None or not math.isfinite(claimed) or claimed < recomputed * (1 - UNDER_REPORT_TOLERANCE):
+            if _under_reported(claimed, recomputed):
                 row.flags.append("under-reported")
                 result.problems.append(f"{name}: claims epsilon {claimed} but its recorded history gives "
                                        f"{recomputed:.4f} (independent PLD accountant)")
@@ -170,6 +179,14 @@ def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
                 result.budget_exceeded.append(f"{name}: epsilon {max(claimed or 0, recomputed):.4f} exceeds "
                                               f"the budget {budget}")
         result.rows.append(row)
+
+
+def _under_reported(claimed: float | None, recomputed: float) -> bool:
+    """A claim more than 1% below the recomputation; after a round without DP (infinite), any
+    finite claim (a client honest about it records none)."""
+    if math.isinf(recomputed):
+        return claimed is not None
+    return claimed is None or not math.isfinite(claimed) or claimed < recomputed * (1 - UNDER_REPORT_TOLERANCE)
 
 
 def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: AuditResult) -> None:

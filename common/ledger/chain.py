@@ -125,6 +125,35 @@ def verify_records(path: Path, records: list[dict[str, Any]], key: Ed25519Public
     return result
 
 
+def create_ledger_keys(directory: Path) -> Path:
+    """Create a ledger's Ed25519 key pair in `directory`; return the public key's path.
+
+    The one place a ledger key is made, whether by `Ledger` on first use or by an institution
+    ahead of time (`fedtune node-keys`) so it can hand ledger.pub to its auditor before any run.
+    Refuses when either file exists: a replaced key would orphan the records it signed and no
+    longer match the public key an auditor pinned.
+    """
+    directory = Path(directory)
+    private, public = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    if private.exists():
+        raise LedgerError(f"{private} already exists; a ledger key is never replaced (keep using it, "
+                          f"or choose an empty directory on purpose)")
+    if public.exists():
+        raise LedgerError(f"{public} exists but its private key {private} is missing; restore it rather than "
+                          f"make a key the auditor does not know (or choose an empty directory on purpose)")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        atomic_write(private, pem, mode=0o600, exclusive=True)  # never world-readable, never overwritten
+    except FileExistsError:
+        raise LedgerError(f"{private} was created by another process at the same time; use that key") from None
+    atomic_write(public, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    return public
+
+
 class Ledger:
     """One party's ledger in `directory`, with its key pair created beside it on first use."""
 
@@ -137,21 +166,14 @@ class Ledger:
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         private = self.directory / PRIVATE_KEY_FILE
-        if private.exists():
-            key = serialization.load_pem_private_key(private.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise LedgerError(f"{private} is not an Ed25519 private key")
-            return key
-        if self.path.exists():
-            raise LedgerError(f"{self.path} exists but its signing key {private} is missing; "
-                              f"the ledger cannot be extended")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        atomic_write(private, pem, mode=0o600, exclusive=True)  # never world-readable, never overwritten
-        atomic_write(self.directory / PUBLIC_KEY_FILE, key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        if not private.exists():
+            if self.path.exists():
+                raise LedgerError(f"{self.path} exists but its signing key {private} is missing; "
+                                  f"the ledger cannot be extended")
+            create_ledger_keys(self.directory)
+        key = serialization.load_pem_private_key(private.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise LedgerError(f"{private} is not an Ed25519 private key")
         return key
 
     def _verified_records(self) -> list[dict[str, Any]]:

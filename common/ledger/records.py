@@ -15,21 +15,35 @@ from typing import Any
 
 from common.privacy.accounting import HistoryEntry, compose
 from common.privacy.plan import PrivacyPlan
-from common.protocol import FitReport, Status
+from common.protocol import REFUSALS, FitReport, Status
 
 CLIENT_KIND = "client"
 SERVER_KIND = "server"
 
 
+NO_DP_ENTRY_SIGMA = 0.0  # a round trained without noise: its history entry makes epsilon infinite
+FIT_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET)  # records a resumed round is answered from
+
+
 def client_record_fields(*, client_id: str, run_id: str, server_round: int, status: Status,
                          plan: PrivacyPlan | None, steps: int, epsilon: float | None,
-                         local_examples: int) -> dict[str, Any]:
-    """What a client signs for a round (built before signing: the update cache keeps a copy)."""
+                         local_examples: int, policy: dict[str, Any] | None = None,
+                         reason: str | None = None, request: str = "fit") -> dict[str, Any]:
+    """What a client signs for a round (built before signing: the update cache keeps a copy).
+
+    `policy` is the node policy in force (NodePolicy.to_record); `reason` why it refused."""
     fields: dict[str, Any] = {
         "kind": CLIENT_KIND, "client_id": client_id, "run_id": run_id, "round": server_round,
         "status": str(status), "dp": plan is not None, "steps": steps, "local_examples": local_examples,
-        "num_examples": local_examples if status == Status.TRAINED else 0, "time": round(time.time(), 3),
+        "num_examples": local_examples if status in (Status.TRAINED, Status.EVALUATED) else 0,
+        "time": round(time.time(), 3),
     }
+    if request != "fit":
+        fields["request"] = request
+    if policy is not None:
+        fields["policy"] = dict(policy)
+    if reason is not None:
+        fields["reason"] = reason
     if plan is not None:
         fields.update(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
                       steps_per_round=plan.steps_per_round, planned_rounds=plan.planned_rounds,
@@ -41,18 +55,28 @@ def client_record_fields(*, client_id: str, run_id: str, server_round: int, stat
 
 
 def trained_history(records: list[dict[str, Any]]) -> list[HistoryEntry]:
-    """(sigma, q, steps) of every DP round a client trained, in order, merged."""
+    """(sigma, q, steps) of every round a client trained, in order, merged. A round trained
+    without DP enters as sigma 0: not free, but infinite epsilon from then on."""
     history: list[HistoryEntry] = []
     for record in records:
-        if record["status"] == Status.TRAINED and record["dp"]:
+        if record["status"] != Status.TRAINED:
+            continue
+        if record["dp"]:
             history = compose(history, (record["noise_multiplier"], record["sample_rate"], record["steps"]))
+        else:
+            history = compose(history, (NO_DP_ENTRY_SIGMA, 1.0, max(1, int(record["steps"]))))
     return history
+
+
+def evaluations_answered(records: list[dict[str, Any]]) -> int:
+    """How many evaluation requests a client answered over its whole ledger."""
+    return sum(1 for record in records if record["status"] == Status.EVALUATED)
 
 
 def plan_of_run(records: list[dict[str, Any]], run_id: str) -> PrivacyPlan | None:
     """The noise plan a client fixed for `run_id` in its first round of it (never recalibrated)."""
     for record in reversed(records):
-        if record["run_id"] == run_id and record["dp"]:
+        if record["run_id"] == run_id and record["dp"] and record["status"] in FIT_STATUSES:
             return PrivacyPlan(num_examples=record["local_examples"], sample_rate=record["sample_rate"],
                                steps_per_round=record["steps_per_round"],
                                noise_multiplier=record["noise_multiplier"],
@@ -63,9 +87,9 @@ def plan_of_run(records: list[dict[str, Any]], run_id: str) -> PrivacyPlan | Non
 
 
 def record_of_round(records: list[dict[str, Any]], run_id: str, server_round: int) -> dict[str, Any] | None:
-    """The record a client signed for a round of a run, if it was asked before."""
+    """The record a client signed for training a round of a run (trained or refused for budget)."""
     for record in reversed(records):
-        if record["run_id"] == run_id and record["round"] == server_round:
+        if record["run_id"] == run_id and record["round"] == server_round and record["status"] in FIT_STATUSES:
             return record
     return None
 
@@ -80,7 +104,8 @@ def server_record_fields(*, run_id: str, server_round: int, sampled: int, report
         "kind": SERVER_KIND, "run_id": run_id, "round": server_round,
         "sampled": sampled, "replied": list(ordered),
         "trained": [cid for cid, r in ordered.items() if r.status == Status.TRAINED],
-        "refused": [cid for cid, r in ordered.items() if r.status == Status.REFUSED_BUDGET],
+        "refused": [cid for cid, r in ordered.items() if r.status in REFUSALS],
+        "refusal_reasons": {cid: r.reason for cid, r in ordered.items() if r.reason},
         "failures": failures,
         "epsilon": {cid: r.epsilon for cid, r in ordered.items()},
         "client_ledger_heads": {cid: r.ledger_head for cid, r in ordered.items()},

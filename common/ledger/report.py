@@ -95,6 +95,7 @@ HEADER = ["client", "round", "status", "steps", "sigma", "q", "claimed ε", "rec
 
 def _findings(result: AuditResult) -> list[str]:
     return ([f"FAIL: {p}" for p in result.problems] + [f"OVER BUDGET: {b}" for b in result.budget_exceeded]
+            + [f"POLICY: {b}" for b in result.policy_breaches]
             + [f"note: {n}" for n in result.notes])
 
 

@@ -9,6 +9,8 @@ dp_accounting PLD accountant), which is what the audit trusts.
 
 from __future__ import annotations
 
+import math
+
 HistoryEntry = tuple[float, float, int]
 
 
@@ -29,6 +31,8 @@ def epsilon_of(history: list[HistoryEntry], *, delta: float, accountant: str = "
 
     if not history:
         return 0.0
+    if any(float(s) <= 0 for s, _, _ in history):
+        return math.inf  # a round released without noise: no finite guarantee remains
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(acc.get_epsilon(delta=delta))
@@ -40,6 +44,8 @@ def independent_epsilon(history: list[HistoryEntry], delta: float) -> float:
 
     if not history:
         return 0.0
+    if any(float(s) <= 0 for s, _, _ in history):
+        return math.inf
     events = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
               for s, q, n in history]
     accountant = pld.PLDAccountant()

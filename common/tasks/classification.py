@@ -82,8 +82,10 @@ class Classification(Task):
         """The file's labels re-indexed by the federation's label order (it may lack some)."""
         unknown = sorted(set(examples.label_names) - set(label_names))
         if unknown:
-            raise FedtuneError(f"{source} has label(s) {unknown} that the federation does not know "
-                               f"(its labels: {list(label_names)}); fix the file or the coordinator's data")
+            # Counts only: on a node this text goes back to the coordinator, and labels are data.
+            raise FedtuneError(f"{source} has {len(unknown)} label value(s) outside the federation's "
+                               f"{len(label_names)} label names; compare the file's label column with the "
+                               f"coordinator's label set. Nothing was trained or spent.")
         index = {name: label_names.index(name) for name in examples.label_names}
         return replace(examples, labels=[index[examples.label_names[i]] for i in examples.labels],
                        label_names=list(label_names))

@@ -1,0 +1,63 @@
+"""The node's policy, checked on every message before anything is read, trained or spent.
+
+`Transport` is what the message itself showed (SecAgg+ or plain, and the SecAgg+ weight bound),
+recorded by the secure-aggregation mod; the job is the coordinator's run config. A refusal's
+reason names keys and the node's limits, never a data value: it travels to the coordinator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+from common.privacy.policy import NodePolicy
+
+TRANSPORT_RECORD = "fedtune-transport"
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How the current train request arrived."""
+
+    secure_aggregation: bool
+    max_weight: float | None = None  # SecAgg+: the largest weight the protocol can carry
+
+
+def note_transport(context: Context, *, secure_aggregation: bool) -> None:
+    """Called by the mod for each train request, before Flower's SecAgg+ code or the client runs."""
+    context.state.config_records[TRANSPORT_RECORD] = ConfigRecord({"secure-aggregation": secure_aggregation})
+
+
+def transport_of(context: Context) -> Transport | None:
+    """The transport the mod recorded for this message (None: no train request seen)."""
+    record = context.state.config_records.get(TRANSPORT_RECORD)
+    if record is None:
+        return None
+    secure = bool(record["secure-aggregation"])
+    max_weight = None
+    if secure and RECORD_KEY_STATE in context.state.config_records:
+        value = context.state.config_records[RECORD_KEY_STATE].get("max_weight")
+        max_weight = float(value) if isinstance(value, (int, float)) else None
+    return Transport(secure_aggregation=secure, max_weight=max_weight)
+
+
+def request_refusal(*, policy: NodePolicy, job, transport: Transport | None) -> str | None:
+    """Why a train request is refused before any data is read, or None."""
+    reasons = policy.loosenings(job)
+    if transport is not None and policy.secure_aggregation and not transport.secure_aggregation:
+        reasons.append("a plain (unmasked) train request arrived, this node sends updates only under SecAgg+")
+    return "; ".join(reasons) or None
+
+
+def data_refusal(*, policy: NodePolicy, config, transport: Transport | None, num_examples: int) -> str | None:
+    """Why a train request is refused once the node knows its record count N, or None."""
+    if transport is not None and transport.secure_aggregation and transport.max_weight is not None \
+            and transport.max_weight < num_examples:
+        return (f"SecAgg+ max-weight {transport.max_weight:g} is below this node's {num_examples} training "
+                f"records: its weighted update would be scaled past the clipping range; raise "
+                f"max-client-examples (or secagg-max-weight)")
+    if config.dp:
+        return policy.delta_problem(delta=config.target_delta, num_examples=num_examples)
+    return None

@@ -1,0 +1,161 @@
+"""An institution's privacy policy: what its node will do, whatever the coordinator asks.
+
+The policy lives in the node config (deployment) with safe defaults: DP on, secure aggregation
+on, the node's own epsilon and delta, clipping bound and accountant, client evaluation off and
+the train loss withheld. A job (the coordinator's run config) may ask for something tighter,
+which the node then uses; a request to loosen any of these is refused with the reason, before
+anything is read or spent. In a simulation one researcher holds every node, so the run config
+is the policy (`of_simulation`), and node config keys may still tighten it.
+
+The policy is copied into every ledger record, so an auditor checks each round against the
+policy that was in force.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+from common.errors import FedtuneError
+
+# Stricter accountant first: RDP's epsilon bound is never below PRV's for the same history.
+ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
+
+POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "max-grad-norm",
+               "noise-multiplier", "accountant", "max-evaluations", "share-train-loss")
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The node's limits. Each field's docstring-like comment says what 'tighter' means."""
+
+    dp: bool = True  # tighter: true
+    secure_aggregation: bool = True  # tighter: true
+    target_epsilon: float = 8.0  # tighter: smaller; over the node's whole ledger, every run
+    target_delta: float = 1e-5  # tighter: smaller; refused at or above 1/N unless the node set it
+    delta_set_by_node: bool = False
+    max_grad_norm: float = 1.0  # tighter: smaller (the clipping bound C)
+    noise_multiplier: float = 0.0  # >0: the node always uses at least this sigma; tighter: larger
+    accountant: str = "prv"  # tighter: rdp
+    max_evaluations: int = 0  # client evaluations answered over the node's whole ledger
+    share_train_loss: bool = False  # the (non-private) train loss in the clear reply
+
+    def __post_init__(self) -> None:
+        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise FedtuneError("node policy 'target-epsilon' must be a positive number")
+        if not 0.0 < self.target_delta < 1.0:
+            raise FedtuneError("node policy 'target-delta' must lie strictly between 0 and 1")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise FedtuneError("node policy 'max-grad-norm' must be a positive number")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise FedtuneError("node policy 'noise-multiplier' must be 0 (calibrate) or a positive number")
+        if self.accountant not in ACCOUNTANT_STRICTNESS:
+            raise FedtuneError(f"node policy 'accountant' must be one of {', '.join(ACCOUNTANT_STRICTNESS)}")
+        if self.max_evaluations < 0:
+            raise FedtuneError("node policy 'max-evaluations' must be 0 (never) or a positive whole number")
+
+    # -- where a policy comes from -----------------------------------------------------------
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any], *, defaults: NodePolicy | None = None) -> NodePolicy:
+        """The policy keys of a node config over `defaults` (the safe values unless given)."""
+        base = defaults or cls()
+        values: dict[str, Any] = {}
+        for key in POLICY_KEYS:
+            if key in node:
+                values[key.replace("-", "_")] = _coerce(key, node[key], type(getattr(base, key.replace("-", "_"))))
+        if "target-delta" in node:
+            values["delta_set_by_node"] = True
+        return replace(base, **values)
+
+    @classmethod
+    def of_simulation(cls, config: Any) -> NodePolicy:
+        """A simulation's researcher holds every node: its run config is the policy, train loss
+        and (when it asks for them) client evaluations included."""
+        evaluations = config.num_rounds if config.fraction_evaluate > 0 else 0
+        return cls(dp=config.dp, secure_aggregation=config.secure_aggregation,
+                   target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                   max_grad_norm=config.max_grad_norm, noise_multiplier=config.noise_multiplier,
+                   accountant=config.accountant, max_evaluations=evaluations, share_train_loss=True)
+
+    # -- what a job may ask ------------------------------------------------------------------
+
+    def loosenings(self, job: Any) -> list[str]:
+        """Why the job (a RunConfig) asks for less privacy than this policy allows; [] if it does not.
+
+        Each reason names the key, the job's value and the node's limit: the coordinator learns
+        the node's policy, which it could read from any reply anyway, and nothing of the data.
+        """
+        reasons = []
+        if self.dp and not job.dp:
+            reasons.append("dp=false asked, this node requires dp=true")
+        if self.secure_aggregation and not job.secure_aggregation:
+            reasons.append("secure-aggregation=false asked, this node requires secure aggregation")
+        if job.dp or self.dp:
+            if job.target_epsilon > self.target_epsilon:
+                reasons.append(f"target-epsilon={job.target_epsilon:g} asked, this node allows at most "
+                               f"{self.target_epsilon:g}")
+            if job.target_delta > self.target_delta:
+                reasons.append(f"target-delta={job.target_delta:g} asked, this node allows at most "
+                               f"{self.target_delta:g}")
+            if job.max_grad_norm > self.max_grad_norm:
+                reasons.append(f"max-grad-norm={job.max_grad_norm:g} asked, this node clips at most at "
+                               f"{self.max_grad_norm:g}")
+            if self.noise_multiplier > 0 and 0 < job.noise_multiplier < self.noise_multiplier:
+                reasons.append(f"noise-multiplier={job.noise_multiplier:g} asked, this node uses at least "
+                               f"{self.noise_multiplier:g}")
+            if ACCOUNTANT_STRICTNESS.get(job.accountant, -1) < ACCOUNTANT_STRICTNESS[self.accountant]:
+                reasons.append(f"accountant={job.accountant} asked, this node accounts with {self.accountant}")
+        return reasons
+
+    def applied_to(self, job: Any) -> Any:
+        """The job's config with every policy value put in force (the job's when tighter)."""
+        dp = self.dp or job.dp
+        sigma = max(self.noise_multiplier, job.noise_multiplier) if self.noise_multiplier > 0 else \
+            job.noise_multiplier
+        strictest = max(job.accountant, self.accountant, key=lambda a: ACCOUNTANT_STRICTNESS.get(a, -1))
+        return job.with_overrides(
+            dp=dp, secure_aggregation=self.secure_aggregation or job.secure_aggregation,
+            target_epsilon=min(self.target_epsilon, job.target_epsilon),
+            target_delta=min(self.target_delta, job.target_delta),
+            max_grad_norm=min(self.max_grad_norm, job.max_grad_norm), noise_multiplier=sigma,
+            accountant=strictest)
+
+    def delta_problem(self, *, delta: float, num_examples: int) -> str | None:
+        """delta >= 1/N permits releasing a whole record; refused unless the node chose it."""
+        if num_examples > 0 and delta >= 1.0 / num_examples and not self.delta_set_by_node:
+            return (f"target-delta={delta:g} is not below 1/N for this node's {num_examples} training records; "
+                    f"ask for a smaller target-delta (this node set none itself)")
+        return None
+
+    def to_record(self) -> dict[str, Any]:
+        """The policy as every ledger record carries it (dashed keys, like the node config)."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """A node config value as the field's type, or a clear error naming the key."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "false"):
+            return text == "true"
+        raise FedtuneError(f"node config key '{key}' must be true or false")
+    if isinstance(value, bool):
+        raise FedtuneError(f"node config key '{key}' must be a number")
+    try:
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError
+            return number
+    except (TypeError, ValueError):
+        raise FedtuneError(f"node config key '{key}' must be a {'whole ' if kind is int else ''}number") from None
+    return str(value)
