@@ -214,8 +214,9 @@ class FedtuneClient(NumPyClient):
 
     def _model(self, parameters: list[np.ndarray]):
         cfg = self.config
-        model = self.task.build_model(model_path=self.task.model_path(model_of(cfg, self.node)), num_labels=len(self.label_names),
-                                      lora=LoraSettings.from_config(cfg), seed=cfg.seed)
+        model = self.task.build_model(model_path=self.task.model_path(model_of(cfg, self.node)),
+                                      num_labels=len(self.label_names), lora=LoraSettings.from_config(cfg),
+                                      seed=cfg.seed)
         arrays_to_adapter(model, parameters)
         return model
 

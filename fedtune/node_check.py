@@ -23,6 +23,8 @@ from common.data.instructions import load_instruction_pairs
 from common.data.labelled import load_labelled_texts
 from common.errors import FedtuneError
 from common.ledger.chain import LEDGER_FILE, Ledger
+from common.models.loading import check_model_folder
+from common.privacy.policy import NodePolicy
 
 
 @dataclass
@@ -42,6 +44,7 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
                timeout: float = 5.0) -> NodeCheck:
     check = NodeCheck()
     check.run("node config", lambda: _check_node_config(node_config))
+    check.run("privacy policy", lambda: _describe_policy(node_config))
     check.run("CA certificate", lambda: _check_ca(root_certificates))
     check.run("authentication key", lambda: _check_private_key(private_key))
     check.run("SuperLink", lambda: _check_superlink(superlink, root_certificates, timeout))
@@ -63,6 +66,19 @@ def _check_node_config(text: str) -> str:
     if (ledger_dir / LEDGER_FILE).exists():
         Ledger(ledger_dir)  # verifies the chain, the signatures and the head marker
     return f"{data.client_id}: {examples.cleaning_report()}; ledger {ledger_dir}"
+
+
+def _describe_policy(text: str) -> str:
+    """What this node will refuse, in one line, so the institution sees its own limits."""
+    policy = NodePolicy.from_node_config(parse_config_args([text]))
+    model = NodeData.from_node_config(parse_config_args([text])).model
+    if model != "default":
+        check_model_folder(Path(model))
+    required = {True: "required", False: "optional"}
+    return (f"DP {required[policy.dp]}, SecAgg+ {required[policy.secure_aggregation]}, "
+            f"epsilon <= {policy.target_epsilon:g}, delta <= {policy.target_delta:g}, "
+            f"clip <= {policy.max_grad_norm:g}, {policy.accountant} accountant, {policy.max_evaluations} "
+            f"evaluation(s), train loss {'shared' if policy.share_train_loss else 'withheld'}; model {model}")
 
 
 def _node_examples(node: dict, data):
@@ -99,7 +115,7 @@ def _check_ca(path: Path) -> str:
 def _check_private_key(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise FedtuneError(f"{path} does not exist; it is this institution's supernode-N file from `fedtune certs`")
+        raise FedtuneError(f"{path} does not exist; it is this institution's private key from `fedtune node-keys`")
     try:
         serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except ValueError:
@@ -146,9 +162,10 @@ def _check_superlink(address: str, ca: Path, timeout: float) -> str:
 # Flower's messages for what a node cannot fix by itself, and what to do about each.
 FLOWER_HINTS = {
     "Failed to activate SuperNode": "the SuperLink does not accept this node's key: the coordinator must "
-                                    "register it (`flwr supernode register supernode-N.pub`), and no other "
-                                    "running node may use the same key",
-    "SuperNode authentication is enabled": "start the node with --auth-supernode-private-key (its supernode-N file)",
+                                    "register it (`flwr supernode register` with this node's supernode.pub), "
+                                    "and no other running node may use the same key",
+    "SuperNode authentication is enabled": "start the node with --auth-supernode-private-key (its key from "
+                                           "`fedtune node-keys`)",
     "CERTIFICATE_VERIFY_FAILED": "pass the federation's ca.crt with --root-certificates",
 }
 

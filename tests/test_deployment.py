@@ -41,15 +41,18 @@ def federation(tmp_path_factory):
         fed.close()
 
 
-def _node_config(fed: LoopbackFederation, site: int, run: Path) -> str:
+def _node_config(fed: LoopbackFederation, site: int, run: Path, model: Path) -> str:
+    """The node's own data, ledger, copy of the base model and budget: the job names none of them."""
     return (f"client-id='site-{site}' data='{fed.workdir / f'site-{site}.csv'}' text-column='note' "
-            f"label-column='topic' ledger-dir='{run / 'ledgers' / f'site-{site}'}' target-epsilon=4.0")
+            f"label-column='topic' ledger-dir='{run / 'ledgers' / f'site-{site}'}' model='{model}' "
+            f"target-epsilon=4.0")
 
 
 def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(federation, tiny_model_dir):
     fed = federation
     run = fed.workdir / "run"
-    nodes = [fed.start_supernode(site, _node_config(fed, site, run), root_certificates=fed.credentials / "ca.crt")
+    nodes = [fed.start_supernode(site, _node_config(fed, site, run, tiny_model_dir),
+                                 root_certificates=fed.credentials / "ca.crt")
              for site in range(SITES)]
     run_config = (f"model='{tiny_model_dir}' data='{fed.workdir / 'coordinator-test.csv'}' num-clients={SITES} "
                   f"clients-per-round={SITES} num-rounds=2 batch-size=16 max-length=24 learning-rate=0.01 "

@@ -4,7 +4,8 @@ Checks, in order: every ledger's hash chain and Ed25519 signatures (under pinned
 given); each client's claimed epsilon against a recomputation from its own recorded history
 with an independent accountant (Google's dp_accounting PLD, not Opacus); the server's
 record of each client's epsilon and ledger head against what that client signed; and budgets.
-Exit codes: 0 clean, 1 a verification failed, 2 a budget was exceeded.
+Each record is also checked against the node policy signed into it (common/ledger/policy_audit.py).
+Exit codes: 0 clean, 1 a verification failed, 2 a budget was exceeded or a recorded policy breached.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def arrays_to_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     named = trainable_named_parameters(model)
     if len(arrays) != len(named):
         raise FedtuneError(f"adapter update has {len(arrays)} tensors, the model expects {len(named)}; "
-                           f"was it made with the same model, lora-rank, target modules and lora-variant?")
+                           f"was it made with the same base model (a node loads the one its node config 'model' "
+                           f"names), lora-rank, target modules and lora-variant?")
     with torch.no_grad():
         for (name, param), array in zip(named, arrays, strict=True):
             if tuple(array.shape) != tuple(param.shape):
