@@ -8,6 +8,7 @@ the budget guard runs first, and the signed ledger record is on disk before the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -18,21 +19,21 @@ import numpy as np
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.node_data import NodeData, client_split, label_names_from, model_of
+from client.node_data import NodeData, client_split, label_names_from, label_refusal, model_of
 from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
 from client.replay import replay_round
 from client.trainer import train_locally
 from client.update_cache import CachedUpdate, UpdateCache
 from common.config import RunConfig
-from common.data.splits import ClientSplit
 from common.errors import FedtuneError
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.privacy.accounting import epsilon_of
 from common.privacy.policy import NodePolicy
-from common.privacy.plan import PrivacyPlan, epsilon_after_next_round, fits_budget, plan_privacy
+from common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, plan_privacy,
+                                 sampling_schedule)
 from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
 from common.tasks import get_task
 
@@ -69,10 +70,12 @@ class FedtuneClient(NumPyClient):
         ledger = self._ledger()
         refuse = functools.partial(self._refuse, ledger, run_id=run_id, server_round=instructions.server_round,
                                    parameters=parameters)
-        if self.refusal:  # before reading a record: the job asks for less than the policy allows
-            return refuse(status=Status.REFUSED_POLICY, reason=self.refusal, num_examples=0)
+        refusal = self.refusal or label_refusal(self.node, instructions.label_names)
+        if refusal:  # before reading a record: the job asks for less than the policy allows
+            return refuse(status=Status.REFUSED_POLICY, reason=refusal, num_examples=0)
         self.label_names = label_names_from(instructions, self.config, self.node)
-        num_examples = len(self._data().train)
+        with self._data_errors_stay_here():
+            num_examples = len(_encoded(self.config, self.node, self.label_names, "train"))
         reason = data_refusal(policy=self.policy, config=self.config, transport=self.transport,
                               num_examples=num_examples)
         if reason:
@@ -96,15 +99,18 @@ class FedtuneClient(NumPyClient):
         instructions = EvaluateInstructions.from_config(config)
         ledger = self._ledger()
         answered = ledger.evaluations_answered()
+        reason = label_refusal(self.node, instructions.label_names)
         if answered >= self.policy.max_evaluations:
             reason = (f"this node answers at most {self.policy.max_evaluations} evaluation request(s) "
                       f"(policy max-evaluations) and has answered {answered}")
+        if reason:
             ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.REFUSED_POLICY,
                           plan=None, steps=0, epsilon=None, local_examples=0, policy=self.policy.to_record(),
                           reason=reason, request="evaluate")
             return 0.0, 0, EvaluateReport(client_id=self.client_id, reason=reason).to_metrics()
         self.label_names = label_names_from(instructions, self.config, self.node)
-        dataset = _encoded(self.config, self.node, self.label_names, "validation")
+        with self._data_errors_stay_here():
+            dataset = _encoded(self.config, self.node, self.label_names, "validation")
         scores = self.task.evaluate(model=self._model(parameters), dataset=dataset)
         ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.EVALUATED,
                       plan=None, steps=0, epsilon=None, local_examples=len(dataset),
@@ -124,9 +130,14 @@ class FedtuneClient(NumPyClient):
             return None
         plan = ledger.plan_for(run_id)
         if plan is not None:
-            if plan.num_examples != num_examples:
-                return (f"run {run_id}'s noise plan was made for {plan.num_examples} training records and this "
-                        f"node now has {num_examples}; start a new run")
+            schedule = sampling_schedule(num_examples=num_examples, batch_size=cfg.batch_size,
+                                         local_epochs=cfg.local_epochs)
+            if plan.num_examples != num_examples or (plan.sample_rate, plan.steps_per_round) != schedule:
+                return (f"run {run_id}'s noise plan was made for other data or another batch-size/local-epochs; "
+                        f"start a new run")
+            if plan.noise_multiplier < cfg.noise_multiplier:
+                return (f"run {run_id}'s noise plan has sigma {plan.noise_multiplier:g}, below the "
+                        f"{cfg.noise_multiplier:g} this node now requires; start a new run")
             return dataclasses.replace(plan, target_epsilon=min(plan.target_epsilon, cfg.target_epsilon),
                                        target_delta=min(plan.target_delta, cfg.target_delta),
                                        accountant=cfg.accountant)
@@ -206,11 +217,22 @@ class FedtuneClient(NumPyClient):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _data_errors_stay_here(self):
+        """On a real node, what reading its data went wrong with (a column, a label, a length)
+        is logged here only: Flower sends an exception's text to the coordinator, and every such
+        detail, even a count, answers a question the coordinator chose to ask."""
+        try:
+            yield
+        except FedtuneError as exc:
+            if self.node.path is None:  # a simulation: the researcher holds the data anyway
+                raise
+            log.error("%s: this node's data does not fit the job: %s", self.client_id, exc)
+            raise FedtuneError("this node's data does not fit this job (task, columns, labels or max-length); "
+                               "the node's own log says why. Nothing was trained or spent.") from None
+
     def _ledger(self) -> ClientPrivacyLedger:
         return ClientPrivacyLedger(directory=self.ledger_dir, client_id=self.client_id)
-
-    def _data(self) -> ClientSplit:
-        return client_split(self.config, self.node, self.label_names)
 
     def _model(self, parameters: list[np.ndarray]):
         cfg = self.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from common.tasks import get_task
 # Node config keys that say where this institution's data and model are and how to read them;
 # in deployment the coordinator's run config never names a file the node opens.
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
-                  "validation-fraction", "split-seed")
+                  "validation-fraction", "split-seed", "label-names")
 # Flower's simulation engine sets partition-id and num-partitions itself.
 NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
 
@@ -47,6 +48,7 @@ class NodeData:
     model: str = "default"  # deployment: the node's own copy of the agreed base model
     validation_fraction: float = 0.1  # deployment: the node's validation share, chosen by the node
     split_seed: int = 0  # deployment: which records are validation, chosen by the node
+    label_names: tuple[str, ...] | None = None  # deployment: the federation's label set, pinned by the node
 
     @classmethod
     def from_node_config(cls, node: dict) -> NodeData:
@@ -64,7 +66,8 @@ class NodeData:
                        response_column=str(node.get("response-column", "response")),
                        model=str(node.get("model", "default")),
                        validation_fraction=_fraction(node.get("validation-fraction", 0.1)),
-                       split_seed=_whole(node.get("split-seed", 0)))
+                       split_seed=_whole(node.get("split-seed", 0)),
+                       label_names=_label_list(node["label-names"]) if "label-names" in node else None)
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
         raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
@@ -87,6 +90,26 @@ def _whole(value) -> int:
     return value
 
 
+def _label_list(value) -> tuple[str, ...]:
+    """A node's pinned label names: a JSON list of strings, as the coordinator sends them."""
+    try:
+        names = json.loads(str(value))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FedtuneError("node config key 'label-names' must be a JSON list of strings, e.g. "
+                           "label-names='[\"negative\", \"positive\"]'")
+    return tuple(names)
+
+
+def label_refusal(node: NodeData, sent: tuple[str, ...] | None) -> str | None:
+    """A node that pinned the federation's label names answers only a request with exactly
+    those: then a label list cannot be used to probe which labels its file holds."""
+    if node.label_names is not None and sent is not None and tuple(sent) != node.label_names:
+        return "the job's label-names differ from the label set this node pinned (node config label-names)"
+    return None
+
+
 def label_names_from(instructions: FitInstructions | EvaluateInstructions, config: RunConfig,
                      node: NodeData) -> tuple[str, ...]:
     """The federation's label names in order, as the coordinator sends them (a node's own file
@@ -94,6 +117,8 @@ def label_names_from(instructions: FitInstructions | EvaluateInstructions, confi
     opens a file the coordinator names."""
     if instructions.label_names is not None:
         return instructions.label_names
+    if node.label_names is not None:
+        return node.label_names
     if node.path is not None:
         raise FedtuneError("the coordinator sent no label-names; this node reads no file the coordinator names, "
                            "so it cannot derive them. Nothing was read, trained or spent.")

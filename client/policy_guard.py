@@ -52,12 +52,13 @@ def request_refusal(*, policy: NodePolicy, job, transport: Transport | None) -> 
 
 
 def data_refusal(*, policy: NodePolicy, config, transport: Transport | None, num_examples: int) -> str | None:
-    """Why a train request is refused once the node knows its record count N, or None."""
+    """Why a train request is refused once the node knows its record count N, or None (the
+    reason never states N: a refusal sends weight 0, and N would otherwise leave with it)."""
     if transport is not None and transport.secure_aggregation and transport.max_weight is not None \
             and transport.max_weight < num_examples:
-        return (f"SecAgg+ max-weight {transport.max_weight:g} is below this node's {num_examples} training "
-                f"records: its weighted update would be scaled past the clipping range; raise "
-                f"max-client-examples (or secagg-max-weight)")
+        return (f"SecAgg+ max-weight {transport.max_weight:g} is below this node's training record count: its "
+                f"weighted update would be scaled past the clipping range; raise max-client-examples (or "
+                f"secagg-max-weight)")
     if config.dp:
         return policy.delta_problem(delta=config.target_delta, num_examples=num_examples)
     return None

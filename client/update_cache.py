@@ -9,6 +9,7 @@ that crashed between caching and signing signs before anything leaves.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ class UpdateCache:
         self.directory = Path(ledger_dir) / "sent-updates"
 
     def _path(self, run_id: str, server_round: int) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in run_id)
-        return self.directory / f"{safe}-round-{server_round}.npz"
+        """Named by a hash of the run id: no run id (the coordinator picks it) can make another
+        run's file name, or match another run's files when this run's old rounds are dropped."""
+        run = hashlib.sha256(run_id.encode()).hexdigest()[:24]
+        return self.directory / f"{run}-round-{server_round}.npz"
 
     def save(self, *, run_id: str, server_round: int, cached: CachedUpdate) -> None:
         """Atomically store this round's update, dropping this run's earlier ones (only the

@@ -11,6 +11,7 @@ from rich.console import Console
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.privacy.plan import plan_privacy
+from common.privacy.policy import NodePolicy
 from common.run_data import federated_splits
 from common.tasks import get_task
 from server.checkpoint import Checkpoint
@@ -28,6 +29,10 @@ def preflight(config: RunConfig, console: Console) -> None:
     get_task(config.task).model_path(config.model)
     if config.dp:
         for cid, client in enumerate(splits.clients):
+            problem = NodePolicy.of_simulation(config).delta_problem(delta=config.target_delta,
+                                                                     num_examples=len(client.train))
+            if problem:  # every client would refuse every round: say so before Ray starts
+                raise FedtuneError(f"client-{cid}: {problem}")
             plan = plan_privacy(num_examples=len(client.train), batch_size=config.batch_size,
                                 local_epochs=config.local_epochs, num_rounds=config.num_rounds,
                                 target_epsilon=config.target_epsilon, target_delta=config.target_delta,

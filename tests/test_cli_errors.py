@@ -23,6 +23,7 @@ def _assert_one_line_error(result, expected: str, out_dir):
     ("non-numeric-epsilon", "'target-epsilon' must be a number, got 'lots'"),
     ("negative-epsilon", "'target-epsilon' must be a positive number"),
     ("unknown-key", "unknown config key 'num-client'. Did you mean 'num-clients'?"),
+    ("delta-above-1-over-n", "client-0: target-delta=0.5 is not below 1/N"),
 ])
 def test_bad_input_gives_a_one_line_error(tmp_path, case, expected):
     data = write_csv(tmp_path / "ok.csv", make_texts(20))
@@ -34,6 +35,7 @@ def test_bad_input_gives_a_one_line_error(tmp_path, case, expected):
         "non-numeric-epsilon": ["data=" + str(data), "target-epsilon=lots"],
         "negative-epsilon": ["data=" + str(data), "target-epsilon=-2"],
         "unknown-key": ["data=" + str(data), "num-client=3"],
+        "delta-above-1-over-n": ["data=" + str(data), "target-delta=0.5"],
     }[case]
     args = ["simulate", "--out", str(tmp_path / "run")]
     for item in sets:

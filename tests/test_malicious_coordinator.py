@@ -200,6 +200,11 @@ def test_a_stale_run_id_cannot_revive_an_old_budget(site, job, tiny_model_dir):
     assert [r["status"] for r in records] == ["trained", "refused-budget", "refused-budget"]
     assert [r["target_epsilon"] for r in records] == [8.0, 6.0, 6.0]
     assert _audit(tightened)["verdict"] == "clean"
+    # A noise floor the node raised since: the old run's plan (smaller sigma) is not reused.
+    floor = site(**{"target-epsilon": 100.0, "noise-multiplier": 50.0, "secure-aggregation": False})
+    reply = _fit(_context(floor, job(target_epsilon=100.0, noise_multiplier=60.0, secure_aggregation=False)),
+                 parameters, server_round=3, run_id="old")
+    _assert_refused(reply, because="below the 60 this node now requires; start a new run")
 
 
 # -- 4. evaluation -------------------------------------------------------------------------------
@@ -245,13 +250,23 @@ def test_a_node_opens_no_file_the_coordinator_names_and_quotes_no_value(site, jo
         _fit(_context(node, spy), _adapter(tiny_model_dir), instructions={"server-round": 1,
                                                                             "fedtune-run-id": "r"})
     assert "sent no label-names" in str(refused.value) and PLANTED not in str(refused.value)
-    # A label set that misses the node's labels: the error counts them and quotes none.
+    # A label list that misses the node's labels: the error says no more than that the data does
+    # not fit (the detail goes to the node's own log), so it quotes and counts nothing.
     with pytest.raises(Exception) as mismatch:
         _fit(_context(node, spy), _adapter(tiny_model_dir), instructions=FitInstructions(
             1, "r", ("markets", "SECRET?")).to_config())
-    assert "2 label value(s) outside" in str(mismatch.value)
-    assert "politics" not in str(mismatch.value) and "sport" not in str(mismatch.value)
+    assert "this node's data does not fit this job" in str(mismatch.value)
+    assert not any(word in str(mismatch.value) for word in ("politics", "sport", "2 label", PLANTED))
     assert not Path(node["ledger-dir"], "ledger.jsonl").exists() or not _ledger(node)
+
+
+def test_a_node_that_pins_its_label_set_cannot_be_probed_with_label_lists(site, job, tiny_model_dir):
+    node = site(**{"label-names": json.dumps(LABELS), "secure-aggregation": False})
+    probe = FitInstructions(1, "r", (*LABELS, "RARE-DISEASE-X")).to_config()
+    reply = _fit(_context(node, job(secure_aggregation=False)), _adapter(tiny_model_dir), instructions=probe)
+    _assert_refused(reply, because="label-names differ from the label set this node pinned")
+    [record] = _ledger(node)
+    assert record["status"] == "refused-policy" and record["local_examples"] == 0  # refused before reading
 
 
 # -- 6. keys ----------------------------------------------------------------------------------------
@@ -280,6 +295,7 @@ def test_a_secagg_max_weight_below_the_record_count_is_refused(site, job, tiny_m
                            node=NodeData.from_node_config(node), ledger_dir=Path(node["ledger-dir"]), run_id="11")
     _, weight, metrics = client.fit(_adapter(tiny_model_dir), FitInstructions(1, "run-1", LABELS).to_config())
     assert weight == 0 and metrics["status"] == "refused-policy"
-    assert "max-weight 5 is below this node's 33 training records" in metrics["reason"]
+    assert "max-weight 5 is below this node's training record count" in metrics["reason"]
+    assert "33" not in metrics["reason"]  # N leaves only as the weight of an update actually sent
     [record] = _ledger(node)
     assert record["status"] == "refused-policy" and "max-weight" in record["reason"]

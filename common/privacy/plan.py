@@ -29,6 +29,12 @@ class PrivacyPlan:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
 
+def sampling_schedule(*, num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(Poisson sample rate q, DP steps per round) for N examples: what the accountant assumes."""
+    sample_rate = min(1.0, batch_size / num_examples)
+    return sample_rate, local_epochs * int(1 / sample_rate)
+
+
 def plan_privacy(*, num_examples: int, batch_size: int, local_epochs: int, num_rounds: int,
                  target_epsilon: float, target_delta: float, accountant: str = "prv",
                  noise_multiplier: float = 0.0) -> PrivacyPlan:
@@ -40,8 +46,8 @@ def plan_privacy(*, num_examples: int, batch_size: int, local_epochs: int, num_r
     """
     if num_examples < 1:
         raise FedtuneError("a client needs at least one training example for DP-SGD")
-    sample_rate = min(1.0, batch_size / num_examples)
-    steps_per_round = local_epochs * int(1 / sample_rate)
+    sample_rate, steps_per_round = sampling_schedule(num_examples=num_examples, batch_size=batch_size,
+                                                     local_epochs=local_epochs)
     if noise_multiplier <= 0:
         try:
             noise_multiplier = get_noise_multiplier(

@@ -125,7 +125,7 @@ class NodePolicy:
     def delta_problem(self, *, delta: float, num_examples: int) -> str | None:
         """delta >= 1/N permits releasing a whole record; refused unless the node chose it."""
         if num_examples > 0 and delta >= 1.0 / num_examples and not self.delta_set_by_node:
-            return (f"target-delta={delta:g} is not below 1/N for this node's {num_examples} training records; "
+            return (f"target-delta={delta:g} is not below 1/N for this node's N training records; "
                     f"ask for a smaller target-delta (this node set none itself)")
         return None
 
