@@ -21,7 +21,7 @@ from common.tasks import get_task
 # Node config keys that say where this institution's data and model are and how to read them;
 # in deployment the coordinator's run config never names a file the node opens.
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
-                  "validation-fraction", "split-seed", "label-names")
+                  "validation-fraction", "split-seed", "label-set")
 # Flower's simulation engine sets partition-id and num-partitions itself.
 NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
 
@@ -67,7 +67,7 @@ class NodeData:
                        model=str(node.get("model", "default")),
                        validation_fraction=_fraction(node.get("validation-fraction", 0.1)),
                        split_seed=_whole(node.get("split-seed", 0)),
-                       label_names=_label_list(node["label-names"]) if "label-names" in node else None)
+                       label_names=_label_list(node["label-set"]) if "label-set" in node else None)
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
         raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
@@ -97,8 +97,8 @@ def _label_list(value) -> tuple[str, ...]:
     except ValueError:
         names = None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise FedtuneError("node config key 'label-names' must be a JSON list of strings, e.g. "
-                           "label-names='[\"negative\", \"positive\"]'")
+        raise FedtuneError("node config key 'label-set' must be a JSON list of strings, e.g. "
+                           "label-set='[\"negative\", \"positive\"]'")
     return tuple(names)
 
 
@@ -106,7 +106,7 @@ def label_refusal(node: NodeData, sent: tuple[str, ...] | None) -> str | None:
     """A node that pinned the federation's label names answers only a request with exactly
     those: then a label list cannot be used to probe which labels its file holds."""
     if node.label_names is not None and sent is not None and tuple(sent) != node.label_names:
-        return "the job's label-names differ from the label set this node pinned (node config label-names)"
+        return "the job's label-names differ from the label set this node pinned (node config label-set)"
     return None
 
 

@@ -306,8 +306,9 @@ def test_a_deployed_node_reads_its_own_prompt_response_file(tiny_lm_config, tmp_
     rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
     path = write_jsonl(tmp_path / "site.jsonl", rows)
     node = NodeData.from_node_config({"data": str(path), "client-id": "clinic-a", "prompt-column": "question",
-                                      "response-column": "answer", "ledger-dir": str(tmp_path / "ledger")})
-    split = client_split(tiny_lm_config(validation_fraction=0.2), node, ())
+                                      "response-column": "answer", "ledger-dir": str(tmp_path / "ledger"),
+                                      "model": tiny_lm_config().model, "validation-fraction": 0.2})
+    split = client_split(tiny_lm_config(), node, ())  # the node's validation share, not the job's
     assert (len(split.train), len(split.validation)) == (16, 4)
     assert sorted(split.train.prompts + split.validation.prompts) == sorted(r["question"] for r in rows)
     pairs = dict(zip(split.train.prompts, split.train.responses))

@@ -50,7 +50,7 @@ def test_jsonl_and_parquet_with_custom_columns(tmp_path):
     (None, "data file not found"),
     ("text,topic\nhi,a\n", "has no column 'label' \\(set label-column\\); columns found: text, topic"),
     ("text,label\n ,a\n,b\n", "no examples left after cleaning"),
-    ("text,label\nx,a\ny,a\n", "at least 2 labels"),
+    ("text,label\nx,a\ny,a\n", "at least 2 distinct labels"),
 ])
 def test_bad_csv_input_is_a_clear_user_error(tmp_path, content, message):
     path = tmp_path / "d.csv"

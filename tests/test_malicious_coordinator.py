@@ -28,6 +28,7 @@ from client.app import job_of, policy_of
 from client.fl_client import FedtuneClient
 from client.node_data import NodeData
 from client.policy_guard import transport_of
+from common.ledger.audit import audit_run
 from common.ledger.chain import Ledger, read_records
 from common.models.adapter import adapter_to_arrays
 from common.models.classifier import build_lora_classifier
@@ -105,7 +106,10 @@ def _ledger(node_config: dict) -> list[dict]:
     return read_records(Path(node_config["ledger-dir"]) / "ledger.jsonl")
 
 
-def _audit(node_config: dict) -> dict:
+def _audit(node_config: dict, *, command_line: bool = False) -> dict:
+    """`fedtune audit --json` of the node's ledger (in-process by default: the same audit_run)."""
+    if not command_line:
+        return audit_run(target=Path(node_config["ledger-dir"])).to_json()
     result = run_fedtune("audit", node_config["ledger-dir"], "--json", timeout=300)
     payload = json.loads(result.stdout)
     assert result.returncode == payload["exit_code"]
@@ -137,7 +141,7 @@ def test_a_job_switching_off_dp_and_secure_aggregation_is_refused_and_signed(sit
     [record] = _ledger(node)
     assert record["status"] == "refused-policy" and record["steps"] == 0 and record["num_examples"] == 0
     assert record["policy"]["dp"] is True and record["policy"]["secure-aggregation"] is True
-    audit = _audit(node)
+    audit = _audit(node, command_line=True)
     assert audit["verdict"] == "clean" and audit["rows"][0]["status"] == "refused-policy"
 
 
@@ -176,8 +180,8 @@ def test_a_job_raising_delta_is_refused_and_delta_at_1_over_n_needs_the_node(sit
     assert weight == 0 and metrics["status"] == "refused-policy" and "not below 1/N" in metrics["reason"]
     assert [r["status"] for r in _ledger(node)] == ["refused-policy", "refused-policy"]
     _signed_round(node, delta=0.5)  # what the old client signed for that job
-    audit = _audit(node)
-    assert audit["verdict"] == "policy breached"
+    audit = _audit(node, command_line=True)
+    assert audit["verdict"] == "policy breached" and audit["exit_code"] == 2
     assert any("delta 0.5 is not below 1/N for its 30 training records" in b for b in audit["policy_breaches"])
 
 
@@ -261,7 +265,7 @@ def test_a_node_opens_no_file_the_coordinator_names_and_quotes_no_value(site, jo
 
 
 def test_a_node_that_pins_its_label_set_cannot_be_probed_with_label_lists(site, job, tiny_model_dir):
-    node = site(**{"label-names": json.dumps(LABELS), "secure-aggregation": False})
+    node = site(**{"label-set": json.dumps(LABELS), "secure-aggregation": False})
     probe = FitInstructions(1, "r", (*LABELS, "RARE-DISEASE-X")).to_config()
     reply = _fit(_context(node, job(secure_aggregation=False)), _adapter(tiny_model_dir), instructions=probe)
     _assert_refused(reply, because="label-names differ from the label set this node pinned")
