@@ -9,6 +9,7 @@ dp_accounting PLD accountant), which is what the audit trusts.
 
 from __future__ import annotations
 
+import functools
 import math
 
 HistoryEntry = tuple[float, float, int]
@@ -40,12 +41,18 @@ def epsilon_of(history: list[HistoryEntry], *, delta: float, accountant: str = "
 
 def independent_epsilon(history: list[HistoryEntry], delta: float) -> float:
     """Epsilon of a Poisson-subsampled Gaussian history by dp_accounting's PLD accountant."""
-    from dp_accounting import dp_event, pld  # heavy, and only the audit needs it
-
     if not history:
         return 0.0
     if any(float(s) <= 0 for s, _, _ in history):
         return math.inf
+    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """Cached: clients of one federation often share a history, and the PLD is seconds each."""
+    from dp_accounting import dp_event, pld  # heavy, and only the audit needs it
+
     events = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
               for s, q, n in history]
     accountant = pld.PLDAccountant()
