@@ -150,6 +150,7 @@ def test_a_plain_request_is_refused_even_when_the_job_claims_secure_aggregation(
     reply = _fit(_context(node, job(secure_aggregation=True)), _adapter(tiny_model_dir))  # no SecAgg+ record
     _assert_refused(reply, because="a plain (unmasked) train request arrived")
     assert [r["status"] for r in _ledger(node)] == ["refused-policy"]
+    assert _audit(node)["verdict"] == "clean"  # nothing was spent
 
 
 def test_a_round_without_dp_is_never_free_in_the_ledger_or_the_audit(site, job, tiny_model_dir):
@@ -303,3 +304,5 @@ def test_a_secagg_max_weight_below_the_record_count_is_refused(site, job, tiny_m
     assert "33" not in metrics["reason"]  # N leaves only as the weight of an update actually sent
     [record] = _ledger(node)
     assert record["status"] == "refused-policy" and "max-weight" in record["reason"]
+    audit = _audit(node)
+    assert audit["verdict"] == "clean" and [r["status"] for r in audit["rows"]] == ["refused-policy"]
