@@ -19,7 +19,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.node_data import NodeData, client_split, label_names_from, label_refusal, model_of
+from client.node_data import NodeData, client_split, label_names_from, model_of, pin_refusal
 from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
 from client.replay import replay_round
@@ -70,7 +70,7 @@ class FedtuneClient(NumPyClient):
         ledger = self._ledger()
         refuse = functools.partial(self._refuse, ledger, run_id=run_id, server_round=instructions.server_round,
                                    parameters=parameters)
-        refusal = self.refusal or label_refusal(self.node, instructions.label_names)
+        refusal = self.refusal or pin_refusal(self.node, job=self.job, sent=instructions.label_names)
         if refusal:  # before reading a record: the job asks for less than the policy allows
             return refuse(status=Status.REFUSED_POLICY, reason=refusal, num_examples=0)
         self.label_names = label_names_from(instructions, self.config, self.node)
@@ -99,7 +99,7 @@ class FedtuneClient(NumPyClient):
         instructions = EvaluateInstructions.from_config(config)
         ledger = self._ledger()
         answered = ledger.evaluations_answered()
-        reason = label_refusal(self.node, instructions.label_names)
+        reason = pin_refusal(self.node, job=self.job, sent=instructions.label_names)
         if answered >= self.policy.max_evaluations:
             reason = (f"this node answers at most {self.policy.max_evaluations} evaluation request(s) "
                       f"(policy max-evaluations) and has answered {answered}")

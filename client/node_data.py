@@ -21,7 +21,7 @@ from common.tasks import get_task
 # Node config keys that say where this institution's data and model are and how to read them;
 # in deployment the coordinator's run config never names a file the node opens.
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
-                  "validation-fraction", "split-seed", "label-set")
+                  "validation-fraction", "split-seed", "label-set", "task", "max-length")
 # Flower's simulation engine sets partition-id and num-partitions itself.
 NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
 
@@ -49,6 +49,8 @@ class NodeData:
     validation_fraction: float = 0.1  # deployment: the node's validation share, chosen by the node
     split_seed: int = 0  # deployment: which records are validation, chosen by the node
     label_names: tuple[str, ...] | None = None  # deployment: the federation's label set, pinned by the node
+    task: str | None = None  # pinned: a job for another task is refused before the file is read
+    max_length: int | None = None  # pinned: the job cannot vary which records fit (a count oracle)
 
     @classmethod
     def from_node_config(cls, node: dict) -> NodeData:
@@ -67,7 +69,10 @@ class NodeData:
                        model=str(node.get("model", "default")),
                        validation_fraction=_fraction(node.get("validation-fraction", 0.1)),
                        split_seed=_whole(node.get("split-seed", 0)),
-                       label_names=_label_list(node["label-set"]) if "label-set" in node else None)
+                       label_names=_label_list(node["label-set"]) if "label-set" in node else None,
+                       task=str(node["task"]) if "task" in node else None,
+                       max_length=_positive_whole("max-length", node["max-length"]) if "max-length" in node
+                       else None)
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
         raise FedtuneError("node config needs 'data' (this institution's CSV, JSONL or Parquet file, e.g. "
@@ -82,6 +87,12 @@ def _fraction(value) -> float:
     if isinstance(value, bool) or not 0.0 <= number < 1.0:
         raise FedtuneError("node config key 'validation-fraction' must lie in [0, 1)")
     return number
+
+
+def _positive_whole(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FedtuneError(f"node config key '{key}' must be a positive whole number")
+    return value
 
 
 def _whole(value) -> int:
@@ -102,12 +113,18 @@ def _label_list(value) -> tuple[str, ...]:
     return tuple(names)
 
 
-def label_refusal(node: NodeData, sent: tuple[str, ...] | None) -> str | None:
-    """A node that pinned the federation's label names answers only a request with exactly
-    those: then a label list cannot be used to probe which labels its file holds."""
+def pin_refusal(node: NodeData, *, job: RunConfig, sent: tuple[str, ...] | None) -> str | None:
+    """What the node pinned must be what the job asks, or the request could probe its file:
+    a label list (which labels it holds), a task (which columns it has) or a max-length (how
+    many records fit it)."""
+    reasons = []
     if node.label_names is not None and sent is not None and tuple(sent) != node.label_names:
-        return "the job's label-names differ from the label set this node pinned (node config label-set)"
-    return None
+        reasons.append("the job's label-names differ from the label set this node pinned (node config label-set)")
+    if node.task is not None and job.task != node.task:
+        reasons.append(f"task={job.task} asked, this node takes only task={node.task}")
+    if node.max_length is not None and job.max_length != node.max_length:
+        reasons.append(f"max-length={job.max_length} asked, this node takes only max-length={node.max_length}")
+    return "; ".join(reasons) or None
 
 
 def label_names_from(instructions: FitInstructions | EvaluateInstructions, config: RunConfig,

@@ -272,6 +272,12 @@ def test_a_node_that_pins_its_label_set_cannot_be_probed_with_label_lists(site, 
     _assert_refused(reply, because="label-names differ from the label set this node pinned")
     [record] = _ledger(node)
     assert record["status"] == "refused-policy" and record["local_examples"] == 0  # refused before reading
+    # Pinned task and max-length: a job cannot switch columns or vary which records fit.
+    pinned = site(**{"task": "classification", "max-length": 24, "secure-aggregation": False})
+    for change, because in (({"max_length": 8}, "max-length=8 asked, this node takes only max-length=24"),
+                            ({"task": "causal-lm"}, "task=causal-lm asked, this node takes only task=classification")):
+        reply = _fit(_context(pinned, job(secure_aggregation=False, **change)), _adapter(tiny_model_dir))
+        _assert_refused(reply, because=because)
 
 
 # -- 6. keys ----------------------------------------------------------------------------------------
