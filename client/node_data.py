@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from common.errors import FedtuneError
 from common.privacy.policy import POLICY_KEYS
 from common.protocol import EvaluateInstructions, FitInstructions
 from common.run_data import federated_splits
+from common.values import coerce
 from common.tasks import get_task
 
 # Node config keys that say where this institution's data and model are and how to read them;
@@ -67,11 +69,11 @@ class NodeData:
                        prompt_column=str(node.get("prompt-column", "prompt")),
                        response_column=str(node.get("response-column", "response")),
                        model=str(node.get("model", "default")),
-                       validation_fraction=_fraction(node.get("validation-fraction", 0.1)),
-                       split_seed=_whole(node.get("split-seed", 0)),
+                       validation_fraction=_node_number(node, "validation-fraction", float, 0.1, low=0.0, high=1.0),
+                       split_seed=_node_number(node, "split-seed", int, 0, low=-math.inf),
                        label_names=_label_list(node["label-set"]) if "label-set" in node else None,
                        task=str(node["task"]) if "task" in node else None,
-                       max_length=_positive_whole("max-length", node["max-length"]) if "max-length" in node
+                       max_length=_node_number(node, "max-length", int, None, low=1) if "max-length" in node
                        else None)
         if "partition-id" in node:
             return cls(client_id=f"client-{int(node['partition-id'])}", partition_id=int(node["partition-id"]))
@@ -79,25 +81,11 @@ class NodeData:
                            "data='/srv/records.csv') or, in a simulation, 'partition-id'")
 
 
-def _fraction(value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = -1.0
-    if isinstance(value, bool) or not 0.0 <= number < 1.0:
-        raise FedtuneError("node config key 'validation-fraction' must lie in [0, 1)")
-    return number
-
-
-def _positive_whole(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedtuneError(f"node config key '{key}' must be a positive whole number")
-    return value
-
-
-def _whole(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FedtuneError("node config key 'split-seed' must be a whole number")
+def _node_number(node: dict, key: str, kind: type, default, *, low: float, high: float = math.inf):
+    """A numeric node config key in [low, high), or an error that names it (and not its value)."""
+    value = coerce(key, node.get(key, default), kind, source="node config key", quote=False)
+    if not low <= value < high:
+        raise FedtuneError(f"node config key '{key}' must lie in [{low:g}, {high:g})")
     return value
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 from common.errors import FedtuneError
 from common.faults import check_faults
 from common.tasks import TASK_NAMES, get_task
+from common.values import coerce
 
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
@@ -116,7 +117,7 @@ class RunConfig:
                 hint = difflib.get_close_matches(key, list(by_key), n=1)
                 suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
                 raise FedtuneError(f"unknown config key '{key}'.{suggestion}")
-            kwargs[spec.name] = _coerce(key, value, spec.type)
+            kwargs[spec.name] = coerce(key, value, spec.type)
         return cls(**kwargs)
 
     def with_overrides(self, **changes: Any) -> RunConfig:
@@ -209,38 +210,6 @@ def _positive(value: float) -> bool:
 def _check(ok: bool, name: str, requirement: str) -> None:
     if not ok:
         raise FedtuneError(f"config key '{_dashed(name)}' {requirement}.")
-
-
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Turn a TOML or command-line value into the field's type, or say what was expected."""
-    kind = {"bool": bool, "int": int, "float": float, "str": str}.get(str(type_name), type_name)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise FedtuneError(f"config key '{key}' must be true or false, got {value!r}.")
-    if kind in (int, float) and isinstance(value, bool):
-        raise FedtuneError(f"config key '{key}' must be a number, got {value!r}.")
-    if kind is int:
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
-        except ValueError:
-            raise FedtuneError(f"config key '{key}' must be a whole number, got {value!r}.") from None
-    if kind is float:
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or math.isnan(number):
-            raise FedtuneError(f"config key '{key}' must be a number, got {value!r}.")
-        return number
-    return str(value)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -90,6 +90,8 @@ def _label_names(config: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 # -- client -> coordinator ---------------------------------------------------------------------
 
+MAX_REASON_CHARS = 500  # a refusal's reason is a sentence; a client cannot fill the coordinator's records
+
 @dataclass(frozen=True)
 class FitReport:
     """Everything a fit reply carries in clear beside the (masked) update; nothing else leaves."""
@@ -129,6 +131,8 @@ class FitReport:
         values.setdefault("client_id", "?")
         values["client_id"] = str(values["client_id"])
         values.setdefault("server_round", 0)
+        if values.get("reason") is not None:  # a client's free text: bounded before any record holds it
+            values["reason"] = str(values["reason"])[:MAX_REASON_CHARS]
         return cls(**values)
 
 
@@ -154,4 +158,4 @@ class EvaluateReport:
         reason = metrics.get("reason")
         return cls(client_id=str(metrics.get("client_id", "?")),
                    scores={name: metrics[name] for name in score_names if name in metrics},
-                   reason=None if reason is None else str(reason))
+                   reason=None if reason is None else str(reason)[:MAX_REASON_CHARS])

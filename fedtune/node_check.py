@@ -70,8 +70,8 @@ def _check_node_config(text: str) -> str:
 
 def _describe_policy(text: str) -> str:
     """What this node will refuse, in one line, so the institution sees its own limits."""
-    policy = NodePolicy.from_node_config(parse_config_args([text]))
-    model = NodeData.from_node_config(parse_config_args([text])).model
+    node = parse_config_args([text])
+    policy, model = NodePolicy.from_node_config(node), NodeData.from_node_config(node).model
     if model != "default":
         check_model_folder(Path(model))
     required = {True: "required", False: "optional"}

@@ -43,3 +43,26 @@ def test_a_label_the_federation_does_not_know_is_refused(tiny_config, tmp_path):
 def test_node_config_mistakes_say_what_to_fix(node, message):
     with pytest.raises(FedtuneError, match=message):
         NodeData.from_node_config(node)
+
+
+@pytest.mark.parametrize("node, key", [
+    ({"target-epsilon": "ssn-123-45-6789"}, "target-epsilon"),
+    ({"dp": "ssn-123-45-6789"}, "dp"),
+    ({"max-evaluations": 1.5}, "max-evaluations"),
+])
+def test_a_bad_node_policy_value_names_the_key_and_never_repeats_the_value(node, key):
+    """A ClientApp's error text reaches the coordinator: it may name the key, not echo the value."""
+    from common.privacy.policy import NodePolicy
+
+    with pytest.raises(FedtuneError, match=f"node config key '{key}' must be") as refused:
+        NodePolicy.from_node_config(node)
+    assert "ssn" not in str(refused.value) and "1.5" not in str(refused.value)
+
+
+def test_node_data_numbers_are_checked_against_their_range():
+    base = {"client-id": "a", "data": "/x.csv"}
+    for key, value in (("validation-fraction", 1.0), ("max-length", 0), ("split-seed", "seven")):
+        with pytest.raises(FedtuneError, match=f"node config key '{key}' must"):
+            NodeData.from_node_config({**base, key: value})
+    node = NodeData.from_node_config({**base, "validation-fraction": 0.25, "max-length": 64, "split-seed": 3})
+    assert (node.validation_fraction, node.max_length, node.split_seed) == (0.25, 64, 3)

@@ -49,7 +49,7 @@ def test_a_client_cannot_write_into_the_coordinators_records():
                              label_names=["a", "b"], score_names=task.score_names, fraction_evaluate=0.0,
                              secure_aggregation=False, max_update_norm=10.0)
     forged = {"client_id": "c0", "status": "trained", "steps": 1, "epsilon": 0.5, "ledger_head": "h",
-              "rejected": "FORGED", "val_accuracy": 1.0, "val_loss": 0.0, "note": "FORGED"}
+              "rejected": "FORGED", "val_accuracy": 1.0, "val_loss": 0.0, "note": "FORGED", "reason": "x" * 100_000}
     reply = FitRes(status=FlowerStatus(code=Code.OK, message=""), parameters=ndarrays_to_parameters(initial),
                    num_examples=10, metrics=forged)
     outcome = strategy.record_replies(1, [(None, reply)], [])
@@ -61,3 +61,4 @@ def test_a_client_cannot_write_into_the_coordinators_records():
         text = json.dumps(written)
         assert "FORGED" not in text and "val_accuracy" not in text and "val_loss" not in text
     assert fields["rejected"] == {}
+    assert len(record["clients"]["c0"]["reason"]) == 500  # free text, bounded before it is recorded

@@ -19,6 +19,7 @@ from common.errors import FedtuneError
 from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
                                  read_records, record_hash, verify_records)
 from common.ledger.policy_audit import policy_findings
+from common.ledger.records import NO_DP_ENTRY_SIGMA
 from common.privacy.accounting import HistoryEntry, independent_epsilon
 from common.protocol import Status
 
@@ -145,7 +146,8 @@ def _client_row(owner: str, record: dict, history: list[HistoryEntry]) -> Client
         raise ValueError(f"dp={dp!r}, status={status!r}")
     if status == Status.TRAINED:  # a round without DP is not free: sigma 0 makes epsilon infinite
         history.append((_number(record, "noise_multiplier"), _number(record, "sample_rate"),
-                        _number(record, "steps", int)) if dp else (0.0, 1.0, max(1, _number(record, "steps", int))))
+                        _number(record, "steps", int)) if dp
+                       else (NO_DP_ENTRY_SIGMA, 1.0, max(1, _number(record, "steps", int))))
     return ClientRow(
         client_id=str(record.get("client_id", owner)), run_id=str(record.get("run_id")),
         round=_number(record, "round", int), status=status, steps=_number(record, "steps", int),

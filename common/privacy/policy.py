@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from common.errors import FedtuneError
+from common.values import coerce
 
 # Stricter accountant first: RDP's epsilon bound is never below PRV's for the same history.
 ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
@@ -64,7 +65,9 @@ class NodePolicy:
         values: dict[str, Any] = {}
         for key in POLICY_KEYS:
             if key in node:
-                values[key.replace("-", "_")] = _coerce(key, node[key], type(getattr(base, key.replace("-", "_"))))
+                field = key.replace("-", "_")
+                values[field] = coerce(key, node[key], type(getattr(base, field)), source="node config key",
+                                       quote=False)
         if "target-delta" in node:
             values["delta_set_by_node"] = True
         return replace(base, **values)
@@ -132,30 +135,3 @@ class NodePolicy:
     def to_record(self) -> dict[str, Any]:
         """The policy as every ledger record carries it (dashed keys, like the node config)."""
         return {key.replace("_", "-"): value for key, value in asdict(self).items()}
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """A node config value as the field's type, or a clear error naming the key."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "false"):
-            return text == "true"
-        raise FedtuneError(f"node config key '{key}' must be true or false")
-    if isinstance(value, bool):
-        raise FedtuneError(f"node config key '{key}' must be a number")
-    try:
-        if kind is int:
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind is float:
-            number = float(value)
-            if math.isnan(number):
-                raise ValueError
-            return number
-    except (TypeError, ValueError):
-        raise FedtuneError(f"node config key '{key}' must be a {'whole ' if kind is int else ''}number") from None
-    return str(value)
