@@ -18,10 +18,14 @@ from client.drills import DrillClient, dropout_mod
 from client.fl_client import FedtuneClient
 from client.node_data import NodeData
 from client.policy_guard import transport_of
-from client.secure_aggregation import secure_aggregation_mod
+from client.secure_aggregation import SecAggNode, secure_aggregation_mod
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.ledger.chain import signing_key
 from common.privacy.policy import NodePolicy
+from common.secure_aggregation.roster import Roster, RosterError
+
+SIMULATION_ROSTER = "roster.json"  # in a simulation's ledger root: `fedtune simulate` writes it
 
 
 def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> Path:
@@ -53,8 +57,45 @@ def resolve_config(context: Context, config: RunConfig | None) -> RunConfig:
     return job if policy.loosenings(job) else policy.applied_to(job)
 
 
+def secagg_node_of(context: Context, config: RunConfig | None, ledger_root: Path | None) -> SecAggNode:
+    """Who this node is in secure aggregation: its roster id and identity key, the roster it pinned
+    (node config `roster`; a simulation's own), and what is wrong with them, if anything."""
+    node = NodeData.from_node_config(dict(context.node_config))
+    policy = policy_of(context, config)
+    ledger_dir = _ledger_dir(context, ledger_root, node.client_id)
+    roster, problem = pinned_roster(context=context, ledger_root=ledger_root, institution=node.client_id,
+                                    ledger_dir=ledger_dir)
+    return SecAggNode(institution=node.client_id, ledger_dir=ledger_dir, roster=roster, problem=problem,
+                      min_contributors=policy.secagg_min_contributors, policy_record=policy.to_record())
+
+
+def _roster_path(context: Context, ledger_root: Path | None) -> Path | None:
+    if "roster" in context.node_config:
+        return Path(str(context.node_config["roster"]))
+    if "data" not in context.node_config and ledger_root is not None:  # a simulation: the researcher's roster
+        return ledger_root / SIMULATION_ROSTER
+    return None
+
+
+def pinned_roster(*, context: Context, ledger_root: Path | None, institution: str,
+                  ledger_dir: Path) -> tuple[Roster | None, str | None]:
+    """The roster this node pinned, or why it cannot take part in secure aggregation (one line)."""
+    path = _roster_path(context, ledger_root)
+    if path is None:
+        return None, ("this node has no roster: set node config roster='PATH' to the federation's roster "
+                      "(`fedtune roster build`), which pins every institution's identity key")
+    try:
+        roster = Roster.load(path)
+    except RosterError as exc:
+        return None, str(exc)
+    problem = roster.problem_for(institution=institution,
+                                 own_key=signing_key(ledger_dir).public_key().public_bytes_raw())
+    return (None, problem) if problem else (roster, None)
+
+
 def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
-    """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir)."""
+    """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir,
+    with the simulation's roster)."""
 
     def client_fn(context: Context) -> Client:
         node = NodeData.from_node_config(dict(context.node_config))
@@ -70,7 +111,10 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
         return resolve_config(context, config)
 
     # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
-    return ClientApp(client_fn=client_fn, mods=[dropout_mod(run_config), secure_aggregation_mod])
+    def secagg_node(context: Context) -> SecAggNode:
+        return secagg_node_of(context, config, ledger_root)
+
+    return ClientApp(client_fn=client_fn, mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node)])
 
 
 app = build_client_app()

@@ -38,6 +38,8 @@ def dropout_mod(resolve_config: Callable[[Context], RunConfig]) -> Mod:
             return call_next(msg, ctxt)
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         stage = str(configs[Key.STAGE]) if configs is not None else "fit"
+        if stage not in STAGE_FAULTS:  # e.g. the consistency check: no drill vanishes there
+            return call_next(msg, ctxt)
         server_round, partition_id = int(msg.metadata.group_id), int(ctxt.node_config["partition-id"])
         fault = client_fault(spec, server_round=server_round, partition_id=partition_id,
                              kinds=(STAGE_FAULTS[stage],))

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from client.node_data import NodeData, client_split, label_names_from, model_of, pin_refusal
 from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
-from client.replay import replay_round
+from client.replay import replay_problem, replay_round
 from client.trainer import train_locally
 from client.update_cache import CachedUpdate, UpdateCache
 from common.config import RunConfig
@@ -81,6 +81,10 @@ class FedtuneClient(NumPyClient):
         if reason:
             return refuse(status=Status.REFUSED_POLICY, reason=reason, num_examples=num_examples)
         cache = UpdateCache(self.ledger_dir)
+        reason = replay_problem(cache=cache, run_id=run_id, server_round=instructions.server_round,
+                                peers=self.transport.peers if self.transport else None)
+        if reason:
+            return refuse(status=Status.REFUSED_REPLAY, reason=reason, num_examples=num_examples)
         replay = replay_round(ledger=ledger, cache=cache, run_id=run_id, server_round=instructions.server_round,
                               parameters=parameters)
         if replay is not None:

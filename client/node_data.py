@@ -25,7 +25,8 @@ from common.tasks import get_task
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
                   "validation-fraction", "split-seed", "label-set", "task", "max-length")
 # Flower's simulation engine sets partition-id and num-partitions itself.
-NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "partition-id", "num-partitions")
+NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "roster", "partition-id",
+             "num-partitions")
 
 
 def check_node_keys(node: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 from common.privacy.policy import NodePolicy
 
@@ -23,11 +22,18 @@ class Transport:
 
     secure_aggregation: bool
     max_weight: float | None = None  # SecAgg+: the largest weight the protocol can carry
+    peers: frozenset[str] | None = None  # SecAgg+: the institutions in this round's signed key list
 
 
-def note_transport(context: Context, *, secure_aggregation: bool) -> None:
-    """Called by the mod for each train request, before Flower's SecAgg+ code or the client runs."""
-    context.state.config_records[TRANSPORT_RECORD] = ConfigRecord({"secure-aggregation": secure_aggregation})
+def note_transport(context: Context, *, secure_aggregation: bool, max_weight: float | None = None,
+                   peers: frozenset[str] | None = None) -> None:
+    """Called by the SecAgg+ mod for each train request, before the client runs."""
+    record: dict = {"secure-aggregation": secure_aggregation}
+    if max_weight is not None:
+        record["max-weight"] = float(max_weight)
+    if peers is not None:
+        record["peers"] = sorted(peers)
+    context.state.config_records[TRANSPORT_RECORD] = ConfigRecord(record)
 
 
 def transport_of(context: Context) -> Transport | None:
@@ -35,12 +41,10 @@ def transport_of(context: Context) -> Transport | None:
     record = context.state.config_records.get(TRANSPORT_RECORD)
     if record is None:
         return None
-    secure = bool(record["secure-aggregation"])
-    max_weight = None
-    if secure and RECORD_KEY_STATE in context.state.config_records:
-        value = context.state.config_records[RECORD_KEY_STATE].get("max_weight")
-        max_weight = float(value) if isinstance(value, (int, float)) else None
-    return Transport(secure_aggregation=secure, max_weight=max_weight)
+    max_weight, peers = record.get("max-weight"), record.get("peers")
+    return Transport(secure_aggregation=bool(record["secure-aggregation"]),
+                     max_weight=float(max_weight) if isinstance(max_weight, float) else None,
+                     peers=frozenset(peers) if isinstance(peers, list) else None)
 
 
 def request_refusal(*, policy: NodePolicy, job, transport: Transport | None) -> str | None:

@@ -46,3 +46,17 @@ def replay_round(*, ledger: ClientPrivacyLedger, cache: UpdateCache, run_id: str
              ledger.client_id, server_round, run_id)
     report = dataclasses.replace(FitReport.from_metrics(cached.metrics), ledger_head=ledger.head_hash, resent=True)
     return cached.update, cached.num_examples, report.to_metrics()
+
+
+def replay_problem(*, cache: UpdateCache, run_id: str, server_round: int, peers: frozenset[str] | None) -> str | None:
+    """Why a paid round must not be re-sent into this SecAgg+ round, or None.
+
+    Its update was unmasked once, in a sum over a set of survivors; re-sent into a round whose
+    key list lacks one of them, it would be unmasked in a second, different sum, and the two
+    could be subtracted. (The unmask stage checks the final survivors: client/secure_aggregation.py.)
+    """
+    revealed = cache.revealed_with(run_id=run_id, server_round=server_round)
+    if revealed is None or peers is None or set(revealed) <= peers:
+        return None
+    return (f"round {server_round} was already paid for and its update unmasked in a sum with other peers; "
+            f"re-sending it to this set of peers would let the two sums be differenced")

@@ -1,25 +1,318 @@
-"""The client side of SecAgg+: Flower's `secaggplus_mod`, plus a note of how a request came.
+"""The client side of SecAgg+, hardened against a coordinator that deviates from the protocol.
 
-The mod records, for every train request, whether it arrived under SecAgg+ (client/policy_guard.py):
-a node whose policy requires secure aggregation then refuses a plain request in its ledger and
-reply, so a coordinator cannot quietly collect an unmasked update.
+Stands in for Flower 1.41's `secaggplus_mod` (flwr/client/mod/secure_aggregation/secaggplus_mod.py)
+with the same stages and message flow, so Flower's SecAgg+ workflow on the coordinator drives it
+(server/secure_aggregation.py adds the signatures and the consistency check there). What changed:
+- every step is checked first (client/secagg_checks.py): parameters, the signed key list against
+  the roster, the survivor list; a refusal is signed in the node's ledger and raised, so the
+  coordinator records the reason and learns nothing else;
+- the node signs its masking keys and the survivor list with its identity (ledger) key;
+- masks come from the whole shared secret through HKDF and ChaCha20, stochastic rounding from an
+  OS-seeded generator (common/secure_aggregation/masks.py), not a 32-bit Mersenne Twister seed;
+- a paid round is re-sent only into the same set of survivors it was first unmasked with.
+Every train request also notes its transport (client/policy_guard.py), so a node whose policy
+requires secure aggregation refuses a plain request.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, parameters_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintext_concat,
+                                                              share_keys_plaintext_separate)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
+                                                  private_key_to_bytes, public_key_to_bytes)
 
 from client.policy_guard import note_transport
+from client.privacy_ledger import ClientPrivacyLedger
+from client.secagg_checks import (Peer, RoundContext, peers_problem, setup_problem, survivors_problem,
+                                  unmask_problem)
+from client.secagg_state import SecAggState
+from client.update_cache import UpdateCache
+from common.ledger.chain import signing_key
+from common.protocol import FitInstructions, FitReport, SecAggWire, Status
+from common.secure_aggregation.masks import mask_arrays, quantize
+from common.secure_aggregation.roster import Roster
+from common.secure_aggregation.statements import key_statement, survivor_statement
+
+# Flower's four stages with the consistency check between the last two; setup may restart a round.
+STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, SecAggWire.CONSISTENCY_STAGE, Stage.UNMASK)
 
 
-def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Run SecAgg+ when the server speaks it; note the transport either way for the policy check."""
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, ctxt)
-    secure = RECORD_KEY_CONFIGS in msg.content.config_records
-    note_transport(ctxt, secure_aggregation=secure)
-    return secaggplus_mod(msg, ctxt, call_next) if secure else call_next(msg, ctxt)
+@dataclass(frozen=True)
+class SecAggNode:
+    """Who this node is in secure aggregation, and what it requires."""
+
+    institution: str  # its id in the roster and in its ledger
+    ledger_dir: Path  # its identity key is the ledger key
+    roster: Roster | None
+    problem: str | None  # why it cannot take part at all (no roster, expired, not listed), or None
+    min_contributors: int
+    policy_record: dict
+
+
+class SecAggRefused(Exception):
+    """Raised to the coordinator: Flower sends the text back as the node's error reply."""
+
+
+class _Refusal(Exception):
+    pass
+
+
+def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None:
+            note_transport(ctxt, secure_aggregation=False)
+            return call_next(msg, ctxt)
+        node, state = node_of(ctxt), SecAggState.load(ctxt)
+        stage = configs.get(Key.STAGE)
+        try:
+            _check_sequence(state.stage, stage)
+            if stage == Stage.SETUP:
+                state = _new_round(msg, configs, node)
+            out = RecordDict()
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                reply, out = _collect_masked_vectors(state=state, configs=configs, msg=msg, ctxt=ctxt,
+                                                     call_next=call_next)
+            else:
+                reply = _STEPS[stage](state=state, configs=configs, node=node)
+        except _Refusal as refusal:
+            _sign_refusal(node, state, stage=str(stage), reason=str(refusal))
+            state.stage = Stage.UNMASK  # nothing of this round goes on: the next request must be a setup
+            state.save(ctxt)
+            raise SecAggRefused(f"{node.institution} refused secure aggregation at stage {stage}: {refusal}") \
+                from None
+        state.stage = str(stage)
+        state.save(ctxt)
+        out.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(reply, False)
+        return Message(out, reply_to=msg)
+
+    return mod
+
+
+def _check_sequence(previous: str, stage: Any) -> None:
+    if stage not in STAGES:
+        raise _Refusal("unknown SecAgg+ stage")
+    if stage != Stage.SETUP and STAGES[STAGES.index(previous) + 1 if previous != STAGES[-1] else 0] != stage:
+        raise _Refusal(f"stage {stage} out of order after {previous}")
+
+
+def _value(configs: ConfigRecord, key: str, kind: type) -> Any:
+    value = configs.get(key)
+    if type(value) is not kind:  # bool is an int to isinstance: exact types only
+        raise _Refusal(f"malformed request: '{key}' missing or not {kind.__name__}")
+    return value
+
+
+def _int_list(configs: ConfigRecord, key: str) -> list[int]:
+    value = configs.get(key)
+    if not isinstance(value, list) or any(type(v) is not int for v in value):
+        raise _Refusal(f"malformed request: '{key}' missing or not a list of node ids")
+    return list(value)
+
+
+def _new_round(msg: Message, configs: ConfigRecord, node: SecAggNode) -> SecAggState:
+    if node.problem:
+        raise _Refusal(node.problem)
+    try:
+        server_round = int(msg.metadata.group_id)
+    except ValueError:
+        raise _Refusal("malformed request: the message names no round") from None
+    run_id = configs.get(SecAggWire.RUN_ID)
+    return SecAggState(run_id=str(run_id) if isinstance(run_id, str) and run_id else str(msg.metadata.run_id),
+                       server_round=server_round, node_id=msg.metadata.dst_node_id)
+
+
+def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
+    state.sample_num, state.share_num = _value(configs, Key.SAMPLE_NUMBER, int), _value(configs, Key.SHARE_NUMBER, int)
+    state.threshold, state.target_range = _value(configs, Key.THRESHOLD, int), _value(configs, Key.TARGET_RANGE, int)
+    state.mod_range = _value(configs, Key.MOD_RANGE, int)
+    state.clipping_range = _value(configs, Key.CLIPPING_RANGE, float)
+    state.max_weight = _value(configs, Key.MAX_WEIGHT, float)
+    problem = setup_problem(sample_num=state.sample_num, share_num=state.share_num, threshold=state.threshold,
+                            clipping_range=state.clipping_range, target_range=state.target_range,
+                            mod_range=state.mod_range, max_weight=state.max_weight,
+                            min_contributors=node.min_contributors)
+    if problem:
+        raise _Refusal(problem)
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
+    state.sk2, state.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+    statement = key_statement(run_id=state.run_id, server_round=state.server_round, node_id=state.node_id,
+                              institution=node.institution, pk1=state.pk1, pk2=state.pk2)
+    return {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2, SecAggWire.INSTITUTION: node.institution,
+            SecAggWire.KEY_SIGNATURE: signing_key(node.ledger_dir).sign(statement)}
+
+
+def _key_list(configs: ConfigRecord) -> tuple[list[Peer], dict[int, bytes]]:
+    """The share-keys request: node id -> [pk1, pk2, key signature, institution] for each peer."""
+    peers, signatures = [], {}
+    for key, value in configs.items():
+        if key == Key.STAGE:
+            continue
+        if not key.isdigit() or not isinstance(value, list) or not all(isinstance(v, bytes) for v in value) \
+                or len(value) not in (2, 4):
+            raise _Refusal("malformed key list")
+        pk1, pk2, signature, institution = (*value, b"", b"")[:4]
+        try:
+            name = institution.decode()
+        except UnicodeDecodeError:
+            raise _Refusal("malformed key list: an institution id is not text") from None
+        peers.append(Peer(node_id=int(key), institution=name, pk1=pk1, pk2=pk2))
+        signatures[int(key)] = signature
+    return peers, signatures
+
+
+def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
+    peers, signatures = _key_list(configs)
+    own = Peer(node_id=state.node_id, institution=node.institution, pk1=state.pk1, pk2=state.pk2)
+    problem = peers_problem(peers=peers, own=own, signatures=signatures, roster=node.roster,
+                            at=_at(state), threshold=state.threshold, share_num=state.share_num,
+                            min_contributors=node.min_contributors)
+    if problem:
+        raise _Refusal(problem)
+    state.peers = {p.node_id: p.institution for p in peers}
+    state.pk1s = {p.node_id: p.pk1 for p in peers}
+    state.rd_seed = os.urandom(32)
+    seed_shares = create_shares(state.rd_seed, state.threshold, len(peers))
+    sk1_shares = create_shares(state.sk1, state.threshold, len(peers))
+    destinations, ciphertexts = [], []
+    for index, peer in enumerate(peers):
+        if peer.node_id == state.node_id:
+            state.seed_shares[peer.node_id], state.sk1_shares[peer.node_id] = seed_shares[index], sk1_shares[index]
+            continue
+        shared = generate_shared_key(bytes_to_private_key(state.sk2), bytes_to_public_key(peer.pk2))
+        state.ss2[peer.node_id] = shared
+        plaintext = share_keys_plaintext_concat(state.node_id, peer.node_id, seed_shares[index], sk1_shares[index])
+        destinations.append(peer.node_id)
+        ciphertexts.append(encrypt(shared, plaintext))
+    return {Key.DESTINATION_LIST: destinations, Key.CIPHERTEXT_LIST: ciphertexts}
+
+
+def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, msg: Message, ctxt: Context,
+                            call_next: ClientAppCallable) -> tuple[dict, RecordDict]:
+    sources = _int_list(configs, Key.SOURCE_LIST)
+    ciphertexts = configs.get(Key.CIPHERTEXT_LIST)
+    if not isinstance(ciphertexts, list) or len(ciphertexts) != len(sources) or len(set(sources)) != len(sources):
+        raise _Refusal("malformed share list")
+    if len(sources) + 1 < state.threshold:
+        raise _Refusal(f"shares from {len(sources)} peer(s) arrived, fewer than the threshold {state.threshold} "
+                       f"needs")
+    for source, ciphertext in zip(sources, ciphertexts):
+        if source not in state.ss2 or not isinstance(ciphertext, bytes):
+            raise _Refusal(f"a share claims to come from node {source}, outside this round's key list")
+        try:
+            sender, receiver, seed_share, sk1_share = share_keys_plaintext_separate(decrypt(state.ss2[source],
+                                                                                             ciphertext))
+        except InvalidToken:
+            raise _Refusal(f"the share from node {source} does not decrypt (altered in transit)") from None
+        if (sender, receiver) != (source, state.node_id):
+            raise _Refusal(f"the share from node {source} was addressed from {sender} to {receiver}")
+        state.seed_shares[source], state.sk1_shares[source] = seed_share, sk1_share
+    note_transport(ctxt, secure_aggregation=True, max_weight=state.max_weight,
+                   peers=frozenset(state.peers.values()))
+    out = call_next(msg, ctxt).content
+    fitres = compat.recorddict_to_fitres(out, keep_input=True)
+    report = FitReport.from_metrics(dict(fitres.metrics))
+    state.contributed, state.fit_round = fitres.num_examples > 0, report.server_round
+    instructions = FitInstructions.from_config(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
+    state.fit_run_id = instructions.run_id or str(msg.metadata.run_id)  # the client's name for the run
+    masked = _masked_update(state, parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
+                            masking_peers=sources)
+    for record in out.array_records.values():
+        record.clear()
+    return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]}, out
+
+
+def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: int, *,
+                   masking_peers: list[int]) -> list[np.ndarray]:
+    """[weight, weight x update] quantized, plus the self mask, plus/minus each pairwise mask (as Flower)."""
+    if num_examples > state.max_weight:
+        raise _Refusal("the update's weight exceeds the round's max weight")
+    q_ratio = round(num_examples / state.max_weight * state.target_range)
+    weighted = [a * (q_ratio / state.target_range) for a in update]
+    vector = factor_combine(q_ratio, quantize(weighted, state.clipping_range, state.target_range))
+    shapes = [a.shape for a in vector]
+    vector = [a + m for a, m in zip(vector, mask_arrays(state.rd_seed, state.mod_range, shapes))]
+    for peer in masking_peers:
+        shared = generate_shared_key(bytes_to_private_key(state.sk1), bytes_to_public_key(state.pk1s[peer]))
+        sign = 1 if state.node_id > peer else -1
+        vector = [a + sign * m for a, m in zip(vector, mask_arrays(shared, state.mod_range, shapes))]
+    return parameters_mod(vector, state.mod_range)
+
+
+def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
+    survivors = _int_list(configs, SecAggWire.SURVIVORS)
+    problem = survivors_problem(survivors=survivors, peers=state.peers, at=_at(state), threshold=state.threshold)
+    if problem:
+        raise _Refusal(problem)
+    state.survivors = sorted(survivors)
+    statement = survivor_statement(run_id=state.run_id, server_round=state.server_round, survivors=survivors,
+                                   signer=state.node_id, contributed=state.contributed)
+    return {SecAggWire.SURVIVOR_SIGNATURE: signing_key(node.ledger_dir).sign(statement)}
+
+
+def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
+    active, dead = _int_list(configs, Key.ACTIVE_NODE_ID_LIST), _int_list(configs, Key.DEAD_NODE_ID_LIST)
+    signers, contributed = _int_list(configs, SecAggWire.SIGNERS), configs.get(SecAggWire.CONTRIBUTED)
+    signatures = configs.get(SecAggWire.SIGNATURES)
+    if not isinstance(contributed, list) or not isinstance(signatures, list) \
+            or not len(signers) == len(contributed) == len(signatures):
+        raise _Refusal("malformed request: the survivor signatures are missing or do not line up")
+    problem = unmask_problem(active=active, dead=dead, survivors=state.survivors, peers=state.peers,
+                             signed=list(zip(signers, map(bool, contributed), signatures)), roster=node.roster,
+                             at=_at(state), threshold=state.threshold, min_contributors=node.min_contributors)
+    if problem:
+        raise _Refusal(problem)
+    if state.contributed:
+        _check_replay(state, node)
+    missing = [n for n in active if n not in state.seed_shares] + [n for n in dead if n not in state.sk1_shares]
+    if missing:
+        raise _Refusal(f"asked for shares of node(s) {sorted(missing)} that never sent this node any")
+    return {Key.NODE_ID_LIST: active + dead,
+            Key.SHARE_LIST: [state.seed_shares[n] for n in active] + [state.sk1_shares[n] for n in dead]}
+
+
+def _check_replay(state: SecAggState, node: SecAggNode) -> None:
+    """A paid round's update is unmasked with one set of survivors only: two sums over different
+    sets that share it could be subtracted."""
+    cache = UpdateCache(node.ledger_dir)
+    survivors = sorted(state.peers[n] for n in state.survivors)
+    revealed = cache.revealed_with(run_id=state.fit_run_id, server_round=state.fit_round)
+    if revealed is not None and revealed != survivors:
+        raise _Refusal(f"round {state.fit_round}'s update was already unmasked in a sum with other survivors; "
+                       f"revealing it in this one would let the two sums be differenced")
+    cache.note_revealed(run_id=state.fit_run_id, server_round=state.fit_round, survivors=survivors)
+
+
+def _at(state: SecAggState) -> RoundContext:
+    return RoundContext(run_id=state.run_id, server_round=state.server_round, node_id=state.node_id)
+
+
+def _sign_refusal(node: SecAggNode, state: SecAggState, *, stage: str, reason: str) -> None:
+    ledger = ClientPrivacyLedger(directory=node.ledger_dir, client_id=node.institution)
+    ledger.record(run_id=state.run_id, server_round=state.server_round, status=Status.REFUSED_SECURE_AGGREGATION,
+                  plan=None, steps=0, epsilon=None, local_examples=0, policy=node.policy_record,
+                  reason=f"stage {stage}: {reason}", request="secure-aggregation")
+
+
+_STEPS: dict[str, Callable[..., dict]] = {Stage.SETUP: _setup, Stage.SHARE_KEYS: _share_keys,
+                                          SecAggWire.CONSISTENCY_STAGE: _consistency, Stage.UNMASK: _unmask}

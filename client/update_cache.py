@@ -10,12 +10,13 @@ that crashed between caching and signing signs before anything leaves.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.storage import load_npz, save_npz
+from common.storage import atomic_write, load_npz, save_npz
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class UpdateCache:
         target = self._path(run_id, server_round)
         save_npz(target, meta=meta, arrays=cached.update)
         prefix = target.name.rsplit("-round-", 1)[0] + "-round-"
-        for old in self.directory.glob(prefix + "*.npz"):  # earlier rounds of this run are never re-asked
+        for old in self.directory.glob(prefix + "*"):  # earlier rounds of this run are never re-asked
             if old != target:
                 old.unlink(missing_ok=True)
 
@@ -57,3 +58,15 @@ class UpdateCache:
         return CachedUpdate(update=update, num_examples=int(meta["num_examples"]),
                             global_sha256=meta["global_sha256"], ledger_fields=meta["ledger_fields"],
                             metrics=meta["metrics"])
+
+    # -- secure aggregation: the one set of survivors a paid round's update was unmasked with -----
+
+    def revealed_with(self, *, run_id: str, server_round: int) -> list[str] | None:
+        """The survivors (institution ids) of the sum this round's update was unmasked in, if any."""
+        path = self._path(run_id, server_round).with_suffix(".revealed.json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def note_revealed(self, *, run_id: str, server_round: int, survivors: list[str]) -> None:
+        """Written before the node releases its shares: a crash after it over-constrains, never under."""
+        path = self._path(run_id, server_round).with_suffix(".revealed.json")
+        atomic_write(path, json.dumps(sorted(survivors)).encode())

@@ -28,9 +28,26 @@ class Status(StrEnum):
     ALREADY_SPENT = "refused-already-spent"  # asked again for a round it paid for, cannot re-send
     REFUSED_POLICY = "refused-policy"  # the request asks for less than the node's policy allows
     EVALUATED = "evaluated"  # answered an evaluation request (ledger only: it is not a fit status)
+    REFUSED_REPLAY = "refused-replay"  # re-sending a paid round to other peers would let sums be differenced
+    REFUSED_SECURE_AGGREGATION = "refused-secure-aggregation"  # a SecAgg+ stage broke the node's rules
 
 
-REFUSALS = (Status.REFUSED_BUDGET, Status.REFUSED_POLICY)
+REFUSALS = (Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.REFUSED_REPLAY)
+
+
+class SecAggWire:
+    """The keys fedtune adds to Flower's SecAgg+ messages (common/secure_aggregation/statements.py
+    says what is signed). The stage names are Flower's, plus the consistency check."""
+
+    INSTITUTION = "fedtune-institution"  # setup reply: the roster id this node signs as
+    KEY_SIGNATURE = "fedtune-key-signature"  # setup reply: the signed key statement
+    CONSISTENCY_STAGE = "fedtune-consistency"  # between collect-masked-vectors and unmask
+    SURVIVORS = "fedtune-survivors"  # consistency request: the nodes whose masked vectors were summed
+    SURVIVOR_SIGNATURE = "fedtune-survivor-signature"  # consistency reply
+    SIGNERS = "fedtune-signers"  # unmask request: who signed the survivor list,
+    CONTRIBUTED = "fedtune-contributed"  # whether each signer said it contributed an update,
+    SIGNATURES = "fedtune-signatures"  # and their signatures
+    RUN_ID = "fedtune-run-id"  # setup request: the coordinator's run id, for the node's ledger records
 
 
 # -- coordinator -> client ---------------------------------------------------------------------

@@ -43,7 +43,7 @@ def client_entries(outcome: RoundOutcome, *, task: Task) -> dict[str, dict[str, 
 def round_record(*, server_round: int, outcome: RoundOutcome, test_scores: dict[str, float], task: Task,
                  seconds: float, bytes_up: int, secure_aggregation: bool) -> dict[str, Any]:
     """A line of metrics.jsonl: the round's test scores, its cost and what each client reported."""
-    return {
+    record = {
         "round": server_round,
         "test_loss": test_scores.get("loss"),
         **{f"test_{name}": test_scores.get(name) for name in task.score_names},
@@ -57,6 +57,9 @@ def round_record(*, server_round: int, outcome: RoundOutcome, test_scores: dict[
         "failures": outcome.failures,
         "clients": client_entries(outcome, task=task),
     }
+    if outcome.secagg_refusals:  # institutions that refused a SecAgg+ stage, and why
+        record["secagg_refusals"] = dict(sorted(outcome.secagg_refusals.items()))
+    return record
 
 
 def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundOutcome, adapter_sha256: str,
@@ -68,7 +71,8 @@ def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundO
         reports={cid: reply.report for cid, reply in outcome.replies.items()}, failures=record["failures"],
         aggregation=record["aggregation"], update_applied=record["update_applied"],
         aggregation_failed=record["aggregation_failed"], rejected=outcome.rejected,
-        adapter_sha256=adapter_sha256, test_scores={headline: record[headline]} if headline in record else {}))
+        adapter_sha256=adapter_sha256, test_scores={headline: record[headline]} if headline in record else {},
+        secagg_refusals=outcome.secagg_refusals))
 
 
 def every_client_refused(outcome: RoundOutcome) -> bool:

@@ -87,7 +87,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         max_update_norm=update_norm_bound(config=config, max_client_examples=max_examples,
                                           num_parameters=sum(a.size for a in initial)),
         evaluate_fn=tester)
-    fit_workflow, clipping_range = _fit_workflow(config, max_client_examples=max_examples)
+    fit_workflow, clipping_range = _fit_workflow(config, max_client_examples=max_examples, run_id=run_dir.run_id)
     log.info(splits.report)
     recorder = RoundRecorder(
         task=task, run_id=run_dir.run_id, run_dir=run_dir, ledger=ledger, strategy=strategy,
@@ -110,12 +110,12 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     return summary
 
 
-def _fit_workflow(config: RunConfig, *, max_client_examples: int) -> tuple[Workflow, float | None]:
+def _fit_workflow(config: RunConfig, *, max_client_examples: int, run_id: str) -> tuple[Workflow, float | None]:
     """SecAgg+ (with its clipping range) or plain FedAvg, wrapped in the crash drill if asked."""
     if config.secure_aggregation:
         params = secagg_parameters(config=config, max_client_examples=max_client_examples)
         log.info(params.describe())
-        workflow, clipping_range = secagg_workflow(params), params.clipping_range
+        workflow, clipping_range = secagg_workflow(params, run_id=run_id), params.clipping_range
     else:
         workflow, clipping_range = plain_fit_workflow(config.round_timeout or None), None
     if config.inject_faults:

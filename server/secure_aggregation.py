@@ -1,10 +1,20 @@
-"""SecAgg+ parameters derived from the run, instead of defaults that fail quietly."""
+"""fedtune's SecAgg+ on the coordinator: Flower's workflow with parameters derived from the run,
+the clients' signed keys relayed, a consistency check before unmasking, and refusals recorded.
+
+The clients (client/secure_aggregation.py) check everything this side sends: this module is what
+an honest coordinator runs, not what the clients rely on.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
+from flwr.app import Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
@@ -13,7 +23,14 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.protocol import MAX_REASON_CHARS, SecAggWire
+from server.secagg_unmask import consistency_check, unmask
 from server.update_validation import coordinate_bound
+
+# A node's refusal (client/secure_aggregation.py) inside Flower's error reply "<class '...'>:<'text'>"
+# (in simulation the class is Flower's wrapper, so only the text is matched).
+_REFUSAL = re.compile(r"(?P<institution>[A-Za-z0-9._@+-]+) refused secure aggregation at (?P<why>stage .*?)'>$",
+                      re.S)
 
 log = logging.getLogger(__name__)
 
@@ -54,43 +71,66 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
                             timeout=config.round_timeout or None)
 
 
-class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ with one more rule: never unmask a "sum" of fewer than two updates.
+class _Relay:
+    """The grid as one SecAgg+ stage sees it: adds fedtune's keys to setup requests and keeps
+    every reply, so signatures and refusal reasons are read after Flower's code ran."""
 
-    Refusing clients join the protocol with weight 0, and their status travels in clear; if only
-    one sampled client actually trained, the unmasked aggregate would be that client's update.
-    The round then stops before the unmask stage: the masked vectors reveal nothing alone.
+    def __init__(self, grid: Grid, *, run_id: str, timeout: float | None) -> None:
+        self._grid, self.run_id, self.timeout = grid, run_id, timeout
+        self.replies: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            config = msg.content.config_records[RECORD_KEY_CONFIGS]
+            if config.get(SecAggKey.STAGE) == Stage.SETUP:
+                config[SecAggWire.RUN_ID] = self.run_id
+        self.replies = list(self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None
+                                                        else timeout))
+        return self.replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ with what fedtune's clients require, and two rules of the coordinator's own.
+
+    - setup requests carry the run id the clients sign into their key statements; each client's
+      signature and institution id are relayed to its peers with its public keys;
+    - before unmasking, a consistency check: the survivors sign the survivor list (server/secagg_unmask.py);
+    - never unmask a "sum" of fewer than two updates: refusing clients join with weight 0 and their
+      status travels in clear, so with one trained client the "sum" would be its update;
+    - a client's refusal (its reason, raised at any stage) is kept for metrics.jsonl and the ledger.
     """
 
-    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        strategy = context.strategy
-        try:
-            ok = super().collect_masked_vectors_stage(grid, context, state)
-        except (ValueError, TypeError, IndexError) as exc:  # e.g. a masked vector of the wrong shape
-            strategy.record_replies(current_round, state.legacy_results, state.failures).failures = 0
-            self._note_halt(context, f"SecAgg+ could not sum the masked updates ({exc}); "
-                                     "a client sent a malformed update")
-            return False
-        outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
-        trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
-        if ok and trained < 2:
-            outcome.aggregation_failed = ("no client trained" if trained == 0 else
-                                          "only one client trained; its update is not unmasked alone")
-            log.warning("round %d: %s", current_round, outcome.aggregation_failed)
-            return False
-        if not ok:
-            outcome.aggregation_failed = "SecAgg+ halted: too few clients answered (below the threshold)"
-        return ok
+    def __init__(self, *args, run_id: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_id = run_id
+
+    def _relay(self, grid: Grid) -> _Relay:
+        return _Relay(grid, run_id=self.run_id, timeout=self.timeout)
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = super().setup_stage(grid, context, state)
+        relay = self._relay(grid)
+        ok = super().setup_stage(relay, context, state)
+        self._note_refusals(context, relay.replies)
+        for msg in relay.replies:
+            nid = msg.metadata.src_node_id
+            if msg.has_error() or nid not in state.nid_to_publickeys:
+                continue
+            config = msg.content.config_records[RECORD_KEY_CONFIGS]
+            signature, institution = config.get(SecAggWire.KEY_SIGNATURE), config.get(SecAggWire.INSTITUTION)
+            if isinstance(signature, bytes) and isinstance(institution, str):
+                state.nid_to_publickeys[nid] += [signature, institution.encode()]
         if not ok:
             self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
         return ok
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = super().share_keys_stage(grid, context, state)
+        relay = self._relay(grid)
+        ok = super().share_keys_stage(relay, context, state)
+        self._note_refusals(context, relay.replies)
         # Flower 1.41 keeps every *sampled* node in the unmask stage's "dead" list, and asks the
         # survivors for key shares of a node that dropped before sharing its keys: nobody holds
         # any (the clients raise KeyError), so one dropout in setup or share-keys failed the
@@ -105,26 +145,67 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             self._note_halt(context, "SecAgg+ halted while sharing keys: too few clients answered")
         return ok
 
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        current_round = _round(context)
+        strategy = context.strategy
+        relay = self._relay(grid)
+        try:
+            ok = super().collect_masked_vectors_stage(relay, context, state)
+        except (ValueError, TypeError, IndexError) as exc:  # e.g. a masked vector of the wrong shape
+            strategy.record_replies(current_round, state.legacy_results, state.failures).failures = 0
+            self._note_halt(context, f"SecAgg+ could not sum the masked updates ({exc}); "
+                                     "a client sent a malformed update")
+            return False
+        self._note_refusals(context, relay.replies)
+        outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
+        trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
+        if ok and trained < 2:
+            outcome.aggregation_failed = ("no client trained" if trained == 0 else
+                                          "only one client trained; its update is not unmasked alone")
+            log.warning("round %d: %s", current_round, outcome.aggregation_failed)
+            return False
+        if not ok:
+            outcome.aggregation_failed = "SecAgg+ halted: too few clients answered (below the threshold)"
+        return ok
+
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = super().unmask_stage(grid, context, state)
+        relay = self._relay(grid)
+        signed = consistency_check(relay.send_and_receive, state, _round(context))
+        self._note_refusals(context, relay.replies)
+        ok = unmask(relay.send_and_receive, context, state, _round(context), signed)
+        self._note_refusals(context, relay.replies)
         if not ok:
             self._note_halt(context, "SecAgg+ halted in unmask: too few key shares to remove the masks")
         return ok
 
     @staticmethod
+    def _note_refusals(context: LegacyContext, replies: list[Message]) -> None:
+        """Keep each client's refusal reason for the round's record (bounded: it is a client's text)."""
+        outcome = context.strategy.outcomes.get(_round(context))
+        for msg in replies:
+            match = _REFUSAL.search(msg.error.reason) if msg.has_error() else None
+            if match and outcome is not None:
+                outcome.secagg_refusals[match["institution"]] = match["why"][:MAX_REASON_CHARS]
+                log.warning("round %d: %s refused secure aggregation at %s", _round(context),
+                            match["institution"], match["why"])
+
+    @staticmethod
     def _note_halt(context: LegacyContext, reason: str) -> None:
-        current_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        outcome = context.strategy.outcomes.get(current_round)
+        outcome = context.strategy.outcomes.get(_round(context))
         if outcome is not None:
-            outcome.aggregation_failed = reason
-        log.warning("round %d: %s", current_round, reason)
+            outcome.aggregation_failed = outcome.aggregation_failed or reason
+        log.warning("round %d: %s", _round(context), reason)
 
 
-def secagg_workflow(params: SecAggParameters) -> SecAggPlusWorkflow:
+def _round(context: LegacyContext) -> int:
+    return int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+
+
+def secagg_workflow(params: SecAggParameters, *, run_id: str) -> SecAggPlusWorkflow:
     # Flower reads an int share count as absolute (must be > 2) and a float as a fraction of
     # the sampled clients: 1.0 means "everyone", which is also right for two clients.
     shares: int | float = params.num_shares if params.num_shares > 2 else 1.0
     threshold: int | float = (params.reconstruction_threshold if params.num_shares > 2 else 1.0)
     return GuardedSecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
                               max_weight=params.max_weight, clipping_range=params.clipping_range,
-                              timeout=params.timeout)
+                              timeout=params.timeout, run_id=run_id)

@@ -52,6 +52,7 @@ class RoundOutcome:
     aggregation_failed: str | None = None  # why no aggregate was produced, when that happened
     max_update_abs: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its update was not used
+    secagg_refusals: dict[str, str] = field(default_factory=dict)  # institution -> why it refused a SecAgg+ stage
 
     @property
     def trained(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from pathlib import Path
@@ -10,9 +11,11 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.ledger.chain import PUBLIC_KEY_FILE, create_ledger_keys
 from common.privacy.plan import plan_privacy
 from common.privacy.policy import NodePolicy
 from common.run_data import federated_splits
+from common.secure_aggregation.roster import Roster, public_key_file
 from common.tasks import get_task
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir
@@ -20,6 +23,7 @@ from simulations.progress import RoundTable
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+ROSTER_DAYS = 30  # a simulation's roster is rewritten (same keys, new date) whenever it starts or resumes
 
 
 def preflight(config: RunConfig, console: Console) -> None:
@@ -84,6 +88,8 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
                       f"{config.num_rounds} follow")
         for record in checkpoint.rounds if checkpoint else []:
             table.add(record)
+    if config.secure_aggregation:
+        write_simulation_roster(run_dir / "ledgers", num_clients=config.num_clients)
     run_simulation(
         server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results,
                                     resume=resume),
@@ -98,3 +104,20 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
                            f"(rerun with --verbose) and {run_dir}")
     return results["summary"]
+
+
+def write_simulation_roster(ledger_root: Path, *, num_clients: int) -> Path:
+    """One researcher holds every node of a simulation: it makes each client's identity (ledger)
+    key and the roster pinning them, as institutions would out of band (`fedtune roster build`)."""
+    from client.app import SIMULATION_ROSTER  # the roster the simulated nodes pin
+
+    members = {}
+    for partition in range(num_clients):
+        directory = ledger_root / f"client-{partition}"
+        if not (directory / PUBLIC_KEY_FILE).exists():
+            create_ledger_keys(directory)
+        members[f"client-{partition}"] = public_key_file(directory / PUBLIC_KEY_FILE)
+    roster = Roster.of_members(members, federation="simulation",
+                               expires=dt.date.today() + dt.timedelta(days=ROSTER_DAYS))
+    roster.write(ledger_root / SIMULATION_ROSTER)
+    return ledger_root / SIMULATION_ROSTER

@@ -23,7 +23,8 @@ from common.ledger.records import NO_DP_ENTRY_SIGMA
 from common.privacy.accounting import HistoryEntry, independent_epsilon
 from common.protocol import Status
 
-RECORD_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.EVALUATED)
+RECORD_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.EVALUATED,
+                   Status.REFUSED_REPLAY, Status.REFUSED_SECURE_AGGREGATION)
 UNDER_REPORT_TOLERANCE = 0.01  # a claim more than 1% below the recomputation is flagged
 BUDGET_TOLERANCE = 0.01  # accountants differ slightly; a recomputation >1% above budget is a breach
 

@@ -154,6 +154,22 @@ def create_ledger_keys(directory: Path) -> Path:
     return public
 
 
+def signing_key(directory: Path) -> Ed25519PrivateKey:
+    """The ledger's Ed25519 key in `directory`, made on first use. It is also the institution's
+    identity in secure aggregation: the roster pins its public half."""
+    directory = Path(directory)
+    private = directory / PRIVATE_KEY_FILE
+    if not private.exists():
+        if (directory / LEDGER_FILE).exists():
+            raise LedgerError(f"{directory / LEDGER_FILE} exists but its signing key {private} is missing; "
+                              f"the ledger cannot be extended")
+        create_ledger_keys(directory)
+    key = serialization.load_pem_private_key(private.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise LedgerError(f"{private} is not an Ed25519 private key")
+    return key
+
+
 class Ledger:
     """One party's ledger in `directory`, with its key pair created beside it on first use."""
 
@@ -165,16 +181,7 @@ class Ledger:
         self.records = self._verified_records()
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
-        private = self.directory / PRIVATE_KEY_FILE
-        if not private.exists():
-            if self.path.exists():
-                raise LedgerError(f"{self.path} exists but its signing key {private} is missing; "
-                                  f"the ledger cannot be extended")
-            create_ledger_keys(self.directory)
-        key = serialization.load_pem_private_key(private.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise LedgerError(f"{private} is not an Ed25519 private key")
-        return key
+        return signing_key(self.directory)
 
     def _verified_records(self) -> list[dict[str, Any]]:
         head_path = self.directory / HEAD_FILE

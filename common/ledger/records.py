@@ -96,8 +96,8 @@ def record_of_round(records: list[dict[str, Any]], run_id: str, server_round: in
 
 def server_record_fields(*, run_id: str, server_round: int, sampled: int, reports: dict[str, FitReport],
                          failures: int, aggregation: str, update_applied: bool, aggregation_failed: str | None,
-                         rejected: dict[str, str], adapter_sha256: str,
-                         test_scores: dict[str, Any]) -> dict[str, Any]:
+                         rejected: dict[str, str], adapter_sha256: str, test_scores: dict[str, Any],
+                         secagg_refusals: dict[str, str] | None = None) -> dict[str, Any]:
     """What the coordinator signs for a round: who was asked, who trained, what each reported."""
     ordered = dict(sorted(reports.items()))
     return {
@@ -114,4 +114,5 @@ def server_record_fields(*, run_id: str, server_round: int, sampled: int, report
         "rejected": {cid: why for cid, why in sorted(rejected.items()) if cid in ordered},
         "adapter_sha256": adapter_sha256,
         **test_scores,
+        **({"secagg_refusals": dict(sorted(secagg_refusals.items()))} if secagg_refusals else {}),
     }

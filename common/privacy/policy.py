@@ -24,7 +24,9 @@ from common.values import coerce
 ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
 
 POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "max-grad-norm",
-               "noise-multiplier", "accountant", "max-evaluations", "share-train-loss")
+               "noise-multiplier", "accountant", "max-evaluations", "share-train-loss", "secagg-min-contributors")
+# The smallest SecAgg+ round a node joins by default: with two contributors each learns the other's update.
+MIN_CONTRIBUTORS = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class NodePolicy:
     accountant: str = "prv"  # tighter: rdp
     max_evaluations: int = 0  # client evaluations answered over the node's whole ledger
     share_train_loss: bool = False  # the (non-private) train loss in the clear reply
+    secagg_min_contributors: int = MIN_CONTRIBUTORS  # SecAgg+ peers, and signed contributors; tighter: larger
 
     def __post_init__(self) -> None:
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
@@ -55,6 +58,9 @@ class NodePolicy:
             raise FedtuneError(f"node policy 'accountant' must be one of {', '.join(ACCOUNTANT_STRICTNESS)}")
         if self.max_evaluations < 0:
             raise FedtuneError("node policy 'max-evaluations' must be 0 (never) or a positive whole number")
+        if self.secagg_min_contributors < 2:
+            raise FedtuneError("node policy 'secagg-min-contributors' must be at least 2: a 'sum' of one update is "
+                               "that update")
 
     # -- where a policy comes from -----------------------------------------------------------
 
@@ -75,12 +81,15 @@ class NodePolicy:
     @classmethod
     def of_simulation(cls, config: Any) -> NodePolicy:
         """A simulation's researcher holds every node: its run config is the policy, train loss
-        and (when it asks for them) client evaluations included."""
+        and (when it asks for them) client evaluations included. A federation of two clients
+        per round is the researcher's choice to make: its SecAgg+ rounds then need two."""
         evaluations = config.num_rounds if config.fraction_evaluate > 0 else 0
+        min_contributors = max(2, min(MIN_CONTRIBUTORS, config.clients_per_round))
         return cls(dp=config.dp, secure_aggregation=config.secure_aggregation,
                    target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                    max_grad_norm=config.max_grad_norm, noise_multiplier=config.noise_multiplier,
-                   accountant=config.accountant, max_evaluations=evaluations, share_train_loss=True)
+                   accountant=config.accountant, max_evaluations=evaluations, share_train_loss=True,
+                   secagg_min_contributors=min_contributors)
 
     # -- what a job may ask ------------------------------------------------------------------
 

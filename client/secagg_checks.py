@@ -1,0 +1,114 @@
+"""What a node checks before each SecAgg+ step, so a coordinator that deviates is refused.
+
+Each function returns why the step is refused (one line, naming parameters and node ids, never a
+key or a data value), or None. Flower 1.41's client code accepts whatever parameters and key list
+the coordinator sends; these checks are what make the protocol hold against a deviating one:
+- setup: threshold a strict majority of the sampled clients and at least 2, shares at least the
+  threshold, enough sampled clients for the node's minimum, sane quantization ranges;
+- share keys: every peer's masking keys signed by a roster member for this round and node, no
+  member twice, the node's own keys as it sent them, and the same counts as at setup;
+- unmask: the survivor list is the one this node signed at the consistency check, a threshold of
+  survivors signed that same list, and enough of them contributed an update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.secure_aggregation.roster import Roster
+from common.secure_aggregation.statements import key_statement, survivor_statement
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    run_id: str
+    server_round: int
+    node_id: int
+
+
+def setup_problem(*, sample_num: int, share_num: int, threshold: int, clipping_range: float, target_range: int,
+                  mod_range: int, max_weight: float, min_contributors: int) -> str | None:
+    if sample_num < min_contributors:
+        return (f"{sample_num} clients sampled, this node joins SecAgg+ rounds of at least {min_contributors} "
+                f"(policy secagg-min-contributors)")
+    if threshold < 2 or 2 * threshold <= sample_num:
+        return (f"threshold {threshold} is below a strict majority of the {sample_num} sampled clients (and at "
+                f"least 2): fewer colluding parties could rebuild this node's masks")
+    if share_num < threshold or share_num > sample_num:
+        return f"share count {share_num} must lie between the threshold {threshold} and the {sample_num} sampled"
+    if not (clipping_range > 0 and math.isfinite(clipping_range)) or not (max_weight > 0 and math.isfinite(max_weight)):
+        return "clipping range and max weight must be positive numbers"
+    if mod_range > 2**32 or mod_range & (mod_range - 1) or not 0 < target_range < mod_range:
+        return "modulus must be a power of two at most 2**32 and above the quantization range"
+    return None
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: int
+    institution: str
+    pk1: bytes
+    pk2: bytes
+
+
+def peers_problem(*, peers: list[Peer], own: Peer, signatures: dict[int, bytes], roster: Roster,
+                  at: RoundContext, threshold: int, share_num: int, min_contributors: int) -> str | None:
+    """The key list of the share-keys stage, checked against the roster and the setup counts."""
+    mine = [p for p in peers if p.node_id == own.node_id]
+    if not mine or (mine[0].pk1, mine[0].pk2, mine[0].institution) != (own.pk1, own.pk2, own.institution):
+        return "the key list does not hold this node's own keys as it sent them"
+    for peer in peers:
+        statement = key_statement(run_id=at.run_id, server_round=at.server_round, node_id=peer.node_id,
+                                  institution=peer.institution, pk1=peer.pk1, pk2=peer.pk2)
+        signature = signatures.get(peer.node_id, b"")
+        if peer.institution not in roster.members:
+            return f"node {peer.node_id} claims to be {peer.institution!r}, which the roster does not list"
+        if not roster.verifies(institution=peer.institution, statement=statement, signature=signature):
+            return (f"node {peer.node_id}'s keys are not signed by {peer.institution} for this round (unsigned, "
+                    f"substituted or replayed keys)")
+    count = len(peers)
+    if count < max(threshold, min_contributors) or count > share_num or 2 * threshold <= count:
+        return (f"the key list holds {count} node(s): it must hold at least the threshold {threshold} and this "
+                f"node's minimum {min_contributors}, at most {share_num} shares, and fewer than twice the threshold")
+    if len({p.institution for p in peers}) != count:
+        return "the key list names one institution for two nodes"
+    if len({k for p in peers for k in (p.pk1, p.pk2)}) != 2 * count:
+        return "the key list repeats a public key"
+    return None
+
+
+def survivors_problem(*, survivors: list[int], peers: dict[int, str], at: RoundContext,
+                      threshold: int) -> str | None:
+    """The consistency-check request: who the coordinator says sent masked vectors."""
+    if len(set(survivors)) != len(survivors) or not set(survivors) <= set(peers) or at.node_id not in survivors:
+        return "the survivor list names a node outside this round's key list, twice, or not this node"
+    if len(survivors) < threshold:
+        return f"{len(survivors)} survivor(s) is below the threshold {threshold}"
+    return None
+
+
+def unmask_problem(*, active: list[int], dead: list[int], survivors: list[int], peers: dict[int, str],
+                   signed: list[tuple[int, bool, bytes]], roster: Roster, at: RoundContext, threshold: int,
+                   min_contributors: int) -> str | None:
+    """The unmask request: the signed survivor list, and the dropouts whose pairwise keys it asks for."""
+    if sorted(active) != sorted(survivors):
+        return "the unmask request's survivors differ from the list this node signed at the consistency check"
+    if set(dead) & set(active) or not set(dead) <= set(peers) or len(set(dead)) != len(dead):
+        return "the unmask request names a node as both survivor and dropout, or a node outside the key list"
+    valid: dict[int, bool] = {}
+    for signer, contributed, signature in signed:
+        if signer in valid or signer not in survivors:
+            continue
+        statement = survivor_statement(run_id=at.run_id, server_round=at.server_round, survivors=survivors,
+                                       signer=signer, contributed=contributed)
+        if roster.verifies(institution=peers[signer], statement=statement, signature=signature):
+            valid[signer] = contributed
+    if len(valid) < threshold:
+        return (f"only {len(valid)} survivor(s) signed this survivor list, the threshold is {threshold}: the "
+                f"coordinator may have told others a different story about who dropped out")
+    contributors = sum(valid.values())
+    if contributors < min_contributors:
+        return (f"{contributors} signed contributor(s), this node reveals its masks only for sums of at least "
+                f"{min_contributors} (policy secagg-min-contributors)")
+    return None

@@ -1,0 +1,1 @@
+"""What both sides of fedtune's SecAgg+ share: the mask generator, the signed statements, the roster."""

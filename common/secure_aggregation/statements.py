@@ -1,0 +1,37 @@
+"""The two things a SecAgg+ client signs with its institution's identity key (its ledger key).
+
+- `key_statement`: "in round r of run R, node n is institution I and advertises masking keys
+  (pk1, pk2)". Peers verify it against the roster before agreeing on any secret, so a coordinator
+  relaying keys cannot substitute its own (the man in the middle of every pairwise agreement).
+- `survivor_statement`: "in round r of run R, the masked vectors summed came from exactly these
+  nodes, and I contributed an update (or weight 0)". This is the consistency check of Bonawitz et
+  al. (CCS 2017, active adversary): a client reveals shares only after a threshold of peers signed
+  the same survivor list, so the coordinator cannot tell some clients that a node dropped (to
+  get its pairwise-mask key) and others that it survived (to get its self-mask seed).
+
+Each statement starts with its own tag: neither can be mistaken for the other, nor for a ledger
+record (canonical JSON objects) signed by the same key.
+"""
+
+from __future__ import annotations
+
+import json
+
+KEY_TAG = b"fedtune secagg+ key statement v1\n"
+SURVIVOR_TAG = b"fedtune secagg+ survivor statement v1\n"
+
+
+def _body(fields: dict) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def key_statement(*, run_id: str, server_round: int, node_id: int, institution: str, pk1: bytes,
+                  pk2: bytes) -> bytes:
+    return KEY_TAG + _body({"run": run_id, "round": server_round, "node": node_id, "institution": institution,
+                            "pk1": pk1.hex(), "pk2": pk2.hex()})
+
+
+def survivor_statement(*, run_id: str, server_round: int, survivors: list[int], signer: int,
+                       contributed: bool) -> bytes:
+    return SURVIVOR_TAG + _body({"run": run_id, "round": server_round, "survivors": sorted(survivors),
+                                 "signer": signer, "contributed": contributed})

@@ -1,0 +1,104 @@
+"""A federation in one process: the real ServerApp round loop (server/federation.py) talks to the
+real ClientApp (client/app.py, every mod) through a Grid that delivers each message by calling
+the ClientApp, the way a SuperNode hands a message to `flwr-clientapp`. No Ray, no sockets: a
+SecAgg+ round of the tiny model takes about a second, so a test can play a hostile coordinator
+by editing messages in flight (`tamper`), or hide nodes from sampling (`hidden`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import build_client_app
+from server.federation import run_federation
+from server.run_directory import RunDirectory
+from simulations.simulate import write_simulation_roster
+
+COORDINATOR_NODE_ID = 1
+Tamper = Callable[[Message], Message | None]  # None: the message is dropped
+
+
+class InProcessGrid(Grid):
+    def __init__(self, *, client_app, node_configs: dict[int, dict], run_id: int = 5,
+                 tamper: Tamper | None = None) -> None:
+        self.app, self.run_id, self.tamper = client_app, run_id, tamper
+        self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=cfg, state=RecordDict(), run_config={})
+                         for nid, cfg in node_configs.items()}
+        self.hidden: set[int] = set()
+        self.sent: list[Message] = []  # after tampering, as the clients received them
+        self.replies: list[Message] = []
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        return SimpleNamespace(run_id=self.run_id)
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [nid for nid in self.contexts if nid not in self.hidden]
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__.update(_message_id=uuid.uuid4().hex, _run_id=self.run_id,
+                                         _src_node_id=COORDINATOR_NODE_ID)
+            if self.tamper is not None:
+                msg = self.tamper(msg)
+                if msg is None:
+                    continue
+            self.sent.append(msg)
+            try:
+                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # what Flower's runtime makes of a ClientApp's exception
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+            replies.append(reply)
+        self.replies += replies
+        return replies
+
+
+def federation(config, run_dir: Path, *, tamper: Tamper | None = None,
+               node_policy: dict[int, dict] | None = None) -> tuple[InProcessGrid, RunDirectory]:
+    """A grid of `config.num_clients` simulated nodes (their roster written as `fedtune simulate`
+    does) and a fresh run directory; `node_policy` adds node config keys per partition."""
+    ledgers = run_dir / "ledgers"
+    write_simulation_roster(ledgers, num_clients=config.num_clients)
+    nodes = {100 + p: {"partition-id": p, "num-partitions": config.num_clients, **(node_policy or {}).get(p, {})}
+             for p in range(config.num_clients)}
+    grid = InProcessGrid(client_app=build_client_app(config=config, ledger_root=ledgers), node_configs=nodes,
+                         tamper=tamper)
+    return grid, RunDirectory.create(path=run_dir, config=config)
+
+
+def run(grid: InProcessGrid, config, run_dir: RunDirectory, *, resume: bool = False) -> dict:
+    """The ServerApp's main, with the task identity Flower's runtime would set for it."""
+    context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, COORDINATOR_NODE_ID
+    try:
+        return run_federation(grid=grid, context=context, config=config, run_dir=run_dir, resume=resume)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
