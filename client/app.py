@@ -10,6 +10,7 @@ node, so the run config is the policy (node config keys may still tighten it).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Context
 from flwr.client import Client, ClientApp
@@ -23,7 +24,7 @@ from common.config import RunConfig
 from common.errors import FedtuneError
 from common.ledger.chain import signing_key
 from common.privacy.policy import NodePolicy
-from common.secure_aggregation.roster import Roster, RosterError
+from common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
 
 SIMULATION_ROSTER = "roster.json"  # in a simulation's ledger root: `fedtune simulate` writes it
 
@@ -82,8 +83,7 @@ def pinned_roster(*, context: Context, ledger_root: Path | None, institution: st
     """The roster this node pinned, or why it cannot take part in secure aggregation (one line)."""
     path = _roster_path(context, ledger_root)
     if path is None:
-        return None, ("this node has no roster: set node config roster='PATH' to the federation's roster "
-                      "(`fedtune roster build`), which pins every institution's identity key")
+        return None, NO_ROSTER
     try:
         roster = Roster.load(path)
     except RosterError as exc:
@@ -93,9 +93,8 @@ def pinned_roster(*, context: Context, ledger_root: Path | None, institution: st
     return (None, problem) if problem else (roster, None)
 
 
-def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
-    """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir,
-    with the simulation's roster)."""
+def client_fn_of(*, config: RunConfig | None, ledger_root: Path | None) -> Callable[[Context], Client]:
+    """The institution's client for a message: job, node policy, node data, ledger, transport."""
 
     def client_fn(context: Context) -> Client:
         node = NodeData.from_node_config(dict(context.node_config))
@@ -107,14 +106,22 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
             return DrillClient(client, config=cfg, partition_id=node.partition_id).to_client()
         return client.to_client()
 
+    return client_fn
+
+
+def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
+    """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir,
+    with the simulation's roster)."""
+
     def run_config(context: Context) -> RunConfig:
         return resolve_config(context, config)
 
-    # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
     def secagg_node(context: Context) -> SecAggNode:
         return secagg_node_of(context, config, ledger_root)
 
-    return ClientApp(client_fn=client_fn, mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node)])
+    # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
+    return ClientApp(client_fn=client_fn_of(config=config, ledger_root=ledger_root),
+                     mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node)])
 
 
 app = build_client_app()

@@ -183,6 +183,47 @@ def node_keys(
     shell.print(f"never leaves this site   {kept}   (private, 0600)", highlight=False)
 
 
+roster_cli = typer.Typer(no_args_is_help=True, help="The federation's roster of institution identity keys.")
+cli.add_typer(roster_cli, name="roster")
+
+
+@roster_cli.command("build")
+def roster_build(
+    members: list[str] = typer.Option(..., "--member", help="ID=PATH: an institution's client-id and its ledger.pub "
+                                      "(or ledger-dir); repeat for every institution."),
+    out: Path = typer.Option(..., "--out", help="The roster file to write (JSON)."),
+    federation: str = typer.Option("", "--federation", help="The federation's name, for people reading the file."),
+    expires: Optional[str] = typer.Option(None, "--expires", help="YYYY-MM-DD after which nodes refuse it "
+                                          "(default: 180 days)."),
+) -> None:
+    """Build the roster every institution pins: who may take part in secure aggregation, with which key."""
+    from fedtune.roster import build_roster
+
+    roster = build_roster(members=members, out=out, federation=federation, expires=expires)
+    _print_roster(roster, out)
+    console().print("send this file to every institution; each checks it (`fedtune roster check`) and compares "
+                    "the fingerprint with the others out of band", highlight=False)
+
+
+@roster_cli.command("check")
+def roster_check(
+    path: Path = typer.Argument(..., help="The roster file."),
+    institution: Optional[str] = typer.Option(None, "--institution", help="This node's client-id."),
+    key: Optional[Path] = typer.Option(None, "--key", help="This node's ledger.pub (or its ledger-dir)."),
+) -> None:
+    """Check a roster: well-formed, not expired, and (with --institution/--key) listing this node."""
+    from fedtune.roster import check_roster
+
+    _print_roster(check_roster(path=path, institution=institution, key=key), path)
+
+
+def _print_roster(roster, path: Path) -> None:
+    shell = console()
+    shell.print(f"roster       {path}: {len(roster.members)} institutions ({', '.join(sorted(roster.members))}), "
+                f"federation {roster.federation or '-'}, expires {roster.expires.isoformat()}", highlight=False)
+    shell.print(f"fingerprint  {roster.fingerprint}", highlight=False)
+
+
 @cli.command("check-node")
 def check_node_command(
     superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink, as flower-supernode takes it."),

@@ -22,9 +22,10 @@ from client.node_data import NodeData
 from common.data.instructions import load_instruction_pairs
 from common.data.labelled import load_labelled_texts
 from common.errors import FedtuneError
-from common.ledger.chain import LEDGER_FILE, Ledger
+from common.ledger.chain import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger
 from common.models.loading import check_model_folder
 from common.privacy.policy import NodePolicy
+from common.secure_aggregation.roster import NO_ROSTER, Roster, public_key_file
 
 
 @dataclass
@@ -45,6 +46,7 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
     check = NodeCheck()
     check.run("node config", lambda: _check_node_config(node_config))
     check.run("privacy policy", lambda: _describe_policy(node_config))
+    check.run("roster", lambda: _check_roster(node_config))
     check.run("CA certificate", lambda: _check_ca(root_certificates))
     check.run("authentication key", lambda: _check_private_key(private_key))
     check.run("SuperLink", lambda: _check_superlink(superlink, root_certificates, timeout))
@@ -79,6 +81,27 @@ def _describe_policy(text: str) -> str:
             f"epsilon <= {policy.target_epsilon:g}, delta <= {policy.target_delta:g}, "
             f"clip <= {policy.max_grad_norm:g}, {policy.accountant} accountant, {policy.max_evaluations} "
             f"evaluation(s), train loss {'shared' if policy.share_train_loss else 'withheld'}; model {model}")
+
+
+def _check_roster(text: str) -> str:
+    """The roster this node pinned lists it with its own identity (ledger) key and has not expired."""
+    node = parse_config_args([text])
+    policy = NodePolicy.from_node_config(node)
+    if "roster" not in node:
+        if policy.secure_aggregation:
+            raise FedtuneError(NO_ROSTER)
+        return "none (this node's policy does not require secure aggregation)"
+    roster = Roster.load(str(node["roster"]))
+    institution = NodeData.from_node_config(node).client_id
+    own = Path(str(node.get("ledger-dir", ""))) / PUBLIC_KEY_FILE
+    if not own.is_file():
+        raise FedtuneError(f"{own} does not exist: make this node's identity (ledger) key with `fedtune node-keys "
+                           f"--ledger-dir DIR` and have its ledger.pub put in the roster")
+    problem = roster.problem_for(institution=institution, own_key=public_key_file(own))
+    if problem:
+        raise FedtuneError(problem)
+    return (f"{institution} among {len(roster.members)} institutions, expires {roster.expires.isoformat()}, "
+            f"fingerprint {roster.fingerprint}; SecAgg+ rounds of at least {policy.secagg_min_contributors}")
 
 
 def _node_examples(node: dict, data):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedtune.certs import make_credentials
-from common.ledger.chain import read_records
+from common.ledger.chain import create_ledger_keys, read_records
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for
 from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
@@ -32,6 +32,13 @@ def federation(tmp_path_factory):
     fed = LoopbackFederation(workdir=workdir, credentials=workdir / "creds")
     for index in range(5):  # each institution makes its own key; the coordinator gets only the .pub
         fed.make_node_key(index)
+    # Each institution's identity (ledger) key, and the roster they all pin, built from the .pubs.
+    members = []
+    for site in (*range(SITES), 9):
+        create_ledger_keys(_ledger_dir(workdir, site))
+        members += ["--member", f"site-{site}={_ledger_dir(workdir, site) / 'ledger.pub'}"]
+    built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
+    assert built.returncode == 0 and "fingerprint" in built.stdout, built.stderr
     try:
         fed.start_superlink()
         for index in (0, 1, 2, 4):
@@ -41,11 +48,16 @@ def federation(tmp_path_factory):
         fed.close()
 
 
+def _ledger_dir(workdir: Path, site: int) -> Path:
+    return workdir / "run" / "ledgers" / f"site-{site}"
+
+
 def _node_config(fed: LoopbackFederation, site: int, run: Path, model: Path) -> str:
-    """The node's own data, ledger, copy of the base model and budget: the job names none of them."""
+    """The node's own data, ledger, copy of the base model, budget and roster: the job names none of
+    them. Two contributors are enough for these nodes: the test kills one of three in round 2."""
     return (f"client-id='site-{site}' data='{fed.workdir / f'site-{site}.csv'}' text-column='note' "
             f"label-column='topic' ledger-dir='{run / 'ledgers' / f'site-{site}'}' model='{model}' "
-            f"target-epsilon=4.0")
+            f"target-epsilon=4.0 roster='{fed.workdir / 'roster.json'}' secagg-min-contributors=2")
 
 
 def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(federation, tiny_model_dir):
@@ -111,9 +123,10 @@ def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federa
     fed = federation
     ca = fed.credentials / "ca.crt"
     good = f"client-id='site-0' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' " \
-           f"ledger-dir='{tmp_path / 'ledger'}'"
+           f"ledger-dir='{_ledger_dir(fed.workdir, 0)}' roster='{fed.workdir / 'roster.json'}'"
     ok = _check_node(fed, ca=ca, node_config=good)
     assert ok.returncode == 0 and "speaks TLS" in ok.stdout, ok.stdout + ok.stderr
+    assert "roster: site-0 among 4 institutions" in ok.stdout and "fingerprint" in ok.stdout
 
     foreign = make_credentials(out=tmp_path / "other", hosts=["localhost"]).ca_certificate
     wrong_ca = _check_node(fed, ca=foreign, node_config=good)
@@ -153,7 +166,7 @@ def _expired_certificate() -> bytes:
 def test_run_node_says_an_unregistered_key_must_be_registered_by_the_coordinator(federation, tmp_path):
     fed = federation
     node = (f"client-id='site-9' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
-            f"ledger-dir='{tmp_path / 'ledger'}'")
+            f"ledger-dir='{_ledger_dir(fed.workdir, 9)}' roster='{fed.workdir / 'roster.json'}'")
     result = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(fed.credentials / "ca.crt"),
                          "--auth-supernode-private-key", str(fed.node_key(3)),
                          "--node-config", node, "--max-retries", "1", "--host", "127.0.0.1", "--port",
@@ -161,3 +174,28 @@ def test_run_node_says_an_unregistered_key_must_be_registered_by_the_coordinator
     assert result.returncode != 0
     assert "Failed to activate SuperNode" in result.stdout
     assert "flwr supernode register" in result.stderr
+
+
+def test_a_missing_malformed_expired_or_foreign_roster_is_named_in_one_line(federation, tmp_path):
+    """check-node (and run-node, which runs it first) says what to fix before the node starts."""
+    fed = federation
+    ca = fed.credentials / "ca.crt"
+    base = (f"client-id='site-0' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
+            f"ledger-dir='{_ledger_dir(fed.workdir, 0)}'")
+    roster = json.loads((fed.workdir / "roster.json").read_text())
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "expired.json").write_text(json.dumps({**roster, "expires": "2020-01-01"}))
+    others = {k: v for k, v in roster["members"].items() if k != "site-0"}
+    (tmp_path / "foreign.json").write_text(json.dumps({**roster, "members": others}))
+    cases = {"": "this node has no roster: set node config roster='PATH'",
+             f" roster='{tmp_path / 'absent.json'}'": "not found: ask the federation for its roster file",
+             f" roster='{tmp_path / 'broken.json'}'": "is not a readable JSON file; rebuild it with `fedtune roster",
+             f" roster='{tmp_path / 'expired.json'}'": "the roster expired on 2020-01-01",
+             f" roster='{tmp_path / 'foreign.json'}'": "the roster does not list this node (site-0)"}
+    for extra, says in cases.items():
+        result = _check_node(fed, ca=ca, node_config=base + extra)
+        problems = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 3 and len(problems) == 1 and says in problems[0], (extra, result.stderr)
+    started = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(ca),
+                          "--auth-supernode-private-key", str(fed.node_key(0)), "--node-config", base, timeout=120)
+    assert started.returncode == 3 and "no roster" in started.stderr and "roster='PATH'" in started.stderr

@@ -27,7 +27,7 @@ from client.app import app as deployed_client_app
 from client.app import job_of, policy_of
 from client.fl_client import FedtuneClient
 from client.node_data import NodeData
-from client.policy_guard import transport_of
+from client.policy_guard import note_transport, transport_of
 from common.ledger.audit import audit_run
 from common.ledger.chain import Ledger, read_records
 from common.models.adapter import adapter_to_arrays
@@ -295,11 +295,7 @@ def test_the_coordinators_certificate_folder_holds_no_institution_key(tmp_path):
 def test_a_secagg_max_weight_below_the_record_count_is_refused(site, job, tiny_model_dir):
     node = site()
     context = _context(node, job())
-    setup = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
-        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
-        Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 5.0})})
-    reply = deployed_client_app(_message(setup, MessageType.TRAIN), context)
-    assert not reply.has_error()  # Flower's own SecAgg+ code took the setup and kept max_weight
+    note_transport(context, secure_aggregation=True, max_weight=5.0)  # as the SecAgg+ mod notes a round's
     transport = transport_of(context)
     assert transport.secure_aggregation and transport.max_weight == 5.0
     client = FedtuneClient(config=job_of(context, None), policy=policy_of(context, None), transport=transport,
@@ -312,3 +308,19 @@ def test_a_secagg_max_weight_below_the_record_count_is_refused(site, job, tiny_m
     assert record["status"] == "refused-policy" and "max-weight" in record["reason"]
     audit = _audit(node)
     assert audit["verdict"] == "clean" and [r["status"] for r in audit["rows"]] == ["refused-policy"]
+
+
+def test_a_node_without_a_roster_refuses_secure_aggregation_in_one_line(site, job):
+    """No roster pinned: the node cannot tell its peers from the coordinator, so it joins no round."""
+    node = site()
+    setup = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+        Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 500.0})})
+    with pytest.raises(Exception) as refused:
+        deployed_client_app(_message(setup, MessageType.TRAIN), _context(node, job()))
+    text = str(refused.value)
+    assert "hospital-a refused secure aggregation at stage setup: this node has no roster" in text
+    assert "roster='PATH'" in text and "\n" not in text and PLANTED not in text
+    [record] = _ledger(node)
+    assert record["status"] == "refused-secure-aggregation" and record["request"] == "secure-aggregation"
+    assert _audit(node)["verdict"] == "clean"

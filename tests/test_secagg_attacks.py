@@ -1,7 +1,7 @@
 """SecAgg+ against a coordinator that deviates from the protocol: one test per deviation.
 
 The real round loop (server/federation.py) drives the real ClientApp of three institutions
-(client/app.py with every mod) in one process (tests/inprocess_federation.py); the coordinator's
+(client/app.py with every mod) in one process (simulations/inprocess.py); the coordinator's
 deviation is an edit of its messages in flight. Each test asserts that every honest node refused
 at the stage the deviation showed, that nothing was unmasked (no aggregate applied), and that the
 reason is in metrics.jsonl, in the coordinator's ledger and in each refusing node's own ledger.
@@ -21,7 +21,7 @@ from common.protocol import SecAggWire
 from common.secure_aggregation.masks import mask_arrays
 from common.secure_aggregation.statements import key_statement
 from server.run_directory import RunDirectory
-from tests.inprocess_federation import federation, metrics, run
+from simulations.inprocess import federation, metrics, run
 
 CLIENTS = [f"client-{p}" for p in range(3)]
 

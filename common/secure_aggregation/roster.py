@@ -30,6 +30,8 @@ from common.storage import atomic_write
 ROSTER_FORMAT = "fedtune-roster-1"
 INSTITUTION_ID = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 _FIX = "rebuild it with `fedtune roster build` and compare its fingerprint with the other institutions"
+NO_ROSTER = ("this node has no roster: set node config roster='PATH' to the federation's roster (`fedtune roster "
+             "build`), which pins every institution's identity key")
 
 
 class RosterError(FedtuneError):

@@ -1,8 +1,11 @@
 """A federation in one process: the real ServerApp round loop (server/federation.py) talks to the
 real ClientApp (client/app.py, every mod) through a Grid that delivers each message by calling
-the ClientApp, the way a SuperNode hands a message to `flwr-clientapp`. No Ray, no sockets: a
-SecAgg+ round of the tiny model takes about a second, so a test can play a hostile coordinator
-by editing messages in flight (`tamper`), or hide nodes from sampling (`hidden`).
+the ClientApp, the way a SuperNode hands a message to `flwr-clientapp`.
+
+No Ray and no sockets: a SecAgg+ round of the tiny model takes about a second, so tests play a
+hostile coordinator by editing messages in flight (`tamper`), and benchmarks time the protocol
+without the simulation engine's scheduling. Clients run one after another, so a round's time is
+the sum of theirs; `fedtune simulate` is the way to run a federation.
 """
 
 from __future__ import annotations
@@ -76,16 +79,17 @@ class InProcessGrid(Grid):
         return replies
 
 
-def federation(config, run_dir: Path, *, tamper: Tamper | None = None,
+def federation(config, run_dir: Path, *, tamper: Tamper | None = None, client_app=None,
                node_policy: dict[int, dict] | None = None) -> tuple[InProcessGrid, RunDirectory]:
     """A grid of `config.num_clients` simulated nodes (their roster written as `fedtune simulate`
-    does) and a fresh run directory; `node_policy` adds node config keys per partition."""
+    does) and a fresh run directory; `node_policy` adds node config keys per partition, and
+    `client_app` replaces fedtune's (a benchmark's baseline)."""
     ledgers = run_dir / "ledgers"
     write_simulation_roster(ledgers, num_clients=config.num_clients)
     nodes = {100 + p: {"partition-id": p, "num-partitions": config.num_clients, **(node_policy or {}).get(p, {})}
              for p in range(config.num_clients)}
-    grid = InProcessGrid(client_app=build_client_app(config=config, ledger_root=ledgers), node_configs=nodes,
-                         tamper=tamper)
+    grid = InProcessGrid(client_app=client_app or build_client_app(config=config, ledger_root=ledgers),
+                         node_configs=nodes, tamper=tamper)
     return grid, RunDirectory.create(path=run_dir, config=config)
 
 
