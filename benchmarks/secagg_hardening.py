@@ -20,6 +20,8 @@ job. --quick: the tiny job at 5 clients, 2 rounds.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -92,9 +94,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=default_out())
     args = parser.parse_args()
-    import os
-
     os.environ.update(OFFLINE_ENV)
+    shutil.rmtree(args.out / NAME, ignore_errors=True)  # run directories of an earlier measurement
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny = RunConfig(model=str(save_tiny_bert(Path(tmp) / "tiny-bert")), data="bbc-news", max_length=32,

@@ -15,9 +15,53 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, survivor_statement
+
+
+class Refusal(Exception):
+    """A step the node will not take; the text says why (it travels to the coordinator)."""
+
+
+# -- reading a request: a malformed one is refused, never half-read ---------------------------
+
+def value_of(configs: ConfigRecord, key: str, kind: type) -> Any:
+    value = configs.get(key)
+    if type(value) is not kind:  # bool is an int to isinstance: exact types only
+        raise Refusal(f"malformed request: '{key}' missing or not {kind.__name__}")
+    return value
+
+
+def int_list(configs: ConfigRecord, key: str) -> list[int]:
+    value = configs.get(key)
+    if not isinstance(value, list) or any(type(v) is not int for v in value):
+        raise Refusal(f"malformed request: '{key}' missing or not a list of node ids")
+    return list(value)
+
+
+def key_list(configs: ConfigRecord) -> tuple[list[Peer], dict[int, bytes]]:
+    """The share-keys request: node id -> [pk1, pk2, key signature, institution] for each peer."""
+    peers, signatures = [], {}
+    for key, value in configs.items():
+        if key == Key.STAGE:
+            continue
+        if not key.isdigit() or not isinstance(value, list) or not all(isinstance(v, bytes) for v in value) \
+                or len(value) not in (2, 4):
+            raise Refusal("malformed key list")
+        pk1, pk2, signature, institution = (*value, b"", b"")[:4]
+        try:
+            name = institution.decode()
+        except UnicodeDecodeError:
+            raise Refusal("malformed key list: an institution id is not text") from None
+        peers.append(Peer(node_id=int(key), institution=name, pk1=pk1, pk2=pk2))
+        signatures[int(key)] = signature
+    return peers, signatures
+
 
 
 @dataclass(frozen=True)

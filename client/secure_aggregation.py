@@ -39,8 +39,8 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
 
 from client.policy_guard import note_transport
 from client.privacy_ledger import ClientPrivacyLedger
-from client.secagg_checks import (Peer, RoundContext, peers_problem, setup_problem, survivors_problem,
-                                  unmask_problem)
+from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
+                                  survivors_problem, unmask_problem, value_of)
 from client.secagg_state import SecAggState
 from client.update_cache import UpdateCache
 from common.ledger.chain import signing_key
@@ -69,10 +69,6 @@ class SecAggRefused(Exception):
     """Raised to the coordinator: Flower sends the text back as the node's error reply."""
 
 
-class _Refusal(Exception):
-    pass
-
-
 def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -93,7 +89,7 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
                                                      call_next=call_next)
             else:
                 reply = _STEPS[stage](state=state, configs=configs, node=node)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             _sign_refusal(node, state, stage=str(stage), reason=str(refusal))
             state.stage = Stage.UNMASK  # nothing of this round goes on: the next request must be a setup
             state.save(ctxt)
@@ -109,49 +105,35 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
 
 def _check_sequence(previous: str, stage: Any) -> None:
     if stage not in STAGES:
-        raise _Refusal("unknown SecAgg+ stage")
+        raise Refusal("unknown SecAgg+ stage")
     if stage != Stage.SETUP and STAGES[STAGES.index(previous) + 1 if previous != STAGES[-1] else 0] != stage:
-        raise _Refusal(f"stage {stage} out of order after {previous}")
-
-
-def _value(configs: ConfigRecord, key: str, kind: type) -> Any:
-    value = configs.get(key)
-    if type(value) is not kind:  # bool is an int to isinstance: exact types only
-        raise _Refusal(f"malformed request: '{key}' missing or not {kind.__name__}")
-    return value
-
-
-def _int_list(configs: ConfigRecord, key: str) -> list[int]:
-    value = configs.get(key)
-    if not isinstance(value, list) or any(type(v) is not int for v in value):
-        raise _Refusal(f"malformed request: '{key}' missing or not a list of node ids")
-    return list(value)
+        raise Refusal(f"stage {stage} out of order after {previous}")
 
 
 def _new_round(msg: Message, configs: ConfigRecord, node: SecAggNode) -> SecAggState:
     if node.problem:
-        raise _Refusal(node.problem)
+        raise Refusal(node.problem)
     try:
         server_round = int(msg.metadata.group_id)
     except ValueError:
-        raise _Refusal("malformed request: the message names no round") from None
+        raise Refusal("malformed request: the message names no round") from None
     run_id = configs.get(SecAggWire.RUN_ID)
     return SecAggState(run_id=str(run_id) if isinstance(run_id, str) and run_id else str(msg.metadata.run_id),
                        server_round=server_round, node_id=msg.metadata.dst_node_id)
 
 
 def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
-    state.sample_num, state.share_num = _value(configs, Key.SAMPLE_NUMBER, int), _value(configs, Key.SHARE_NUMBER, int)
-    state.threshold, state.target_range = _value(configs, Key.THRESHOLD, int), _value(configs, Key.TARGET_RANGE, int)
-    state.mod_range = _value(configs, Key.MOD_RANGE, int)
-    state.clipping_range = _value(configs, Key.CLIPPING_RANGE, float)
-    state.max_weight = _value(configs, Key.MAX_WEIGHT, float)
+    state.sample_num, state.share_num = value_of(configs, Key.SAMPLE_NUMBER, int), value_of(configs, Key.SHARE_NUMBER, int)
+    state.threshold, state.target_range = value_of(configs, Key.THRESHOLD, int), value_of(configs, Key.TARGET_RANGE, int)
+    state.mod_range = value_of(configs, Key.MOD_RANGE, int)
+    state.clipping_range = value_of(configs, Key.CLIPPING_RANGE, float)
+    state.max_weight = value_of(configs, Key.MAX_WEIGHT, float)
     problem = setup_problem(sample_num=state.sample_num, share_num=state.share_num, threshold=state.threshold,
                             clipping_range=state.clipping_range, target_range=state.target_range,
                             mod_range=state.mod_range, max_weight=state.max_weight,
                             min_contributors=node.min_contributors)
     if problem:
-        raise _Refusal(problem)
+        raise Refusal(problem)
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
@@ -162,33 +144,14 @@ def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> di
             SecAggWire.KEY_SIGNATURE: signing_key(node.ledger_dir).sign(statement)}
 
 
-def _key_list(configs: ConfigRecord) -> tuple[list[Peer], dict[int, bytes]]:
-    """The share-keys request: node id -> [pk1, pk2, key signature, institution] for each peer."""
-    peers, signatures = [], {}
-    for key, value in configs.items():
-        if key == Key.STAGE:
-            continue
-        if not key.isdigit() or not isinstance(value, list) or not all(isinstance(v, bytes) for v in value) \
-                or len(value) not in (2, 4):
-            raise _Refusal("malformed key list")
-        pk1, pk2, signature, institution = (*value, b"", b"")[:4]
-        try:
-            name = institution.decode()
-        except UnicodeDecodeError:
-            raise _Refusal("malformed key list: an institution id is not text") from None
-        peers.append(Peer(node_id=int(key), institution=name, pk1=pk1, pk2=pk2))
-        signatures[int(key)] = signature
-    return peers, signatures
-
-
 def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
-    peers, signatures = _key_list(configs)
+    peers, signatures = key_list(configs)
     own = Peer(node_id=state.node_id, institution=node.institution, pk1=state.pk1, pk2=state.pk2)
     problem = peers_problem(peers=peers, own=own, signatures=signatures, roster=node.roster,
                             at=_at(state), threshold=state.threshold, share_num=state.share_num,
                             min_contributors=node.min_contributors)
     if problem:
-        raise _Refusal(problem)
+        raise Refusal(problem)
     state.peers = {p.node_id: p.institution for p in peers}
     state.pk1s = {p.node_id: p.pk1 for p in peers}
     state.rd_seed = os.urandom(32)
@@ -209,23 +172,23 @@ def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) 
 
 def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, msg: Message, ctxt: Context,
                             call_next: ClientAppCallable) -> tuple[dict, RecordDict]:
-    sources = _int_list(configs, Key.SOURCE_LIST)
+    sources = int_list(configs, Key.SOURCE_LIST)
     ciphertexts = configs.get(Key.CIPHERTEXT_LIST)
     if not isinstance(ciphertexts, list) or len(ciphertexts) != len(sources) or len(set(sources)) != len(sources):
-        raise _Refusal("malformed share list")
+        raise Refusal("malformed share list")
     if len(sources) + 1 < state.threshold:
-        raise _Refusal(f"shares from {len(sources)} peer(s) arrived, fewer than the threshold {state.threshold} "
+        raise Refusal(f"shares from {len(sources)} peer(s) arrived, fewer than the threshold {state.threshold} "
                        f"needs")
     for source, ciphertext in zip(sources, ciphertexts):
         if source not in state.ss2 or not isinstance(ciphertext, bytes):
-            raise _Refusal(f"a share claims to come from node {source}, outside this round's key list")
+            raise Refusal(f"a share claims to come from node {source}, outside this round's key list")
         try:
             sender, receiver, seed_share, sk1_share = share_keys_plaintext_separate(decrypt(state.ss2[source],
                                                                                              ciphertext))
         except InvalidToken:
-            raise _Refusal(f"the share from node {source} does not decrypt (altered in transit)") from None
+            raise Refusal(f"the share from node {source} does not decrypt (altered in transit)") from None
         if (sender, receiver) != (source, state.node_id):
-            raise _Refusal(f"the share from node {source} was addressed from {sender} to {receiver}")
+            raise Refusal(f"the share from node {source} was addressed from {sender} to {receiver}")
         state.seed_shares[source], state.sk1_shares[source] = seed_share, sk1_share
     note_transport(ctxt, secure_aggregation=True, max_weight=state.max_weight,
                    peers=frozenset(state.peers.values()))
@@ -246,7 +209,7 @@ def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: i
                    masking_peers: list[int]) -> list[np.ndarray]:
     """[weight, weight x update] quantized, plus the self mask, plus/minus each pairwise mask (as Flower)."""
     if num_examples > state.max_weight:
-        raise _Refusal("the update's weight exceeds the round's max weight")
+        raise Refusal("the update's weight exceeds the round's max weight")
     q_ratio = round(num_examples / state.max_weight * state.target_range)
     weighted = [a * (q_ratio / state.target_range) for a in update]
     vector = factor_combine(q_ratio, quantize(weighted, state.clipping_range, state.target_range))
@@ -260,10 +223,10 @@ def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: i
 
 
 def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
-    survivors = _int_list(configs, SecAggWire.SURVIVORS)
+    survivors = int_list(configs, SecAggWire.SURVIVORS)
     problem = survivors_problem(survivors=survivors, peers=state.peers, at=_at(state), threshold=state.threshold)
     if problem:
-        raise _Refusal(problem)
+        raise Refusal(problem)
     state.survivors = sorted(survivors)
     statement = survivor_statement(run_id=state.run_id, server_round=state.server_round, survivors=survivors,
                                    signer=state.node_id, contributed=state.contributed)
@@ -271,22 +234,22 @@ def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode)
 
 
 def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
-    active, dead = _int_list(configs, Key.ACTIVE_NODE_ID_LIST), _int_list(configs, Key.DEAD_NODE_ID_LIST)
-    signers, contributed = _int_list(configs, SecAggWire.SIGNERS), configs.get(SecAggWire.CONTRIBUTED)
+    active, dead = int_list(configs, Key.ACTIVE_NODE_ID_LIST), int_list(configs, Key.DEAD_NODE_ID_LIST)
+    signers, contributed = int_list(configs, SecAggWire.SIGNERS), configs.get(SecAggWire.CONTRIBUTED)
     signatures = configs.get(SecAggWire.SIGNATURES)
     if not isinstance(contributed, list) or not isinstance(signatures, list) \
             or not len(signers) == len(contributed) == len(signatures):
-        raise _Refusal("malformed request: the survivor signatures are missing or do not line up")
+        raise Refusal("malformed request: the survivor signatures are missing or do not line up")
     problem = unmask_problem(active=active, dead=dead, survivors=state.survivors, peers=state.peers,
                              signed=list(zip(signers, map(bool, contributed), signatures)), roster=node.roster,
                              at=_at(state), threshold=state.threshold, min_contributors=node.min_contributors)
     if problem:
-        raise _Refusal(problem)
+        raise Refusal(problem)
     if state.contributed:
         _check_replay(state, node)
     missing = [n for n in active if n not in state.seed_shares] + [n for n in dead if n not in state.sk1_shares]
     if missing:
-        raise _Refusal(f"asked for shares of node(s) {sorted(missing)} that never sent this node any")
+        raise Refusal(f"asked for shares of node(s) {sorted(missing)} that never sent this node any")
     return {Key.NODE_ID_LIST: active + dead,
             Key.SHARE_LIST: [state.seed_shares[n] for n in active] + [state.sk1_shares[n] for n in dead]}
 
@@ -298,7 +261,7 @@ def _check_replay(state: SecAggState, node: SecAggNode) -> None:
     survivors = sorted(state.peers[n] for n in state.survivors)
     revealed = cache.revealed_with(run_id=state.fit_run_id, server_round=state.fit_round)
     if revealed is not None and revealed != survivors:
-        raise _Refusal(f"round {state.fit_round}'s update was already unmasked in a sum with other survivors; "
+        raise Refusal(f"round {state.fit_round}'s update was already unmasked in a sum with other survivors; "
                        f"revealing it in this one would let the two sums be differenced")
     cache.note_revealed(run_id=state.fit_run_id, server_round=state.fit_round, survivors=survivors)
 

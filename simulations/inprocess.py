@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -68,15 +69,20 @@ class InProcessGrid(Grid):
                 msg = self.tamper(msg)
                 if msg is None:
                     continue
+            msg = _over_the_wire(msg)  # each node gets its own copy, as serialized by Flower
             self.sent.append(msg)
             try:
                 reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # what Flower's runtime makes of a ClientApp's exception
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
-            replies.append(reply)
+            replies.append(_over_the_wire(reply))
         self.replies += replies
         return replies
+
+
+def _over_the_wire(msg: Message) -> Message:
+    return message_from_proto(message_to_proto(msg))
 
 
 def federation(config, run_dir: Path, *, tamper: Tamper | None = None, client_app=None,
