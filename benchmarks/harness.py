@@ -63,9 +63,11 @@ class SimulationRun:
         return sum(scores) / len(scores)
 
 
-def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float = 1800) -> SimulationRun:
-    """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak memory."""
-    args = [sys.executable, "-m", "fedtune", "simulate", "--out", str(out)]
+def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float = 1800,
+             module: tuple[str, str] | None = None) -> SimulationRun:
+    """A real `fedtune simulate` in its own process (its own Ray), with its tree's peak memory.
+    `module` = (module, command) runs `python -m module command` instead (a benchmark's baseline)."""
+    args = [sys.executable, "-m", *(module or ("fedtune", "simulate")), "--out", str(out)]
     for key, value in keys.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         args += ["--set", f"{key}={text}"]

@@ -210,6 +210,8 @@ def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: i
     """[weight, weight x update] quantized, plus the self mask, plus/minus each pairwise mask (as Flower)."""
     if num_examples > state.max_weight:
         raise Refusal("the update's weight exceeds the round's max weight")
+    if not all(np.isfinite(a).all() for a in update):  # quantized, NaN would shift the sum silently
+        raise Refusal("this node's update holds NaN or Inf (local training diverged?); it is not sent")
     q_ratio = round(num_examples / state.max_weight * state.target_range)
     weighted = [a * (q_ratio / state.target_range) for a in update]
     vector = factor_combine(q_ratio, quantize(weighted, state.clipping_range, state.target_range))

@@ -3,9 +3,10 @@ real ClientApp (client/app.py, every mod) through a Grid that delivers each mess
 the ClientApp, the way a SuperNode hands a message to `flwr-clientapp`.
 
 No Ray and no sockets: a SecAgg+ round of the tiny model takes about a second, so tests play a
-hostile coordinator by editing messages in flight (`tamper`), and benchmarks time the protocol
-without the simulation engine's scheduling. Clients run one after another, so a round's time is
-the sum of theirs; `fedtune simulate` is the way to run a federation.
+hostile coordinator by editing messages in flight (`tamper`) or check the round loop without the
+simulation engine's start-up. Every message is serialized as Flower serializes it, so each node
+gets its own copy. Clients run one after another; `fedtune simulate` is the way to run a
+federation.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def federation(config, run_dir: Path, *, tamper: Tamper | None = None, client_ap
                node_policy: dict[int, dict] | None = None) -> tuple[InProcessGrid, RunDirectory]:
     """A grid of `config.num_clients` simulated nodes (their roster written as `fedtune simulate`
     does) and a fresh run directory; `node_policy` adds node config keys per partition, and
-    `client_app` replaces fedtune's (a benchmark's baseline)."""
+    `client_app` replaces fedtune's."""
     ledgers = run_dir / "ledgers"
     write_simulation_roster(ledgers, num_clients=config.num_clients)
     nodes = {100 + p: {"partition-id": p, "num-partitions": config.num_clients, **(node_policy or {}).get(p, {})}
