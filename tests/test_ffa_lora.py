@@ -24,7 +24,8 @@ from common.run_data import federated_splits
 from common.tasks.classification import encode
 from server.strategy import AdapterFedAvg
 from common.tasks import get_task
-from tests.helpers import read_metrics, run_fedtune, set_args
+from simulations import inprocess
+from tests.helpers import read_metrics
 
 
 def _server_model(config):
@@ -175,13 +176,12 @@ def test_a_node_with_a_different_A_refuses_before_spending(tiny_config, tmp_path
 
 @pytest.mark.slow
 def test_an_ffa_federation_with_secagg_keeps_A_shared_and_saves_it_with_the_adapter(tiny_config, tmp_path):
-    config = tiny_config(lora_variant="ffa", num_clients=3, clients_per_round=3)
-    keys = dict(model=config.model, data=config.data, num_clients=3, clients_per_round=3, num_rounds=2,
-                batch_size=config.batch_size, max_length=config.max_length, learning_rate=0.05,
-                lora_rank=config.lora_rank, target_epsilon=8.0, lora_variant="ffa", secure_aggregation=True)
-    result = run_fedtune("simulate", "--out", str(tmp_path / "run"), *set_args(**keys), timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "run"
+    config = tiny_config(lora_variant="ffa", num_clients=3, clients_per_round=3, num_rounds=2, learning_rate=0.05,
+                         target_epsilon=8.0, dp=True, secure_aggregation=True)
+    # The real round loop and ClientApps in one process: what is shared and saved is the point here.
+    grid, run_dir = inprocess.federation(config, tmp_path / "run")
+    inprocess.run(grid, config, run_dir)
+    run = run_dir.path
     server = _server_model(config)
     for record in read_metrics(run):
         assert record["update_applied"] and len(record["clients"]) == 3

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.ledger.chain import Ledger, canonical, load_public_key, read_records, verify_records
+from common.ledger.chain import Ledger, canonical, create_ledger_keys, load_public_key, read_records, verify_records
 from tests.helpers import run_fedtune
 
 KEY_FILES = ("keys/supernode", "keys/supernode.pub", "ledger/ledger.key", "ledger/ledger.pub")
@@ -118,3 +118,26 @@ def test_the_ledger_signs_with_the_key_node_keys_made(tmp_path):
     key.verify(base64.b64decode(record["signature"]), canonical(unsigned))  # raises if another key signed
     path = tmp_path / "ledger" / "ledger.jsonl"
     assert verify_records(path, read_records(path), key).ok
+
+
+def test_a_roster_is_built_from_ledger_keys_and_checked_by_each_institution(tmp_path):
+    for name in ("hospital-a", "hospital-b", "stranger"):
+        create_ledger_keys(tmp_path / name)
+    roster = tmp_path / "roster.json"
+    built = run_fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a' / 'ledger.pub'}",
+                        "--member", f"hospital-b={tmp_path / 'hospital-b'}", "--out", str(roster),
+                        "--expires", "2099-01-01")
+    assert built.returncode == 0, built.stderr
+    fingerprint = built.stdout.split("fingerprint")[1].split("\n")[0].strip()
+    ok = run_fedtune("roster", "check", str(roster), "--institution", "hospital-a", "--key",
+                     str(tmp_path / "hospital-a"))
+    assert ok.returncode == 0 and fingerprint in ok.stdout and "2 institutions" in ok.stdout
+    # the same fingerprint whoever checks it: what institutions compare out of band
+    assert fingerprint in run_fedtune("roster", "check", str(roster)).stdout
+    for institution, key, says in (("hospital-a", "stranger", "lists another key for this node (hospital-a)"),
+                                   ("stranger", "stranger", "does not list this node (stranger)")):
+        wrong = run_fedtune("roster", "check", str(roster), "--institution", institution, "--key",
+                            str(tmp_path / key))
+        assert wrong.returncode == 3 and says in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    again = run_fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a'}", "--out", str(roster))
+    assert again.returncode == 3 and "already exists" in again.stderr  # a roster is never silently replaced
