@@ -25,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import build_client_app
 from server.federation import run_federation
+from server.recorder import RoundCallback
 from server.run_directory import RunDirectory
 from simulations.simulate import write_simulation_roster
 
@@ -100,13 +101,16 @@ def federation(config, run_dir: Path, *, tamper: Tamper | None = None, client_ap
     return grid, RunDirectory.create(path=run_dir, config=config)
 
 
-def run(grid: InProcessGrid, config, run_dir: RunDirectory, *, resume: bool = False) -> dict:
-    """The ServerApp's main, with the task identity Flower's runtime would set for it."""
+def run(grid: InProcessGrid, config, run_dir: RunDirectory, *, resume: bool = False,
+        on_round: RoundCallback | None = None) -> dict:
+    """The ServerApp's main, with the task identity Flower's runtime would set for it; `on_round`
+    gets each round's record (e.g. the progress table's `add`)."""
     context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, COORDINATOR_NODE_ID
     try:
-        return run_federation(grid=grid, context=context, config=config, run_dir=run_dir, resume=resume)
+        return run_federation(grid=grid, context=context, config=config, run_dir=run_dir, resume=resume,
+                              on_round=on_round)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 

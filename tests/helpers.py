@@ -42,3 +42,16 @@ def saved_adapter_arrays(run_dir: Path, *, num_labels: int) -> list:
     base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=True)
     return adapter_to_arrays(model)
+
+
+def progress_table(config):
+    """`fedtune simulate`'s round table, printed into a buffer: (table, buffer)."""
+    import io
+
+    from rich.console import Console
+
+    from common.tasks import get_task
+    from simulations.progress import RoundTable
+
+    buffer = io.StringIO()
+    return RoundTable(get_task(config.task), Console(file=buffer, width=200)), buffer

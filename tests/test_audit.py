@@ -12,21 +12,19 @@ from common.ledger.audit import audit_run
 from common.ledger.chain import Ledger, read_records
 from common.privacy.accounting import epsilon_of
 from common.run_data import federated_splits
-from tests.helpers import read_metrics, run_fedtune, set_args
+from simulations import inprocess
+from tests.helpers import read_metrics, run_fedtune
 
 
 @pytest.fixture(scope="module")
 def dp_run(tiny_config, tmp_path_factory):
     """A finished 3-client, 2-round DP-SGD + SecAgg+ run on the tiny model."""
-    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=2, target_epsilon=5.0)
-    out = tmp_path_factory.mktemp("dp-run") / "run"
-    keys = dict(model=config.model, data=config.data, num_clients=3, clients_per_round=3, num_rounds=2,
-                batch_size=config.batch_size, max_length=config.max_length, lora_rank=config.lora_rank,
-                learning_rate=config.learning_rate, head_learning_rate=config.head_learning_rate,
-                lora_variant=config.lora_variant, target_epsilon=5.0, dp=True, secure_aggregation=True)
-    result = run_fedtune("simulate", "--out", str(out), *set_args(**keys), timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return config, out
+    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=2, target_epsilon=5.0, dp=True,
+                         secure_aggregation=True)
+    # The real round loop and ClientApps in one process (tests/test_simulation.py runs the engine).
+    grid, run_dir = inprocess.federation(config, tmp_path_factory.mktemp("dp-run") / "run")
+    inprocess.run(grid, config, run_dir)
+    return config, run_dir.path
 
 
 def _audit(target: Path, *extra: str):

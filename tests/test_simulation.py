@@ -21,7 +21,7 @@ from common.run_data import federated_splits
 from server.secure_aggregation import secagg_parameters
 from simulations import inprocess
 from tests.conftest import initial_adapter
-from tests.helpers import ROOT, read_metrics, run_fedtune, set_args
+from tests.helpers import ROOT, progress_table, read_metrics, run_fedtune, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,17 @@ def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def plain_and_secagg_runs(tiny_config, tmp_path_factory):
-    """The same non-private federation twice: plain FedAvg and SecAgg+ (training is deterministic)."""
+    """The same non-private federation twice (training is deterministic): SecAgg+ in a real
+    `fedtune simulate` (Flower's engine, Ray), and the plain FedAvg reference from the same round
+    loop and ClientApps in one process."""
     config = tiny_config(num_clients=3, clients_per_round=3, dp=False)
-    runs = {}
-    for secure in (False, True):
-        out = tmp_path_factory.mktemp("run") / ("secagg" if secure else "plain")
-        _simulate(out, config, dp=False, secure_aggregation=secure, num_rounds=1, num_clients=3,
-                  clients_per_round=3, fraction_evaluate=1.0)
-        runs[secure] = out
-    return config, runs
+    out = tmp_path_factory.mktemp("run") / "secagg"
+    _simulate(out, config, dp=False, secure_aggregation=True, num_rounds=1, num_clients=3, clients_per_round=3,
+              fraction_evaluate=1.0)
+    plain = config.with_overrides(secure_aggregation=False, num_rounds=1, fraction_evaluate=1.0)
+    grid, run_dir = inprocess.federation(plain, tmp_path_factory.mktemp("run") / "plain")
+    inprocess.run(grid, plain, run_dir)
+    return config, {True: out, False: run_dir.path}
 
 
 def test_secagg_aggregate_equals_plain_fedavg_within_quantization_error(plain_and_secagg_runs):
@@ -128,8 +130,12 @@ def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path
     # sigma that spends the whole budget in one round: round 2 must be refused by everyone
     sigma = plan_privacy(num_examples=n, batch_size=config.batch_size, local_epochs=1, num_rounds=1,
                          target_epsilon=3.0, target_delta=config.target_delta).noise_multiplier
-    out = tmp_path / "run"
-    result = _simulate(out, config, num_rounds=4, noise_multiplier=sigma, dp=True, secure_aggregation=True)
+    config = config.with_overrides(num_rounds=4, noise_multiplier=sigma, dp=True, secure_aggregation=True)
+    # The real round loop and ClientApps in one process, with `fedtune simulate`'s table.
+    grid, run_dir = inprocess.federation(config, tmp_path / "run")
+    table, shown = progress_table(config)
+    inprocess.run(grid, config, run_dir, on_round=table.add)
+    out = run_dir.path
     metrics = read_metrics(out)
     assert [m["round"] for m in metrics] == [1, 2]  # stopped after the round nobody could train
     first, second = metrics
@@ -144,7 +150,7 @@ def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert all(eps <= 3.0 for eps in summary["epsilon"].values())
-    assert "round" in result.stdout and "2/2" in result.stdout and "0/2" in result.stdout
+    assert "round" in shown.getvalue() and "2/2" in shown.getvalue() and "0/2" in shown.getvalue()
     # the refusals are in the signed ledgers too, and the whole run audits clean
     audit = run_fedtune("audit", str(out), "--json", timeout=300)
     assert audit.returncode == 0, audit.stdout[-3000:]
