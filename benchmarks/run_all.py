@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (45 minutes measured).
+"""`make bench`: every benchmark, one after another, on this machine (about 75 minutes).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 

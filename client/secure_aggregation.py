@@ -82,7 +82,9 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
         try:
             _check_sequence(state.stage, stage)
             if stage == Stage.SETUP:
-                state = _new_round(msg, configs, node)
+                state = _new_round(msg, configs)
+                if node.problem:
+                    raise Refusal(node.problem)
             out = RecordDict()
             if stage == Stage.COLLECT_MASKED_VECTORS:
                 reply, out = _collect_masked_vectors(state=state, configs=configs, msg=msg, ctxt=ctxt,
@@ -110,9 +112,7 @@ def _check_sequence(previous: str, stage: Any) -> None:
         raise Refusal(f"stage {stage} out of order after {previous}")
 
 
-def _new_round(msg: Message, configs: ConfigRecord, node: SecAggNode) -> SecAggState:
-    if node.problem:
-        raise Refusal(node.problem)
+def _new_round(msg: Message, configs: ConfigRecord) -> SecAggState:
     try:
         server_round = int(msg.metadata.group_id)
     except ValueError:
@@ -123,8 +123,10 @@ def _new_round(msg: Message, configs: ConfigRecord, node: SecAggNode) -> SecAggS
 
 
 def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
-    state.sample_num, state.share_num = value_of(configs, Key.SAMPLE_NUMBER, int), value_of(configs, Key.SHARE_NUMBER, int)
-    state.threshold, state.target_range = value_of(configs, Key.THRESHOLD, int), value_of(configs, Key.TARGET_RANGE, int)
+    state.sample_num = value_of(configs, Key.SAMPLE_NUMBER, int)
+    state.share_num = value_of(configs, Key.SHARE_NUMBER, int)
+    state.threshold = value_of(configs, Key.THRESHOLD, int)
+    state.target_range = value_of(configs, Key.TARGET_RANGE, int)
     state.mod_range = value_of(configs, Key.MOD_RANGE, int)
     state.clipping_range = value_of(configs, Key.CLIPPING_RANGE, float)
     state.max_weight = value_of(configs, Key.MAX_WEIGHT, float)

@@ -323,4 +323,5 @@ def test_a_node_without_a_roster_refuses_secure_aggregation_in_one_line(site, jo
     assert "roster='PATH'" in text and "\n" not in text and PLANTED not in text
     [record] = _ledger(node)
     assert record["status"] == "refused-secure-aggregation" and record["request"] == "secure-aggregation"
+    assert record["round"] == 1 and "no roster" in record["reason"]
     assert _audit(node)["verdict"] == "clean"
