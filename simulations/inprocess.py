@@ -31,6 +31,8 @@ from simulations.simulate import write_simulation_roster
 
 COORDINATOR_NODE_ID = 1
 Tamper = Callable[[Message], Message | None]  # None: the message is dropped
+# fedtune's round loop (Flower's legacy workflows) talks to a grid only through send_and_receive.
+_ONLY_SEND_AND_RECEIVE = "the in-process grid delivers messages only through send_and_receive"
 
 
 class InProcessGrid(Grid):
@@ -39,7 +41,6 @@ class InProcessGrid(Grid):
         self.app, self.run_id, self.tamper = client_app, run_id, tamper
         self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=cfg, state=RecordDict(), run_config={})
                          for nid, cfg in node_configs.items()}
-        self.hidden: set[int] = set()
         self.sent: list[Message] = []  # after tampering, as the clients received them
         self.replies: list[Message] = []
 
@@ -51,16 +52,16 @@ class InProcessGrid(Grid):
         return SimpleNamespace(run_id=self.run_id)
 
     def create_message(self, *args, **kwargs):
-        raise NotImplementedError
+        raise TypeError(_ONLY_SEND_AND_RECEIVE)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [nid for nid in self.contexts if nid not in self.hidden]
+        return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        raise TypeError(_ONLY_SEND_AND_RECEIVE)
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        raise TypeError(_ONLY_SEND_AND_RECEIVE)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
