@@ -8,8 +8,9 @@ Each point is three real `fedtune simulate` runs (Ray), one after another:
 - stock SecAgg+, as fedtune ran it before it was hardened: Flower 1.41's `secaggplus_mod` and
   `SecAggPlusWorkflow` (32-bit-seeded masks, unsigned keys, no consistency check, no checks of
   the coordinator's parameters), patched in for this measurement only (`stock-simulate` below);
-- fedtune's SecAgg+: keys signed and checked against the roster, the consistency check (a fifth
-  message stage per round), HKDF + ChaCha20 masks, every stage's checks.
+- fedtune's SecAgg+: keys signed and checked against the roster, survivor lists signed with the
+  masked vectors (a fifth message stage, the consistency check, only in a round someone drops out
+  of: none does here), HKDF + ChaCha20 masks, every stage's checks.
 The secagg-cost job is the tiny model on BBC News (DP-SGD, 6 rounds, every client sampled): local
 training is cheap, so the protocol's share of a round shows. The demo job is `make demo`'s
 (all-MiniLM-L6-v2, 5 clients, DP-SGD) cut to 2 rounds to fit the hour. Round 1 (start-up, privacy

@@ -7,8 +7,10 @@ the coordinator sends; these checks are what make the protocol hold against a de
   threshold, enough sampled clients for the node's minimum, sane quantization ranges;
 - share keys: every peer's masking keys signed by a roster member for this round and node, no
   member twice, the node's own keys as it sent them, and the same counts as at setup;
-- unmask: the survivor list is the one this node signed at the consistency check, a threshold of
-  survivors signed that same list, and enough of them contributed an update.
+- collect: the node signs the survivor list it expects (every node that sent it key shares);
+- consistency (only when someone dropped out): the new list is a sub-list of the signed one;
+- unmask: the survivor list is the last one this node signed, a threshold of survivors signed that
+  same list, and enough of them contributed an update.
 """
 
 from __future__ import annotations
@@ -122,11 +124,17 @@ def peers_problem(*, peers: list[Peer], own: Peer, signatures: dict[int, bytes],
     return None
 
 
-def survivors_problem(*, survivors: list[int], peers: dict[int, str], at: RoundContext,
+def survivors_problem(*, survivors: list[int], signed_before: list[int], at: RoundContext,
                       threshold: int) -> str | None:
-    """The consistency-check request: who the coordinator says sent masked vectors."""
-    if len(set(survivors)) != len(survivors) or not set(survivors) <= set(peers) or at.node_id not in survivors:
-        return "the survivor list names a node outside this round's key list, twice, or not this node"
+    """The consistency-check request: who the coordinator says sent masked vectors.
+
+    The list may only shrink from the one this node signed with its masked vector: a node that
+    once signed a list without node D never again signs one with D, so the survivors that reveal
+    D's self-mask seed and the signers of a list that lets D's pairwise key out stay disjoint."""
+    if len(set(survivors)) != len(survivors) or not set(survivors) <= set(signed_before) \
+            or at.node_id not in survivors:
+        return ("the survivor list names a node that did not send this node key shares, names one twice, or "
+                "leaves this node out")
     if len(survivors) < threshold:
         return f"{len(survivors)} survivor(s) is below the threshold {threshold}"
     return None
@@ -137,7 +145,7 @@ def unmask_problem(*, active: list[int], dead: list[int], survivors: list[int], 
                    min_contributors: int) -> str | None:
     """The unmask request: the signed survivor list, and the dropouts whose pairwise keys it asks for."""
     if sorted(active) != sorted(survivors):
-        return "the unmask request's survivors differ from the list this node signed at the consistency check"
+        return "the unmask request's survivors differ from the survivor list this node signed last"
     if set(dead) & set(active) or not set(dead) <= set(peers) or len(set(dead)) != len(dead):
         return "the unmask request names a node as both survivor and dropout, or a node outside the key list"
     valid: dict[int, bool] = {}

@@ -50,7 +50,10 @@ from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, survivor_statement
 
 # Flower's four stages with the consistency check between the last two; setup may restart a round.
+# The consistency check runs only when someone dropped out after sharing keys: with nobody missing,
+# the survivor list every node signed with its masked vector is already the same list.
 STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, SecAggWire.CONSISTENCY_STAGE, Stage.UNMASK)
+_MAY_SKIP = {(Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)}
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,8 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
                     raise Refusal(node.problem)
             out = RecordDict()
             if stage == Stage.COLLECT_MASKED_VECTORS:
-                reply, out = _collect_masked_vectors(state=state, configs=configs, msg=msg, ctxt=ctxt,
-                                                     call_next=call_next)
+                reply, out = _collect_masked_vectors(state=state, configs=configs, node=node, msg=msg,
+                                                     ctxt=ctxt, call_next=call_next)
             else:
                 reply = _STEPS[stage](state=state, configs=configs, node=node)
         except Refusal as refusal:
@@ -108,7 +111,8 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
 def _check_sequence(previous: str, stage: Any) -> None:
     if stage not in STAGES:
         raise Refusal("unknown SecAgg+ stage")
-    if stage != Stage.SETUP and STAGES[STAGES.index(previous) + 1 if previous != STAGES[-1] else 0] != stage:
+    expected = STAGES[STAGES.index(previous) + 1 if previous != STAGES[-1] else 0]
+    if stage != Stage.SETUP and stage != expected and (previous, stage) not in _MAY_SKIP:
         raise Refusal(f"stage {stage} out of order after {previous}")
 
 
@@ -172,8 +176,8 @@ def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) 
     return {Key.DESTINATION_LIST: destinations, Key.CIPHERTEXT_LIST: ciphertexts}
 
 
-def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, msg: Message, ctxt: Context,
-                            call_next: ClientAppCallable) -> tuple[dict, RecordDict]:
+def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode, msg: Message,
+                            ctxt: Context, call_next: ClientAppCallable) -> tuple[dict, RecordDict]:
     sources = int_list(configs, Key.SOURCE_LIST)
     ciphertexts = configs.get(Key.CIPHERTEXT_LIST)
     if not isinstance(ciphertexts, list) or len(ciphertexts) != len(sources) or len(set(sources)) != len(sources):
@@ -204,7 +208,11 @@ def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, msg: M
                             masking_peers=sources)
     for record in out.array_records.values():
         record.clear()
-    return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]}, out
+    # Every node that shared keys is expected to survive: sign that list now, so a round nobody
+    # drops out of needs no consistency check (the consistency stage replaces it with a sub-list).
+    state.survivors = sorted([*sources, state.node_id])
+    return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked],
+            SecAggWire.SURVIVOR_SIGNATURE: _sign_survivors(state, node)}, out
 
 
 def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: int, *,
@@ -228,13 +236,18 @@ def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: i
 
 def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
     survivors = int_list(configs, SecAggWire.SURVIVORS)
-    problem = survivors_problem(survivors=survivors, peers=state.peers, at=_at(state), threshold=state.threshold)
+    problem = survivors_problem(survivors=survivors, signed_before=state.survivors, at=_at(state),
+                                threshold=state.threshold)
     if problem:
         raise Refusal(problem)
     state.survivors = sorted(survivors)
-    statement = survivor_statement(run_id=state.run_id, server_round=state.server_round, survivors=survivors,
-                                   signer=state.node_id, contributed=state.contributed)
-    return {SecAggWire.SURVIVOR_SIGNATURE: signing_key(node.ledger_dir).sign(statement)}
+    return {SecAggWire.SURVIVOR_SIGNATURE: _sign_survivors(state, node)}
+
+
+def _sign_survivors(state: SecAggState, node: SecAggNode) -> bytes:
+    statement = survivor_statement(run_id=state.run_id, server_round=state.server_round,
+                                   survivors=state.survivors, signer=state.node_id, contributed=state.contributed)
+    return signing_key(node.ledger_dir).sign(statement)
 
 
 def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:

@@ -2,10 +2,12 @@
 
 Stands in for Flower 1.41's `SecAggPlusWorkflow.unmask_stage`
 (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py) for two reasons:
-- the consistency check of Bonawitz et al. (CCS 2017, active adversary) runs first: every
-  survivor signs the list of nodes whose masked vectors were summed, and each receives all the
-  signatures with its unmask request, so no client reveals a node's pairwise key while another
-  reveals the same node's self-mask seed (client/secagg_checks.py checks this at the node);
+- the consistency check of Bonawitz et al. (CCS 2017, active adversary): every survivor signs the
+  list of nodes whose masked vectors were summed, and each receives all the signatures with its
+  unmask request, so no client reveals a node's pairwise key while another reveals the same
+  node's self-mask seed (client/secagg_checks.py checks this at the node). Each node already
+  signed the list it expects with its masked vector; only when someone dropped out after sharing
+  keys does a consistency round ask the survivors to sign the shorter list;
 - masks are regenerated with fedtune's full-strength generator (common/secure_aggregation/masks.py),
   which the clients used, not Flower's 32-bit-seeded one.
 """
@@ -45,18 +47,24 @@ def _message(nid: int, config: dict, server_round: int) -> Message:
 def consistency_check(send: Send, state: WorkflowState, server_round: int) -> list[tuple[int, bool, bytes]]:
     """Ask each survivor to sign the survivor list; returns (signer, contributed, signature) per answer."""
     survivors = sorted(state.active_node_ids)
-    contributed = {nid for nid in survivors if _weight(state, nid) > 0}
     replies = send([_message(nid, {Key.STAGE: SecAggWire.CONSISTENCY_STAGE, SecAggWire.SURVIVORS: survivors},
                              server_round) for nid in survivors])
-    signed = []
     for msg in replies:
         if msg.has_error():
             state.failures.append(Exception(msg.error))
+    return survivor_signatures(replies, state)
+
+
+def survivor_signatures(replies: list[Message], state: WorkflowState) -> list[tuple[int, bool, bytes]]:
+    """(signer, contributed, signature) for each survivor's signed survivor statement among `replies`."""
+    signed = []
+    for msg in replies:
+        nid = msg.metadata.src_node_id
+        if msg.has_error() or nid not in state.active_node_ids:
             continue
         signature = msg.content.config_records[RECORD_KEY_CONFIGS].get(SecAggWire.SURVIVOR_SIGNATURE)
         if isinstance(signature, bytes):
-            nid = msg.metadata.src_node_id
-            signed.append((nid, nid in contributed, signature))
+            signed.append((nid, _weight(state, nid) > 0, signature))
     return signed
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.protocol import MAX_REASON_CHARS, SecAggWire
-from server.secagg_unmask import consistency_check, unmask
+from server.secagg_unmask import consistency_check, survivor_signatures, unmask
 from server.update_validation import coordinate_bound
 
 # A node's refusal (client/secure_aggregation.py) inside Flower's error reply "<class '...'>:<'text'>"
@@ -98,7 +98,9 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     - setup requests carry the run id the clients sign into their key statements; each client's
       signature and institution id are relayed to its peers with its public keys;
-    - before unmasking, a consistency check: the survivors sign the survivor list (server/secagg_unmask.py);
+    - each masked vector comes with its sender's signature on the survivor list it expects; if
+      someone dropped out after sharing keys, a consistency check first has the survivors sign
+      the shorter list (server/secagg_unmask.py);
     - never unmask a "sum" of fewer than two updates: refusing clients join with weight 0 and their
       status travels in clear, so with one trained client the "sum" would be its update;
     - a client's refusal (its reason, raised at any stage) is kept for metrics.jsonl and the ledger.
@@ -107,6 +109,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __init__(self, *args, run_id: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.run_id = run_id
+        self._signed_at_collection: list[tuple[int, bool, bytes]] = []
 
     def _relay(self, grid: Grid) -> _Relay:
         return _Relay(grid, run_id=self.run_id, timeout=self.timeout)
@@ -157,6 +160,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
                                      "a client sent a malformed update")
             return False
         self._note_refusals(context, relay.replies)
+        self._signed_at_collection = survivor_signatures(relay.replies, state)
         outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
         trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
         if ok and trained < 2:
@@ -170,8 +174,14 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         relay = self._relay(grid)
-        signed = consistency_check(relay.send_and_receive, state, _round(context))
-        self._note_refusals(context, relay.replies)
+        signed = self._signed_at_collection
+        if state.active_node_ids != state.sampled_node_ids:  # someone dropped after sharing keys
+            signed = consistency_check(relay.send_and_receive, state, _round(context))
+            self._note_refusals(context, relay.replies)
+            if len(signed) < state.threshold:  # no client would reveal a share: do not ask
+                self._note_halt(context, "SecAgg+ halted at the consistency check: fewer survivors than the "
+                                         "threshold signed the survivor list")
+                return False
         ok = unmask(relay.send_and_receive, context, state, _round(context), signed)
         self._note_refusals(context, relay.replies)
         if not ok:
@@ -185,7 +195,8 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         for msg in replies:
             match = _REFUSAL.search(msg.error.reason) if msg.has_error() else None
             if match and outcome is not None:
-                outcome.secagg_refusals[match["institution"]] = match["why"][:MAX_REASON_CHARS]
+                # the first refusal is the reason; a later stage only finds the round already ended
+                outcome.secagg_refusals.setdefault(match["institution"], match["why"][:MAX_REASON_CHARS])
                 log.warning("round %d: %s refused secure aggregation at %s", _round(context),
                             match["institution"], match["why"])
 

@@ -67,7 +67,8 @@ def test_an_honest_round_unmasks_the_sum_and_nobody_refuses(config, tmp_path):
     [record] = metrics(run_dir.path)
     assert record["update_applied"] and record["clients_trained"] == 3 and "secagg_refusals" not in record
     stages = [_stage(m) for m in grid.sent]
-    assert stages.count(SecAggWire.CONSISTENCY_STAGE) == 3 and stages.count(Stage.UNMASK) == 3
+    # nobody dropped out: the survivor lists signed with the masked vectors agree, no consistency round
+    assert stages.count(SecAggWire.CONSISTENCY_STAGE) == 0 and stages.count(Stage.UNMASK) == 3
     assert not any(_refusals(run_dir.path, c) for c in CLIENTS)
 
 
@@ -153,10 +154,12 @@ def test_a_peer_outside_the_roster_is_refused(config, tmp_path):
 
 
 def test_lying_about_who_dropped_out_is_caught_by_the_consistency_check(config, tmp_path):
-    """The coordinator tells one client (A) that D dropped out, so that A reveals D's pairwise-mask
+    """client-4 really drops out after training, so the coordinator runs the consistency check. It
+    tells one client (the victim) that D dropped out too, so that the victim reveals D's pairwise-mask
     key, while the others hear that D survived and reveal D's self-mask seed: with both, D's update
-    would be unmasked alone. A signed a survivor list nobody else signed, so it reveals nothing."""
-    config = config.with_overrides(num_clients=4, clients_per_round=4)  # threshold 3
+    would be unmasked alone. The victim signed a survivor list nobody else signed: it reveals nothing."""
+    config = config.with_overrides(num_clients=5, clients_per_round=5,  # threshold 3
+                                   inject_faults="1:drop-collect-masked-vectors:4")
     story = {}
 
     def split_story(msg):
@@ -168,7 +171,7 @@ def test_lying_about_who_dropped_out_is_caught_by_the_consistency_check(config, 
             key = SecAggWire.SURVIVORS if stage == SecAggWire.CONSISTENCY_STAGE else Key.ACTIVE_NODE_ID_LIST
             _config(msg)[key] = [n for n in _config(msg)[key] if n != story["dropped"]]
             if stage == Stage.UNMASK:
-                _config(msg)[Key.DEAD_NODE_ID_LIST] = [story["dropped"]]
+                _config(msg)[Key.DEAD_NODE_ID_LIST] = [*_config(msg)[Key.DEAD_NODE_ID_LIST], story["dropped"]]
         return msg
 
     grid, run_dir = federation(config, tmp_path / "run", tamper=split_story)
@@ -178,12 +181,60 @@ def test_lying_about_who_dropped_out_is_caught_by_the_consistency_check(config, 
     assert list(record["secagg_refusals"]) == [victim]
     assert "only 1 survivor(s) signed this survivor list" in record["secagg_refusals"][victim]
     assert record["secagg_refusals"][victim].startswith("stage unmask:")
-    # No share of the "dropped" node's pairwise key left any node: the victim refused, the others
-    # were (honestly) told nobody dropped. The sum unmasked is the honest sum of all four.
+    # No share of D's pairwise key left any node: the victim refused, the others were (honestly)
+    # told only client-4 dropped. The sum unmasked is the honest sum of the four survivors.
+    assert story["dropped"] != 104
     for reply in grid.replies:
         if not reply.has_error() and _stage_of_reply(grid, reply) == Stage.UNMASK:
             assert story["dropped"] not in _dead_asked(grid, reply)
     assert record["update_applied"] and record["clients_trained"] == 4
+
+
+def test_skipping_the_consistency_check_does_not_let_a_lie_through(config, tmp_path):
+    """Nobody dropped out, so the coordinator skips the consistency round, and tells one client that
+    D dropped to get D's pairwise-mask key from it. That client signed, with its masked vector, a
+    survivor list holding D: it reveals nothing, and the honest sum of all four is unmasked."""
+    config = config.with_overrides(num_clients=4, clients_per_round=4)  # threshold 3
+    story = {}
+
+    def lie_at_unmask(msg):
+        if _stage(msg) == Stage.UNMASK and not story:
+            active = list(_config(msg)[Key.ACTIVE_NODE_ID_LIST])
+            story.update(victim=msg.metadata.dst_node_id, dropped=max(n for n in active
+                                                                      if n != msg.metadata.dst_node_id))
+            _config(msg)[Key.ACTIVE_NODE_ID_LIST] = [n for n in active if n != story["dropped"]]
+            _config(msg)[Key.DEAD_NODE_ID_LIST] = [story["dropped"]]
+        return msg
+
+    grid, run_dir = federation(config, tmp_path / "run", tamper=lie_at_unmask)
+    run(grid, config, run_dir)
+    [record] = metrics(run_dir.path)
+    victim = f"client-{story['victim'] - 100}"
+    assert list(record["secagg_refusals"]) == [victim]
+    assert "differ from the survivor list this node signed last" in record["secagg_refusals"][victim]
+    [refusal] = _refusals(run_dir.path, victim)
+    assert refusal["reason"].startswith("stage unmask:")
+    assert not [m for m in grid.sent if _stage(m) == SecAggWire.CONSISTENCY_STAGE]
+    assert record["update_applied"] and record["clients_trained"] == 4
+
+
+def test_a_consistency_list_may_not_add_a_node(config, tmp_path):
+    """The consistency round may only shrink the survivor list each node signed with its masked
+    vector: a list holding a node that never sent key shares (here a made-up one) is refused."""
+    config = config.with_overrides(num_clients=4, clients_per_round=4, inject_faults="1:drop-collect-masked-vectors:3")
+
+    def add_a_node(msg):
+        if _stage(msg) == SecAggWire.CONSISTENCY_STAGE:
+            _config(msg)[SecAggWire.SURVIVORS] = [*_config(msg)[SecAggWire.SURVIVORS], 999]
+        return msg
+
+    grid, run_dir = federation(config, tmp_path / "run", tamper=add_a_node)
+    run(grid, config, run_dir)
+    [record] = metrics(run_dir.path)
+    assert not record["update_applied"]
+    assert set(record["secagg_refusals"]) == {"client-0", "client-1", "client-2"}
+    for reason in record["secagg_refusals"].values():
+        assert reason.startswith("stage fedtune-consistency:") and "did not send this node key shares" in reason
 
 
 def _stage_of_reply(grid, reply):

@@ -7,7 +7,10 @@
   nodes, and I contributed an update (or weight 0)". This is the consistency check of Bonawitz et
   al. (CCS 2017, active adversary): a client reveals shares only after a threshold of peers signed
   the same survivor list, so the coordinator cannot tell some clients that a node dropped (to
-  get its pairwise-mask key) and others that it survived (to get its self-mask seed).
+  get its pairwise-mask key) and others that it survived (to get its self-mask seed). A node signs
+  it first with its masked vector (every node that sent it key shares), and again, for a shorter
+  list, only if someone dropped out; a list never grows back, so a node that signed a list without
+  D never reveals D's self-mask seed.
 
 Each statement starts with its own tag: neither can be mistaken for the other, nor for a ledger
 record (canonical JSON objects) signed by the same key.
