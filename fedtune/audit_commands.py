@@ -28,7 +28,7 @@ def receipt(
     epsilon = "-" if body["epsilon"] is None else f"{body['epsilon']:.4f}"
     console().print(f"receipt  {out}: {body['client_id']}, run {body['run_id']}, {body['records']} records, last "
                     f"round {body['last_round']}, cumulative epsilon {epsilon}, key {payload['key_fingerprint']}",
-                    highlight=False)
+                    highlight=False, soft_wrap=True)
     console().print("give it to the auditor directly, not through the coordinator", highlight=False)
 
 

@@ -42,7 +42,8 @@ def finished(tiny_config, tmp_path_factory):
         made = run_fedtune("receipt", str(run_dir.path / "ledgers" / client), "--run-id", run_id,
                            "--out", str(receipts[client]))
         assert made.returncode == 0, made.stderr
-        assert f"{client}, run {run_id}" in made.stdout and "last round 3" in made.stdout
+        said = " ".join(made.stdout.split())
+        assert f"{client}, run {run_id}" in said and "last round 3" in said
     return run_dir.path, snapshot, receipts
 
 
