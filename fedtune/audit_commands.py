@@ -39,6 +39,9 @@ def audit(
                                         "(`fedtune receipt`); repeat for each."),
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
     report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
+    mechanism: list[str] = typer.Option([], "--mechanism", help="CLIENT: also run that client's DP-SGD step on "
+                                        "canaries with its recorded sigma, q and C, and bound epsilon from below "
+                                        "(about a minute; repeatable)."),
 ) -> None:
     """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
     from fedtune.audit_view import print_audit
@@ -51,10 +54,22 @@ def audit(
             raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
         pinned[name] = Path(path)
     result = audit_run(target=target, pinned_keys=pinned, receipts=list(receipts))
+    checks = [_check_mechanism(target, client, quiet=as_json) for client in mechanism]
+    for client, check in zip(mechanism, checks):
+        if check.finding:
+            result.problems.append(f"{client}: the mechanism check measured epsilon >= {check.tightest_lower:.3f} "
+                                   f"where its accountant claims {check.tightest_claim:.3f} (delta "
+                                   f"{check.tightest_delta:.0e}): the noise, clipping or sampling is not what "
+                                   f"its ledger records")
     if as_json:
+        from dataclasses import asdict
+
         from common.storage import json_safe
 
-        print(json.dumps(json_safe(result.to_json()), indent=2))
+        payload = result.to_json()
+        if checks:
+            payload["mechanism"] = {c: {**asdict(k), "finding": k.finding} for c, k in zip(mechanism, checks)}
+        print(json.dumps(json_safe(payload), indent=2))
     else:
         print_audit(result, console())
     if report:
@@ -67,3 +82,16 @@ def audit(
                              test_metrics=tuple(get_task(name).headline_metric for name in TASK_NAMES))
         err.print("wrote " + ", ".join(str(f) for f in files))
     raise typer.Exit(result.exit_code)
+
+
+def _check_mechanism(target: Path, client: str, *, quiet: bool):
+    """The white-box canary check of one client's DP-SGD step (client/mechanism_check.py)."""
+    from client.mechanism_check import check_run
+    from fedtune.mechanism_view import print_mechanism_check
+
+    if not quiet:
+        err.print(f"mechanism check of {client}: running its DP-SGD step on canaries (about a minute)...")
+    check = check_run(run_dir=target, client_id=client)
+    if not quiet:
+        print_mechanism_check(check, console())
+    return check

@@ -201,3 +201,18 @@ def test_bad_receipts_are_one_line_errors_or_findings_naming_the_file(finished, 
     code, payload = _audit(run, tmp_path / "forged.json")
     assert code == 1
     assert payload["problems"][0].startswith("receipt forged.json: not signed by client-1's ledger key")
+
+
+def test_the_mechanism_check_runs_from_the_audit_on_a_clients_recorded_step(finished):
+    """`--mechanism CLIENT` reads the client's sigma, q and delta from its ledger and C from the run,
+    runs its DP-SGD step on canaries, and puts the claim and the bound beside the audit."""
+    run, _, _ = finished
+    result = run_fedtune("audit", str(run), "--json", "--mechanism", "client-0", timeout=600)
+    payload = json.loads(result.stdout)
+    check = payload["mechanism"]["client-0"]
+    last = [r for r in read_records(run / "ledgers" / "client-0" / "ledger.jsonl") if r["status"] == "trained"][-1]
+    assert (check["noise_multiplier"], check["sample_rate"], check["delta"]) == \
+        (last["noise_multiplier"], last["sample_rate"], last["delta"])
+    assert not check["finding"] and result.returncode == 0
+    assert 0 < check["tightest_lower"] <= check["tightest_claim"]
+    assert check["lower_epsilon"] <= check["claim_epsilon"]
