@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (about 75 minutes).
+"""`make bench`: every benchmark, one after another, on this machine (about 85 minutes).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 
@@ -18,7 +18,7 @@ import time
 
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
-BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility")
+BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check")
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     failed = []
     for name in args.only or BENCHMARKS:
         command = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
-        if name not in ("dp_overhead", "communication"):
+        if name not in ("dp_overhead", "communication", "mechanism_check"):
             command += ["--out", str(out)]
         log(f"benchmark {name} ...")
         begun = time.perf_counter()

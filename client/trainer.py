@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from opacus import GradSampleModule
@@ -22,6 +22,18 @@ from common.privacy.plan import PrivacyPlan
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class StepProbe(Protocol):
+    """A watcher inside the DP-SGD step, for the mechanism check (client/mechanism_check.py) only;
+    production never passes one. It sees the sampler and optimizer before the first step, each
+    piece's per-example gradients before they are clipped, and the noisy gradient of each step."""
+
+    def start(self, loader: DPDataLoader, optimizer: DPOptimizer) -> None: ...
+
+    def after_backward(self, piece: list[torch.Tensor], optimizer: DPOptimizer) -> None: ...
+
+    def after_step(self, optimizer: DPOptimizer) -> None: ...
+
+
 @dataclass(frozen=True)
 class TrainResult:
     train_loss: float
@@ -32,13 +44,14 @@ class TrainResult:
 def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossFn, learning_rate: float,
                   head_learning_rate: float | None = None, batch_size: int, local_epochs: int, max_grad_norm: float,
                   plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int,
-                  physical_batch_size: int = 0) -> TrainResult:
+                  physical_batch_size: int = 0, probe: StepProbe | None = None) -> TrainResult:
     """Train the model's trainable parameters in place; with a `plan`, under DP-SGD.
 
     `seed` drives only non-private randomness (dropout, the baseline's shuffling). DP noise
     and Poisson sampling use a fresh OS-seeded generator of this client. A batch larger than
     `physical_batch_size` (0: no limit) is processed in pieces whose clipped per-example
     gradients are summed before the one noisy step: the same step, in bounded memory.
+    `probe` (DP only) is the mechanism check's window into the step; None in production.
     """
     optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
     with torch.random.fork_rng(devices=[]):
@@ -50,7 +63,7 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossF
                                 physical=physical_batch_size)
         return _train_private(model=model, dataset=dataset, loss=loss, optimizer=optimizer, plan=plan,
                               max_grad_norm=max_grad_norm, local_epochs=local_epochs, history=history,
-                              physical=physical_batch_size)
+                              physical=physical_batch_size, probe=probe)
 
 
 def _adamw(model: torch.nn.Module, *, learning_rate: float, head_learning_rate: float) -> torch.optim.Optimizer:
@@ -100,7 +113,7 @@ def _pieces(batch: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
 
 
 def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_grad_norm, local_epochs, physical,
-                   history) -> TrainResult:
+                   history, probe: StepProbe | None = None) -> TrainResult:
     """DP-SGD: Poisson batches, per-sample clipping, Gaussian noise, accountant per step.
 
     With a physical batch size, Opacus' BatchMemoryManager cuts each Poisson batch into pieces
@@ -116,7 +129,9 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                                loss_reduction="mean", generator=generator)
     accountant = create_accountant(mechanism=plan.accountant)
     accountant.history = [tuple(h) for h in history]
-    batch = _LogicalBatch(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    if probe is not None:
+        probe.start(loader, dp_optimizer)
+    batch = _LogicalBatch(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate), probe)
     dp_optimizer.attach_step_hook(batch.close)  # runs once per noisy step, after the batch's last piece
     try:
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical or max(len(dataset), 1),
@@ -130,6 +145,8 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                     else:
                         piece_loss = loss(private_model, *piece)  # a mean over this piece: exact per-example grads
                         piece_loss.backward()
+                        if probe is not None:
+                            probe.after_backward(piece, dp_optimizer)
                         batch.add(piece_loss.item(), len(piece[2]))
                     dp_optimizer.step()  # clips and sums; noise and the step come after a batch's last piece
                     dp_optimizer.zero_grad()
@@ -145,8 +162,8 @@ class _LogicalBatch:
     """Opacus' step hook: counts each noisy step for the accountant and records the loss of its
     logical (Poisson) batch, summed over the batch's physical pieces."""
 
-    def __init__(self, account: Callable) -> None:
-        self.account = account
+    def __init__(self, account: Callable, probe: StepProbe | None = None) -> None:
+        self.account, self.probe = account, probe
         self.losses: list[float] = []
         self.steps = 0
         self._total, self._count = 0.0, 0
@@ -157,6 +174,8 @@ class _LogicalBatch:
 
     def close(self, optimizer: DPOptimizer) -> None:
         self.account(optimizer)
+        if self.probe is not None:
+            self.probe.after_step(optimizer)
         self.steps += 1
         if self._count:  # an empty batch has no loss to report
             self.losses.append(self._total / self._count)

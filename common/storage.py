@@ -8,6 +8,7 @@ return. JSON has no NaN or infinity: `json_safe` stores them as null.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -104,3 +105,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under `directory`, by path relative to it (what a saved artifact is)."""
+    directory = Path(directory)
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}

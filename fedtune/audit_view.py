@@ -28,8 +28,10 @@ def print_audit(result: AuditResult, console: Console) -> None:
     for ledger in result.ledgers:
         state = "[green]chain and signatures verify[/green]" if not ledger.problems else \
             f"[red]{len(ledger.problems)} problem(s)[/red]"
-        pin = "pinned key" if ledger.key_pinned else "key beside ledger"
+        pin = "pinned key" if ledger.key_pinned else "receipted" if ledger.receipted else "key beside ledger"
         console.print(f"  {ledger.owner}: {ledger.records} records, {pin} {ledger.key_fingerprint}: {state}")
+    for line in result.trust:
+        console.print(f"  [bold]rests on:[/bold] {line}", soft_wrap=True)
     for note in result.notes:
         console.print(f"  [dim]note: {note}[/dim]")
     for problem in result.problems:

@@ -15,26 +15,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from common.errors import FedtuneError
 
+from fedtune import audit_commands
+from fedtune.shell import INPUT_ERROR, console, err
+
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+).")
-err = Console(stderr=True)
-
-
-def console() -> Console:
-    """Rich output; when piped, wide enough that tables are not cut to 80 columns."""
-    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 @cli.callback()
 def _root() -> None:
     """Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."""
 
-
-INPUT_ERROR = 3  # 1 and 2 are the audit's verdicts (verification failed, budget exceeded)
 
 SetOption = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable).")
 
@@ -65,40 +59,8 @@ def simulate(
     shell.print_json(json.dumps(summary))
 
 
-@cli.command()
-def audit(
-    target: Path = typer.Argument(..., help="A run directory, a ledger directory or a ledger.jsonl file."),
-    public_keys: list[str] = typer.Option([], "--public-key", help="Pin a key: NAME=FILE (e.g. client-0=keys/c0.pub)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
-    report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
-) -> None:
-    """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
-    from fedtune.audit_view import print_audit
-    from common.ledger.audit import audit_run
-
-    pinned = {}
-    for item in public_keys:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
-        pinned[name] = Path(path)
-    result = audit_run(target=target, pinned_keys=pinned)
-    if as_json:
-        from common.storage import json_safe
-
-        print(json.dumps(json_safe(result.to_json()), indent=2))
-    else:
-        print_audit(result, console())
-    if report:
-        from common.ledger.report import write_report
-        from common.tasks import TASK_NAMES, get_task
-
-        out_dir = target if target.is_dir() and (target / "ledgers").is_dir() else \
-            (target.parent if target.is_file() else target)
-        files = write_report(result=result, out_dir=out_dir,
-                             test_metrics=tuple(get_task(name).headline_metric for name in TASK_NAMES))
-        err.print("wrote " + ", ".join(str(f) for f in files))
-    raise typer.Exit(result.exit_code)
+cli.command()(audit_commands.audit)
+cli.command()(audit_commands.receipt)
 
 
 @cli.command()

@@ -19,10 +19,12 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.ledger.chain import Ledger
-from common.models.adapter import adapter_to_arrays, arrays_to_adapter, save_adapter
+from common.ledger.records import adapter_saved_fields
+from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.run_data import federated_splits
+from common.storage import file_digests
 from common.tasks import get_task
 from common.tasks.base import GeneratesText, Task
 from server.bookkeeping import run_summary, upload_bytes
@@ -100,6 +102,9 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
                                      strategy=strategy),
                evaluate_clients=config.fraction_evaluate > 0, after_round=recorder.after_round)
     save_adapter(model=model, arrays=strategy.global_arrays, out_dir=run_dir.adapter_dir, tokenizer=tokenizer)
+    ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(run_dir.read_rounds()),
+                                       adapter_sha256=adapter_sha256(strategy.global_arrays),
+                                       files=file_digests(run_dir.adapter_dir)))
     summary = run_summary(task=task, config=config, rounds=run_dir.read_rounds(),
                           initial_scores=tester.scores.get(0, {}), seconds=timeit.default_timer() - started)
     if resume:

@@ -71,8 +71,10 @@ def test_ledger_records_carry_what_an_auditor_needs(dp_run):
         assert key in records[0], key
     assert records[1]["budget_remaining"] == pytest.approx(5.0 - records[1]["epsilon"])
     assert (run / "ledgers" / "client-0" / "ledger.key").stat().st_mode & 0o077 == 0  # owner-only
-    server = read_records(run / "ledgers" / "server" / "ledger.jsonl")
+    *server, saved = read_records(run / "ledgers" / "server" / "ledger.jsonl")
     assert [r["round"] for r in server] == [1, 2]
+    assert saved["event"] == "adapter-saved" and saved["adapter_sha256"] == server[-1]["adapter_sha256"]
+    assert "adapter_model.safetensors" in saved["files"]
     assert server[0]["aggregation"] == "secagg+" and server[0]["trained"] == ["client-0", "client-1", "client-2"]
     assert len(server[1]["adapter_sha256"]) == 64 and server[0]["adapter_sha256"] != server[1]["adapter_sha256"]
 
@@ -165,7 +167,8 @@ def test_an_under_reported_epsilon_is_flagged_against_the_recomputation(dp_run, 
 def test_the_server_recording_a_different_epsilon_is_caught(dp_run, tmp_path):
     _, original = dp_run
     run = _copy(original, tmp_path)
-    _resign(run / "ledgers" / "server", lambda r: {**r, "epsilon": {**r["epsilon"], "client-2": 0.1}})
+    _resign(run / "ledgers" / "server",  # the round records (the last record is the saved adapter's)
+            lambda r: {**r, "epsilon": {**r["epsilon"], "client-2": 0.1}} if "epsilon" in r else r)
     result, payload = _audit(run)
     assert result.returncode == 1
     assert any("server record 1 (round 1): records epsilon 0.1 for client-2, which signed" in p

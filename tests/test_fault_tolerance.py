@@ -16,6 +16,7 @@ import pytest
 
 from client.fl_client import FedtuneClient
 from common.ledger.chain import read_records
+from common.ledger.records import is_round_record
 from common.privacy.plan import privacy_schedule
 from common.run_data import federated_splits
 from server.checkpoint import Checkpoint
@@ -43,7 +44,8 @@ def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
 
 
 def _ledger(run: Path, owner: str) -> list[dict]:
-    return read_records(run / "ledgers" / owner / "ledger.jsonl")
+    """The round records (a finished run's server ledger ends with its saved-adapter record)."""
+    return [r for r in read_records(run / "ledgers" / owner / "ledger.jsonl") if is_round_record(r)]
 
 
 def _planned_epsilon(config, partition: int, rounds_trained: int) -> float:

@@ -55,7 +55,7 @@ def _assert_refused_everywhere(run_dir, *, stage: str, because: str, who=CLIENTS
         assert because in record["secagg_refusals"][institution], record["secagg_refusals"][institution]
         [refusal] = _refusals(run_dir, institution)
         assert refusal["request"] == "secure-aggregation" and because in refusal["reason"]
-    [server] = read_records(run_dir / "ledgers" / "server" / "ledger.jsonl")
+    [server, _saved_adapter] = read_records(run_dir / "ledgers" / "server" / "ledger.jsonl")
     assert server["secagg_refusals"] == record["secagg_refusals"] and not server["update_applied"]
     assert audit_run(target=run_dir).to_json()["exit_code"] == 0  # refusals are honest records
     return record

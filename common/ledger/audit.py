@@ -10,7 +10,6 @@ Exit codes: 0 clean, 1 a verification failed, 2 a budget was exceeded or a recor
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,10 @@ from common.errors import FedtuneError
 from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
                                  read_records, record_hash, verify_records)
 from common.ledger.policy_audit import policy_findings
-from common.ledger.records import NO_DP_ENTRY_SIGMA
+from common.ledger.receipts import load_receipt, receipt_problems
+from common.ledger.records import NO_DP_ENTRY_SIGMA, is_round_record
+from common.ledger.run_checks import run_findings, run_id_of
+from common.ledger.trust import trust_statement
 from common.privacy.accounting import HistoryEntry, independent_epsilon
 from common.protocol import Status
 
@@ -37,6 +39,7 @@ class LedgerCheck:
     key_fingerprint: str
     key_pinned: bool
     problems: list[str] = field(default_factory=list)
+    receipted: bool = False  # a receipt the institution signed covers it, and the run agrees with it
 
 
 @dataclass
@@ -62,6 +65,7 @@ class AuditResult:
     budget_exceeded: list[str]
     notes: list[str]
     policy_breaches: list[str] = field(default_factory=list)  # what the recorded node policy forbids
+    trust: list[str] = field(default_factory=list)  # what the verdict rests on: whose keys, whose word
 
     @property
     def exit_code(self) -> int:
@@ -93,42 +97,61 @@ def find_ledgers(target: Path) -> dict[str, Path]:
     return found
 
 
-def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None) -> AuditResult:
+def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None,
+              receipts: list[Path] | None = None) -> AuditResult:
+    """Audit `target`; with `pinned_keys` (owner -> public key file) and `receipts` (files the
+    institutions signed), against what the operator could not have written."""
     pinned_keys = dict(pinned_keys or {})
     ledgers = find_ledgers(target)
     unknown = sorted(set(pinned_keys) - set(ledgers))
     if unknown:
         raise FedtuneError(f"--public-key names {', '.join(unknown)}, but the ledgers here are "
                            f"{', '.join(ledgers)}")
+    loaded = [(Path(path), *load_receipt(Path(path))) for path in receipts or []]  # a bad file stops here
     result = AuditResult(ledgers=[], rows=[], problems=[], budget_exceeded=[], notes=[])
     records_by_owner: dict[str, list[dict]] = {}
+    keys = {}
     for owner, path in ledgers.items():
         key_path = pinned_keys.get(owner, path.parent / PUBLIC_KEY_FILE)
-        key = load_public_key(key_path)
+        keys[owner] = key = load_public_key(key_path)
         check = verify_records(path, read_records(path), key)
         result.ledgers.append(LedgerCheck(owner=owner, path=str(path), records=len(check.records),
                                           key_fingerprint=public_key_fingerprint(key),
                                           key_pinned=owner in pinned_keys, problems=list(check.problems)))
         result.problems.extend(check.problems)
         records_by_owner[owner] = check.records
-    unpinned = [c.owner for c in result.ledgers if not c.key_pinned]
-    if unpinned:
-        result.notes.append(f"keys read from beside the ledgers for {', '.join(unpinned)}; pin them with "
-                            f"--public-key NAME=FILE to rule out a re-signed ledger")
+    run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
+    _check_receipts(loaded, records_by_owner, keys, run_id_of(run_dir) if run_dir else None, result)
     server = records_by_owner.pop("server", None)
     for owner, records in records_by_owner.items():
         _audit_client(owner, records, result)
         breaches, notes = policy_findings(owner, records)
         result.policy_breaches.extend(breaches)
         result.notes.extend(notes)
-    run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
     if server is not None:
-        _cross_check(server, records_by_owner, result)
+        _cross_check([r for r in server if is_round_record(r)], records_by_owner, result)
         if run_dir is not None:
-            _check_run_outputs(run_dir, server, result)
+            problems, notes = run_findings(run_dir, server, records_by_owner)
+            result.problems.extend(problems)
+            result.notes.extend(notes)
     elif run_dir is not None:
         result.problems.append(f"{run_dir} has client ledgers but no server ledger (ledgers/server/{LEDGER_FILE})")
+    result.trust = trust_statement(result.ledgers, ledgers)
     return result
+
+
+def _check_receipts(loaded: list, records_by_owner: dict[str, list[dict]], keys: dict, run_id: str | None,
+                    result: AuditResult) -> None:
+    for path, receipt, signature in loaded:
+        owner = next((o for o, records in records_by_owner.items()
+                      if o == receipt.client_id or any(r.get("client_id") == receipt.client_id for r in records)),
+                     None)
+        problems = receipt_problems(path=path, receipt=receipt, signature=signature, owner=owner,
+                                    records=records_by_owner.get(owner, []), key=keys.get(owner), run_id=run_id)
+        result.problems.extend(problems)
+        for check in result.ledgers:
+            if check.owner == owner and not problems:
+                check.receipted = True
 
 
 def _number(record: dict, key: str, kind: type = float, *, optional: bool = False):
@@ -227,25 +250,3 @@ def _hash_or_none(record: dict) -> str | None:
         return record_hash(record)
     except (TypeError, ValueError):  # not canonical JSON: already reported by the chain check
         return None
-
-
-def _check_run_outputs(run_dir: Path, server: list[dict], result: AuditResult) -> None:
-    """The server's signed rounds must agree with the run's metrics.jsonl and summary.json."""
-    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
-    if metrics_path.is_file():
-        try:
-            rounds = [json.loads(line)["round"] for line in metrics_path.read_text().splitlines() if line.strip()]
-        except (ValueError, KeyError, TypeError):
-            result.problems.append(f"{metrics_path} is not one JSON object with a 'round' per line")
-            rounds = None
-        if rounds is not None and rounds != [entry.get("round") for entry in server]:
-            result.problems.append(f"metrics.jsonl lists rounds {rounds}, the server ledger "
-                                   f"{[entry.get('round') for entry in server]}")
-    if summary_path.is_file():
-        try:
-            completed = json.loads(summary_path.read_text()).get("rounds_completed")
-        except ValueError:
-            completed = None
-        if completed is not None and completed != len(server):
-            result.problems.append(f"summary.json says {completed} rounds completed, the server ledger "
-                                   f"has {len(server)}")

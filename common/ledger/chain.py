@@ -215,6 +215,10 @@ class Ledger:
         self._write_head(record)
         return record
 
+    def sign(self, statement: bytes) -> bytes:
+        """Sign a tagged statement about this ledger (a receipt) with the ledger key."""
+        return self._key.sign(statement)
+
     def _write_head(self, record: dict[str, Any]) -> None:
         atomic_write(self.directory / HEAD_FILE, json.dumps({"seq": record["seq"], "hash": record_hash(record)}))
 

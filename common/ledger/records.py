@@ -19,6 +19,7 @@ from common.protocol import REFUSALS, FitReport, Status
 
 CLIENT_KIND = "client"
 SERVER_KIND = "server"
+ADAPTER_SAVED = "adapter-saved"  # the server's last record of a finished run: the adapter/ files it wrote
 
 
 NO_DP_ENTRY_SIGMA = 0.0  # a round trained without noise: its history entry makes epsilon infinite
@@ -116,3 +117,16 @@ def server_record_fields(*, run_id: str, server_round: int, sampled: int, report
         **test_scores,
         **({"secagg_refusals": dict(sorted(secagg_refusals.items()))} if secagg_refusals else {}),
     }
+
+
+def adapter_saved_fields(*, run_id: str, server_round: int, adapter_sha256: str,
+                         files: dict[str, str]) -> dict[str, Any]:
+    """What the coordinator signs after writing the final adapter: the arrays' fingerprint (the
+    last round record's `adapter_sha256`) and each file's SHA-256, so a replaced adapter/ shows."""
+    return {"kind": SERVER_KIND, "event": ADAPTER_SAVED, "run_id": run_id, "round": server_round,
+            "adapter_sha256": adapter_sha256, "files": dict(sorted(files.items()))}
+
+
+def is_round_record(record: dict[str, Any]) -> bool:
+    """A server record of a round (not an event such as the saved adapter)."""
+    return "event" not in record

@@ -1,0 +1,97 @@
+"""`fedtune audit` (the auditor) and `fedtune receipt` (the institution): the commands around ledgers.
+
+Neither loads torch, transformers or Flower unless asked for a report or a mechanism check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from common.errors import FedtuneError
+from fedtune.shell import console, err
+
+
+def receipt(
+    ledger_dir: Path = typer.Argument(..., help="This institution's ledger directory (its node config's ledger-dir, "
+                                      "or ledgers/<client> of a simulated run)."),
+    run_id: str = typer.Option(..., "--run-id", help="The run to receipt (run.json of the run directory)."),
+    out: Path = typer.Option(..., "--out", help="The receipt file to write and hand to the auditor."),
+) -> None:
+    """Sign a receipt of this institution's ledger for a run, for an auditor to check the run against."""
+    from common.ledger.receipts import write_receipt
+
+    payload = write_receipt(ledger_dir=ledger_dir, run_id=run_id, out=out)
+    body = payload["receipt"]
+    epsilon = "-" if body["epsilon"] is None else f"{body['epsilon']:.4f}"
+    console().print(f"receipt  {out}: {body['client_id']}, run {body['run_id']}, {body['records']} records, last "
+                    f"round {body['last_round']}, cumulative epsilon {epsilon}, key {payload['key_fingerprint']}",
+                    highlight=False, soft_wrap=True)
+    console().print("give it to the auditor directly, not through the coordinator", highlight=False)
+
+
+def audit(
+    target: Path = typer.Argument(..., help="A run directory, a ledger directory or a ledger.jsonl file."),
+    public_keys: list[str] = typer.Option([], "--public-key", help="Pin a key: NAME=FILE (e.g. client-0=keys/c0.pub)."),
+    receipts: list[Path] = typer.Option([], "--receipt", help="A receipt an institution signed "
+                                        "(`fedtune receipt`); repeat for each."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
+    report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
+    mechanism: list[str] = typer.Option([], "--mechanism", help="CLIENT: also run that client's DP-SGD step on "
+                                        "canaries with its recorded sigma, q and C, and bound epsilon from below "
+                                        "(about a minute; repeatable)."),
+) -> None:
+    """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
+    from fedtune.audit_view import print_audit
+    from common.ledger.audit import audit_run
+
+    pinned = {}
+    for item in public_keys:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
+        pinned[name] = Path(path)
+    result = audit_run(target=target, pinned_keys=pinned, receipts=list(receipts))
+    checks = [_check_mechanism(target, client, quiet=as_json) for client in mechanism]
+    for client, check in zip(mechanism, checks):
+        if check.finding:
+            result.problems.append(f"{client}: the mechanism check measured epsilon >= {check.tightest_lower:.3f} "
+                                   f"where its accountant claims {check.tightest_claim:.3f} (delta "
+                                   f"{check.tightest_delta:.0e}): the noise, clipping or sampling is not what "
+                                   f"its ledger records")
+    if as_json:
+        from dataclasses import asdict
+
+        from common.storage import json_safe
+
+        payload = result.to_json()
+        if checks:
+            payload["mechanism"] = {c: {**asdict(k), "finding": k.finding} for c, k in zip(mechanism, checks)}
+        print(json.dumps(json_safe(payload), indent=2))
+    else:
+        print_audit(result, console())
+    if report:
+        from common.ledger.report import write_report
+        from common.tasks import TASK_NAMES, get_task
+
+        out_dir = target if target.is_dir() and (target / "ledgers").is_dir() else \
+            (target.parent if target.is_file() else target)
+        files = write_report(result=result, out_dir=out_dir,
+                             test_metrics=tuple(get_task(name).headline_metric for name in TASK_NAMES))
+        err.print("wrote " + ", ".join(str(f) for f in files))
+    raise typer.Exit(result.exit_code)
+
+
+def _check_mechanism(target: Path, client: str, *, quiet: bool):
+    """The white-box canary check of one client's DP-SGD step (client/mechanism_check.py)."""
+    from client.mechanism_check import check_run
+    from fedtune.mechanism_view import print_mechanism_check
+
+    if not quiet:
+        err.print(f"mechanism check of {client}: running its DP-SGD step on canaries (about a minute)...")
+    check = check_run(run_dir=target, client_id=client)
+    if not quiet:
+        print_mechanism_check(check, console())
+    return check
