@@ -49,8 +49,8 @@ NAME = "tuning"
 def render(rows: list[dict]) -> str:
     table = [[r["candidate"], f"{r['validation_accuracy']:.3f}", f"{r['max_epsilon']:.2f}",
               f"{r['mean_round_seconds']:.0f}"] for r in rows]
-    return (f"Job: BBC News, 5 IID clients, 3 rounds, max-length 64, epsilon 8, one run each. "
-            f"Command: `python -m benchmarks.tune_defaults`.\n\n"
+    return ("Job: BBC News, 5 IID clients, 3 rounds, max-length 64, epsilon 8, one run each. "
+            "Command: `python -m benchmarks.tune_defaults`.\n\n"
             + markdown_table(["candidate", "validation accuracy (mean of clients)", "max ε", "s / round"], table))
 
 
