@@ -31,7 +31,7 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
 
-# About 85 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
+# About 90 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
 bench: setup
 	$(OFFLINE) $(BIN)/python -m benchmarks.run_all
 

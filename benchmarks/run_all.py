@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (about 85 minutes).
+"""`make bench`: every benchmark, one after another, on this machine (about 90 minutes).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 

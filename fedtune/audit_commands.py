@@ -85,13 +85,19 @@ def audit(
 
 
 def _check_mechanism(target: Path, client: str, *, quiet: bool):
-    """The white-box canary check of one client's DP-SGD step (client/mechanism_check.py)."""
+    """The white-box canary check of one client's DP-SGD step (client/mechanism_check.py); a
+    finding counts only when an independent second check finds it too (about 1 in 40,000 pairs
+    on an honest step, while every broken step in BENCHMARKS.md is flagged by each check)."""
     from client.mechanism_check import check_run
     from fedtune.mechanism_view import print_mechanism_check
 
     if not quiet:
         err.print(f"mechanism check of {client}: running its DP-SGD step on canaries (about a minute)...")
     check = check_run(run_dir=target, client_id=client)
+    if check.finding:  # a tight 95% bound exceeds an honest claim in about 1 check in 250: confirm it
+        if not quiet:
+            err.print("finding: repeating the check with fresh randomness to confirm it...")
+        check = check_run(run_dir=target, client_id=client)
     if not quiet:
         print_mechanism_check(check, console())
     return check

@@ -78,6 +78,9 @@ def _rounds(run_dir: Path, rounds: list[dict], *, finished: bool, problems: list
         notes.append("config.toml is missing or names no num-rounds: the number of rounds was not checked")
     elif len(rounds) > asked:
         problems.append(f"the server ledger records {len(rounds)} rounds, config.toml asks {asked}")
+    elif len(rounds) < asked and _every_client_refused(rounds[-1] if rounds else {}):
+        notes.append(f"the run stopped after round {len(rounds)} of {asked}: every sampled client refused it "
+                     f"(the server's signed record of that round)")
     elif len(rounds) < asked and finished:
         problems.append(f"the run finished (summary.json or a saved adapter) but the server ledger records "
                         f"{len(rounds)} of the {asked} rounds config.toml asks: round(s) "
@@ -85,6 +88,12 @@ def _rounds(run_dir: Path, rounds: list[dict], *, finished: bool, problems: list
     elif len(rounds) < asked:
         notes.append(f"the run stopped after round {len(rounds)} of {asked}: interrupted, or its last rounds were "
                      f"removed with every trace of them (receipts from the institutions tell which)")
+
+
+def _every_client_refused(entry: dict) -> bool:
+    """The server stops a run early when every client it sampled refused (server/bookkeeping.py)."""
+    replied, refused = entry.get("replied") or [], entry.get("refused") or []
+    return bool(replied) and sorted(refused) == sorted(replied) and len(replied) == entry.get("sampled")
 
 
 def _adapter(run_dir: Path, rounds: list[dict], saved: list[dict], problems: list[str]) -> None:
