@@ -186,6 +186,11 @@ def test_bad_receipts_are_one_line_errors_or_findings_naming_the_file(finished, 
     result = run_fedtune("audit", str(run), f"--receipt={broken}")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert f"receipt {broken}: not a fedtune receipt" in " ".join(result.stderr.split())
+    infinite = json.loads(receipts["client-0"].read_text())
+    infinite["receipt"]["epsilon"] = 1e999  # json writes Infinity
+    (tmp_path / "infinite.json").write_text(json.dumps(infinite))
+    result = run_fedtune("audit", str(run), f"--receipt={tmp_path / 'infinite.json'}")
+    assert result.returncode == 3 and "Traceback" not in result.stderr and "not a fedtune receipt" in result.stderr
     stranger = json.loads(receipts["client-0"].read_text())
     stranger["receipt"]["client_id"] = "client-9"
     (tmp_path / "stranger.json").write_text(json.dumps(stranger))
@@ -216,3 +221,15 @@ def test_the_mechanism_check_runs_from_the_audit_on_a_clients_recorded_step(fini
     assert not check["finding"] and result.returncode == 0
     assert 0 < check["tightest_lower"] <= check["tightest_claim"]
     assert check["lower_epsilon"] <= check["claim_epsilon"]
+
+
+def test_a_receipt_never_vouches_for_the_server_ledger(finished, tmp_path):
+    """client-0's real ledger put in place of the server's (and its own folder removed): its receipt
+    would verify there, and the server's ledger is never audited for spend. It matches nothing."""
+    run = _copy(finished[0], tmp_path)
+    shutil.rmtree(run / "ledgers" / "server")
+    shutil.move(run / "ledgers" / "client-0", run / "ledgers" / "server")
+    code, payload = _audit(run, finished[2]["client-0"])
+    assert code == 1
+    assert "receipt client-0.receipt.json: client 'client-0' has no ledger in this run" in payload["problems"]
+    assert not _receipted(payload)

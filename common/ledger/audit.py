@@ -19,7 +19,7 @@ from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, 
                                  read_records, record_hash, verify_records)
 from common.ledger.policy_audit import policy_findings
 from common.ledger.receipts import load_receipt, receipt_problems
-from common.ledger.records import NO_DP_ENTRY_SIGMA, is_round_record
+from common.ledger.records import NO_DP_ENTRY_SIGMA, SERVER_KIND, is_round_record
 from common.ledger.run_checks import run_findings, run_id_of
 from common.ledger.trust import trust_statement
 from common.privacy.accounting import HistoryEntry, independent_epsilon
@@ -128,7 +128,11 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None,
         breaches, notes = policy_findings(owner, records)
         result.policy_breaches.extend(breaches)
         result.notes.extend(notes)
-    if server is not None:
+    if server is not None and any(r.get("kind") != SERVER_KIND or not isinstance(r.get("epsilon", {}), dict)
+                                  for r in server):
+        result.problems.append("ledgers/server holds records that are not the coordinator's round records: "
+                               "the run's cross-checks were not made")
+    elif server is not None:
         _cross_check([r for r in server if is_round_record(r)], records_by_owner, result)
         if run_dir is not None:
             problems, notes = run_findings(run_dir, server, records_by_owner)
@@ -143,9 +147,9 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None,
 def _check_receipts(loaded: list, records_by_owner: dict[str, list[dict]], keys: dict, run_id: str | None,
                     result: AuditResult) -> None:
     for path, receipt, signature in loaded:
-        owner = next((o for o, records in records_by_owner.items()
-                      if o == receipt.client_id or any(r.get("client_id") == receipt.client_id for r in records)),
-                     None)
+        # by the ledger's directory name only, never the server's: a receipt vouches for one client's ledger
+        owner = receipt.client_id if receipt.client_id in records_by_owner and receipt.client_id != "server" \
+            else None
         problems = receipt_problems(path=path, receipt=receipt, signature=signature, owner=owner,
                                     records=records_by_owner.get(owner, []), key=keys.get(owner), run_id=run_id)
         result.problems.extend(problems)

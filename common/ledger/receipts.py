@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.errors import FedtuneError
-from common.ledger.chain import Ledger, canonical, public_key_fingerprint, record_hash
+from common.ledger.chain import LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash
 from common.storage import atomic_write
 
 RECEIPT_TAG = b"fedtune ledger receipt v1\n"
@@ -47,6 +48,8 @@ def make_receipt(*, ledger_dir: Path, run_id: str) -> dict:
 
     Opening the ledger verifies its chain, signatures and head marker first: an institution never
     signs a receipt for a ledger that fails its own checks."""
+    if not (Path(ledger_dir) / LEDGER_FILE).is_file():  # never make a key in a mistyped directory
+        raise FedtuneError(f"{ledger_dir} holds no {LEDGER_FILE}: give the node's ledger-dir")
     ledger = Ledger(Path(ledger_dir))
     records = ledger.records
     own = [(index, record) for index, record in enumerate(records) if record.get("run_id") == run_id]
@@ -103,7 +106,7 @@ def load_receipt(path: Path) -> tuple[Receipt, bytes]:
 def receipt_verifies(receipt: Receipt, signature: bytes, key: Ed25519PublicKey) -> bool:
     try:
         key.verify(signature, receipt.statement())
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):  # ValueError: a body no ledger key ever signed (not canonical)
         return False
     return True
 
@@ -123,7 +126,7 @@ def _count(value) -> int:
 def _epsilon(value) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError("epsilon")
     return value  # as signed: a float turned int (or back) would change the signed bytes
 

@@ -127,6 +127,10 @@ def _who_trained(rounds: list[dict], clients: dict[str, list[dict]], problems: l
             own = status.get((cid, str(entry.get("run_id")), entry.get("round")))
             if own is not None and own != Status.TRAINED:
                 problems.append(f"server round {entry.get('round')}: records {cid} as trained, {cid} signed {own}")
+        for cid in entry.get("refused") or []:  # e.g. a forged "everyone refused" round that ends the run
+            own = status.get((cid, str(entry.get("run_id")), entry.get("round")))
+            if own == Status.TRAINED:
+                problems.append(f"server round {entry.get('round')}: records {cid} as refusing, {cid} signed trained")
 
 
 def _outputs(run_dir: Path, server: list[dict], problems: list[str]) -> None:
@@ -143,7 +147,8 @@ def _outputs(run_dir: Path, server: list[dict], problems: list[str]) -> None:
                             f"{[entry.get('round') for entry in server]}")
     if summary_path.is_file():
         try:
-            completed = json.loads(summary_path.read_text()).get("rounds_completed")
+            summary = json.loads(summary_path.read_text())
+            completed = summary.get("rounds_completed") if isinstance(summary, dict) else None
         except ValueError:
             completed = None
         if completed is not None and completed != len(server):
