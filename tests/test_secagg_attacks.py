@@ -184,10 +184,15 @@ def test_lying_about_who_dropped_out_is_caught_by_the_consistency_check(config, 
     # No share of D's pairwise key left any node: the victim refused, the others were (honestly)
     # told only client-4 dropped. The sum unmasked is the honest sum of the four survivors.
     assert story["dropped"] != 104
+    _assert_no_pairwise_key_share_left(grid, story["dropped"])
+    assert record["update_applied"] and record["clients_trained"] == 4
+
+
+def _assert_no_pairwise_key_share_left(grid, node: int) -> None:
+    """No unmask reply carried a share of `node`'s pairwise-mask key (only refusals answered such asks)."""
     for reply in grid.replies:
         if not reply.has_error() and _stage_of_reply(grid, reply) == Stage.UNMASK:
-            assert story["dropped"] not in _dead_asked(grid, reply)
-    assert record["update_applied"] and record["clients_trained"] == 4
+            assert node not in _dead_asked(grid, reply)
 
 
 def test_skipping_the_consistency_check_does_not_let_a_lie_through(config, tmp_path):
@@ -215,6 +220,7 @@ def test_skipping_the_consistency_check_does_not_let_a_lie_through(config, tmp_p
     [refusal] = _refusals(run_dir.path, victim)
     assert refusal["reason"].startswith("stage unmask:")
     assert not [m for m in grid.sent if _stage(m) == SecAggWire.CONSISTENCY_STAGE]
+    _assert_no_pairwise_key_share_left(grid, story["dropped"])
     assert record["update_applied"] and record["clients_trained"] == 4
 
 
