@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.errors import FedtuneError
 from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
-                                 read_records, record_hash, verify_records)
+                                 read_records, record_hash_or_none, verify_records)
 from common.ledger.policy_audit import policy_findings
 from common.ledger.receipts import load_receipt, receipt_problems
 from common.ledger.records import NO_DP_ENTRY_SIGMA, SERVER_KIND, is_round_record
@@ -245,12 +245,6 @@ def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: Aud
                 result.problems.append(f"{name}: records epsilon {epsilon} for {cid}, which signed "
                                        f"{own.get('epsilon')}")
             head = (entry.get("client_ledger_heads") or {}).get(cid)
-            if head is not None and head != _hash_or_none(own):
+            if head is not None and head != record_hash_or_none(own):
                 result.problems.append(f"{name}: {cid}'s ledger head differs from the record {cid} holds")
 
-
-def _hash_or_none(record: dict) -> str | None:
-    try:
-        return record_hash(record)
-    except (TypeError, ValueError):  # not canonical JSON: already reported by the chain check
-        return None

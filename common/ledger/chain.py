@@ -44,6 +44,15 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(record)).hexdigest()
 
 
+def record_hash_or_none(record: dict[str, Any]) -> str | None:
+    """The hash of a record read for auditing, or None when it is not canonical JSON (an edited
+    record: the chain check reports it)."""
+    try:
+        return record_hash(record)
+    except (TypeError, ValueError):
+        return None
+
+
 def _unsigned(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "signature"}
 

@@ -22,7 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.errors import FedtuneError
-from common.ledger.chain import LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash
+from common.ledger.chain import (LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash,
+                                 record_hash_or_none)
 from common.storage import atomic_write
 
 RECEIPT_TAG = b"fedtune ledger receipt v1\n"
@@ -153,19 +154,13 @@ def receipt_problems(*, path: Path, receipt: Receipt, signature: bytes, owner: s
         if seq >= len(records):
             problems.append(f"{owner} round {server_round} ({status}, record {seq + 1}): covered by its receipt, "
                             f"missing from the run's ledger (truncated or rolled back)")
-        elif _hash(records[seq]) != digest:
+        elif record_hash_or_none(records[seq]) != digest:
             problems.append(f"{owner} round {server_round} ({status}, record {seq + 1}): differs from the record "
                             f"its receipt covers (altered, replaced or re-signed)")
-    if len(records) >= receipt.records and _hash(records[receipt.records - 1]) != receipt.head_hash:
+    if len(records) >= receipt.records and record_hash_or_none(records[receipt.records - 1]) != receipt.head_hash:
         problems.append(f"{owner}: its ledger up to record {receipt.records} is not the one it receipted")
     elif len(records) < receipt.records and not problems:
         problems.append(f"{owner}: its ledger holds {len(records)} records, its receipt covers {receipt.records} "
                         f"(records of another run were removed)")
     return problems
 
-
-def _hash(record: dict) -> str | None:
-    try:
-        return record_hash(record)
-    except (TypeError, ValueError):
-        return None
