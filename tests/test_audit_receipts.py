@@ -233,3 +233,16 @@ def test_a_receipt_never_vouches_for_the_server_ledger(finished, tmp_path):
     assert code == 1
     assert "receipt client-0.receipt.json: client 'client-0' has no ledger in this run" in payload["problems"]
     assert not _receipted(payload)
+
+
+def test_a_forged_everyone_refused_round_is_caught(finished, tmp_path):
+    """The operator (it holds the server key) re-signs round 3 as "every client refused", which would
+    explain a run ending early; each client's own signed record says it trained."""
+    run = _copy(finished[0], tmp_path)
+    server = [dict(r) for r in read_records(run / "ledgers" / "server" / "ledger.jsonl")]
+    server[2] = {**server[2], "trained": [], "refused": list(CLIENTS)}
+    _rewrite(run / "ledgers" / "server", server)
+    code, payload = _audit(run)
+    assert code == 1
+    for client in CLIENTS:
+        assert f"server round 3: records {client} as refusing, {client} signed trained" in payload["problems"]
