@@ -19,7 +19,7 @@ from common.secure_aggregation.roster import Roster, public_key_file
 from common.tasks import get_task
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir
-from simulations.progress import RoundTable
+from server.round_table import RoundTable
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}

@@ -51,7 +51,7 @@ def progress_table(config):
     from rich.console import Console
 
     from common.tasks import get_task
-    from simulations.progress import RoundTable
+    from server.round_table import RoundTable
 
     buffer = io.StringIO()
     return RoundTable(get_task(config.task), Console(file=buffer, width=200)), buffer

@@ -1,4 +1,4 @@
-"""A rich table that grows by one row as each round finishes."""
+"""A rich table that grows by one row as each round finishes (`fedtune simulate` and `flwr run`)."""
 
 from __future__ import annotations
 
