@@ -13,7 +13,10 @@ from common.errors import FedtuneError
 DEFAULT_DATA = "default"  # the packaged corpus of the run's task
 BBC_NEWS = "bbc-news"  # labelled news articles (classification)
 CHATTERBOT = "chatterbot"  # question/answer pairs (causal-lm)
-SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+# Python's csv module stops at 128 KiB per field; a long document is a normal text (it is cut to
+# max-length tokens later). 64 MiB still stops a file that is not a CSV at all from filling memory.
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 
 def packaged_folder(module: str, *parts: str, what: str, requirement: str) -> Path:
@@ -29,12 +32,16 @@ def packaged_folder(module: str, *parts: str, what: str, requirement: str) -> Pa
 
 def read_records(path: Path) -> tuple[list[dict], list[str]]:
     """A user's CSV, JSONL or Parquet file as rows (dicts) and its column names."""
+    kinds = "/".join(SUPPORTED_SUFFIXES)
+    if path.is_dir():
+        raise FedtuneError(f"data {path} is a directory; give one {kinds} file (or data = \"default\" for the "
+                           f"packaged corpus)")
     if not path.is_file():
         raise FedtuneError(f"data file not found: {path} (set data = \"default\" for the packaged corpus or a "
-                           f"path to a {'/'.join(SUPPORTED_SUFFIXES)} file)")
+                           f"path to a {kinds} file)")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix in (".jsonl", ".ndjson"):
         return _read_jsonl(path)
     if suffix == ".parquet":
@@ -43,14 +50,35 @@ def read_records(path: Path) -> tuple[list[dict], list[str]]:
                        f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+def _read_csv(path: Path, *, delimiter: str) -> tuple[list[dict], list[str]]:
+    """A comma- (.csv) or tab-separated (.tsv) file with a header row."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    kind = "TSV" if delimiter == "\t" else "CSV"
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            records = list(reader)
-            return records, list(reader.fieldnames or [])
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise FedtuneError(f"cannot read CSV file {path}: {exc}") from None
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            columns = list(reader.fieldnames or [])
+            if delimiter == "," and len(columns) == 1:
+                _check_separator(path, columns[0])
+            return list(reader), columns
+    except UnicodeDecodeError:
+        raise FedtuneError(f"cannot read {kind} file {path}: it is not UTF-8 text; save it as UTF-8") from None
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise FedtuneError(f"{kind} file {path} line {reader.line_num} has a field over "
+                               f"{CSV_FIELD_LIMIT // 2**20} MiB; is it really {kind}? (split such texts, or "
+                               f"use a .jsonl or .parquet file)") from None
+        raise FedtuneError(f"cannot read {kind} file {path} (line {reader.line_num}): {exc}") from None
+
+
+def _check_separator(path: Path, header: str) -> None:
+    """A one-column header that holds tabs or semicolons: the file is not comma-separated."""
+    if "\t" in header:
+        raise FedtuneError(f"{path} is tab-separated (its header has {header.count(chr(9))} tab(s) and no "
+                           f"comma); rename it to {path.with_suffix('.tsv').name}")
+    if ";" in header:
+        raise FedtuneError(f"{path} is semicolon-separated (its header has no comma); save it comma-separated, "
+                           f"or as .tsv, .jsonl or .parquet")
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.files import BBC_NEWS, CHATTERBOT, DEFAULT_DATA, packaged_folder, read_records
+from common.data.labelled import label_order
 from common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def _clean(rows: list[tuple[object, object, object]], *, source: str) -> Instruc
     if not kept:
         raise FedtuneError(f"{source}: no prompt/response pairs left after cleaning ({empty} empty, "
                            f"{duplicate} duplicate rows dropped); check the prompt and response columns")
-    names = sorted({c for _, _, c in kept})
+    names = sorted({c for _, _, c in kept}, key=label_order)
     index = {name: i for i, name in enumerate(names)}
     result = InstructionPairs(prompts=[p for p, _, _ in kept], responses=[r for _, r, _ in kept],
                               labels=[index[c] for _, _, c in kept], label_names=names, source=source,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.instructions import InstructionPairs, InstructionSplit
-from common.data.labelled import LabelledTexts, Split
+from common.data.labelled import LabelledTexts, Split, rare_label_problem
 from common.errors import FedtuneError
 
 
@@ -45,6 +45,10 @@ def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: 
     if n - n_test < num_clients:
         raise FedtuneError(f"{n} examples ({n - n_test} after holding out the test split) cannot be "
                            f"spread over {num_clients} clients; lower num-clients or add data")
+    problem = rare_label_problem(examples, test_fraction=test_fraction) if isinstance(examples, LabelledTexts) \
+        else None
+    if problem:  # label names go to every party: a class of one record would name that record's class
+        raise FedtuneError(problem)
     test = examples.take(order[:n_test])
     pool = order[n_test:]
     parts = _partition(labels=[examples.labels[i] for i in pool], num_clients=num_clients,
@@ -95,7 +99,8 @@ def _by_category(*, labels: list[int], num_clients: int) -> list[np.ndarray]:
     if len(categories) < num_clients:
         raise FedtuneError(f"the category partitioner needs at least one category per client: "
                            f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'} for "
-                           f"{num_clients} clients; lower num-clients or use partitioner = \"iid\"")
+                           f"{num_clients} clients; lower num-clients, use partitioner = \"iid\", or give "
+                           f"the data a 'category' column (causal-lm)")
     owned: list[list[int]] = [[] for _ in range(num_clients)]
     sizes = [0] * num_clients
     for category, count in sorted(zip(categories.tolist(), counts.tolist()), key=lambda cc: (-cc[1], cc[0])):
