@@ -1,18 +1,24 @@
 import re
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from tests.conftest import make_texts, write_csv
+from tests.helpers import run_fedtune
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_flower_config_matches_the_typed_defaults():
+    """`flwr run` gets the declared defaults (0 / "" where the task decides), so that a run config
+    override of `task` or `num-clients` alone resolves the same way as `--set` does."""
     document = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert document["tool"]["flwr"]["app"]["config"] == RunConfig().to_flower()
+    declared = {spec.name.replace("_", "-"): spec.default for spec in fields(RunConfig)}
+    assert document["tool"]["flwr"]["app"]["config"] == declared
 
 
 def test_defaults_are_the_embedded_demo():
@@ -55,6 +61,9 @@ def test_pyproject_itself_is_a_valid_config_file():
     ("clients-per-round=9", "cannot exceed num-clients"),
     ("partitioner=shards", "'partitioner' must be one of iid, dirichlet"),
     ("target-delta=1", "'target-delta' must lie strictly between 0 and 1"),
+    ("target-delta=0", "'target-delta' must lie strictly between 0 and 1"),
+    ("target-delta=nan", "'target-delta' must be a number"),
+    ("task=chat", "'task' must be one of classification, causal-lm"),
     ("num-rounds", "--set expects key=value"),
     ("secagg-clipping-range=inf", "'secagg-clipping-range' must be 0 (auto) or a positive number"),
 ])
@@ -97,3 +106,67 @@ def test_a_job_may_tighten_the_node_policy_and_the_node_then_uses_the_tighter_va
     looser = RunConfig(target_epsilon=50.0, accountant="prv")
     reasons = policy_of(context, None).loosenings(looser)
     assert any("target-epsilon=50" in r for r in reasons) and any("accountant=prv" in r for r in reasons)
+
+# -- defaults that follow the run -------------------------------------------------------------------
+
+def test_clients_per_round_defaults_to_every_client():
+    assert RunConfig.load(overrides=["num-clients=3"]).clients_per_round == 3
+    assert RunConfig.load(overrides=["num-clients=8", "clients-per-round=4"]).clients_per_round == 4
+    assert RunConfig().with_overrides(num_clients=2).clients_per_round == 2  # still "all" after a change
+    assert "clients-per-round = 3" in RunConfig.load(overrides=["num-clients=3"]).to_toml()  # written resolved
+
+
+def test_causal_lm_defaults_are_what_its_config_file_measured_and_explicit_keys_win():
+    alone = RunConfig.load(overrides=["task=causal-lm", "data=chatterbot"])
+    assert RunConfig.load(path=ROOT / "configs" / "causal-lm.toml") == alone
+    assert (alone.lora_variant, alone.learning_rate, alone.partitioner, alone.num_clients, alone.batch_size) == (
+        "lora", 5e-3, "category", 3, 32)
+    mine = RunConfig.load(overrides=["task=causal-lm", "lora-variant=ffa", "learning-rate=0.05", "num-clients=4",
+                                     "partitioner=iid"])
+    assert (mine.lora_variant, mine.learning_rate, mine.partitioner, mine.clients_per_round) == ("ffa", 0.05, "iid", 4)
+    assert RunConfig.load(overrides=["lora-variant=lora"]).learning_rate == 1e-2  # classification's plain LoRA
+    assert RunConfig().with_overrides(task="causal-lm").lora_variant == "lora"
+    written = RunConfig.load(overrides=["task=causal-lm"])
+    assert RunConfig.from_mapping(tomllib.loads(written.to_toml())) == written
+
+
+# -- delta at or above 1/N ----------------------------------------------------------------------------
+
+def test_a_large_delta_is_refused_before_the_federation_starts(tmp_path):
+    data = write_csv(tmp_path / "d.csv", make_texts(20))
+    result = run_fedtune("simulate", "--out", str(tmp_path / "run"), "--set", f"data={data}",
+                         "--set", "target-delta=0.5", timeout=120)
+    assert result.returncode == 3 and "Simulating" not in result.stdout, result.stdout + result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: client-0: target-delta=0.5 is not below 1/N") and \
+        "--set allow-large-delta=true" in line
+
+
+def test_a_researcher_may_allow_a_large_delta_in_a_simulation(tiny_config):
+    import io
+
+    from rich.console import Console
+
+    from simulations.simulate import preflight
+
+    console = Console(file=io.StringIO())
+    with pytest.raises(FedtuneError, match="is not below 1/N"):
+        preflight(tiny_config(target_delta=0.5), console)
+    preflight(tiny_config(target_delta=0.5, allow_large_delta=True), console)  # explicitly allowed: no error
+
+
+def test_a_jobs_allow_large_delta_is_never_honoured_by_a_deployed_node(tmp_path, tiny_config, tiny_model_dir):
+    """Only the node's own config may allow a delta at or above 1/N: a coordinator's job carrying
+    allow-large-delta=true is refused like any other, and setting target-delta alone is not enough."""
+    from tests.test_malicious_coordinator import _adapter, _assert_refused, _context, _fit
+
+    data = write_csv(tmp_path / "site.csv", make_texts(4), header=("note", "topic"))  # about 11 training records
+    node = {"client-id": "hospital-a", "data": str(data), "text-column": "note", "label-column": "topic",
+            "ledger-dir": str(tmp_path / "ledger"), "model": str(tiny_model_dir), "secure-aggregation": False,
+            "target-delta": 0.2}
+    job = tiny_config(model="/srv/coordinator/model", data="/srv/coordinator/test.csv", num_clients=3,
+                      num_rounds=2, secure_aggregation=False, target_delta=0.2, allow_large_delta=True)
+    reply = _fit(_context(node, job), _adapter(tiny_model_dir))
+    _assert_refused(reply, because="target-delta=0.2 is not below 1/N for this node's N training records")
+    reply = _fit(_context({**node, "allow-large-delta": True}, job), _adapter(tiny_model_dir), server_round=2)
+    assert reply.metrics["status"] == "trained" and reply.num_examples > 0

@@ -23,7 +23,7 @@ from common.values import coerce
 # Stricter accountant first: RDP's epsilon bound is never below PRV's for the same history.
 ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
 
-POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "max-grad-norm",
+POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "allow-large-delta", "max-grad-norm",
                "noise-multiplier", "accountant", "max-evaluations", "share-train-loss", "secagg-min-contributors")
 # The smallest SecAgg+ round a node joins by default: with two contributors each learns the other's update.
 MIN_CONTRIBUTORS = 3
@@ -36,8 +36,11 @@ class NodePolicy:
     dp: bool = True  # tighter: true
     secure_aggregation: bool = True  # tighter: true
     target_epsilon: float = 8.0  # tighter: smaller; over the node's whole ledger, every run
-    target_delta: float = 1e-5  # tighter: smaller; refused at or above 1/N unless the node set it
-    delta_set_by_node: bool = False
+    target_delta: float = 1e-5  # tighter: smaller
+    # A delta at or above 1/N (N: the node's training records) lets a mechanism publish whole records;
+    # trained only when this is true. Only the node's own config (or a simulation's researcher) sets
+    # it: a job's allow-large-delta is never read on a deployed node.
+    allow_large_delta: bool = False  # tighter: false
     max_grad_norm: float = 1.0  # tighter: smaller (the clipping bound C)
     noise_multiplier: float = 0.0  # >0: the node always uses at least this sigma; tighter: larger
     accountant: str = "prv"  # tighter: rdp
@@ -74,20 +77,18 @@ class NodePolicy:
                 field = key.replace("-", "_")
                 values[field] = coerce(key, node[key], type(getattr(base, field)), source="node config key",
                                        quote=False)
-        if "target-delta" in node:
-            values["delta_set_by_node"] = True
         return replace(base, **values)
 
     @classmethod
     def of_simulation(cls, config: Any) -> NodePolicy:
-        """A simulation's researcher holds every node: its run config is the policy, train loss
-        and (when it asks for them) client evaluations included. A federation of two clients
-        per round is the researcher's choice to make: its SecAgg+ rounds then need two."""
+        """A simulation's researcher holds every node: its run config is the policy, train loss,
+        allow-large-delta and (when it asks for them) client evaluations included. A federation of
+        two clients per round is the researcher's choice to make: its SecAgg+ rounds then need two."""
         evaluations = config.num_rounds if config.fraction_evaluate > 0 else 0
         min_contributors = max(2, min(MIN_CONTRIBUTORS, config.clients_per_round))
         return cls(dp=config.dp, secure_aggregation=config.secure_aggregation,
                    target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-                   max_grad_norm=config.max_grad_norm, noise_multiplier=config.noise_multiplier,
+                   allow_large_delta=config.allow_large_delta, max_grad_norm=config.max_grad_norm, noise_multiplier=config.noise_multiplier,
                    accountant=config.accountant, max_evaluations=evaluations, share_train_loss=True,
                    secagg_min_contributors=min_contributors)
 
@@ -130,15 +131,18 @@ class NodePolicy:
         return job.with_overrides(
             dp=dp, secure_aggregation=self.secure_aggregation or job.secure_aggregation,
             target_epsilon=min(self.target_epsilon, job.target_epsilon),
-            target_delta=min(self.target_delta, job.target_delta),
+            target_delta=min(self.target_delta, job.target_delta), allow_large_delta=self.allow_large_delta,
             max_grad_norm=min(self.max_grad_norm, job.max_grad_norm), noise_multiplier=sigma,
             accountant=strictest)
 
     def delta_problem(self, *, delta: float, num_examples: int) -> str | None:
-        """delta >= 1/N permits releasing a whole record; refused unless the node chose it."""
-        if num_examples > 0 and delta >= 1.0 / num_examples and not self.delta_set_by_node:
-            return (f"target-delta={delta:g} is not below 1/N for this node's N training records; "
-                    f"ask for a smaller target-delta (this node set none itself)")
+        """delta >= 1/N permits releasing a whole record; refused unless the node allowed it.
+        The reason never states N: it travels to the coordinator."""
+        if num_examples > 0 and delta >= 1.0 / num_examples and not self.allow_large_delta:
+            return (f"target-delta={delta:g} is not below 1/N for this node's N training records (a delta that "
+                    f"large lets a whole record be published); ask for a smaller target-delta, or set "
+                    f"allow-large-delta = true for this node (simulation: --set allow-large-delta=true; "
+                    f"deployment: the node's own config only)")
         return None
 
     def to_record(self) -> dict[str, Any]:
