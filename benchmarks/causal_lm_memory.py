@@ -42,7 +42,7 @@ def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool
 
     torch.set_num_threads(2)
     release_freed_memory()  # as a causal-lm client does before training
-    config = RunConfig(task="causal-lm", lora_mlp=lora_mlp)
+    config = RunConfig(task="causal-lm", lora_mlp=lora_mlp, lora_variant="ffa")  # what BENCHMARKS.md reports
     path = resolve_model_path("default", task="causal-lm")
     tokenizer = load_tokenizer(path)
     words = " ".join(["privacy"] * max_length)  # every response is cut to fill max-length exactly

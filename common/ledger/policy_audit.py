@@ -41,6 +41,6 @@ def policy_findings(owner: str, records: list[dict[str, Any]]) -> tuple[list[str
         delta, examples = record.get("delta"), record.get("local_examples")
         if isinstance(delta, (int, float)) and isinstance(examples, int) and examples > 0 and delta >= 1 / examples:
             text = f"{name}: delta {delta:g} is not below 1/N for its {examples} training records"
-            (notes if policy.get("delta-set-by-node") else breaches).append(
-                text + (" (the node set this delta itself)" if policy.get("delta-set-by-node") else ""))
+            allowed = policy.get("allow-large-delta") or policy.get("delta-set-by-node")  # the latter: older ledgers
+            (notes if allowed else breaches).append(text + (" (the node allowed this delta itself)" if allowed else ""))
     return breaches, notes
