@@ -20,6 +20,7 @@ from client.fl_client import FedtuneClient
 from client.node_data import NodeData
 from client.policy_guard import transport_of
 from client.secure_aggregation import SecAggNode, secure_aggregation_mod
+from client.trainer import step_progress_file
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.ledger.chain import signing_key
@@ -109,9 +110,21 @@ def client_fn_of(*, config: RunConfig | None, ledger_root: Path | None) -> Calla
     return client_fn
 
 
-def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None) -> ClientApp:
+def progress_mod(progress_dir: Path):
+    """Each client's DP steps into `progress_dir/<client>.json`, for a simulation's status line."""
+
+    def mod(msg, context: Context, call_next):
+        client_id = NodeData.from_node_config(dict(context.node_config)).client_id
+        with step_progress_file(progress_dir / f"{client_id}.json"):
+            return call_next(msg, context)
+
+    return mod
+
+
+def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None,
+                     progress_dir: Path | None = None) -> ClientApp:
     """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir,
-    with the simulation's roster)."""
+    with the simulation's roster); `progress_dir` (simulation only) receives each client's steps."""
 
     def run_config(context: Context) -> RunConfig:
         return resolve_config(context, config)
@@ -121,7 +134,8 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
 
     # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
     return ClientApp(client_fn=client_fn_of(config=config, ledger_root=ledger_root),
-                     mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node)])
+                     mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node),
+                           *([progress_mod(progress_dir)] if progress_dir is not None else [])])
 
 
 app = build_client_app()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 import torch
 from opacus import GradSampleModule
@@ -20,6 +26,37 @@ from common.privacy.plan import PrivacyPlan
 
 # (model, input_ids, attention_mask, labels) -> the batch's mean per-example loss: the task's
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# Progress inside a round (a simulation's status line): called with (steps done, steps planned).
+# Set per message by the ClientApp's progress mod (client/app.py); None on a real node.
+STEP_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("fedtune_step_progress", default=None)
+
+
+@contextlib.contextmanager
+def step_progress_file(path: Path) -> Iterator[None]:
+    """Report this client's steps into `path` (step counts and a time, nothing from the data)."""
+
+    def report(done: int, total: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"step": done, "steps": total, "time": time.time()}))
+        os.replace(temporary, path)
+
+    token = STEP_PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        STEP_PROGRESS.reset(token)
+
+
+def _report_progress(done: int, total: int) -> None:
+    report = STEP_PROGRESS.get()
+    if report is not None:
+        try:
+            report(done, total)
+        except OSError:
+            pass  # a progress line is never worth failing a round for
 
 
 class StepProbe(Protocol):
@@ -89,7 +126,9 @@ def _train_plain(*, model, dataset, loss, optimizer, batch_size, local_epochs, s
                  physical) -> TrainResult:
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=shuffle)
-    losses = []
+    losses: list[float] = []
+    total_steps = local_epochs * len(loader)
+    _report_progress(0, total_steps)
     for _ in range(local_epochs):
         for batch in loader:
             total = 0.0
@@ -101,6 +140,7 @@ def _train_plain(*, model, dataset, loss, optimizer, batch_size, local_epochs, s
             optimizer.step()
             optimizer.zero_grad()
             losses.append(total)
+            _report_progress(len(losses), total_steps)
     return TrainResult(train_loss=_mean(losses), steps=len(losses), history=list(history))
 
 
@@ -131,7 +171,8 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
     accountant.history = [tuple(h) for h in history]
     if probe is not None:
         probe.start(loader, dp_optimizer)
-    batch = _LogicalBatch(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate), probe)
+    batch = _LogicalBatch(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate), probe,
+                          planned=plan.steps_per_round)
     dp_optimizer.attach_step_hook(batch.close)  # runs once per noisy step, after the batch's last piece
     try:
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical or max(len(dataset), 1),
@@ -162,8 +203,9 @@ class _LogicalBatch:
     """Opacus' step hook: counts each noisy step for the accountant and records the loss of its
     logical (Poisson) batch, summed over the batch's physical pieces."""
 
-    def __init__(self, account: Callable, probe: StepProbe | None = None) -> None:
-        self.account, self.probe = account, probe
+    def __init__(self, account: Callable, probe: StepProbe | None = None, *, planned: int = 0) -> None:
+        self.account, self.probe, self.planned = account, probe, planned
+        _report_progress(0, planned)
         self.losses: list[float] = []
         self.steps = 0
         self._total, self._count = 0.0, 0
@@ -177,6 +219,7 @@ class _LogicalBatch:
         if self.probe is not None:
             self.probe.after_step(optimizer)
         self.steps += 1
+        _report_progress(self.steps, self.planned)
         if self._count:  # an empty batch has no loss to report
             self.losses.append(self._total / self._count)
         self._total, self._count = 0.0, 0

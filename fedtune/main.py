@@ -19,14 +19,27 @@ import typer
 from common.errors import FedtuneError
 
 from fedtune import audit_commands
-from fedtune.shell import INPUT_ERROR, console, err
+from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, INPUT_ERROR, console, err
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+).")
+HELP = "Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."
+# Tracebacks never reach the terminal (main() logs them without local variables); click's own
+# "Did you mean" suggestion is the only one; -h is --help everywhere.
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, suggest_commands=False,
+                  pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
-@cli.callback()
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        from fedtune.shell import versions_line
+
+        print(versions_line())
+        raise typer.Exit()
+
+
+@cli.callback(epilog=EXIT_CODES_HELP)
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print fedtune's version and those of flwr, opacus and torch.")) -> None:
     """Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."""
 
 
@@ -37,13 +50,18 @@ SetOption = typer.Option([], "--set", help="Override a config key: --set key=val
 def simulate(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of config keys."),
     overrides: list[str] = SetOption,
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<timestamp>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<timestamp>); "
+                                       "refused if it is a non-empty folder that is not a fedtune run."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (and errors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the summary JSON on stdout; the rest "
+                                 "goes to stderr (`fedtune simulate --json | jq`)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory "
                                           "from its last checkpoint (its own config is used)."),
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
     from common.config import RunConfig
+    from fedtune import shell
     from simulations.resume import resume_config
 
     if resume is not None:
@@ -54,9 +72,14 @@ def simulate(
         resolved = RunConfig.load(path=config, overrides=overrides)
     from simulations.simulate import simulate as run  # Flower, Ray and torch load once the config is valid
 
-    shell = console()
-    summary = run(config=resolved, out=out, verbose=verbose, console=shell, resume=resume is not None)
-    shell.print_json(json.dumps(summary))
+    # --json: stdout holds the summary alone; --quiet: nothing but the summary and errors.
+    shell_console = console(stderr=as_json, quiet=quiet)
+    summary = run(config=resolved, out=out, verbose=verbose, console=shell_console, resume=resume is not None,
+                  progress=not (quiet or as_json), on_run_dir=shell.log_dir_hint.append)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console().print_json(json.dumps(summary))
 
 
 cli.command()(audit_commands.audit)
@@ -66,35 +89,39 @@ cli.command()(audit_commands.receipt)
 @cli.command()
 def plan(
     target_epsilon: float = typer.Option(8.0, "--target-epsilon", help="Budget epsilon for the whole run."),
-    delta: float = typer.Option(1e-5, "--delta", help="Budget delta."),
+    delta: float = typer.Option(1e-5, "--delta", help="Budget delta; must be below 1/dataset-size."),
     dataset_size: int = typer.Option(..., "--dataset-size", help="The client's number of training examples."),
     batch_size: int = typer.Option(64, "--batch-size", help="Expected batch size (the run default)."),
     local_epochs: int = typer.Option(1, "--local-epochs", help="Local epochs per round."),
     rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
     accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
     noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Force sigma (0 calibrates)."),
+    allow_large_delta: bool = typer.Option(False, "--allow-large-delta", help="Accept delta >= 1/dataset-size "
+                                           "(a client that sets its own target-delta may)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of epsilon per round."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """The noise multiplier and epsilon after each round, computed exactly as a client will."""
-    from fedtune.plan_view import plot_schedule, print_schedule
-    from common.config import RunConfig
-    from common.privacy.plan import privacy_schedule
+    """The noise multiplier and epsilon after each round, computed exactly as a client will.
+    Exits 2 when a round would spend more than the budget (the client refuses it)."""
+    from fedtune import plan_view
 
-    RunConfig(target_epsilon=target_epsilon, target_delta=delta, batch_size=batch_size,
-              local_epochs=local_epochs, num_rounds=rounds, accountant=accountant,
-              noise_multiplier=noise_multiplier, secure_aggregation=False, num_clients=1,
-              clients_per_round=1)  # the same validation and messages as a run config
-    schedule = privacy_schedule(dataset_size=dataset_size, batch_size=batch_size, local_epochs=local_epochs,
-                                rounds=rounds, target_epsilon=target_epsilon, delta=delta,
-                                accountant=accountant, noise_multiplier=noise_multiplier)
+    request = plan_view.PlanRequest(target_epsilon=target_epsilon, delta=delta, dataset_size=dataset_size,
+                                    batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
+                                    accountant=accountant, noise_multiplier=noise_multiplier,
+                                    allow_large_delta=allow_large_delta)
+    plan_view.check_request(request, plot)
+    schedule = plan_view.schedule_of(request)
     if as_json:
-        print(json.dumps(schedule, indent=2))
+        plan_view.print_json(schedule)
     else:
-        print_schedule(schedule, console())
+        plan_view.print_schedule(schedule, console())
     if plot is not None:
-        plot_schedule(schedule, plot)
-        err.print(f"wrote {plot}")
+        plan_view.plot_schedule(schedule, plot)
+        err.print(f"wrote {plot}", highlight=False)
+    warning = plan_view.over_budget_warning(schedule)
+    if warning:
+        err.print(f"[bold yellow]over budget:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
+        raise typer.Exit(BUDGET_EXCEEDED)
 
 
 @cli.command()
@@ -237,22 +264,33 @@ def main() -> None:
         # Library deprecation chatter is not for users; --verbose shows everything.
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Ray actors inherit it
-    try:
-        code = cli(standalone_mode=False)  # returns the code of typer.Exit in this mode
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except FedtuneError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(INPUT_ERROR)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit codes
-        import click
+    sys.exit(run_cli())
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def run_cli(args: list[str] | None = None) -> int:
+    """The exit code of one command (see shell.py): usage errors get their own, and an
+    unexpected error is one line here and a traceback without local variables in a log file."""
+    import click
+
+    from fedtune import shell
+
+    try:
+        code = cli(args=args, standalone_mode=False)  # returns the code of typer.Exit in this mode
+        return code if isinstance(code, int) else shell.CLEAN
+    except FedtuneError as exc:
+        shell.error_line(str(exc))
+        return shell.INPUT_ERROR
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted", highlight=False)
+        return shell.INTERRUPTED
+    except click.UsageError as exc:
+        exc.show()
+        return shell.USAGE_ERROR
+    except click.ClickException as exc:  # e.g. a file option click itself could not open: bad input
+        exc.show()
+        return shell.INPUT_ERROR
+    except Exception as exc:
+        return shell.report_unexpected(exc)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,93 @@
-"""`fedtune plan`'s output: the schedule a client will follow as a table, and as a plot."""
+"""`fedtune plan`: the schedule a client will follow, as a table or JSON, and as a plot.
+
+Everything cheap is checked first (the config's own checks, delta against 1/N, the plot's
+folder), so a mistake is answered before Opacus and torch load for the accountant.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from common.errors import FedtuneError
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    target_epsilon: float
+    delta: float
+    dataset_size: int
+    batch_size: int
+    local_epochs: int
+    rounds: int
+    accountant: str
+    noise_multiplier: float
+    allow_large_delta: bool
+
+
+def check_request(request: PlanRequest, plot: Path | None) -> None:
+    """The run config's validation and messages, the node's delta rule, and the plot's folder."""
+    from common.config import RunConfig
+
+    if request.dataset_size < 1:
+        raise FedtuneError("--dataset-size must be at least 1 (the client's number of training examples)")
+    RunConfig(target_epsilon=request.target_epsilon, target_delta=request.delta, batch_size=request.batch_size,
+              local_epochs=request.local_epochs, num_rounds=request.rounds, accountant=request.accountant,
+              noise_multiplier=request.noise_multiplier, secure_aggregation=False, num_clients=1,
+              clients_per_round=1)
+    if request.delta >= 1.0 / request.dataset_size and not request.allow_large_delta:
+        raise FedtuneError(f"--delta {request.delta:g} is not below 1/{request.dataset_size} (1/dataset-size): it "
+                           f"would permit releasing a whole record; lower it (e.g. 1e-5), or pass "
+                           f"--allow-large-delta if the client sets such a target-delta itself")
+    if plot is not None and not plot.parent.is_dir():
+        raise FedtuneError(f"--plot: folder {plot.parent} does not exist; create it or choose another path")
+
+
+def schedule_of(request: PlanRequest) -> dict:
+    """The schedule, with each round a client's budget guard would refuse marked."""
+    from common.privacy.plan import privacy_schedule  # Opacus and torch: only once the input is valid
+
+    schedule = privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
+                                local_epochs=request.local_epochs, rounds=request.rounds,
+                                target_epsilon=request.target_epsilon, delta=request.delta,
+                                accountant=request.accountant, noise_multiplier=request.noise_multiplier)
+    for row in schedule["rounds"]:
+        row["client_refuses"] = not row["epsilon"] <= request.target_epsilon * (1 + 1e-9)
+    return schedule
+
+
+def over_budget_warning(schedule: dict) -> str | None:
+    refused = [row for row in schedule["rounds"] if row["client_refuses"]]
+    if not refused:
+        return None
+    first = refused[0]
+    return (f"round {first['round']} would spend epsilon {first['epsilon']:.4f}, "
+            f"{first['epsilon'] - schedule['target_epsilon']:.4f} over the budget {schedule['target_epsilon']:g}: "
+            f"clients refuse rounds {', '.join(str(r['round']) for r in refused)}. Raise --noise-multiplier "
+            f"(0 calibrates it), or lower --rounds/--local-epochs")
+
 
 def print_schedule(schedule: dict, console: Console) -> None:
     console.print(f"noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
                   f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
-                  f"({schedule['accountant']} accountant, delta {schedule['delta']:g})")
+                  f"({schedule['accountant']} accountant); budget epsilon {schedule['target_epsilon']:g} "
+                  f"at delta {schedule['delta']:g}", highlight=False)
     table = Table()
-    for column in ("round", "epsilon", "budget left"):
+    for column in ("round", "epsilon", "delta", "budget left", "client"):
         table.add_column(column, justify="right")
     for row in schedule["rounds"]:
-        table.add_row(str(row["round"]), f"{row['epsilon']:.4f}",
-                      f"{schedule['target_epsilon'] - row['epsilon']:.4f}")
+        table.add_row(str(row["round"]), f"{row['epsilon']:.4f}", f"{schedule['delta']:g}",
+                      f"{schedule['target_epsilon'] - row['epsilon']:.4f}",
+                      "[red]refuses[/red]" if row["client_refuses"] else "trains")
     console.print(table)
+
+
+def print_json(schedule: dict) -> None:
+    print(json.dumps(schedule, indent=2))
 
 
 def plot_schedule(schedule: dict, path: Path) -> None:
@@ -33,7 +102,8 @@ def plot_schedule(schedule: dict, path: Path) -> None:
     ax.axhline(schedule["target_epsilon"], color="red", linestyle="--", label="budget")
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε")
-    ax.set_title(f"σ = {schedule['noise_multiplier']:.4f}, q = {schedule['sample_rate']:.4f}")
+    ax.set_title(f"σ = {schedule['noise_multiplier']:.4f}, q = {schedule['sample_rate']:.4f}, "
+                 f"δ = {schedule['delta']:g}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

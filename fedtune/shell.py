@@ -1,15 +1,92 @@
-"""What every `fedtune` command prints with: the console, the error stream, the input-error exit code."""
+"""What every `fedtune` command prints with and exits with: the consoles, the exit codes, and the
+one-line report of an unexpected error (its traceback goes to a log file, never to the terminal)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
 
 from rich.console import Console
 
 err = Console(stderr=True)
-INPUT_ERROR = 3  # 1 and 2 are the audit's verdicts (verification failed, budget exceeded)
+
+# Exit codes, one meaning each (documented in `fedtune --help` and the README).
+CLEAN = 0
+VERIFICATION_FAILED = 1  # the audit's verdicts
+BUDGET_EXCEEDED = 2
+INPUT_ERROR = 3  # bad input: a file, a config value, a run directory
+USAGE_ERROR = 4  # the command line itself: unknown option, missing argument, no such command
+UNEXPECTED_ERROR = 5  # a bug or an environment failure: one line here, the traceback in a log file
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+EXIT_CODES_HELP = ("Exit codes: 0 clean, 1 verification failed, 2 budget exceeded, 3 bad input, "
+                   "4 usage error, 5 unexpected error (traceback in a log file), 130 interrupted.")
+
+# Where an unexpected error's log goes when the command knows its run directory (`simulate` sets it).
+log_dir_hint: list[Path] = []
 
 
-def console() -> Console:
+def versions_line() -> str:
+    """fedtune's version and its engines', from package metadata (torch is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"fedtune {of('fedtune')} (flwr {of('flwr')}, opacus {of('opacus')}, torch {of('torch')})"
+
+
+def console(*, stderr: bool = False, quiet: bool = False) -> Console:
     """Rich output; when piped, wide enough that tables are not cut to 80 columns."""
-    return Console(width=None if sys.stdout.isatty() else 120)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(width=None if stream.isatty() else 120, stderr=stderr, quiet=quiet)
+
+
+def error_line(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _log_dirs() -> list[Path]:
+    """The run directory when known, else the user's cache (XDG), else the working directory."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedtune" / "logs"
+    return [*(d for d in log_dir_hint if d.is_dir()), cache, Path.cwd()]
+
+
+def write_error_log(exc: BaseException) -> Path | None:
+    """The traceback, without local variables (they may hold records of private data)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    text = (f"fedtune {' '.join(sys.argv[1:])}\n{stamp} UTC\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    for directory in _log_dirs():
+        path = directory / f"fedtune-error-{stamp}.log"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def report_unexpected(exc: BaseException) -> int:
+    """One line on stderr, the traceback in a log file; the exit code to use."""
+    path = write_error_log(exc)
+    where = f"the traceback is in {path}" if path else "no log file could be written"
+    err.print(f"[bold red]unexpected error:[/bold red] {_summary(exc)} ({where}; please report it)",
+              highlight=False, soft_wrap=True)
+    return UNEXPECTED_ERROR
+
+
+def _summary(exc: BaseException) -> str:
+    """The exception's type; its message only for the environment's errors (a path, an errno),
+    since another exception's message may quote a value from the data."""
+    if isinstance(exc, OSError):
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    return type(exc).__name__

@@ -8,9 +8,11 @@ from rich.table import Table
 from common.tasks.base import Task
 
 
-def columns(task: Task) -> tuple[str, ...]:
-    """The table's header: the task's own two score columns between the common ones."""
-    return ("round", "trained", "train loss", *(header for header, _, _ in task.progress_columns), "max ε",
+def columns(task: Task, delta: float | None = None) -> tuple[str, ...]:
+    """The table's header: the task's own two score columns between the common ones; the
+    epsilon column names the delta it holds at (a DP run's)."""
+    epsilon = "max ε" if delta is None else f"max ε (δ={delta:g})"
+    return ("round", "trained", "train loss", *(header for header, _, _ in task.progress_columns), epsilon,
             "seconds")
 
 
@@ -38,21 +40,22 @@ class RoundTable:
 
     widths = (5, 7, 10, 9, 10, 7, 7)
 
-    def __init__(self, task: Task, console: Console | None = None) -> None:
-        self.task = task
+    def __init__(self, task: Task, console: Console | None = None, *, delta: float | None = None) -> None:
+        self.task, self.delta = task, delta
         self.console = console or Console()
         self.rows: list[tuple[str, ...]] = []
 
     def _table(self, *, header: bool, columns: tuple[str, ...]) -> Table:
         table = Table(show_header=header, box=None, pad_edge=False)
-        for name, width in zip(columns, self.widths):
+        widths = (*self.widths[:5], max(self.widths[5], len(columns[5])), self.widths[6])
+        for name, width in zip(columns, widths):
             table.add_column(name if header else "", justify="right", width=width, no_wrap=True)
         return table
 
     def add(self, record: dict) -> None:
         row = round_row(record, self.task)
         self.rows.append(row)
-        table = self._table(header=len(self.rows) == 1, columns=columns(self.task))
+        table = self._table(header=len(self.rows) == 1, columns=columns(self.task, self.delta))
         table.add_row(*row)
         self.console.print(table)
         note = round_note(record)

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -20,6 +21,8 @@ from common.tasks import get_task
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir
 from server.round_table import RoundTable
+from simulations.interrupt import StopOnInterrupt
+from simulations.progress import PROGRESS_DIR, RoundProgress
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
@@ -51,19 +54,41 @@ def _hide_injected_faults(record: logging.LogRecord) -> bool:
     return not any(mark in text for mark in ("InjectedFault", "inject-faults", "processing a message by RayBackend"))
 
 
-def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
-             console: Console | None = None, resume: bool = False) -> dict:
-    """Run the federation and return its summary; writes the run directory `out`.
-
-    With `resume`, `out` is an interrupted run (see `simulations.resume`) continued from its checkpoint.
-    """
-    console = console or Console()
-    os.environ.update(OFFLINE_ENV)
-    run_dir = Path(out or config.output_dir or default_run_dir())
+def check_out_dir(run_dir: Path, *, resume: bool) -> None:
+    """A run directory to resume, or a folder a new run may write into: absent, empty, or a run
+    that never finished a round. Never an unrelated folder whose files would be mixed with a run's."""
     if resume:
         RunDirectory.open_existing(run_dir)  # fails early, before Ray starts
     elif (run_dir / "metrics.jsonl").exists():
         raise FedtuneError(f"{run_dir} already holds a run; choose another --out, or --resume it")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise FedtuneError(f"--out {run_dir} is a file; choose a folder")
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
+        raise FedtuneError(f"--out {run_dir} is a non-empty folder that is not a fedtune run; choose a new "
+                           f"or empty folder")
+
+
+def banner(config: RunConfig, run_dir: Path) -> str:
+    privacy = f"DP-SGD ε≤{config.target_epsilon:g} at δ={config.target_delta:g}" if config.dp else "no DP"
+    return (f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, {privacy}, "
+            f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
+
+
+def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
+             console: Console | None = None, resume: bool = False, progress: bool = True,
+             on_run_dir: Callable[[Path], None] | None = None) -> dict:
+    """Run the federation and return its summary; writes the run directory `out`.
+
+    With `resume`, `out` is an interrupted run (see `simulations.resume`) continued from its checkpoint.
+    `progress` shows a status line inside each round on a terminal; `on_run_dir` learns the
+    run directory (the CLI logs an unexpected error there).
+    """
+    console = console or Console()
+    os.environ.update(OFFLINE_ENV)
+    run_dir = Path(out or config.output_dir or default_run_dir())
+    check_out_dir(run_dir, resume=resume)
+    if on_run_dir is not None:
+        on_run_dir(run_dir)
     preflight(config, console)
     # The engine and both apps load only once the checks above passed: a mistake in the config, the
     # data or the run directory is reported in a second, not after Ray, Flower and the apps load.
@@ -76,11 +101,9 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         logging.getLogger("flwr").setLevel(logging.ERROR)
         if config.inject_faults:  # a drill's vanishing clients are reported by the table, not tracebacks
             logging.getLogger("flwr").addFilter(_hide_injected_faults)
-    table = RoundTable(get_task(config.task), console)
+    table = RoundTable(get_task(config.task), console, delta=config.target_delta if config.dp else None)
     results: dict = {}
-    console.print(f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, "
-                  f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "
-                  f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
+    console.print(banner(config, run_dir), highlight=False)
     if resume:
         checkpoint = Checkpoint.load(run_dir)
         done = checkpoint.completed_round if checkpoint else 0
@@ -90,16 +113,21 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
             table.add(record)
     if config.secure_aggregation:
         write_simulation_roster(run_dir / "ledgers", num_clients=config.num_clients)
-    run_simulation(
-        server_app=build_server_app(config=config, run_dir=run_dir, on_round=table.add, results=results,
-                                    resume=resume),
-        client_app=build_client_app(config=config, ledger_root=run_dir / "ledgers"),
-        num_supernodes=config.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
-                                      "include_dashboard": False}},
-        verbose_logging=verbose,
-    )
+    shown = RoundProgress(run_dir / PROGRESS_DIR, console, clients=config.clients_per_round,
+                          first_round=len(table.rows) + 1, enabled=progress)
+    with StopOnInterrupt(run_dir, num_rounds=config.num_rounds), shown:
+        run_simulation(
+            server_app=build_server_app(config=config, run_dir=run_dir, on_round=shown.wrap(table.add),
+                                        results=results, resume=resume),
+            client_app=build_client_app(config=config, ledger_root=run_dir / "ledgers",
+                                        progress_dir=run_dir / PROGRESS_DIR),
+            num_supernodes=config.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
+                                          "include_dashboard": False}},
+            verbose_logging=verbose,
+        )
+    shown.remove_files()
     if "summary" not in results:
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
                            f"(rerun with --verbose) and {run_dir}")

@@ -1,0 +1,84 @@
+"""One Ctrl-C during `fedtune simulate`: stop within seconds, tear Ray down, say which round is
+checkpointed and the exact command that resumes the run; exit 130. No traceback, no second Ctrl-C.
+
+The run directory is always consistent (the checkpoint is written atomically before a round's
+metrics and ledger lines), so the process may end at any point; the round in progress is redone
+on resume, and clients that already paid for it re-send it without paying twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import threading
+from pathlib import Path
+
+INTERRUPTED = 130
+TEARDOWN_SECONDS = 8  # Ray's shutdown gets this long; the process ends regardless after it
+
+
+def interrupted_message(run_dir: Path, num_rounds: int) -> str:
+    """Which round is checkpointed and how to continue, from what is on disk now."""
+    from server.checkpoint import Checkpoint
+
+    if not (run_dir / "run.json").is_file():
+        return "interrupted before the run started: nothing to resume\n"
+    try:
+        checkpoint = Checkpoint.load(run_dir)
+    except Exception:  # unreadable mid-write is impossible (atomic), but never fail here
+        checkpoint = None
+    done = checkpoint.completed_round if checkpoint else 0
+    saved = (f"round {done} of {num_rounds} is checkpointed in {run_dir}" if done else
+             f"no round finished yet; {run_dir} starts again from round 1")
+    command = f"fedtune simulate --resume {shlex.quote(str(run_dir))}"
+    return f"interrupted: {saved} (round {done + 1} will be redone)\nresume with: {command}\n"
+
+
+class StopOnInterrupt:
+    """SIGINT handler for the simulation's lifetime (the main thread's)."""
+
+    def __init__(self, run_dir: Path, *, num_rounds: int) -> None:
+        self.run_dir, self.num_rounds = Path(run_dir), num_rounds
+        self._lock = threading.Lock()
+        self._previous = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def _handle(self, signum, frame) -> None:
+        if not self._lock.acquire(blocking=False):
+            os._exit(INTERRUPTED)  # a second Ctrl-C during the teardown: at once
+        message = interrupted_message(self.run_dir, self.num_rounds)
+        # Ray's actors die now; what the engine's threads say about it is noise, not news.
+        logging.disable(logging.CRITICAL)
+        threading.excepthook = lambda args: None
+        terminal = os.dup(2)
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 2)
+        watchdog = threading.Timer(TEARDOWN_SECONDS, _leave, args=(terminal, message))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            import ray
+
+            ray.shutdown()
+        except BaseException:
+            pass
+        _leave(terminal, message)
+
+
+def _leave(terminal: int, message: str) -> None:
+    import sys
+
+    try:
+        sys.stdout.flush()  # the round table printed so far
+    except Exception:
+        pass
+    os.write(terminal, message.encode())
+    os._exit(INTERRUPTED)

@@ -1,0 +1,216 @@
+"""How the `fedtune` command behaves around the work: exit codes, usage errors, -h, --version,
+unexpected errors (one line, a log without local variables), `plan` (fast, delta, over budget),
+`simulate --out/--quiet/--json`, progress inside a round, and one Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT, run_fedtune, set_args
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["simulate", "--bogus"], "No such option '--bogus'"),
+    (["audit", "--bogus", "x"], "No such option '--bogus'"),
+    (["audit"], "Missing argument 'TARGET'"),
+    (["plan"], "Missing option '--dataset-size'"),
+    (["simulat"], "No such command 'simulat'. Did you mean 'simulate'?"),
+])
+def test_usage_errors_exit_4_distinct_from_the_audit_verdicts(args, expected):
+    result = run_fedtune(*args, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert expected in result.stderr
+    assert result.stderr.count("Did you mean") <= 1
+
+
+def test_help_alias_exit_codes_and_version():
+    top = run_fedtune("-h", timeout=60)
+    assert top.returncode == 0 and "Usage:" in top.stdout
+    for code in ("0 clean", "1 verification failed", "2 budget exceeded", "3 bad input", "4 usage error",
+                 "5 unexpected error", "130 interrupted"):
+        assert code in " ".join(top.stdout.split()), code
+    for command in (["simulate", "-h"], ["audit", "-h"], ["plan", "-h"], ["roster", "check", "-h"]):
+        result = run_fedtune(*command, timeout=60)
+        assert result.returncode == 0 and "Usage:" in result.stdout, command
+    # --version reads package metadata: torch is never imported for it
+    probe = subprocess.run([sys.executable, "-c", "import sys; from fedtune.main import run_cli; "
+                            "code = run_cli(['--version']); print(code, 'torch' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    first, last = probe.stdout.splitlines()[0], probe.stdout.splitlines()[-1]
+    assert first.startswith("fedtune ") and all(f"{name} " in first for name in ("flwr", "opacus", "torch"))
+    assert last == "0 False"
+
+
+def test_plan_rejects_cheap_mistakes_in_well_under_two_seconds():
+    for args, expected in [
+        (["--target-epsilon", "0"], "'target-epsilon' must be a positive number"),
+        (["--plot", "/nonexistent/dir/x.png"], "--plot: folder /nonexistent/dir does not exist"),
+        (["--delta", "0.5"], "--delta 0.5 is not below 1/1000"),
+    ]:
+        start = time.monotonic()
+        result = run_fedtune("plan", "--dataset-size", "1000", *args, timeout=60)
+        elapsed = time.monotonic() - start
+        assert result.returncode == 3, result.stderr
+        lines = _lines(result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+        assert "Traceback" not in result.stderr and "locals" not in result.stderr
+        assert elapsed < 2.0, (args, elapsed)
+
+
+def test_plan_shows_delta_and_says_when_clients_would_refuse():
+    ok = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "1.0", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "at delta 1e-05" in ok.stdout and "delta" in ok.stdout.splitlines()[2]
+    assert "trains" in ok.stdout and "refuses" not in ok.stdout
+    over = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", timeout=120)
+    assert over.returncode == 2, over.stderr
+    assert "refuses" in over.stdout
+    assert "over budget: round 1 would spend epsilon 33.9" in " ".join(over.stderr.split())
+    assert "clients refuse rounds 1, 2, 3" in " ".join(over.stderr.split())
+    large = run_fedtune("plan", "--dataset-size", "1000", "--delta", "0.5", "--allow-large-delta",
+                        "--noise-multiplier", "1.0", "--json", timeout=120)
+    assert large.returncode == 0 and json.loads(large.stdout)["delta"] == 0.5
+
+
+def test_an_unexpected_error_is_one_line_and_a_log_without_local_variables(tmp_path, monkeypatch, capsys):
+    from fedtune import plan_view
+    from fedtune.main import run_cli
+
+    def broken(request):
+        patient_record = "SECRET-RECORD-TEXT"  # a local an error must never print
+        raise RuntimeError(f"broken while holding {len(patient_record)} characters")
+
+    monkeypatch.setattr(plan_view, "schedule_of", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code = run_cli(["plan", "--dataset-size", "1000"])
+    captured = capsys.readouterr()
+    assert code == 5
+    lines = _lines(captured.err)
+    assert len(lines) == 1 and lines[0].startswith("unexpected error: RuntimeError"), captured.err
+    assert "SECRET" not in captured.err + captured.out
+    logs = list((tmp_path / "cache" / "fedtune" / "logs").glob("fedtune-error-*.log"))
+    assert len(logs) == 1 and f"the traceback is in {logs[0]}" in captured.err
+    text = logs[0].read_text()
+    assert "Traceback" in text and "RuntimeError: broken while holding 18 characters" in text
+    assert "in broken" in text and "SECRET-RECORD-TEXT" not in text
+
+
+def test_out_into_an_unrelated_non_empty_folder_is_refused(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"not a run")
+    result = run_fedtune("simulate", "--out", str(folder), timeout=120)
+    assert result.returncode == 3
+    lines = _lines(result.stderr)
+    assert len(lines) == 1 and "is a non-empty folder that is not a fedtune run" in lines[0], result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["holiday.jpg"]
+
+
+def test_round_table_names_delta_beside_epsilon():
+    import io
+
+    from rich.console import Console
+
+    from common.tasks import get_task
+    from server.round_table import RoundTable
+
+    buffer = io.StringIO()
+    table = RoundTable(get_task("classification"), Console(file=buffer, width=200), delta=1e-5)
+    table.add({"round": 1, "clients_trained": 1, "seconds": 2.0, "test_accuracy": 0.5, "test_macro_f1": 0.4,
+               "clients": {"client-0": {"train_loss": 1.0, "epsilon": 2.5}}})
+    assert "max ε (δ=1e-05)" in buffer.getvalue() and "2.500" in buffer.getvalue()
+
+
+def test_each_client_reports_its_steps_and_the_status_line_counts_them(tiny_config, tmp_path):
+    """The real ClientApp with its progress mod, in one process: every client's file reaches its
+    planned DP steps, and the status line a terminal shows counts the trained clients."""
+    import io
+
+    from rich.console import Console
+
+    from client.app import build_client_app
+    from simulations import inprocess
+    from simulations.progress import RoundProgress, describe
+
+    config = tiny_config(num_rounds=1, secure_aggregation=False)
+    progress = tmp_path / "progress"
+    started = time.time()
+    app = build_client_app(config=config, ledger_root=tmp_path / "run" / "ledgers", progress_dir=progress)
+    grid, run_dir = inprocess.federation(config, tmp_path / "run", client_app=app)
+    inprocess.run(grid, config, run_dir)
+    states = {p.stem: json.loads(p.read_text()) for p in progress.glob("*.json")}
+    steps = inprocess.metrics(run_dir.path)[0]["clients"]["client-0"]["steps"]
+    assert set(states) == {"client-0", "client-1"} and states["client-0"] == {**states["client-0"], "step": steps,
+                                                                             "steps": steps}
+    assert describe(progress, round_number=1, since=started, clients=2).startswith("round 1: 2/2 clients trained")
+    assert "0/2 clients trained" in describe(progress, round_number=2, since=time.time() + 1, clients=2)
+    screen = io.StringIO()
+    with RoundProgress(progress, Console(file=screen, force_terminal=True, width=120), clients=2, first_round=1,
+                       enabled=True) as shown:
+        shown.since = started
+        time.sleep(0.8)
+    assert "2/2 clients trained" in screen.getvalue()
+    quiet = io.StringIO()
+    with RoundProgress(progress, Console(file=quiet, width=120), clients=2, first_round=1, enabled=True):
+        time.sleep(0.6)
+    assert quiet.getvalue() == ""  # not a terminal: no status line
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_the_simulation_and_names_the_resume_command(tiny_config, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: out within seconds, exit 130,
+    no traceback, the checkpointed round and the exact resume command; the resume then finishes
+    with --json (stdout: the summary alone)."""
+    config = tiny_config(num_rounds=2)
+    out = tmp_path / "run"
+    keys = dict(model=config.model, data=config.data, num_clients=2, clients_per_round=2, batch_size=16,
+                max_length=24, learning_rate=0.01, lora_variant="lora", lora_rank=4, target_epsilon=4.0,
+                head_learning_rate=0.05, num_rounds=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--quiet", "--out", str(out),
+                                *set_args(**keys)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    os.killpg(process.pid, signal.SIGINT)
+    sent = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "ActorDiedError" not in stderr, stderr
+    assert stdout == ""  # --quiet: no table, and no summary for a run that did not finish
+    done = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["round"]
+    assert f"interrupted: round {done} of 2 is checkpointed in {out}" in stderr, stderr
+    assert f"resume with: fedtune simulate --resume {out}" in stderr
+    time.sleep(1)
+    import psutil
+
+    left = [p.info for p in psutil.process_iter(["pid", "status", "cmdline"])
+            if _group_of(p.pid) == process.pid and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, left  # Ray is torn down with it (exited children only wait to be reaped)
+    resumed = run_fedtune("simulate", "--resume", str(out), "--json", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)  # stdout holds the summary alone
+    assert summary["rounds_completed"] == 2 and summary["target_delta"] == 1e-05
+    assert "DP-SGD ε≤4 at δ=1e-05" in resumed.stderr and "max ε (δ=1e-05)" in resumed.stderr
+    assert not (out / "progress").exists()
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
