@@ -250,7 +250,7 @@ def test_malformed_or_truncated_ledgers_fail_verification_cleanly(dp_run, tmp_pa
 
 
 def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
-    _, original = dp_run
+    config, original = dp_run
     run = _copy(original, tmp_path)
     result = run_fedtune("audit", str(run), "--report", timeout=300)
     assert result.returncode == 0, result.stderr
@@ -259,9 +259,11 @@ def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
     for name in ("epsilon_per_round.png", "test_accuracy.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (run / "report.html").read_text()
-    assert '<img src="epsilon_per_round.png"' in html and "clean" in html
+    assert '<img src="data:image/png;base64,' in html and "consistent (keys not pinned" in html
     markdown = (run / "report.md").read_text()
-    assert markdown.startswith("# Privacy audit: clean") and "| client-2 | 2 | trained |" in markdown
+    assert markdown.startswith("# Privacy report: consistent (keys not pinned")
+    assert "| client-2 | 2 | trained |" in markdown
+    assert f"| {config.target_delta:g} | one training record |" in markdown
 
 
 def test_plan_and_run_agree_exactly(dp_run):

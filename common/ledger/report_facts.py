@@ -44,7 +44,7 @@ class ClientGuarantee:
 
     @property
     def unit(self) -> str:
-        return f"one training record of {self.client_id}"
+        return "one training record"  # of this client: its guarantee is per institution
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RunFacts:
     report_date: str
     fedtune_version: str
     task: str
-    data: str
+    data: str | None  # the config's data source: "default" or the path the operator gave
     test_examples: int | None
     rounds: int
     clients: list[ClientGuarantee] = field(default_factory=list)
@@ -74,7 +74,7 @@ def gather_facts(*, result: AuditResult, run_dir: Path | None) -> RunFacts:
         report_date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         fedtune_version=_version(),
         task=str(summary.get("task") or config.get("task") or "not recorded"),
-        data=str(config.get("data", "not recorded")),
+        data=str(config["data"]) if "data" in config else None,
         test_examples=_int(summary.get("test_examples")),
         rounds=max((r.round for r in result.rows), default=0),
         clients=[_guarantee(owner, rs, config, result) for owner, rs in records.items()],

@@ -17,9 +17,9 @@ from common.ledger.report_tables import (GUARANTEE_HEADER, GUARANTEE_NOTE, ROUND
                                          round_rows, run_lines)
 
 COLOURS = {"pinned": "#1a7f37", "unpinned": "#0969da", 1: "#cf222e", 2: "#9a6700"}
-STYLE = """body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#1f2328}
-table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #d0d7de;padding:.25em .5em;text-align:right}
-th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}.verdict{padding:.6em 1em;border-radius:6px;
+STYLE = """body{font-family:system-ui,sans-serif;max-width:84em;margin:2em auto;padding:0 1em;color:#1f2328}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #d0d7de;padding:.25em .5em;text-align:right;white-space:nowrap}
+th{background:#f6f8fa;white-space:normal;vertical-align:bottom}td:first-child,th:first-child{text-align:left}.verdict{padding:.6em 1em;border-radius:6px;
 color:#fff;display:inline-block}dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}
 dd{margin:0}img{max-width:100%;height:auto}.note{color:#57606a;font-size:.95em}"""
 

@@ -17,7 +17,7 @@ def guarantee_rows(facts: RunFacts) -> list[list[str]]:
             for c in facts.clients]
 
 
-GUARANTEE_HEADER = ["client", "ε (signed)", "ε (re-checked)", "ε budget", "δ", "unit of privacy",
+GUARANTEE_HEADER = ["client", "ε (signed)", "ε (re-checked)", "ε budget", "δ", "unit of privacy (this client's)",
                     "train records", "clipping bound C", "σ (noise multiplier)", "q (sampling rate)",
                     "rounds / steps", "signed with"]
 
@@ -49,5 +49,6 @@ def run_lines(facts: RunFacts) -> list[str]:
     test = "not recorded" if facts.test_examples is None else f"{facts.test_examples} records (held by the server)"
     return [f"Run id: {facts.run_id}", f"Run: {facts.run_dates}", f"Report: {facts.report_date}",
             f"fedtune version: {facts.fedtune_version}", f"Task: {facts.task}, {facts.rounds} rounds",
-            f"Data: {facts.data} (config.toml); training records per client (signed): {records}; test split: {test}",
+            f"Data: {'' if facts.data is None else facts.data + ' (config.toml); '}training records per client "
+            f"(signed): {records}; test split: {test}",
             f"Signed by: each client's own accountant (column 'signed with'); re-checked by the audit: {RECHECK}"]
