@@ -280,3 +280,21 @@ def test_plan_and_run_agree_exactly(dp_run):
         assert plan["noise_multiplier"] == records[0]["noise_multiplier"]
         assert plan["sample_rate"] == records[0]["sample_rate"]
         assert [r["epsilon"] for r in plan["rounds"]] == [r["epsilon"] for r in records]
+
+
+def test_the_quick_recomputation_is_a_close_upper_bound_and_composes_like_dp_accounting():
+    """The audit recomputes at a coarser discretization (10x faster) and confirms at the default
+    before flagging: the quick value must bound the precise one from above, within 1%."""
+    from dp_accounting import dp_event, pld
+
+    from common.privacy.accounting import QUICK_INTERVAL, independent_epsilon
+
+    for history in ([(0.8148193359375, 0.1855072463768116, 15)], [(0.5, 0.05, 200)], [(2.0, 0.01, 10)],
+                    [(0.8148193359375, 0.1855072463768116, 5), (0.9, 0.1, 7)]):
+        precise = independent_epsilon(history, 1e-5)
+        assert precise <= independent_epsilon(history, 1e-5, interval=QUICK_INTERVAL) <= precise * 1.01
+    accountant = pld.PLDAccountant()  # the library's own composition of the same two-part history
+    accountant.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
+        for s, q, n in history]))
+    assert independent_epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
