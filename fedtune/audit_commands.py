@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -38,7 +39,10 @@ def audit(
     receipts: list[Path] = typer.Option([], "--receipt", help="A receipt an institution signed "
                                         "(`fedtune receipt`); repeat for each."),
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
-    report: bool = typer.Option(False, "--report", help="Write report.md and report.html (with plots) beside the run."),
+    report: bool = typer.Option(False, "--report", help="Write the privacy report (report.md, and report.html with "
+                                "its plots embedded) beside the run, or into --out."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --report: the folder to write it into (new, empty "
+                                       "or a previous report's), e.g. when the run directory is read-only."),
     mechanism: list[str] = typer.Option([], "--mechanism", help="CLIENT: also run that client's DP-SGD step on "
                                         "canaries with its recorded sigma, q and C, and bound epsilon from below "
                                         "(about a minute; repeatable)."),
@@ -46,6 +50,12 @@ def audit(
     """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
     from fedtune.audit_view import print_audit
     from common.ledger.audit import audit_run
+    from common.ledger.report import check_out_dir
+
+    if out is not None and not report:
+        raise FedtuneError("--out names where the report goes: add --report")
+    if out is not None:
+        check_out_dir(out)  # before the audit's work, not after
 
     pinned = {}
     for item in public_keys:
@@ -53,7 +63,9 @@ def audit(
         if not sep or not name or not path:
             raise FedtuneError(f"--public-key expects NAME=FILE, got {item!r}")
         pinned[name] = Path(path)
-    result = audit_run(target=target, pinned_keys=pinned, receipts=list(receipts))
+    with err.status("auditing the ledgers...") as status:  # a spinner on a terminal, silent when piped
+        result = audit_run(target=target, pinned_keys=pinned, receipts=list(receipts),
+                           progress=lambda text: status.update(text + "..."))
     checks = [_check_mechanism(target, client, quiet=as_json) for client in mechanism]
     for client, check in zip(mechanism, checks):
         if check.finding:
@@ -73,15 +85,18 @@ def audit(
     else:
         print_audit(result, console())
     if report:
-        from common.ledger.report import write_report
-        from common.tasks import TASK_NAMES, get_task
-
-        out_dir = target if target.is_dir() and (target / "ledgers").is_dir() else \
-            (target.parent if target.is_file() else target)
-        files = write_report(result=result, out_dir=out_dir,
-                             test_metrics=tuple(get_task(name).headline_metric for name in TASK_NAMES))
-        err.print("wrote " + ", ".join(str(f) for f in files))
+        _write_report(result, target, out)
     raise typer.Exit(result.exit_code)
+
+
+def _write_report(result, target: Path, out: Path | None) -> None:
+    from common.ledger.report import write_report
+
+    run_dir = target if target.is_dir() and (target / "ledgers").is_dir() else None
+    out_dir = out or run_dir or (target.parent if target.is_file() else target)
+    with err.status("writing the report and its plots..."):
+        files = write_report(result=result, run_dir=run_dir, out_dir=out_dir)
+    err.print("wrote " + ", ".join(str(f) for f in files), highlight=False, soft_wrap=True)
 
 
 def _check_mechanism(target: Path, client: str, *, quiet: bool):

@@ -8,6 +8,7 @@ from rich.table import Table
 from common.ledger.audit import AuditResult
 
 VERDICT_STYLE = {0: "bold green", 1: "bold red", 2: "bold yellow"}
+UNPINNED_STYLE = "bold cyan"  # consistent, but on keys the run directory supplied: not the green of "clean"
 
 
 def _num(value, pattern: str = ".4f") -> str:
@@ -17,13 +18,13 @@ def _num(value, pattern: str = ".4f") -> str:
 def print_audit(result: AuditResult, console: Console) -> None:
     table = Table(title="Privacy spend per client per round")
     for column in ("client", "round", "status", "steps", "sigma", "q", "claimed ε", "recomputed ε",
-                   "budget", "check"):
+                   "budget", "δ", "check"):
         table.add_column(column, justify="left" if column in ("client", "status", "check") else "right")
     for row in result.rows:
         check = "[green]ok[/green]" if not row.flags else "[red]" + ", ".join(row.flags) + "[/red]"
         table.add_row(row.client_id, str(row.round), row.status, str(row.steps), _num(row.noise_multiplier),
                       _num(row.sample_rate), _num(row.claimed_epsilon), _num(row.recomputed_epsilon),
-                      _num(row.target_epsilon, "g"), check)
+                      _num(row.target_epsilon, "g"), _num(row.delta, "g"), check)
     console.print(table)
     for ledger in result.ledgers:
         state = "[green]chain and signatures verify[/green]" if not ledger.problems else \
@@ -40,4 +41,5 @@ def print_audit(result: AuditResult, console: Console) -> None:
         console.print(f"  [yellow]OVER BUDGET[/yellow] {breach}", soft_wrap=True)
     for breach in result.policy_breaches:
         console.print(f"  [yellow]POLICY[/yellow] {breach}", soft_wrap=True)
-    console.print(f"Verdict: [{VERDICT_STYLE[result.exit_code]}]{result.verdict}[/] (exit {result.exit_code})")
+    style = VERDICT_STYLE[result.exit_code] if result.exit_code or result.keys_pinned else UNPINNED_STYLE
+    console.print(f"Verdict: [{style}]{result.verdict_text}[/] (exit {result.exit_code})", soft_wrap=True)

@@ -250,7 +250,7 @@ def test_malformed_or_truncated_ledgers_fail_verification_cleanly(dp_run, tmp_pa
 
 
 def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
-    _, original = dp_run
+    config, original = dp_run
     run = _copy(original, tmp_path)
     result = run_fedtune("audit", str(run), "--report", timeout=300)
     assert result.returncode == 0, result.stderr
@@ -259,9 +259,11 @@ def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
     for name in ("epsilon_per_round.png", "test_accuracy.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (run / "report.html").read_text()
-    assert '<img src="epsilon_per_round.png"' in html and "clean" in html
+    assert '<img src="data:image/png;base64,' in html and "consistent (keys not pinned" in html
     markdown = (run / "report.md").read_text()
-    assert markdown.startswith("# Privacy audit: clean") and "| client-2 | 2 | trained |" in markdown
+    assert markdown.startswith("# Privacy report: consistent (keys not pinned")
+    assert "| client-2 | 2 | trained |" in markdown
+    assert f"| {config.target_delta:g} | one training record |" in markdown
 
 
 def test_plan_and_run_agree_exactly(dp_run):
@@ -278,3 +280,21 @@ def test_plan_and_run_agree_exactly(dp_run):
         assert plan["noise_multiplier"] == records[0]["noise_multiplier"]
         assert plan["sample_rate"] == records[0]["sample_rate"]
         assert [r["epsilon"] for r in plan["rounds"]] == [r["epsilon"] for r in records]
+
+
+def test_the_quick_recomputation_is_a_close_upper_bound_and_composes_like_dp_accounting():
+    """The audit recomputes at a coarser discretization (10x faster) and confirms at the default
+    before flagging: the quick value must bound the precise one from above, within 1%."""
+    from dp_accounting import dp_event, pld
+
+    from common.privacy.accounting import QUICK_INTERVAL, independent_epsilon
+
+    for history in ([(0.8148193359375, 0.1855072463768116, 15)], [(0.5, 0.05, 200)], [(2.0, 0.01, 10)],
+                    [(0.8148193359375, 0.1855072463768116, 5), (0.9, 0.1, 7)]):
+        precise = independent_epsilon(history, 1e-5)
+        assert precise <= independent_epsilon(history, 1e-5, interval=QUICK_INTERVAL) <= precise * 1.01
+    accountant = pld.PLDAccountant()  # the library's own composition of the same two-part history
+    accountant.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
+        for s, q, n in history]))
+    assert independent_epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
