@@ -18,7 +18,7 @@ import time
 
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
-BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check")
+BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency")
 
 
 def main() -> None:

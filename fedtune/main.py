@@ -110,6 +110,7 @@ def plan(
                                     accountant=accountant, noise_multiplier=noise_multiplier,
                                     allow_large_delta=allow_large_delta)
     plan_view.check_request(request, plot)
+    plan_view.load_accountants_without_torch()  # this process only plans: never trains
     schedule = plan_view.schedule_of(request)
     if as_json:
         plan_view.print_json(schedule)

@@ -47,9 +47,32 @@ def check_request(request: PlanRequest, plot: Path | None) -> None:
         raise FedtuneError(f"--plot: folder {plot.parent} does not exist; create it or choose another path")
 
 
+def load_accountants_without_torch() -> None:
+    """Import Opacus' accountants (numpy and scipy) without Opacus' package, which loads torch.
+
+    `fedtune plan` needs only the accountants, and torch alone is most of a 2-second answer. The
+    accountant code that runs is Opacus' own; only its package `__init__` (the trainer's torch
+    parts) and the `DPOptimizer` its type hints name are stood in. Call this only in a process
+    that will never train: a later `import opacus` there would find the stand-in.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "opacus" in sys.modules:
+        return
+    spec = importlib.util.find_spec("opacus")
+    package = types.ModuleType("opacus")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    optimizers = types.ModuleType("opacus.optimizers")
+    optimizers.DPOptimizer = object  # only a type annotation in opacus/accountants/accountant.py
+    sys.modules.update({"opacus": package, "opacus.optimizers": optimizers})
+    import opacus.accountants  # noqa: F401  (now loads without torch)
+
+
 def schedule_of(request: PlanRequest) -> dict:
     """The schedule, with each round a client's budget guard would refuse marked."""
-    from common.privacy.plan import privacy_schedule  # Opacus and torch: only once the input is valid
+    from common.privacy.plan import privacy_schedule  # the accountants load only once the input is valid
 
     schedule = privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
                                 local_epochs=request.local_epochs, rounds=request.rounds,

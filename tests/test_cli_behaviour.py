@@ -52,20 +52,17 @@ def test_help_alias_exit_codes_and_version():
     assert last == "0 False"
 
 
-def test_plan_rejects_cheap_mistakes_in_well_under_two_seconds():
+def test_plan_rejects_cheap_mistakes_with_one_line():  # its speed: benchmarks/cli_latency.py
     for args, expected in [
         (["--target-epsilon", "0"], "'target-epsilon' must be a positive number"),
         (["--plot", "/nonexistent/dir/x.png"], "--plot: folder /nonexistent/dir does not exist"),
         (["--delta", "0.5"], "--delta 0.5 is not below 1/1000"),
     ]:
-        start = time.monotonic()
         result = run_fedtune("plan", "--dataset-size", "1000", *args, timeout=60)
-        elapsed = time.monotonic() - start
         assert result.returncode == 3, result.stderr
         lines = _lines(result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr and "locals" not in result.stderr
-        assert elapsed < 2.0, (args, elapsed)
 
 
 def test_plan_shows_delta_and_says_when_clients_would_refuse():

@@ -6,10 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from common.errors import FedtuneError
 from common.privacy.accounting import HistoryEntry, compose, epsilon_of
+from common.privacy.calibration import UnreachableBudget, calibrate_sigma
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,12 @@ def plan_privacy(*, num_examples: int, batch_size: int, local_epochs: int, num_r
     sample_rate, steps_per_round = sampling_schedule(num_examples=num_examples, batch_size=batch_size,
                                                      local_epochs=local_epochs)
     if noise_multiplier <= 0:
+        steps = num_rounds * steps_per_round
         try:
-            noise_multiplier = get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                steps=num_rounds * steps_per_round, accountant=accountant, epsilon_tolerance=0.01)
-        except ValueError as exc:
+            noise_multiplier = calibrate_sigma(
+                lambda sigma: epsilon_of([(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant),
+                target_epsilon=target_epsilon, tolerance=0.01)
+        except UnreachableBudget as exc:
             raise FedtuneError(f"cannot reach epsilon {target_epsilon} at delta {target_delta} with "
                                f"{num_rounds} rounds of {steps_per_round} steps: {exc} "
                                f"Raise target-epsilon or lower num-rounds/local-epochs") from None
