@@ -156,7 +156,9 @@ def test_each_client_reports_its_steps_and_the_status_line_counts_them(tiny_conf
     with RoundProgress(progress, Console(file=screen, force_terminal=True, width=120), clients=2, first_round=1,
                        enabled=True) as shown:
         shown.since = started
-        time.sleep(0.8)
+        deadline = time.monotonic() + 15  # the line refreshes every 0.5 s; a loaded machine may be slower
+        while "2/2 clients trained" not in screen.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.1)
     assert "2/2 clients trained" in screen.getvalue()
     quiet = io.StringIO()
     with RoundProgress(progress, Console(file=quiet, width=120), clients=2, first_round=1, enabled=True):
