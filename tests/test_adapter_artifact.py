@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,13 @@ def test_model_card_of_a_causal_lm_without_dp_has_no_labels_and_says_there_is_no
     assert meta["pipeline_tag"] == "text-generation" and "differential-privacy" not in meta["tags"]
     assert "## Labels" not in card and "AutoModelForCausalLM" in card
     assert "No differential privacy" in card and "secure aggregation: off" in card
+
+
+def test_model_card_of_a_causal_lm_reports_the_base_models_scores_beside_the_final_ones():
+    summary = {"rounds_completed": 3, "test_loss": 2.5, "test_perplexity": 12.18, "base_loss": 3.5,
+               "base_perplexity": 33.12}
+    card = model_card(replace(_facts(RunConfig(task="causal-lm"), labels=()), summary=summary))
+    assert "test_perplexity: 12.1800" in card and "base_perplexity: 33.1200" in card
 
 
 def test_base_reference_is_the_packaged_name_or_the_users_path_plus_the_weights_hash(tiny_model_dir):
