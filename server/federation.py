@@ -2,7 +2,8 @@
 
 Build the model and the global adapter, restore a checkpoint when resuming, evaluate on the
 test split, aggregate with SecAgg+ (or plain FedAvg), and after each round hand the outcome to
-the RoundRecorder; at the end save the adapter and write summary.json (and samples.md).
+the RoundRecorder; at the end export the adapter (with its model card, server/model_card.py) and
+write summary.json (and samples.md).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import timeit
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Context
@@ -21,14 +23,17 @@ from common.config import RunConfig
 from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
+from common.models.artifact import is_sequence_classifier
+from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.run_data import federated_splits
-from common.storage import file_digests
+from common.storage import atomic_write, file_digests
 from common.tasks import get_task
 from common.tasks.base import GeneratesText, Task
 from server.bookkeeping import run_summary, upload_bytes
 from server.drills import crash_after_fit
+from server.model_card import CardFacts, fedtune_version, model_card
 from server.recorder import RoundCallback, RoundRecorder
 from server.resume import first_round, restore
 from server.rounds import Workflow, plain_fit_workflow, run_rounds
@@ -101,18 +106,38 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
                context=LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_rounds),
                                      strategy=strategy),
                evaluate_clients=config.fraction_evaluate > 0, after_round=recorder.after_round)
-    save_adapter(model=model, arrays=strategy.global_arrays, out_dir=run_dir.adapter_dir, tokenizer=tokenizer)
-    ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(run_dir.read_rounds()),
-                                       adapter_sha256=adapter_sha256(strategy.global_arrays),
-                                       files=file_digests(run_dir.adapter_dir)))
     summary = run_summary(task=task, config=config, rounds=run_dir.read_rounds(),
                           initial_scores=tester.scores.get(0, {}), seconds=timeit.default_timer() - started)
     if resume:
         summary["resumed_after_round"] = start_round - 1
+    _export_adapter(config=config, model=model, tokenizer=tokenizer, model_path=model_path, run_dir=run_dir,
+                    arrays=strategy.global_arrays, label_names=tuple(splits.label_names),
+                    test_records=len(splits.test), summary=summary, ledger=ledger)
+    summary["seconds"] = round(timeit.default_timer() - started, 2)
     run_dir.write_summary(summary)
     if samples is not None:  # after the summary: a failed generation loses no result
         samples.write_final(strategy.global_arrays, after_round=len(run_dir.read_rounds()))
     return summary
+
+
+def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, run_dir: RunDirectory,
+                    arrays: list[np.ndarray], label_names: tuple[str, ...], test_records: int, summary: dict,
+                    ledger: Ledger) -> None:
+    """adapter/ as a self-describing Hugging Face artifact (weights, label names, portable base
+    reference, model card), then the server's adapter-saved record over every file in it: written
+    last, so the audit finds exactly the files the record lists."""
+    out = run_dir.adapter_dir
+    classifier = is_sequence_classifier(model)
+    labels = label_names if classifier else ()
+    base = base_model_reference(model=config.model, model_path=model_path, task=config.task)
+    save_adapter(model=model, arrays=arrays, out_dir=out, tokenizer=tokenizer, base=base, label_names=labels,
+                 max_length=config.max_length if classifier else 0)
+    rounds = run_dir.read_rounds()
+    atomic_write(out / "README.md", model_card(CardFacts(
+        config=config, run_id=run_dir.run_id, base=base, label_names=labels, test_records=test_records,
+        rounds=rounds, summary=summary, version=fedtune_version())))
+    ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(rounds),
+                                       adapter_sha256=adapter_sha256(arrays), files=file_digests(out)))
 
 
 def _fit_workflow(config: RunConfig, *, max_client_examples: int, run_id: str) -> tuple[Workflow, float | None]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from common.errors import FedtuneError
+from common.models.artifact import is_sequence_classifier, name_base, save_label_config, save_tokenizer
+from common.models.base_reference import BaseModelReference
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -45,9 +48,17 @@ def arrays_to_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
             param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
 
 
-def save_adapter(*, model, arrays: list[np.ndarray], out_dir: Path, tokenizer=None) -> None:
-    """Write the adapter so `PeftModel.from_pretrained(base, out_dir)` restores it."""
+def save_adapter(*, model, arrays: list[np.ndarray], out_dir: Path, tokenizer=None,
+                 base: BaseModelReference | None = None, label_names: Sequence[str] = (),
+                 max_length: int = 0) -> None:
+    """Write the adapter so `PeftModel.from_pretrained(base, out_dir)` restores it, and so the folder
+    says what it needs and predicts (common/models/artifact.py): the base by a portable name and
+    hash, a classifier's label names in config.json, the tokenizer truncating at `max_length`."""
     arrays_to_adapter(model, arrays)
     model.save_pretrained(str(out_dir))
+    if base is not None:
+        name_base(out_dir=out_dir, base=base)
+    if label_names and is_sequence_classifier(model):
+        save_label_config(model=model, out_dir=out_dir, label_names=label_names)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(tokenizer=tokenizer, out_dir=out_dir, max_length=max_length)
