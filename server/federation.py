@@ -108,6 +108,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
                evaluate_clients=config.fraction_evaluate > 0, after_round=recorder.after_round)
     summary = run_summary(task=task, config=config, rounds=run_dir.read_rounds(),
                           initial_scores=tester.scores.get(0, {}), seconds=timeit.default_timer() - started)
+    summary["test_examples"] = len(splits.test)  # the coordinator's held-out split (the report's data line)
     if resume:
         summary["resumed_after_round"] = start_round - 1
     _export_adapter(config=config, model=model, tokenizer=tokenizer, model_path=model_path, run_dir=run_dir,
