@@ -39,7 +39,7 @@ def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None
     try:
         return _run(grid=grid, context=context, console=console)
     except FedtuneError as exc:  # one line the user can act on, above Flower's own report
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise
 
 
