@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 		apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
 		echo "chromium not installed: the report's browser test will skip"
+	# `flwr run .` offline: Flower's local SuperLink would otherwise `uv sync` the app's dependencies
+	# (a CUDA torch, GBs) into a fresh environment per run. This venv already holds them; every
+	# Python of this venv starts with the switch set (a .pth line), so `.venv/bin/flwr run .` just works.
+	echo 'import os; os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")' \
+		> "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fedtune-flwr-offline.pth"
 	touch $(STAMP)
 
 demo: setup

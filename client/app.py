@@ -4,7 +4,9 @@
 policy comes from its own node config with safe defaults (common/privacy/policy.py); the job
 may tighten it, a job that loosens it is refused. `build_client_app` gives the same app bound
 to an already-resolved config, as `fedtune simulate` uses it: there the researcher holds every
-node, so the run config is the policy (node config keys may still tighten it).
+node, so the run config is the policy (node config keys may still tighten it). `flwr run` on a
+simulation federation is the same case: inside Flower's simulation runtime the run config is
+bound and the ledgers go under the run's directory (common/flwr_run.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ from client.secure_aggregation import SecAggNode, secure_aggregation_mod
 from client.trainer import step_progress_file
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node
 from common.ledger.chain import signing_key
 from common.privacy.policy import NodePolicy
 from common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
 
-SIMULATION_ROSTER = "roster.json"  # in a simulation's ledger root: `fedtune simulate` writes it
+
+def binding(context: Context, config: RunConfig | None,
+            ledger_root: Path | None) -> tuple[RunConfig | None, Path | None]:
+    """The config and ledger root a simulation binds: `fedtune simulate`'s own, or, for `flwr run`
+    in Flower's simulation runtime, the run config and the run directory's ledgers/. A SuperNode
+    binds nothing: the job is only a request, and its node config says where it writes."""
+    if config is not None or not in_simulated_node():
+        return config, ledger_root
+    job = job_of(context, None)
+    return job, flwr_run_dir(output_dir=job.output_dir, flower_run_id=context.run_id) / "ledgers"
 
 
 def _ledger_dir(context: Context, ledger_root: Path | None, client_id: str) -> Path:
@@ -99,9 +111,10 @@ def client_fn_of(*, config: RunConfig | None, ledger_root: Path | None) -> Calla
 
     def client_fn(context: Context) -> Client:
         node = NodeData.from_node_config(dict(context.node_config))
-        client = FedtuneClient(config=job_of(context, config), policy=policy_of(context, config), node=node,
+        bound, root = binding(context, config, ledger_root)
+        client = FedtuneClient(config=job_of(context, bound), policy=policy_of(context, bound), node=node,
                                transport=transport_of(context), run_id=str(context.run_id),
-                               ledger_dir=_ledger_dir(context, ledger_root, node.client_id))
+                               ledger_dir=_ledger_dir(context, root, node.client_id))
         cfg = client.config
         if cfg.inject_faults and node.partition_id is not None:  # a drill, in simulation only
             return DrillClient(client, config=cfg, partition_id=node.partition_id).to_client()
@@ -127,10 +140,10 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
     with the simulation's roster); `progress_dir` (simulation only) receives each client's steps."""
 
     def run_config(context: Context) -> RunConfig:
-        return resolve_config(context, config)
+        return resolve_config(context, binding(context, config, ledger_root)[0])
 
     def secagg_node(context: Context) -> SecAggNode:
-        return secagg_node_of(context, config, ledger_root)
+        return secagg_node_of(context, *binding(context, config, ledger_root))
 
     # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
     return ClientApp(client_fn=client_fn_of(config=config, ledger_root=ledger_root),

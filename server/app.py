@@ -1,8 +1,8 @@
 """The fedtune ServerApp.
 
-`app` is what `flwr run` loads (config from the Flower run config, outputs under runs/);
-`build_server_app` binds a resolved config, run directory and progress callback, as
-`fedtune simulate` uses it.
+`app` is what `flwr run` loads (server/flwr_run.py: config from the Flower run config, outputs
+under runs/, the round table and summary printed); `build_server_app` binds a resolved config,
+run directory and progress callback, as `fedtune simulate` uses it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from server.federation import run_federation
+from server.flwr_run import run_flwr_job
 from server.recorder import RoundCallback
 from server.run_directory import RunDirectory, default_run_dir
 
@@ -27,12 +28,14 @@ def build_server_app(*, config: RunConfig | None = None, run_dir: Path | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config if config is not None else RunConfig.from_mapping(context.run_config)
+        if config is None:  # `flwr run`: the job is Flower's run config
+            run_flwr_job(grid=grid, context=context)
+            return
         if resume:
             directory = RunDirectory.open_existing(run_dir)
         else:
-            directory = RunDirectory.create(path=run_dir or Path(cfg.output_dir or default_run_dir()), config=cfg)
-        summary = run_federation(grid=grid, context=context, config=cfg, run_dir=directory, on_round=on_round,
+            directory = RunDirectory.create(path=run_dir or Path(config.output_dir or default_run_dir()), config=config)
+        summary = run_federation(grid=grid, context=context, config=config, run_dir=directory, on_round=on_round,
                                  resume=resume)
         if results is not None:
             results["summary"] = summary

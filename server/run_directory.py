@@ -1,8 +1,9 @@
 """The run directory: config.toml, run.json (the run's id), metrics.jsonl (a line per round),
-checkpoint.npz, ledgers/, adapter/, summary.json."""
+checkpoint.npz, ledgers/ (in a simulation with the clients' keys and roster), adapter/, summary.json."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from datetime import datetime, timezone
@@ -10,7 +11,12 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.flwr_run import SIMULATION_ROSTER
+from common.ledger.chain import PUBLIC_KEY_FILE, create_ledger_keys
+from common.secure_aggregation.roster import Roster, public_key_file
 from common.storage import append_line, atomic_write, json_safe
+
+ROSTER_DAYS = 30  # a simulation's roster is rewritten (same keys, new date) whenever it starts or resumes
 
 
 def default_run_dir() -> Path:
@@ -72,3 +78,19 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+
+
+def write_simulation_roster(ledger_root: Path, *, num_clients: int) -> Path:
+    """One researcher holds every node of a simulation (`fedtune simulate`, or `flwr run` on a
+    simulation federation): it makes each client's identity (ledger) key and the roster pinning
+    them, as institutions would out of band (`fedtune roster build`)."""
+    members = {}
+    for partition in range(num_clients):
+        directory = ledger_root / f"client-{partition}"
+        if not (directory / PUBLIC_KEY_FILE).exists():
+            create_ledger_keys(directory)
+        members[f"client-{partition}"] = public_key_file(directory / PUBLIC_KEY_FILE)
+    roster = Roster.of_members(members, federation="simulation",
+                               expires=dt.date.today() + dt.timedelta(days=ROSTER_DAYS))
+    roster.write(ledger_root / SIMULATION_ROSTER)
+    return ledger_root / SIMULATION_ROSTER

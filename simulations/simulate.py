@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from pathlib import Path
@@ -12,21 +11,18 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.ledger.chain import PUBLIC_KEY_FILE, create_ledger_keys
 from common.privacy.plan import plan_privacy
 from common.privacy.policy import NodePolicy
 from common.run_data import federated_splits
-from common.secure_aggregation.roster import Roster, public_key_file
 from common.tasks import get_task
 from server.checkpoint import Checkpoint
-from server.run_directory import RunDirectory, default_run_dir
+from server.run_directory import RunDirectory, default_run_dir, write_simulation_roster
 from server.round_table import RoundTable
 from simulations.interrupt import StopOnInterrupt
 from simulations.progress import PROGRESS_DIR, RoundProgress
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
-ROSTER_DAYS = 30  # a simulation's roster is rewritten (same keys, new date) whenever it starts or resumes
 
 
 def preflight(config: RunConfig, console: Console) -> None:
@@ -133,19 +129,3 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
                            f"(rerun with --verbose) and {run_dir}")
     return results["summary"]
 
-
-def write_simulation_roster(ledger_root: Path, *, num_clients: int) -> Path:
-    """One researcher holds every node of a simulation: it makes each client's identity (ledger)
-    key and the roster pinning them, as institutions would out of band (`fedtune roster build`)."""
-    from client.app import SIMULATION_ROSTER  # the roster the simulated nodes pin
-
-    members = {}
-    for partition in range(num_clients):
-        directory = ledger_root / f"client-{partition}"
-        if not (directory / PUBLIC_KEY_FILE).exists():
-            create_ledger_keys(directory)
-        members[f"client-{partition}"] = public_key_file(directory / PUBLIC_KEY_FILE)
-    roster = Roster.of_members(members, federation="simulation",
-                               expires=dt.date.today() + dt.timedelta(days=ROSTER_DAYS))
-    roster.write(ledger_root / SIMULATION_ROSTER)
-    return ledger_root / SIMULATION_ROSTER

@@ -1,0 +1,86 @@
+"""`flwr run`'s ServerApp: the job from Flower's run config, outputs in one run directory, and the
+same round table and summary JSON as `fedtune simulate` (streamed with `flwr run --stream`).
+
+On a simulation federation (Flower's in-memory grid) one researcher holds every node: the
+ServerApp checks that the federation has `num-clients` SuperNodes and writes the clients' keys
+and roster under the run directory, where the simulated ClientApps keep their ledgers
+(common/flwr_run.py). In a deployment it does neither: institutions keep their own keys and pin
+their own roster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
+from rich.console import Console
+
+from common.config import RunConfig
+from common.errors import FedtuneError
+from common.flwr_run import flwr_run_dir
+from common.tasks import get_task
+from server.federation import run_federation
+from server.round_table import RoundTable
+from server.run_directory import RunDirectory, write_simulation_roster
+
+NODE_WAIT_S = 60.0  # the simulation engine registers its SuperNodes while the ServerApp loads
+
+
+def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None) -> dict:
+    """Run the job `flwr run` submitted and print its table and summary; returns the summary."""
+    console = console or Console()
+    # Opacus configures the root logger on import, so every Flower record (DEBUG included) would
+    # print twice; Flower's own handler on "flwr" still prints each INFO line once.
+    logging.getLogger("flwr").propagate = False
+    try:
+        return _run(grid=grid, context=context, console=console)
+    except FedtuneError as exc:  # one line the user can act on, above Flower's own report
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise
+
+
+def _run(*, grid: Grid, context: Context, console: Console) -> dict:
+    config = RunConfig.from_mapping(context.run_config)
+    path = flwr_run_dir(output_dir=config.output_dir, flower_run_id=context.run_id).absolute()
+    simulated = isinstance(grid, InMemoryGrid)  # only Flower's simulation runtime makes one
+    if simulated:
+        check_federation_size(grid, config)
+    directory = RunDirectory.create(path=path, config=config)
+    if simulated and config.secure_aggregation:
+        write_simulation_roster(path / "ledgers", num_clients=config.num_clients)
+    console.print(f"{'Simulating' if simulated else 'Coordinating'} {config.num_clients} clients, "
+                  f"{config.num_rounds} rounds, "
+                  f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "
+                  f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {path}", highlight=False,
+                  soft_wrap=True)
+    table = RoundTable(get_task(config.task), console)
+    summary = run_federation(grid=grid, context=context, config=config, run_dir=directory, on_round=table.add)
+    console.print_json(json.dumps(summary))
+    return summary
+
+
+def check_federation_size(grid: Grid, config: RunConfig, *, wait_s: float = NODE_WAIT_S) -> int:
+    """A simulation's SuperNodes are its clients: partition N of num-clients is SuperNode N's data,
+    so the federation must have exactly num-clients of them (Flower's default is 2)."""
+    count = settled_node_count(grid, wait_s=wait_s)
+    if count != config.num_clients:
+        raise FedtuneError(
+            f"this simulation federation has {count} SuperNodes but num-clients={config.num_clients}: run "
+            f"`flwr run . --federation-config num-supernodes={config.num_clients}`, or set --run-config "
+            f"\"num-clients={count} clients-per-round={min(count, config.clients_per_round)}\"")
+    return count
+
+
+def settled_node_count(grid: Grid, *, wait_s: float, interval_s: float = 0.5) -> int:
+    """The number of registered nodes once it stops changing (0 if none registered within wait_s)."""
+    deadline, last = time.monotonic() + wait_s, -1
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if (count and count == last) or time.monotonic() > deadline:
+            return count
+        last = count
+        time.sleep(interval_s)
