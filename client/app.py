@@ -25,7 +25,7 @@ from client.secure_aggregation import SecAggNode, secure_aggregation_mod
 from client.trainer import step_progress_file
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node
+from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node, sized_to_federation
 from common.ledger.chain import signing_key
 from common.privacy.policy import NodePolicy
 from common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
@@ -38,7 +38,8 @@ def binding(context: Context, config: RunConfig | None,
     binds nothing: the job is only a request, and its node config says where it writes."""
     if config is not None or not in_simulated_node():
         return config, ledger_root
-    job = job_of(context, None)
+    job = RunConfig.from_mapping(sized_to_federation(context.run_config,
+                                                     supernodes=int(context.node_config["num-partitions"])))
     return job, flwr_run_dir(output_dir=job.output_dir, flower_run_id=context.run_id) / "ledgers"
 
 

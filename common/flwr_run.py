@@ -14,6 +14,7 @@ only the roster its node config names.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 SIMULATION_ROSTER = "roster.json"  # in a simulation's ledger root, written by the researcher's side
@@ -30,3 +31,13 @@ def in_simulated_node() -> bool:
     if ray is None or not ray.is_initialized():
         return False
     return ray.get_runtime_context().get_actor_id() is not None
+
+
+def sized_to_federation(run_config: Mapping, *, supernodes: int) -> dict:
+    """The run config with `num-clients` = the simulation's SuperNodes when the job left it unset
+    (0): plain `flwr run .` is then a federation of Flower's default size. A set value is kept,
+    and the ServerApp refuses a federation of another size."""
+    mapping = dict(run_config)
+    if not int(mapping.get("num-clients") or 0):
+        mapping["num-clients"] = supernodes
+    return mapping

@@ -21,10 +21,9 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.flwr_run import flwr_run_dir
-from common.tasks import get_task
+from common.flwr_run import flwr_run_dir, sized_to_federation
 from server.federation import run_federation
-from server.round_table import RoundTable
+from server.round_table import RoundTable, run_banner
 from server.run_directory import RunDirectory, write_simulation_roster
 
 NODE_WAIT_S = 60.0  # the simulation engine registers its SuperNodes while the ServerApp loads
@@ -44,35 +43,31 @@ def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None
 
 
 def _run(*, grid: Grid, context: Context, console: Console) -> dict:
-    config = RunConfig.from_mapping(context.run_config)
-    path = flwr_run_dir(output_dir=config.output_dir, flower_run_id=context.run_id).absolute()
     simulated = isinstance(grid, InMemoryGrid)  # only Flower's simulation runtime makes one
-    if simulated:
-        check_federation_size(grid, config)
+    config = simulation_config(grid, context.run_config) if simulated else RunConfig.from_mapping(context.run_config)
+    path = flwr_run_dir(output_dir=config.output_dir, flower_run_id=context.run_id).absolute()
     directory = RunDirectory.create(path=path, config=config)
     if simulated and config.secure_aggregation:
         write_simulation_roster(path / "ledgers", num_clients=config.num_clients)
-    console.print(f"{'Simulating' if simulated else 'Coordinating'} {config.num_clients} clients, "
-                  f"{config.num_rounds} rounds, "
-                  f"{'DP-SGD ε≤' + format(config.target_epsilon, 'g') if config.dp else 'no DP'}, "
-                  f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {path}", highlight=False,
-                  soft_wrap=True)
-    table = RoundTable(get_task(config.task), console)
+    console.print(run_banner(config, run_dir=path, verb="Simulating" if simulated else "Coordinating"),
+                  highlight=False, soft_wrap=True)
+    table = RoundTable.for_run(config, console)
     summary = run_federation(grid=grid, context=context, config=config, run_dir=directory, on_round=table.add)
     console.print_json(json.dumps(summary))
     return summary
 
 
-def check_federation_size(grid: Grid, config: RunConfig, *, wait_s: float = NODE_WAIT_S) -> int:
-    """A simulation's SuperNodes are its clients: partition N of num-clients is SuperNode N's data,
-    so the federation must have exactly num-clients of them (Flower's default is 2)."""
+def simulation_config(grid: Grid, run_config, *, wait_s: float = NODE_WAIT_S) -> RunConfig:
+    """A simulation's SuperNodes are its clients (partition N is SuperNode N's data): an unset
+    num-clients takes their number, a set one must equal it (Flower's default is 2 SuperNodes)."""
     count = settled_node_count(grid, wait_s=wait_s)
+    config = RunConfig.from_mapping(sized_to_federation(run_config, supernodes=count))
     if count != config.num_clients:
         raise FedtuneError(
             f"this simulation federation has {count} SuperNodes but num-clients={config.num_clients}: run "
-            f"`flwr run . --federation-config num-supernodes={config.num_clients}`, or set --run-config "
-            f"\"num-clients={count} clients-per-round={min(count, config.clients_per_round)}\"")
-    return count
+            f"`flwr run . --federation-config num-supernodes={config.num_clients}`, or drop num-clients from "
+            f"--run-config to train on {count}")
+    return config
 
 
 def settled_node_count(grid: Grid, *, wait_s: float, interval_s: float = 0.5) -> int:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
+from common.config import RunConfig
+from common.tasks import get_task
 from common.tasks.base import Task
+
+
+def run_banner(config: RunConfig, *, run_dir: Path, verb: str = "Simulating") -> str:
+    """The first line of a run: its size, its privacy (epsilon with its delta) and where it writes."""
+    privacy = f"DP-SGD ε≤{config.target_epsilon:g} at δ={config.target_delta:g}" if config.dp else "no DP"
+    return (f"{verb} {config.num_clients} clients, {config.num_rounds} rounds, {privacy}, "
+            f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
 
 
 def columns(task: Task, delta: float | None = None) -> tuple[str, ...]:
@@ -39,6 +50,11 @@ class RoundTable:
     """Prints the header once, then one aligned row per finished round."""
 
     widths = (5, 7, 10, 9, 10, 7, 7)
+
+    @classmethod
+    def for_run(cls, config: RunConfig, console: Console | None = None) -> RoundTable:
+        """The table of a run: its task's scores, and epsilon at the run's delta (a DP run's)."""
+        return cls(get_task(config.task), console, delta=config.target_delta if config.dp else None)
 
     def __init__(self, task: Task, console: Console | None = None, *, delta: float | None = None) -> None:
         self.task, self.delta = task, delta

@@ -17,7 +17,7 @@ from common.run_data import federated_splits
 from common.tasks import get_task
 from server.checkpoint import Checkpoint
 from server.run_directory import RunDirectory, default_run_dir, write_simulation_roster
-from server.round_table import RoundTable
+from server.round_table import RoundTable, run_banner
 from simulations.interrupt import StopOnInterrupt
 from simulations.progress import PROGRESS_DIR, RoundProgress
 
@@ -64,12 +64,6 @@ def check_out_dir(run_dir: Path, *, resume: bool) -> None:
                            f"or empty folder")
 
 
-def banner(config: RunConfig, run_dir: Path) -> str:
-    privacy = f"DP-SGD ε≤{config.target_epsilon:g} at δ={config.target_delta:g}" if config.dp else "no DP"
-    return (f"Simulating {config.num_clients} clients, {config.num_rounds} rounds, {privacy}, "
-            f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
-
-
 def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
              console: Console | None = None, resume: bool = False, progress: bool = True,
              on_run_dir: Callable[[Path], None] | None = None) -> dict:
@@ -97,9 +91,9 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         logging.getLogger("flwr").setLevel(logging.ERROR)
         if config.inject_faults:  # a drill's vanishing clients are reported by the table, not tracebacks
             logging.getLogger("flwr").addFilter(_hide_injected_faults)
-    table = RoundTable(get_task(config.task), console, delta=config.target_delta if config.dp else None)
+    table = RoundTable.for_run(config, console)
     results: dict = {}
-    console.print(banner(config, run_dir), highlight=False)
+    console.print(run_banner(config, run_dir=run_dir), highlight=False)
     if resume:
         checkpoint = Checkpoint.load(run_dir)
         done = checkpoint.completed_round if checkpoint else 0

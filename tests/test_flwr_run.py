@@ -21,7 +21,7 @@ from common.config import RunConfig
 from common.errors import FedtuneError
 from common.flwr_run import flwr_run_dir
 from common.secure_aggregation.roster import NO_ROSTER
-from server.flwr_run import check_federation_size
+from server.flwr_run import simulation_config
 from server.run_directory import write_simulation_roster
 from tests.deployment import BIN, free_port
 from tests.helpers import ROOT, run_fedtune
@@ -69,15 +69,16 @@ def test_a_simulated_node_keeps_its_ledger_under_the_runs_directory(tmp_path, mo
     assert flwr_run_dir(output_dir="", flower_run_id=42) == Path("runs") / "flwr-42"
 
 
-def test_a_simulation_federation_of_the_wrong_size_is_refused_before_anything_is_written():
+def test_a_simulation_federation_follows_its_size_and_refuses_a_contradicting_num_clients():
     class Grid:
         def get_node_ids(self):
             return [11, 12]
 
     with pytest.raises(FedtuneError, match=r"has 2 SuperNodes but num-clients=3: run `flwr run \. "
                                            r"--federation-config num-supernodes=3`"):
-        check_federation_size(Grid(), RunConfig(num_clients=3, clients_per_round=3), wait_s=0)
-    assert check_federation_size(Grid(), RunConfig(num_clients=2, clients_per_round=2), wait_s=0) == 2
+        simulation_config(Grid(), {"num-clients": 3}, wait_s=0)
+    config = simulation_config(Grid(), {"num-clients": 0, "clients-per-round": 0}, wait_s=0)  # pyproject's
+    assert (config.num_clients, config.clients_per_round) == (2, 2)
 
 
 def offline_environment(home: Path, uv_cache: Path) -> dict[str, str]:
