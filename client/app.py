@@ -38,8 +38,9 @@ def binding(context: Context, config: RunConfig | None,
     binds nothing: the job is only a request, and its node config says where it writes."""
     if config is not None or not in_simulated_node():
         return config, ledger_root
-    job = RunConfig.from_mapping(sized_to_federation(context.run_config,
-                                                     supernodes=int(context.node_config["num-partitions"])))
+    supernodes = int(context.node_config.get("num-partitions") or 0)  # Flower's engine sets it
+    run_config = sized_to_federation(context.run_config, supernodes=supernodes) if supernodes else context.run_config
+    job = RunConfig.from_mapping(dict(run_config))
     return job, flwr_run_dir(output_dir=job.output_dir, flower_run_id=context.run_id) / "ledgers"
 
 
