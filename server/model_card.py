@@ -152,7 +152,8 @@ def _data_section(facts: CardFacts) -> str:
 
 def _results_section(summary: dict[str, Any]) -> str:
     scores = [f"- {key}: {value:.4f}" for key, value in summary.items()
-              if key.startswith(("test_", "initial_", "base_")) and isinstance(value, (int, float))]
+              if key.startswith(("test_", "initial_", "base_")) and key != "test_examples"  # a size, in Data
+              and isinstance(value, (int, float))]
     return "\n".join(["## Results", "",
                       f"On the coordinator's test split after {summary.get('rounds_completed', 0)} round(s) "
                       f"(`initial_` and `base_`: before training):", "", *scores, ""])
