@@ -35,12 +35,15 @@ def binding(context: Context, config: RunConfig | None,
             ledger_root: Path | None) -> tuple[RunConfig | None, Path | None]:
     """The config and ledger root a simulation binds: `fedtune simulate`'s own, or, for `flwr run`
     in Flower's simulation runtime, the run config and the run directory's ledgers/. A SuperNode
-    binds nothing: the job is only a request, and its node config says where it writes."""
-    if config is not None or not in_simulated_node():
+    binds nothing: the job is only a request, and its node config says where it writes. Nor does a
+    node whose config names its own data, ledger or roster, or lacks the engine's `num-partitions`,
+    even inside a Ray actor: it is an institution, whatever process it runs in."""
+    node = context.node_config
+    institution = any(key in node for key in ("data", "ledger-dir", "roster"))  # a site's own settings
+    if config is not None or institution or "num-partitions" not in node or not in_simulated_node():
         return config, ledger_root
-    supernodes = int(context.node_config.get("num-partitions") or 0)  # Flower's engine sets it
-    run_config = sized_to_federation(context.run_config, supernodes=supernodes) if supernodes else context.run_config
-    job = RunConfig.from_mapping(dict(run_config))
+    run_config = sized_to_federation(context.run_config, supernodes=int(node["num-partitions"]))
+    job = RunConfig.from_mapping(run_config)
     return job, flwr_run_dir(output_dir=job.output_dir, flower_run_id=context.run_id) / "ledgers"
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from common.errors import FedtuneError
 
 from fedtune import audit_commands
-from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, INPUT_ERROR, console, err
+from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, INPUT_ERROR, console, err, error_line
 
 HELP = "Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."
 # Tracebacks never reach the terminal (main() logs them without local variables); click's own
@@ -226,11 +227,10 @@ def check_node_command(
 
     result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
                         node_config=node_config)
-    shell = console()
     for line in result.passed:
-        shell.print(f"[green]ok[/green]    {line}", highlight=False)
+        console().print(f"[green]ok[/green]    {escape(line)}", highlight=False)
     for line in result.problems:
-        err.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True)
+        error_line(line)
     if result.problems:
         raise typer.Exit(INPUT_ERROR)
 
@@ -256,7 +256,7 @@ def run_node(
                                  "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
                                  *ctx.args])
     for hint in hints:
-        err.print(f"[bold red]error:[/bold red] {hint}", highlight=False, soft_wrap=True)
+        error_line(hint)
     raise typer.Exit(code)
 
 

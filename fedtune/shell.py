@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
@@ -49,7 +50,8 @@ def console(*, stderr: bool = False, quiet: bool = False) -> Console:
 
 
 def error_line(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True, markup=True)
+    """'error: MESSAGE' on stderr; the message is escaped, so a bracket in a path is text, not markup."""
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _log_dirs() -> list[Path]:
@@ -58,16 +60,28 @@ def _log_dirs() -> list[Path]:
     return [*(d for d in log_dir_hint if d.is_dir()), cache, Path.cwd()]
 
 
+def traceback_without_values(exc: BaseException) -> str:
+    """Each exception's type and the code it ran through, never its message or local variables:
+    either may quote a record (`int("<a patient's note>")` puts the note in the message)."""
+    parts = []
+    while exc is not None:
+        frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+        parts.append(f"Traceback (most recent call last):\n{frames}{type(exc).__module__}.{type(exc).__qualname__}\n")
+        exc = exc.__cause__ or exc.__context__
+    return "\n(while handling the one below)\n\n".join(parts)
+
+
 def write_error_log(exc: BaseException) -> Path | None:
-    """The traceback, without local variables (they may hold records of private data)."""
+    """The traceback, without messages or local variables, in a new file only its owner reads."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    text = (f"fedtune {' '.join(sys.argv[1:])}\n{stamp} UTC\n\n"
-            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    text = f"fedtune {sys.argv[1] if len(sys.argv) > 1 else ''}\n{stamp} UTC\n\n{traceback_without_values(exc)}"
     for directory in _log_dirs():
-        path = directory / f"fedtune-error-{stamp}.log"
+        path = directory / f"fedtune-error-{stamp}-{os.getpid()}.log"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(text)
             return path
         except OSError:
             continue
@@ -78,7 +92,8 @@ def report_unexpected(exc: BaseException) -> int:
     """One line on stderr, the traceback in a log file; the exit code to use."""
     path = write_error_log(exc)
     where = f"the traceback is in {path}" if path else "no log file could be written"
-    err.print(f"[bold red]unexpected error:[/bold red] {_summary(exc)} ({where}; please report it)",
+    err.print(f"[bold red]unexpected error:[/bold red] {escape(_summary(exc))} ({where}: the code path only, no "
+              f"messages or values; please report it)",
               highlight=False, soft_wrap=True)
     return UNEXPECTED_ERROR
 

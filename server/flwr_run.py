@@ -18,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
+from rich.markup import escape
 
 from common.config import RunConfig
 from common.errors import FedtuneError
@@ -38,7 +39,7 @@ def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None
     try:
         return _run(grid=grid, context=context, console=console)
     except FedtuneError as exc:  # one line the user can act on, above Flower's own report
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise
 
 

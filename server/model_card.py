@@ -139,15 +139,16 @@ def _usage_section(facts: CardFacts) -> str:
 
 
 def _data_section(facts: CardFacts) -> str:
+    """Totals only: the card travels with the model, and an institution's record count is its own."""
     cfg = facts.config
-    sizes = [f"- {c.client_id}: {c.train_records} training records" for c in client_privacy(facts.rounds)
-             if c.train_records is not None]
+    sizes = [c.train_records for c in client_privacy(facts.rounds) if c.train_records is not None and c.rounds_trained]
+    total = (f"- {sum(sizes)} training records over the {len(sizes)} clients that trained (as they reported "
+             f"them; the data never left them)") if sizes else "- no client trained"
     return "\n".join([
         "## Data", "",
         f"- coordinator's held-out test split: {facts.test_records} records",
         f"- texts truncated to {cfg.max_length} tokens; partitioner `{cfg.partitioner}`",
-        "- each client's training records (as the client reported them; the data never left it):",
-        *[f"  {line}" for line in sizes], ""])
+        total, ""])
 
 
 def _results_section(summary: dict[str, Any]) -> str:
@@ -164,8 +165,10 @@ def _privacy_section(facts: CardFacts) -> str:
     if not cfg.dp:
         return ("## Privacy\n\nNo differential privacy: this run trained without DP-SGD (`dp = false`), so the "
                 "adapter carries no privacy guarantee for the clients' records.\n")
-    rows = [f"| {c.client_id} | {_num(c.epsilon)} | {cfg.target_delta:g} | {_num(c.noise_multiplier)} | "
-            f"{_num(c.sample_rate)} | {c.rounds_trained} | {c.steps} |" for c in client_privacy(facts.rounds)]
+    # sigma and q of a client that never trained would state its data size (q = batch / N) for nothing
+    rows = [f"| {c.client_id} | {_num(c.epsilon)} | {cfg.target_delta:g} | "
+            f"{_num(c.noise_multiplier) if c.rounds_trained else '-'} | {_num(c.sample_rate) if c.rounds_trained else '-'} "
+            f"| {c.rounds_trained} | {c.steps} |" for c in client_privacy(facts.rounds)]
     return "\n".join([
         "## Privacy guarantee", "",
         f"Each client's guarantee is (epsilon, delta)-differential privacy for {UNIT_OF_PRIVACY} "

@@ -76,14 +76,26 @@ def test_model_card_states_task_base_labels_data_metrics_and_each_clients_guaran
     assert "More Information Needed" not in card
     assert "classification" in card and "ab" * 32 in card and "fedtune 0.1.0" in card
     assert "| 0 | 1 |\n| 1 | 2 |\n| 2 | 10 |" in card  # index -> label name, in head order
-    assert "test split: 32 records" in card and "client-0: 120 training records" in card
-    assert "client-1: 150 training records" in card
+    assert "test split: 32 records" in card and "270 training records over the 2 clients that trained" in card
+    assert "120 training records" not in card  # the card travels with the model: no institution's own count
     assert "test_accuracy: 0.8125" in card and "initial_test_accuracy: 0.3333" in card
     assert "one record (one training example) of one client's own data" in card
     assert "delta: 1e-05" in card and "clipping bound C (max-grad-norm): 1" in card
     assert "accountant: prv" in card and "secure aggregation: on (SecAgg+)" in card
     assert "| client-0 | 3.75 | 1e-05 | 0.91 | 0.125 | 2 | 8 |" in card  # epsilon, delta, sigma, q, rounds
     assert "| client-1 | 3 | 1e-05 | 0.87 | 0.1 | 1 | 5 |" in card
+
+
+def test_model_card_gives_no_sigma_or_q_for_a_client_that_never_trained():
+    """q = batch / N: a refusing client's sample rate would publish its data size for nothing."""
+    refused = [{"round": 1, "clients": {"client-0": _entry(epsilon=2.0, noise_multiplier=0.9, sample_rate=0.125,
+                                                           steps=4, num_examples=120),
+                                        "client-1": _entry("refused-budget", epsilon=None, noise_multiplier=0.87,
+                                                           sample_rate=0.1311, num_examples=0, reason="budget")}}]
+    facts = _facts()
+    card = model_card(replace(facts, rounds=refused))
+    row = next(line for line in card.splitlines() if line.startswith("| client-1 |"))
+    assert row.split("|")[4:6] == [" - ", " - "] and "0.1311" not in card
 
 
 def test_model_card_of_a_causal_lm_without_dp_has_no_labels_and_says_there_is_no_guarantee():

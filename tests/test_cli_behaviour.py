@@ -86,7 +86,7 @@ def test_an_unexpected_error_is_one_line_and_a_log_without_local_variables(tmp_p
 
     def broken(request):
         patient_record = "SECRET-RECORD-TEXT"  # a local an error must never print
-        raise RuntimeError(f"broken while holding {len(patient_record)} characters")
+        int(patient_record)  # ValueError: its message quotes the value
 
     monkeypatch.setattr(plan_view, "schedule_of", broken)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -94,13 +94,22 @@ def test_an_unexpected_error_is_one_line_and_a_log_without_local_variables(tmp_p
     captured = capsys.readouterr()
     assert code == 5
     lines = _lines(captured.err)
-    assert len(lines) == 1 and lines[0].startswith("unexpected error: RuntimeError"), captured.err
+    assert len(lines) == 1 and lines[0].startswith("unexpected error: ValueError"), captured.err
     assert "SECRET" not in captured.err + captured.out
     logs = list((tmp_path / "cache" / "fedtune" / "logs").glob("fedtune-error-*.log"))
     assert len(logs) == 1 and f"the traceback is in {logs[0]}" in captured.err
     text = logs[0].read_text()
-    assert "Traceback" in text and "RuntimeError: broken while holding 18 characters" in text
-    assert "in broken" in text and "SECRET-RECORD-TEXT" not in text
+    assert "Traceback" in text and "builtins.ValueError" in text and "in broken" in text
+    assert "SECRET" not in text  # neither the local nor the exception's message, which quotes it
+    assert os.stat(logs[0]).st_mode & 0o077 == 0  # only its owner reads it
+
+
+def test_an_error_line_prints_brackets_as_text_not_markup(capsys):
+    from fedtune.main import run_cli
+
+    code = run_cli(["simulate", "--config", "/nonexistent/[/]odd[bold].toml"])
+    captured = capsys.readouterr()
+    assert code == 3 and "/nonexistent/[/]odd[bold].toml" in captured.err and "Traceback" not in captured.err
 
 
 def test_out_into_an_unrelated_non_empty_folder_is_refused(tmp_path):

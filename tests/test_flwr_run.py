@@ -57,6 +57,10 @@ def test_a_node_config_ledger_dir_and_roster_win_even_in_the_simulation_runtime(
     assert node.ledger_dir == own
     assert str(tmp_path / "site" / "roster.json") in node.problem  # its own roster (missing here), not the run's
     assert not (tmp_path / "coordinator-chose").exists()
+    # Inside a Ray actor, even with the engine's partition keys: a node naming its own data is an
+    # institution, so the job is only a request (no run config as policy, no run directory).
+    hosted = _context(tmp_path, {"partition-id": 0, "num-partitions": 2, "data": str(tmp_path / "site" / "n.csv")})
+    assert client_app.binding(hosted, None, None) == (None, None)
 
 
 def test_a_simulated_node_keeps_its_ledger_under_the_runs_directory(tmp_path, monkeypatch):

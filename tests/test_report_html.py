@@ -114,3 +114,14 @@ def test_the_report_plots_every_tasks_headline_metric():
     from common.tasks import TASK_NAMES, get_task
 
     assert {get_task(name).headline_metric for name in TASK_NAMES} <= set(REPORT_METRICS)
+
+
+def test_a_client_id_with_dollar_signs_is_plotted_as_text(tmp_path):
+    """A ledger's client id reaches the legend: matplotlib must not parse it as math and fail."""
+    from types import SimpleNamespace
+
+    from common.ledger.report_plots import plot_all
+
+    rows = [SimpleNamespace(client_id=r"a$\foo$", round=1, claimed_epsilon=2.0, target_epsilon=8.0)]
+    written = plot_all(result=SimpleNamespace(rows=rows), run_dir=None, out_dir=tmp_path, metrics=(), initial={})
+    assert [p.name for p in written] == ["epsilon_per_round.png"] and written[0].stat().st_size > 0

@@ -46,7 +46,8 @@ def _plot_epsilon(plt, result: AuditResult, path: Path) -> Path:
         if rows:  # every client starts the run at epsilon 0
             line, marker = STYLES[index % len(STYLES)]
             dodge = (index - (len(clients) - 1) / 2) * min(0.06, 0.5 / len(clients))  # equal spends side by side
-            ax.plot([dodge] + [r.round + dodge for r in rows], [0.0] + [r.claimed_epsilon for r in rows], label=client,
+            ax.plot([dodge] + [r.round + dodge for r in rows], [0.0] + [r.claimed_epsilon for r in rows],
+                    label=client.replace("$", r"\$"),  # a client id is text, not matplotlib math
                     color=colours[index % len(colours)], linestyle=line, marker=marker, markersize=7 - index % 3,
                     linewidth=1.8, markerfacecolor="none" if index % 2 else None)
             budgets.update(r.target_epsilon for r in rows if r.target_epsilon is not None)
