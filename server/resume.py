@@ -29,7 +29,7 @@ def restore(*, run_dir: RunDirectory, ledger: Ledger, initial: list[np.ndarray])
                            f"{done}; {run_dir.path} was modified after the crash and cannot be resumed")
     if checkpoint is None:
         run_dir.rewrite_rounds([])
-        log.warning("resuming %s from round 1: it stopped before its first checkpoint", run_dir.path)
+        log.info("resuming %s from round 1: it stopped before its first checkpoint", run_dir.path)
         return None
     if [a.shape for a in checkpoint.global_arrays] != [a.shape for a in initial]:
         raise FedtuneError(f"the checkpoint's adapter does not fit the model of {run_dir.path / 'config.toml'}")
@@ -37,7 +37,7 @@ def restore(*, run_dir: RunDirectory, ledger: Ledger, initial: list[np.ndarray])
     if not signed_rounds or signed_rounds[-1] < done:
         ledger.append(checkpoint.server_ledger_fields)
     restore_random_state(checkpoint.random_state)
-    log.warning("resuming %s after round %d", run_dir.path, done)
+    log.info("resuming %s after round %d", run_dir.path, done)  # the caller says it to the user
     return checkpoint
 
 
