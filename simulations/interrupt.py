@@ -55,13 +55,14 @@ class StopOnInterrupt:
         if not self._lock.acquire(blocking=False):
             os._exit(INTERRUPTED)  # a second Ctrl-C during the teardown: at once
         message = interrupted_message(self.run_dir, self.num_rounds)
+        family = _descendants()  # Ray's raylet, workers and agents, before any is re-parented away
         # Ray's actors die now; what the engine's threads say about it is noise, not news.
         logging.disable(logging.CRITICAL)
         threading.excepthook = lambda args: None
         terminal = os.dup(2)
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, 2)
-        watchdog = threading.Timer(TEARDOWN_SECONDS, _leave, args=(terminal, message))
+        watchdog = threading.Timer(TEARDOWN_SECONDS, _leave, args=(terminal, message, family))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -70,12 +71,30 @@ class StopOnInterrupt:
             ray.shutdown()
         except BaseException:
             pass
-        _leave(terminal, message)
+        _leave(terminal, message, family)
 
 
-def _leave(terminal: int, message: str) -> None:
+def _descendants() -> list:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _leave(terminal: int, message: str, family: list) -> None:
+    """Print the resume line and exit; whatever Ray left running (a slow shutdown on a loaded
+    machine leaves its agents behind for tens of seconds) is killed first."""
     import sys
 
+    import psutil
+
+    for process in family:
+        try:
+            process.kill()  # psutil checks it is still the same process (pid reuse), else raises
+        except psutil.Error:
+            pass
     try:
         sys.stdout.flush()  # the round table printed so far
     except Exception:
