@@ -107,8 +107,17 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file, read in 1 MiB pieces (a base model's weights are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_digests(directory: Path) -> dict[str, str]:
     """SHA-256 of every file under `directory`, by path relative to it (what a saved artifact is)."""
     directory = Path(directory)
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+    return {str(path.relative_to(directory)): file_sha256(path)
             for path in sorted(directory.rglob("*")) if path.is_file()}

@@ -8,13 +8,12 @@ another machine, so it never goes into the adapter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import FedtuneError
-from common.storage import atomic_write
+from common.storage import atomic_write, file_sha256
 
 BASE_MODEL_FILE = "base_model.json"  # fedtune's record of the base, next to adapter_config.json
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -70,15 +69,8 @@ class BaseModelReference:
 
 def weights_sha256(folder: Path) -> dict[str, str]:
     """sha256 of each weight file at the top of a model folder (config and tokenizer files excluded)."""
-    digests = {}
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            digests[path.name] = digest.hexdigest()
-    return digests
+    return {path.name: file_sha256(path) for path in sorted(Path(folder).iterdir())
+            if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)}
 
 
 def base_model_reference(*, model: str, model_path: Path, task: str) -> BaseModelReference:
