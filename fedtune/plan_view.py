@@ -39,7 +39,10 @@ def check_request(request: PlanRequest, plot: Path | None) -> None:
               local_epochs=request.local_epochs, num_rounds=request.rounds, accountant=request.accountant,
               noise_multiplier=request.noise_multiplier, secure_aggregation=False, num_clients=1,
               clients_per_round=1)
-    if request.delta >= 1.0 / request.dataset_size and not request.allow_large_delta:
+    from common.privacy.policy import NodePolicy
+
+    if NodePolicy(allow_large_delta=request.allow_large_delta).delta_problem(delta=request.delta,
+                                                                            num_examples=request.dataset_size):
         raise FedtuneError(f"--delta {request.delta:g} is not below 1/{request.dataset_size} (1/dataset-size): it "
                            f"would permit releasing a whole record; lower it (e.g. 1e-5), or pass "
                            f"--allow-large-delta if the client sets such a target-delta itself")
@@ -74,13 +77,10 @@ def schedule_of(request: PlanRequest) -> dict:
     """The schedule, with each round a client's budget guard would refuse marked."""
     from common.privacy.plan import privacy_schedule  # the accountants load only once the input is valid
 
-    schedule = privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
-                                local_epochs=request.local_epochs, rounds=request.rounds,
-                                target_epsilon=request.target_epsilon, delta=request.delta,
-                                accountant=request.accountant, noise_multiplier=request.noise_multiplier)
-    for row in schedule["rounds"]:
-        row["client_refuses"] = not row["epsilon"] <= request.target_epsilon * (1 + 1e-9)
-    return schedule
+    return privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
+                            local_epochs=request.local_epochs, rounds=request.rounds,
+                            target_epsilon=request.target_epsilon, delta=request.delta,
+                            accountant=request.accountant, noise_multiplier=request.noise_multiplier)
 
 
 def over_budget_warning(schedule: dict) -> str | None:

@@ -76,15 +76,17 @@ def fits_budget(epsilon: float, plan: PrivacyPlan) -> bool:
 def privacy_schedule(*, dataset_size: int, batch_size: int, local_epochs: int, rounds: int,
                      target_epsilon: float, delta: float, accountant: str = "prv",
                      noise_multiplier: float = 0.0) -> dict:
-    """Noise multiplier and epsilon after each round, via the same plan and composition as a client."""
+    """Noise multiplier and epsilon after each round, via the same plan, composition and budget
+    guard as a client (a round the guard would refuse is marked)."""
     plan = plan_privacy(num_examples=dataset_size, batch_size=batch_size, local_epochs=local_epochs,
                         num_rounds=rounds, target_epsilon=target_epsilon, target_delta=delta,
                         accountant=accountant, noise_multiplier=noise_multiplier)
     history, per_round = [], []
     for server_round in range(1, rounds + 1):
         history = compose(history, plan.round_entry())
-        per_round.append({"round": server_round,
-                          "epsilon": epsilon_of(history, delta=delta, accountant=accountant)})
+        epsilon = epsilon_of(history, delta=delta, accountant=accountant)
+        per_round.append({"round": server_round, "epsilon": epsilon,
+                          "client_refuses": not fits_budget(epsilon, plan)})  # the client's own guard
     return {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
             "steps_per_round": plan.steps_per_round, "accountant": accountant, "delta": delta,
             "target_epsilon": target_epsilon, "rounds": per_round}
