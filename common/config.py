@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
 from common.faults import check_faults
+from common.protocol import JobWire
 from common.tasks import TASK_NAMES, get_task
 from common.values import coerce
 
@@ -144,6 +145,8 @@ class RunConfig:
         by_key = {_dashed(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            if key in JobWire.KEYS:  # who signed the job: checked by the party, not a training setting
+                continue
             spec = by_key.get(key)
             if spec is None:
                 hint = difflib.get_close_matches(key, list(by_key), n=1)

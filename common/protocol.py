@@ -176,3 +176,15 @@ class EvaluateReport:
         return cls(client_id=str(metrics.get("client_id", "?")),
                    scores={name: metrics[name] for name in score_names if name in metrics},
                    reason=None if reason is None else str(reason)[:MAX_REASON_CHARS])
+
+
+class JobWire:
+    """The run config keys of a signed job (`fedtune sign-job`; common/trust/job_signature.py).
+    They are in pyproject.toml's defaults, empty, so Flower accepts them as overrides; a job's
+    training settings never read them."""
+
+    ID = "job-id"  # random, chosen by the signer: a node binds it to the first run that carries it
+    EXPIRES = "job-expires"  # ISO date after which no node starts the job
+    SIGNATURE = "job-signature"  # base64 Ed25519 over every other key and the app's hash
+
+    KEYS = (ID, EXPIRES, SIGNATURE)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from common.errors import FedtuneError
+from common.models.base_cache import base_model
 from common.models.lora import LoraSettings, attach_lora
 
 IGNORE = -100  # label value cross-entropy skips: prompt and padding tokens are not learned
@@ -45,7 +46,8 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int):
     hf_logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        base = base_model(model_path=model_path, key=("causal-lm", seed), load=lambda: AutoModelForCausalLM
+                          .from_pretrained(str(model_path), dtype=torch.float32))
         base.config.use_cache = False  # training; generation turns the cache back on
         model = attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets)
     _, head = _parts(model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from common.models.base_cache import base_model
 from common.models.lora import LoraSettings, attach_lora
 
 
@@ -22,7 +23,12 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
     hf_logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)
-        if base.config.pad_token_id is None:
-            base.config.pad_token_id = base.config.eos_token_id
+        base = base_model(model_path=model_path, key=("classifier", num_labels, seed), load=lambda: _loaded(
+            AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)))
         return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type))
+
+
+def _loaded(base):
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = base.config.eos_token_id
+    return base
