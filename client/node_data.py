@@ -25,8 +25,9 @@ from common.tasks import get_task
 NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "response-column", "model",
                   "validation-fraction", "split-seed", "label-set", "task", "max-length")
 # Flower's simulation engine sets partition-id and num-partitions itself.
+# operator-key and app-sha256 are the node runtime's pins (common/trust/gate.py).
 NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "roster", "partition-id",
-             "num-partitions")
+             "num-partitions", "operator-key", "app-sha256")
 
 
 def check_node_keys(node: dict) -> None:

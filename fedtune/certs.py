@@ -60,7 +60,7 @@ def make_credentials(*, out: Path, hosts: list[str], days: int = 365) -> Federat
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (_builder(subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
                             issuer=ca_name, key=server_key.public_key(), now=now, days=days)
-                   .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+                   .add_extension(x509.SubjectAlternativeName([_san(h) for h in _with_loopback(hosts)]), critical=False)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(_key_usage(cert_sign=False), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -111,3 +111,9 @@ def _private_pem(key) -> bytes:
 def _write(path: Path, data: bytes, mode: int) -> None:
     """With the final mode from the first byte, so a private key is never world-readable."""
     atomic_write(path, data, mode=mode)
+
+
+def _with_loopback(hosts: list[str]) -> list[str]:
+    """The --hosts, and 127.0.0.1: the coordinator's own runtime (`fedtune run-superlink`) dials the
+    SuperLink's one TLS port on loopback."""
+    return hosts if "127.0.0.1" in hosts else [*hosts, "127.0.0.1"]

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from common.errors import FedtuneError
 
-from fedtune import audit_commands
-from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, INPUT_ERROR, console, err, error_line
+from fedtune import audit_commands, deploy_commands, job_commands
+from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, console, err
 
 HELP = "Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."
 # Tracebacks never reach the terminal (main() logs them without local variables); click's own
@@ -44,6 +43,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."""
 
 
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}  # extra args go to Flower
 SetOption = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable).")
 
 
@@ -126,52 +126,12 @@ def plan(
         raise typer.Exit(BUDGET_EXCEEDED)
 
 
-@cli.command()
-def certs(
-    out: Path = typer.Option(..., "--out", help="Directory for the CA and the SuperLink certificate and key."),
-    hosts: str = typer.Option(..., "--hosts", help="Comma-separated names/IPs SuperNodes use to reach the "
-                              "SuperLink (e.g. coordinator.example.org,10.0.0.5)."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", hidden=True),  # gone: only to say what replaced it
-    days: int = typer.Option(365, "--days", help="Certificate validity in days."),
-) -> None:
-    """TLS certificates for a deployment (the CA and the SuperLink's); institutions run `fedtune node-keys`."""
-    if nodes is not None:
-        raise FedtuneError("--nodes is gone: the coordinator no longer makes SuperNode keys. Each institution "
-                           "runs `fedtune node-keys --out DIR` on its own machine and sends you only its "
-                           "supernode.pub, which you register with `flwr supernode register`")
-    from fedtune.certs import make_credentials
-
-    made = make_credentials(out=out, hosts=[h.strip() for h in hosts.split(",") if h.strip()], days=days)
-    shell = console()
-    shell.print(f"CA certificate      {made.ca_certificate}   (give to every institution)")
-    shell.print(f"SuperLink TLS       {made.superlink_certificate}, {made.superlink_key}")
-    shell.print(f"{out / 'ca.key'} signs certificates: keep it offline.")
-    shell.print("SuperNode keys: each institution runs `fedtune node-keys` and sends you only its .pub;\n"
-                "register each with `flwr supernode register FILE.pub <federation>`.", highlight=False)
-
-
-@cli.command("node-keys")
-def node_keys(
-    out: Path = typer.Option(..., "--out", help="Directory for this institution's SuperNode key pair."),
-    ledger_dir: Optional[Path] = typer.Option(None, "--ledger-dir", help="Also make the ledger's signing key "
-                                              "pair here (the node config's ledger-dir)."),
-    name: str = typer.Option("supernode", "--name", help="This institution's name, the public key's comment."),
-) -> None:
-    """Run by each institution on its own machine: its SuperNode (and ledger) keys, which never leave it."""
-    from fedtune.node_keys import make_node_keys
-
-    made = make_node_keys(out=out, ledger_dir=ledger_dir, name=name)
-    shell = console()
-    shell.print(f"send to the coordinator  {made.supernode_public_key}   "
-                f"(it runs `flwr supernode register {made.supernode_public_key.name} <federation>`)", highlight=False)
-    if made.ledger_public_key is not None:
-        shell.print(f"give to the auditor      {made.ledger_public_key}   "
-                    f"(pinned as --public-key CLIENT-ID={made.ledger_public_key.name})", highlight=False)
-    else:
-        shell.print("give to the auditor      ledger.pub from the node config's ledger-dir, made there on the first "
-                    "round\n                         (or now: --ledger-dir)", highlight=False)
-    kept = ", ".join(str(path) for path in (made.supernode_key, made.ledger_key) if path is not None)
-    shell.print(f"never leaves this site   {kept}   (private, 0600)", highlight=False)
+for name, command in (("certs", deploy_commands.certs), ("node-keys", deploy_commands.node_keys),
+                      ("check-node", deploy_commands.check_node_command), ("operator-key", job_commands.operator_key),
+                      ("app-hash", job_commands.app_hash), ("sign-job", job_commands.sign_job)):
+    cli.command(name)(command)
+cli.command("run-node", context_settings=PASS_THROUGH)(deploy_commands.run_node)
+cli.command("run-superlink", context_settings=PASS_THROUGH)(job_commands.run_superlink)
 
 
 roster_cli = typer.Typer(no_args_is_help=True, help="The federation's roster of institution identity keys.")
@@ -213,51 +173,6 @@ def _print_roster(roster, path: Path) -> None:
     shell.print(f"roster       {path}: {len(roster.members)} institutions ({', '.join(sorted(roster.members))}), "
                 f"federation {roster.federation or '-'}, expires {roster.expires.isoformat()}", highlight=False)
     shell.print(f"fingerprint  {roster.fingerprint}", highlight=False)
-
-
-@cli.command("check-node")
-def check_node_command(
-    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink, as flower-supernode takes it."),
-    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
-    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
-    node_config: str = typer.Option(..., "--node-config", help="The node config flower-supernode will get."),
-) -> None:
-    """Check a SuperNode's setup before starting it: node config and data, keys, TLS to the SuperLink."""
-    from fedtune.node_check import check_node
-
-    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
-                        node_config=node_config)
-    for line in result.passed:
-        console().print(f"[green]ok[/green]    {escape(line)}", highlight=False)
-    for line in result.problems:
-        error_line(line)
-    if result.problems:
-        raise typer.Exit(INPUT_ERROR)
-
-
-@cli.command("run-node", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run_node(
-    ctx: typer.Context,
-    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink."),
-    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
-    private_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This node's supernode-N key."),
-    node_config: str = typer.Option(..., "--node-config", help="This institution's node config."),
-) -> None:
-    """check-node, then flower-supernode with the same arguments (plus any extra ones), with a
-    hint for each Flower error that needs someone else to act (e.g. an unregistered key)."""
-    from fedtune.node_check import check_node
-    from fedtune.supernode_runner import run_supernode
-
-    result = check_node(superlink=superlink, root_certificates=root_certificates, private_key=private_key,
-                        node_config=node_config)
-    if result.problems:
-        raise FedtuneError("; ".join(result.problems))
-    code, hints = run_supernode(["--superlink", superlink, "--root-certificates", str(root_certificates),
-                                 "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
-                                 *ctx.args])
-    for hint in hints:
-        error_line(hint)
-    raise typer.Exit(code)
 
 
 def main() -> None:

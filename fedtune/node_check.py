@@ -47,6 +47,7 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
     check.run("node config", lambda: _check_node_config(node_config))
     check.run("privacy policy", lambda: _describe_policy(node_config))
     check.run("roster", lambda: _check_roster(node_config))
+    check.run("pins", lambda: _check_pins(node_config))
     check.run("CA certificate", lambda: _check_ca(root_certificates))
     check.run("authentication key", lambda: _check_private_key(private_key))
     check.run("SuperLink", lambda: _check_superlink(superlink, root_certificates, timeout))
@@ -81,6 +82,16 @@ def _describe_policy(text: str) -> str:
             f"epsilon <= {policy.target_epsilon:g}, delta <= {policy.target_delta:g}, "
             f"clip <= {policy.max_grad_norm:g}, {policy.accountant} accountant, {policy.max_evaluations} "
             f"evaluation(s), train loss {'shared' if policy.share_train_loss else 'withheld'}; model {model}")
+
+
+def _check_pins(text: str) -> str:
+    """The app this node runs and the operator whose signed jobs it accepts (fedtune/node_runtime.py)."""
+    from common.ledger.chain import public_key_fingerprint
+    from common.trust.gate import RunGate
+
+    gate = RunGate.from_node_config(parse_config_args([text]))
+    return (f"runs only the installed app {gate.app.sha256[:16]}... (fedtune app-hash), for jobs signed by "
+            f"operator key {public_key_fingerprint(gate.operator)}")
 
 
 def _check_roster(text: str) -> str:

@@ -53,3 +53,56 @@ def run_supernode(args: list[str]) -> tuple[int, list[str]]:
             code = process.wait()
         reader.join(timeout=5)
     return (code if code > 0 else (1 if hints else code)), hints
+
+
+RUNNER_OWNED = ("--isolation", "--superexec-auth-secret-file")
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timings: Path | None
+                               ) -> tuple[int, list[str]]:
+    """flower-supernode in process isolation, its runtime API on loopback behind a fresh shared
+    secret, and this process as its only executor (fedtune/node_runtime.py)."""
+    import socket
+    import tempfile
+
+    from common.errors import FedtuneError
+    from fedtune.node_runtime import NodeRuntime, configure_logging
+    from fedtune.runtime_api import write_secret
+
+    owned = [arg for arg in extra if arg.split("=")[0] in RUNNER_OWNED]
+    if owned:
+        raise FedtuneError(f"run-node sets {', '.join(RUNNER_OWNED)} itself (its runtime is the node's only "
+                           f"executor, on loopback); leave out {owned[0].split('=')[0]}")
+    flags = [arg.split("=")[0] for arg in extra]
+    if "--host" in flags and _value_after(extra, "--host") not in LOOPBACK:
+        raise FedtuneError("run-node keeps the SuperNode's runtime API on loopback: --host must be 127.0.0.1")
+    if "--host" not in flags:
+        extra = [*extra, "--host", "127.0.0.1"]
+    if "--port" not in flags:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            extra = [*extra, "--port", str(probe.getsockname()[1])]
+    port = _value_after(extra, "--port")
+    configure_logging()
+    with tempfile.TemporaryDirectory(prefix="fedtune-node-") as scratch:
+        secret = write_secret(Path(scratch) / "runtime.secret")
+        runtime = NodeRuntime(address=f"127.0.0.1:{port}", secret=secret.read_bytes(), gate=gate,
+                              timings_file=timings)
+        server = threading.Thread(target=runtime.serve, name="fedtune-node-runtime", daemon=True)
+        server.start()
+        try:
+            return run_supernode([*args, "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+                                  *extra])
+        finally:
+            runtime.stop.set()
+            server.join(timeout=10)
+
+
+def _value_after(args: list[str], flag: str) -> str:
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    raise ValueError(flag)

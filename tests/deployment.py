@@ -85,13 +85,20 @@ class LoopbackFederation:
         self.processes.append(process)
         return process
 
-    def start_superlink(self) -> Process:
+    def start_superlink(self, *, operator_key: Path | None = None) -> Process:
+        """With `operator_key` (operator.pub), the coordinator's pinned runtime (`fedtune run-superlink`):
+        only the installed ServerApp, for signed jobs. Without, plain flower-superlink: an operator
+        who runs whatever is submitted."""
         c = self.credentials
-        link = self.spawn("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
-            "--ssl-certfile", str(c / "superlink" / "server.pem"), "--ssl-keyfile", str(c / "superlink" / "server.key"),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port)], home="superlink")
+        flower = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "superlink" / "server.pem"),
+                  "--ssl-keyfile", str(c / "superlink" / "server.key"), "--enable-supernode-auth",
+                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)]
+        if operator_key is None:
+            command = [str(BIN / "flower-superlink"), *flower]
+        else:
+            command = [str(BIN / "fedtune"), "run-superlink", "--operator-key", str(operator_key),
+                       "--state-dir", str(self.workdir / "coordinator" / "state"), *flower]
+        link = self.spawn("superlink", command, home="superlink")
         wait_for(lambda: "Uvicorn running on https" in link.text() or link.popen.poll() is not None,
                  timeout=120, what="the SuperLink")
         assert link.popen.poll() is None, link.text()[-3000:]
@@ -135,13 +142,19 @@ class LoopbackFederation:
         assert result.returncode == 0, result.stdout + result.stderr
 
     def start_supernode(self, index: int, node_config: str, *, key_index: int | None = None,
-                        root_certificates: Path | None = None, extra: tuple[str, ...] = ()) -> Process:
+                        root_certificates: Path | None = None, extra: tuple[str, ...] = (),
+                        runtime: bool = False, timings: Path | None = None) -> Process:
+        """`runtime`: the institution's `fedtune run-node` (its pinned runtime beside the SuperNode);
+        otherwise plain flower-supernode, which runs whatever app a run ships."""
         key = self.node_key(index if key_index is None else key_index)
-        args = [str(BIN / "flower-supernode"), "--superlink", self.address,
-                "--auth-supernode-private-key", str(key), "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", node_config, *extra]
+        common = ["--superlink", self.address, "--auth-supernode-private-key", str(key), "--node-config", node_config]
         if root_certificates is not None:
-            args += ["--root-certificates", str(root_certificates)]
+            common += ["--root-certificates", str(root_certificates)]
+        if runtime:
+            args = [str(BIN / "fedtune"), "run-node", *common, *extra,
+                    *(["--timings", str(timings)] if timings is not None else [])]
+        else:
+            args = [str(BIN / "flower-supernode"), *common, "--host", "127.0.0.1", "--port", str(free_port()), *extra]
         return self.spawn(f"supernode-{index}", args, home=f"supernode-{index}")
 
     def close(self) -> None:

@@ -1,0 +1,55 @@
+"""The gate a run passes before anything of it executes on a party's machine: the pinned app,
+then the operator's signature on the job, then one run per signed job. The first failure is the
+refusal, one line that names keys and hashes only (it goes back to whoever submitted the run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from common.errors import FedtuneError
+from common.protocol import JobWire
+from common.trust.app_pin import PinnedApp, fab_problem, installed_app, pin_problem
+from common.trust.job_bindings import bind_problem
+from common.trust.job_signature import job_problem, load_operator_public_key
+
+OPERATOR_KEY, APP_PIN = "operator-key", "app-sha256"  # node config keys (the institution's own)
+
+
+@dataclass(frozen=True)
+class RunGate:
+    app: PinnedApp
+    operator: Ed25519PublicKey
+    bindings_dir: Path | None  # where this party records which run each signed job became
+
+    @classmethod
+    def from_pins(cls, *, operator_key: Path | str | None, app_sha256: str | None = None,
+                  bindings_dir: Path | None) -> RunGate:
+        """The gate for this installation; a missing or unusable pin is a setup error, raised here
+        so the party never starts without one."""
+        if not operator_key:
+            raise FedtuneError(f"no {OPERATOR_KEY}: pin the operator's public key (operator.pub from `fedtune "
+                               f"operator-key`), e.g. {OPERATOR_KEY}='/srv/fedtune/operator.pub'; this party runs "
+                               f"only jobs that key signed")
+        app = installed_app()
+        problem = pin_problem(app_sha256, app)
+        if problem:
+            raise FedtuneError(problem)
+        return cls(app=app, operator=load_operator_public_key(Path(str(operator_key))), bindings_dir=bindings_dir)
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> RunGate:
+        ledger = node.get("ledger-dir")
+        return cls.from_pins(operator_key=node.get(OPERATOR_KEY), app_sha256=str(node.get(APP_PIN, "") or ""),
+                             bindings_dir=Path(str(ledger)) if ledger else None)
+
+    def refusal(self, *, fab_hash: str, fab_content: bytes, run_config: Mapping[str, Any],
+                run_id: int) -> str | None:
+        problem = (fab_problem(fab_hash=fab_hash, fab_content=fab_content, pinned=self.app)
+                   or job_problem(run_config, app_sha256=self.app.sha256, operator=self.operator))
+        if problem or self.bindings_dir is None:
+            return problem
+        return bind_problem(self.bindings_dir, job_id=str(run_config[JobWire.ID]), run_id=run_id)

@@ -1,0 +1,89 @@
+"""The coordinator's pinned runtime: flower-superlink in process isolation, and this process as
+its only SuperExec. AcquireTask is authenticated with a secret only this process holds, so a run
+submitted through the (unauthenticated) Control API waits here, and each one starts
+fedtune/serverapp_process.py, which refuses it unless it is the pinned app with a signed job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common.errors import FedtuneError
+from common.trust.gate import RunGate
+from fedtune.runtime_api import acquire, acquiring_client, write_secret
+from fedtune.serverapp_process import TOKEN_ENV
+
+OWNED = ("--isolation", "--superexec-auth-secret-file")
+DEFAULT_PORT = "9093"  # flower-superlink's own default for its one HTTPS port
+
+
+def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir: Path) -> int:
+    owned = [arg for arg in args if arg.split("=")[0] in OWNED]
+    if owned:
+        raise FedtuneError(f"run-superlink sets {' and '.join(OWNED)} itself; leave out {owned[0].split('=')[0]}")
+    RunGate.from_pins(operator_key=operator_key, bindings_dir=state_dir)  # a bad pin stops us before Flower starts
+    ca = _value(args, "--ssl-ca-certfile")
+    if "--insecure" in args or not ca:
+        raise FedtuneError("run-superlink needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    with tempfile.TemporaryDirectory(prefix="fedtune-link-") as scratch:
+        secret = write_secret(Path(scratch) / "runtime.secret")
+        link = subprocess.Popen(["flower-superlink", *args, "--isolation", "process",
+                                 "--superexec-auth-secret-file", str(secret)], env=env)
+        stop = threading.Event()
+        runtime = threading.Thread(target=_serve, daemon=True, kwargs=dict(
+            address=f"{_runtime_host(args)}:{_value(args, '--port') or DEFAULT_PORT}", ca=ca,
+            secret=secret.read_bytes(), operator_key=operator_key, state_dir=state_dir, stop=stop, env=env))
+        runtime.start()
+        try:
+            return link.wait()
+        finally:
+            stop.set()
+            if link.poll() is None:
+                link.terminate()
+                link.wait(timeout=30)
+
+
+def _serve(*, address: str, ca: str, secret: bytes, operator_key: Path, state_dir: Path,
+           stop: threading.Event, env: dict) -> None:
+    """Start one gated ServerApp process per acquired task; the tasks' token never sits in argv."""
+    import httpx
+    from flwr.supercore.constant import TaskType
+
+    client = acquiring_client(address=address, secret=secret, root_certificates=Path(ca).read_bytes())
+    children: list[subprocess.Popen] = []
+    while not stop.is_set():
+        try:
+            acquired = acquire(client, TaskType.SERVER_APP.value)
+        except httpx.HTTPError:  # TLS endpoint not up yet
+            time.sleep(0.5)
+            continue
+        if acquired is None:
+            time.sleep(0.2)
+            continue
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "fedtune.serverapp_process", address, str(operator_key), str(state_dir), ca],
+            env=dict(env, **{TOKEN_ENV: acquired[0]})))
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+
+
+def _runtime_host(args: list[str]) -> str:
+    host = _value(args, "--host") or "127.0.0.1"
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+
+
+def _value(args: list[str], flag: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

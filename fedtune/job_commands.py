@@ -1,0 +1,60 @@
+"""The operator's side of signed jobs, and the coordinator's pinned runtime.
+
+`operator-key` makes the key institutions pin; `app-hash` prints the pinned app's hash (what
+every party's installation builds); `sign-job` turns a `--run-config` into a signed job for
+`flwr run`; `run-superlink` starts the SuperLink with a runtime that runs only the pinned
+ServerApp for signed jobs (fedtune/coordinator_runtime.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fedtune.shell import console, err
+
+
+def operator_key(out: Path = typer.Option(..., "--out", help="Directory for the operator's Ed25519 key pair.")) -> None:
+    """The coordinator operator's signing key: operator.pub goes to every institution to pin."""
+    from common.trust.job_signature import make_operator_keys
+
+    public = make_operator_keys(out)
+    console().print(f"give to every institution  {public}   (node config: operator-key='/path/to/operator.pub')",
+                    highlight=False)
+    console().print(f"never leaves the operator  {out / 'operator.key'}   (private, 0600)", highlight=False)
+
+
+def app_hash() -> None:
+    """The sha256 of the app this installation runs (what `flwr run` of this checkout submits)."""
+    from common.trust.app_pin import installed_app
+
+    print(installed_app().sha256)
+
+
+def sign_job(
+    key: Path = typer.Option(..., "--key", help="The operator's operator.key."),
+    run_config: str = typer.Option("", "--run-config", help="The job's overrides, as `flwr run --run-config` takes them."),
+    valid_days: int = typer.Option(7, "--valid-days", help="Days the job may start in."),
+) -> None:
+    """Print the signed --run-config for `flwr run . <federation> --run-config "$(fedtune sign-job ...)"`."""
+    from common.trust.signing import signed_run_config
+
+    text, job_id = signed_run_config(key=key, run_config=run_config, valid_days=valid_days)
+    err.print(f"signed job {job_id} for the app installed here; valid {valid_days} day(s)", highlight=False)
+    print(text)
+
+
+def run_superlink(
+    ctx: typer.Context,
+    operator_public_key: Path = typer.Option(..., "--operator-key", help="The operator's operator.pub."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the coordinator records which "
+                                             "run each signed job became (default: beside --database, or ./)."),
+) -> None:
+    """flower-superlink in process isolation (extra arguments go to it) with a runtime that runs
+    only the pinned ServerApp, for jobs the operator key signed, once each."""
+    from fedtune.coordinator_runtime import run_superlink_with_runtime
+
+    raise typer.Exit(run_superlink_with_runtime(list(ctx.args), operator_key=operator_public_key,
+                                                state_dir=state_dir or Path(".")))

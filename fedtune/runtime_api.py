@@ -1,0 +1,58 @@
+"""Talking to a Flower runtime API (a SuperNode's or the SuperLink's) as its only SuperExec.
+
+Flower 1.41 in `--isolation process` leaves executing tasks to an outside process: it polls
+`AcquireTask` (HMAC-authenticated with the shared secret, so nobody else can take a task) and gets
+a one-task token, with which the task's inputs are pulled and its outputs pushed. fedtune's
+runtimes are that process, so what executes is always the party's installed code.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from common.storage import atomic_write
+
+ACQUIRE_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh shared secret for the runtime API, owner-only, for this process's life."""
+    atomic_write(path, secrets.token_bytes(32), mode=0o600)
+    return path
+
+
+def acquiring_client(*, address: str, secret: bytes, root_certificates: bytes | None = None):
+    """A client that may call AcquireTask on the runtime API at `address`: plain HTTP on a node's
+    loopback, TLS with the federation's CA on the SuperLink's one port."""
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=ACQUIRE_METHODS)],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def task_client(*, address: str, token: str, component: str, root_certificates: bytes | None = None):
+    """A client for one acquired task: pull its inputs, push its outputs."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=component), RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def acquire(client, task_type: str) -> tuple[str, object] | None:
+    """(token, task) of a pending task of `task_type`, or None."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+
+    response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
+    if response.HasField("task") and response.token:
+        return response.token, response.task
+    return None

@@ -1,0 +1,123 @@
+"""Institutions run only the code they audited, for jobs the operator signed, over real processes
+on loopback: a SuperLink behind the coordinator's pinned runtime (`fedtune run-superlink`), and
+three institutions' `fedtune run-node` (each SuperNode beside its own long-lived runtime)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.ledger.chain import create_ledger_keys, read_records
+from common.trust.job_signature import make_operator_keys
+from fedtune.certs import make_credentials
+from tests.conftest import make_texts, write_csv
+from tests.deployment import LoopbackFederation, wait_for
+from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
+
+pytestmark = pytest.mark.slow
+
+SITES = 3
+
+
+def make_sites(workdir: Path) -> None:
+    """Credentials, each institution's data, keys and ledger identity, the roster, and two operator
+    keys: the coordinator's (which institutions pin) and a stranger's."""
+    make_credentials(out=workdir / "creds", hosts=["localhost"])
+    rows = make_texts(200, seed=1)
+    for site in range(SITES):
+        write_csv(workdir / f"site-{site}.csv", rows[site * 150:(site + 1) * 150], header=("note", "topic"))
+    write_csv(workdir / "coordinator-test.csv", rows[SITES * 150:])
+    members = []
+    for site in range(SITES):
+        create_ledger_keys(ledger_dir(workdir, site))
+        members += ["--member", f"site-{site}={ledger_dir(workdir, site) / 'ledger.pub'}"]
+    built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
+    assert built.returncode == 0, built.stderr
+    make_operator_keys(workdir / "operator")
+    make_operator_keys(workdir / "stranger")
+
+
+def ledger_dir(workdir: Path, site: int) -> Path:
+    return workdir / "run" / "ledgers" / f"site-{site}"  # the institutions' own; here beside the run, for the audit
+
+
+def node_config(workdir: Path, site: int, model: Path) -> str:
+    return (f"client-id='site-{site}' data='{workdir / f'site-{site}.csv'}' text-column='note' label-column='topic' "
+            f"ledger-dir='{ledger_dir(workdir, site)}' model='{model}' target-epsilon=4.0 "
+            f"roster='{workdir / 'roster.json'}' secagg-min-contributors=2 "
+            f"operator-key='{workdir / 'operator' / 'operator.pub'}'")
+
+
+def job(workdir: Path, model: Path, run: Path, *, rounds: int = 2) -> str:
+    return (f"model='{model}' data='{workdir / 'coordinator-test.csv'}' num-clients={SITES} "
+            f"clients-per-round={SITES} num-rounds={rounds} batch-size=16 max-length=24 learning-rate=0.01 "
+            f"lora-rank=4 target-epsilon=3.0 test-fraction=0.9 output-dir='{run}' max-client-examples=150 "
+            f"round-timeout=60")
+
+
+def signed(run_config: str, *, key: Path) -> str:
+    result = run_fedtune("sign-job", "--key", str(key), "--run-config", run_config)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def start_federation(workdir: Path, model: Path, *, pinned: bool) -> tuple[LoopbackFederation, list]:
+    fed = LoopbackFederation(workdir=workdir / ("pinned" if pinned else "open"), credentials=workdir / "creds")
+    for index in range(SITES):
+        site_key = workdir / "sites" / f"site-{index}" / "keys" / "supernode"
+        if not site_key.exists():
+            from fedtune.node_keys import make_node_keys
+            make_node_keys(out=site_key.parent, name=f"site-{index}")
+        fed.node_key = lambda i, w=workdir: w / "sites" / f"site-{i}" / "keys" / "supernode"
+    fed.start_superlink(operator_key=workdir / "operator" / "operator.pub" if pinned else None)
+    for index in range(SITES):
+        fed.register(index)
+    nodes = [fed.start_supernode(site, node_config(workdir, site, model), runtime=True,
+                                 root_certificates=workdir / "creds" / "ca.crt",
+                                 timings=fed.workdir / f"timings-{site}.jsonl") for site in range(SITES)]
+    wait_for(lambda: all("node runtime: serving" in n.text() for n in nodes) or any(n.popen.poll() is not None
+                                                                                     for n in nodes),
+             timeout=180, what="the node runtimes")
+    assert all(n.popen.poll() is None for n in nodes), [n.text()[-2000:] for n in nodes]
+    return fed, nodes
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("pinned")
+    make_sites(workdir)
+    return workdir
+
+
+def test_the_signed_pinned_job_runs_over_tls_survives_a_killed_node_and_audits_clean(sites, tiny_model_dir):
+    fed, nodes = start_federation(sites, tiny_model_dir, pinned=True)
+    try:
+        run = sites / "run"
+        flwr = fed.flwr_run_async(signed(job(sites, tiny_model_dir, run), key=sites / "operator" / "operator.key"))
+        wait_for(lambda: bool((run / "metrics.jsonl").exists() and read_metrics(run)) or flwr.poll() is not None,
+                 timeout=600, what="round 1 to finish")
+        nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's node dies in it
+        stdout, _ = flwr.communicate(timeout=600)
+        assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
+        metrics = read_metrics(run)
+        assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
+        assert metrics[0]["clients_trained"] == SITES and metrics[1]["failures"] == 1
+        for site in range(SITES):
+            records = read_records(ledger_dir(sites, site) / "ledger.jsonl")
+            assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
+            assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
+        assert all(np.isfinite(a).all() for a in saved_adapter_arrays(run, num_labels=3))
+        keys = [arg for site in range(SITES)
+                for arg in ("--public-key", f"site-{site}={ledger_dir(sites, site) / 'ledger.pub'}")]
+        audit = run_fedtune("audit", str(run), "--json", *keys, timeout=300)
+        assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+        for site in range(2):  # the model was read from disk once per node for the whole run
+            timings = [json.loads(line) for line in (fed.workdir / f"timings-{site}.jsonl").read_text().splitlines()]
+            assert len(timings) >= 8 and not any(t["refused"] for t in timings)
+            assert timings[-1]["model_loads"] == 1, timings
+            assert "(load 1 in this process)" in nodes[site].text() and "(load 2 " not in nodes[site].text()
+    finally:
+        fed.close()
