@@ -116,6 +116,7 @@ def configure_logging() -> None:
     for name in ("fedtune.node", "fedtune.models"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # a library's root handler would print every line twice
         if not logger.handlers:
             logger.addHandler(handler)
 

@@ -116,9 +116,9 @@ class LoopbackFederation:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=environment(self.workdir / "homes" / "cli"),
                               capture_output=True, text=True, timeout=timeout)
 
-    def flwr_run_async(self, run_config: str) -> subprocess.Popen:
-        """`flwr run` of this repository's app against the SuperLink, streaming its log."""
-        popen = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "fedtune", "--stream",
+    def flwr_run_async(self, run_config: str, *, app: Path | None = None) -> subprocess.Popen:
+        """`flwr run` of this repository's app (or `app`) against the SuperLink, streaming its log."""
+        popen = subprocess.Popen([str(BIN / "flwr"), "run", str(app or ROOT), "fedtune", "--stream",
                                   "--run-config", run_config], cwd=ROOT,
                                  env=environment(self.workdir / "homes" / "cli"), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)

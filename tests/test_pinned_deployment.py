@@ -14,6 +14,8 @@ from common.ledger.chain import create_ledger_keys, read_records
 from common.trust.job_signature import make_operator_keys
 from fedtune.certs import make_credentials
 from tests.conftest import make_texts, write_csv
+from fedtune.node_keys import make_node_keys
+from tests.attacker_app import write_attacker_app
 from tests.deployment import LoopbackFederation, wait_for
 from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
 
@@ -69,7 +71,6 @@ def start_federation(workdir: Path, model: Path, *, pinned: bool) -> tuple[Loopb
     for index in range(SITES):
         site_key = workdir / "sites" / f"site-{index}" / "keys" / "supernode"
         if not site_key.exists():
-            from fedtune.node_keys import make_node_keys
             make_node_keys(out=site_key.parent, name=f"site-{index}")
         fed.node_key = lambda i, w=workdir: w / "sites" / f"site-{i}" / "keys" / "supernode"
     fed.start_superlink(operator_key=workdir / "operator" / "operator.pub" if pinned else None)
@@ -92,32 +93,120 @@ def sites(tmp_path_factory) -> Path:
     return workdir
 
 
-def test_the_signed_pinned_job_runs_over_tls_survives_a_killed_node_and_audits_clean(sites, tiny_model_dir):
+@pytest.fixture(scope="module")
+def pinned(sites, tiny_model_dir):
+    """The coordinator's pinned runtime and three institutions' run-node."""
     fed, nodes = start_federation(sites, tiny_model_dir, pinned=True)
-    try:
-        run = sites / "run"
-        flwr = fed.flwr_run_async(signed(job(sites, tiny_model_dir, run), key=sites / "operator" / "operator.key"))
-        wait_for(lambda: bool((run / "metrics.jsonl").exists() and read_metrics(run)) or flwr.poll() is not None,
-                 timeout=600, what="round 1 to finish")
-        nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's node dies in it
-        stdout, _ = flwr.communicate(timeout=600)
-        assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
-        metrics = read_metrics(run)
-        assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
-        assert metrics[0]["clients_trained"] == SITES and metrics[1]["failures"] == 1
-        for site in range(SITES):
-            records = read_records(ledger_dir(sites, site) / "ledger.jsonl")
-            assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
-            assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
-        assert all(np.isfinite(a).all() for a in saved_adapter_arrays(run, num_labels=3))
-        keys = [arg for site in range(SITES)
-                for arg in ("--public-key", f"site-{site}={ledger_dir(sites, site) / 'ledger.pub'}")]
-        audit = run_fedtune("audit", str(run), "--json", *keys, timeout=300)
-        assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
-        for site in range(2):  # the model was read from disk once per node for the whole run
-            timings = [json.loads(line) for line in (fed.workdir / f"timings-{site}.jsonl").read_text().splitlines()]
-            assert len(timings) >= 8 and not any(t["refused"] for t in timings)
-            assert timings[-1]["model_loads"] == 1, timings
-            assert "(load 1 in this process)" in nodes[site].text() and "(load 2 " not in nodes[site].text()
-    finally:
-        fed.close()
+    yield fed, nodes
+    fed.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(sites, tiny_model_dir):
+    """A coordinator whose operator runs whatever is submitted (plain flower-superlink), and the same
+    three institutions' run-node: what the nodes alone guarantee."""
+    fed, nodes = start_federation(sites, tiny_model_dir, pinned=False)
+    yield fed, nodes
+    fed.close()
+
+
+def ledger_state(workdir: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(workdir)): path.read_bytes()
+            for site in range(SITES) for path in sorted(ledger_dir(workdir, site).rglob("*")) if path.is_file()}
+
+
+def finished(fed: LoopbackFederation, run_config: str, *, app: Path | None = None, timeout: float = 300) -> str:
+    popen = fed.flwr_run_async(run_config, app=app)
+    stdout, _ = popen.communicate(timeout=timeout)
+    return stdout
+
+
+def refusals(node) -> list[str]:
+    return [line for line in node.text().splitlines() if "refused run" in line]
+
+
+def test_a_stranger_who_registers_a_key_cannot_run_code_on_the_pinned_coordinator(sites, pinned, tiny_model_dir,
+                                                                                  tmp_path):
+    fed, nodes = pinned
+    stranger_key = make_node_keys(out=tmp_path / "stranger-keys", name="stranger").supernode_public_key
+    registered = fed.flwr("supernode", "register", str(stranger_key), "fedtune")  # a CLI holding only ca.crt
+    assert registered.returncode == 0, registered.stdout + registered.stderr  # Flower 1.41 lets anyone register
+    before = ledger_state(sites)
+    coordinator_file, report = tmp_path / "coordinator-was-here", tmp_path / "replies.json"
+    app = write_attacker_app(tmp_path / "innocent", coordinator_file=coordinator_file, report_file=report)
+    stdout = finished(fed, "num-rounds=1", app=app)
+    assert "refused by the coordinator" in stdout and "is not the app this party pinned" in stdout, stdout[-3000:]
+    assert not coordinator_file.exists() and not report.exists()
+    assert not any((sites / "run" / "ledgers").rglob("stranger-was-here"))
+    assert ledger_state(sites) == before and not any(refusals(n) for n in nodes)  # nothing reached a node
+    # The genuine app, unsigned or signed by the stranger: the pinned ServerApp never starts either.
+    run = tmp_path / "run"
+    for run_config in (job(sites, tiny_model_dir, run, rounds=1),
+                       signed(job(sites, tiny_model_dir, run, rounds=1), key=sites / "stranger" / "operator.key")):
+        stdout = finished(fed, run_config)
+        assert "refused by the coordinator" in stdout and "Coordinating" not in stdout, stdout[-3000:]
+    assert not run.exists() and ledger_state(sites) == before
+
+
+def test_a_hostile_coordinator_cannot_run_the_strangers_app_on_any_node(sites, hostile, tmp_path):
+    fed, nodes = hostile
+    before = ledger_state(sites)
+    coordinator_file, report = tmp_path / "coordinator-was-here", tmp_path / "replies.json"
+    app = write_attacker_app(tmp_path / "innocent", coordinator_file=coordinator_file, report_file=report)
+    finished(fed, "num-rounds=1", app=app)
+    assert coordinator_file.exists()  # this operator runs anything on its own machine: that is its choice
+    replies = json.loads(report.read_text())
+    assert len(replies) == SITES and all("refused by the node" in r.get("error", "") for r in replies), replies
+    text = report.read_text()
+    private = [(sites / f"site-{s}.csv").read_text()[:40] for s in range(SITES)] + ["PRIVATE KEY", str(sites)]
+    assert not any(secret in text for secret in private)
+    assert not any((sites / "run" / "ledgers").rglob("stranger-was-here")) and ledger_state(sites) == before
+    app_hash = replies[0]["error"].split("the run's app ")[1].split()[0]
+    assert all(any(app_hash in line for line in refusals(node)) for node in nodes)
+
+
+def test_a_job_unsigned_signed_by_another_key_or_changed_after_signing_is_refused_by_every_node(
+        sites, hostile, tiny_model_dir, tmp_path):
+    fed, nodes = hostile
+    before, seen = ledger_state(sites), [len(refusals(node)) for node in nodes]
+    plain = [job(sites, tiny_model_dir, tmp_path / f"run-{case}", rounds=1) for case in range(3)]  # fresh outputs
+    cases = {"not signed": plain[0],
+             "does not verify": signed(plain[1], key=sites / "stranger" / "operator.key"),
+             "changed after signing": signed(plain[2], key=sites / "operator" / "operator.key")
+             .replace("target-epsilon=3.0", "target-epsilon=2.0")}
+    for says, run_config in cases.items():
+        finished(fed, run_config)
+        for index, node in enumerate(nodes):
+            new = refusals(node)[seen[index]:]
+            assert new and all(("not signed" if says == "not signed" else "does not verify") in line
+                               for line in new), (says, new)
+            seen[index] = len(refusals(node))
+    assert ledger_state(sites) == before  # nothing was trained, spent or recorded
+
+
+def test_the_signed_pinned_job_runs_over_tls_survives_a_killed_node_and_audits_clean(sites, pinned, tiny_model_dir):
+    fed, nodes = pinned
+    run = sites / "run"
+    flwr = fed.flwr_run_async(signed(job(sites, tiny_model_dir, run), key=sites / "operator" / "operator.key"))
+    wait_for(lambda: bool((run / "metrics.jsonl").exists() and read_metrics(run)) or flwr.poll() is not None,
+             timeout=600, what="round 1 to finish")
+    nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's node dies in it
+    stdout, _ = flwr.communicate(timeout=600)
+    assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
+    assert metrics[0]["clients_trained"] == SITES and metrics[1]["failures"] == 1
+    for site in range(SITES):
+        records = read_records(ledger_dir(sites, site) / "ledger.jsonl")
+        assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
+        assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
+    assert all(np.isfinite(a).all() for a in saved_adapter_arrays(run, num_labels=3))
+    keys = [arg for site in range(SITES)
+            for arg in ("--public-key", f"site-{site}={ledger_dir(sites, site) / 'ledger.pub'}")]
+    audit = run_fedtune("audit", str(run), "--json", *keys, timeout=300)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    for site in range(2):  # the model was read from disk once per node for the whole run
+        timings = [json.loads(line) for line in (fed.workdir / f"timings-{site}.jsonl").read_text().splitlines()]
+        assert len(timings) >= 8 and not any(t["refused"] for t in timings)
+        assert timings[-1]["model_loads"] == 1, timings
+        assert "(load 1 in this process)" in nodes[site].text() and "(load 2 " not in nodes[site].text()
