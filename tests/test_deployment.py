@@ -1,19 +1,20 @@
-"""A real deployment on loopback: SuperLink with TLS and SuperNode authentication, three
-SuperNodes each with its own data file and ledger, a DP + SecAgg+ job submitted with `flwr run`."""
+"""A real deployment on loopback, what an institution sees when setting up: SuperLink with TLS and
+SuperNode authentication, `check-node` and `run-node`'s errors for a bad key, CA, data or roster.
+The jobs themselves run in tests/test_pinned_deployment.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from common.trust.job_signature import make_operator_keys
 from fedtune.certs import make_credentials
-from common.ledger.chain import create_ledger_keys, read_records
+from common.ledger.chain import create_ledger_keys
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for
-from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
+from tests.helpers import run_fedtune
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def federation(tmp_path_factory):
         members += ["--member", f"site-{site}={_ledger_dir(workdir, site) / 'ledger.pub'}"]
     built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
     assert built.returncode == 0 and "fingerprint" in built.stdout, built.stderr
+    make_operator_keys(workdir / "operator")
     try:
         fed.start_superlink()
         for index in (0, 1, 2, 4):
@@ -48,55 +50,12 @@ def federation(tmp_path_factory):
         fed.close()
 
 
+def _pin(fed: LoopbackFederation) -> str:
+    return f" operator-key='{fed.workdir / 'operator' / 'operator.pub'}'"
+
+
 def _ledger_dir(workdir: Path, site: int) -> Path:
     return workdir / "run" / "ledgers" / f"site-{site}"
-
-
-def _node_config(fed: LoopbackFederation, site: int, run: Path, model: Path) -> str:
-    """The node's own data, ledger, copy of the base model, budget and roster: the job names none of
-    them. Two contributors are enough for these nodes: the test kills one of three in round 2."""
-    return (f"client-id='site-{site}' data='{fed.workdir / f'site-{site}.csv'}' text-column='note' "
-            f"label-column='topic' ledger-dir='{run / 'ledgers' / f'site-{site}'}' model='{model}' "
-            f"target-epsilon=4.0 roster='{fed.workdir / 'roster.json'}' secagg-min-contributors=2")
-
-
-def test_a_dp_secagg_job_runs_over_tls_and_survives_a_node_killed_in_round_2(federation, tiny_model_dir):
-    fed = federation
-    run = fed.workdir / "run"
-    nodes = [fed.start_supernode(site, _node_config(fed, site, run, tiny_model_dir),
-                                 root_certificates=fed.credentials / "ca.crt")
-             for site in range(SITES)]
-    run_config = (f"model='{tiny_model_dir}' data='{fed.workdir / 'coordinator-test.csv'}' num-clients={SITES} "
-                  f"clients-per-round={SITES} num-rounds=2 batch-size=16 max-length=24 learning-rate=0.01 "
-                  f"lora-rank=4 target-epsilon=3.0 test-fraction=0.9 output-dir='{run}' "
-                  f"max-client-examples=150 round-timeout=60")
-    job = fed.flwr_run_async(run_config)
-
-    def round_1_done() -> bool:
-        return (run / "metrics.jsonl").exists() and bool(read_metrics(run))
-
-    wait_for(lambda: round_1_done() or job.poll() is not None, timeout=600, what="round 1 to finish")
-    nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's SuperNode dies in it
-    stdout, _ = job.communicate(timeout=600)
-    assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
-
-    metrics = read_metrics(run)
-    assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
-    assert metrics[0]["clients_trained"] == SITES
-    assert set(metrics[1]["clients"]) == {"site-0", "site-1"} and metrics[1]["failures"] == 1  # the two survivors
-    # Each node's policy allows 4; the job tightened it to 3, which the nodes then used.
-    for site in range(SITES):
-        records = read_records(run / "ledgers" / f"site-{site}" / "ledger.jsonl")
-        assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
-        assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
-        assert all(r["policy"]["target-epsilon"] == 4.0 and r["policy"]["dp"] for r in records)
-    assert all("train_loss" not in entry for m in metrics for entry in m["clients"].values())  # withheld
-    assert [r["round"] for r in read_records(run / "ledgers" / "server" / "ledger.jsonl")] == [1, 2, 2]  # + saved adapter
-    adapter = saved_adapter_arrays(run, num_labels=3)
-    assert all(np.isfinite(a).all() for a in adapter)
-    audit = run_fedtune("audit", str(run), "--json", timeout=300)
-    assert audit.returncode == 0, audit.stdout[-3000:]
-    assert {row["client_id"] for row in json.loads(audit.stdout)["rows"]} == {f"site-{s}" for s in range(SITES)}
 
 
 def test_a_node_whose_key_is_not_registered_is_refused(federation):
@@ -123,10 +82,16 @@ def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federa
     fed = federation
     ca = fed.credentials / "ca.crt"
     good = f"client-id='site-0' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' " \
-           f"ledger-dir='{_ledger_dir(fed.workdir, 0)}' roster='{fed.workdir / 'roster.json'}'"
+           f"ledger-dir='{_ledger_dir(fed.workdir, 0)}' roster='{fed.workdir / 'roster.json'}'" + _pin(fed)
     ok = _check_node(fed, ca=ca, node_config=good)
     assert ok.returncode == 0 and "speaks TLS" in ok.stdout, ok.stdout + ok.stderr
     assert "roster: site-0 among 4 institutions" in ok.stdout and "fingerprint" in ok.stdout
+    assert "pins: runs only the installed app" in ok.stdout and "for jobs signed by operator key" in ok.stdout
+
+    unpinned = _check_node(fed, ca=ca, node_config=good.replace(_pin(fed), ""))
+    assert unpinned.returncode == 3 and "no operator-key: pin the operator's public key" in unpinned.stderr
+    foreign_pin = _check_node(fed, ca=ca, node_config=good + " app-sha256='" + "0" * 64 + "'")
+    assert foreign_pin.returncode == 3 and "install the audited version, or pin what is installed" in foreign_pin.stderr
 
     foreign = make_credentials(out=tmp_path / "other", hosts=["localhost"]).ca_certificate
     wrong_ca = _check_node(fed, ca=foreign, node_config=good)
@@ -166,7 +131,7 @@ def _expired_certificate() -> bytes:
 def test_run_node_says_an_unregistered_key_must_be_registered_by_the_coordinator(federation, tmp_path):
     fed = federation
     node = (f"client-id='site-9' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
-            f"ledger-dir='{_ledger_dir(fed.workdir, 9)}' roster='{fed.workdir / 'roster.json'}'")
+            f"ledger-dir='{_ledger_dir(fed.workdir, 9)}' roster='{fed.workdir / 'roster.json'}'" + _pin(fed))
     result = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(fed.credentials / "ca.crt"),
                          "--auth-supernode-private-key", str(fed.node_key(3)),
                          "--node-config", node, "--max-retries", "1", "--host", "127.0.0.1", "--port",
@@ -181,7 +146,7 @@ def test_a_missing_malformed_expired_or_foreign_roster_is_named_in_one_line(fede
     fed = federation
     ca = fed.credentials / "ca.crt"
     base = (f"client-id='site-0' data='{fed.workdir / 'site-0.csv'}' text-column='note' label-column='topic' "
-            f"ledger-dir='{_ledger_dir(fed.workdir, 0)}'")
+            f"ledger-dir='{_ledger_dir(fed.workdir, 0)}'" + _pin(fed))
     roster = json.loads((fed.workdir / "roster.json").read_text())
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "expired.json").write_text(json.dumps({**roster, "expires": "2020-01-01"}))
