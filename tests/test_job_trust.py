@@ -1,0 +1,89 @@
+"""The gate in front of every run: the pinned app, the operator's signature, one run per job."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+from common.errors import FedtuneError
+from common.trust.app_pin import installed_app, pin_problem
+from common.trust.gate import RunGate
+from common.trust.job_signature import job_problem, load_operator_public_key, make_operator_keys
+from common.trust.signing import signed_run_config
+from tests.helpers import ROOT, run_fedtune
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("operator")
+    make_operator_keys(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fab() -> bytes:
+    """What `flwr run .` of this checkout submits (Flower's own build, walking the whole tree)."""
+    return build_fab_from_disk(ROOT)
+
+
+def _as_nodes_see_it(text: str) -> dict:
+    """The run config a party acts on: the app's defaults fused with the `--run-config` text."""
+    return get_fused_config_from_dir(ROOT, parse_config_args([text]))
+
+
+def test_the_pinned_hash_is_the_bundle_flwr_run_submits(fab):
+    assert installed_app().sha256 == hashlib.sha256(fab).hexdigest()
+    assert pin_problem(installed_app().sha256, installed_app()) is None
+    assert "install the audited version" in pin_problem("0" * 64, installed_app())
+    assert "64 lowercase hex" in pin_problem("abc", installed_app())
+
+
+def test_a_signed_job_passes_once_and_every_alteration_is_refused(operator, fab, tmp_path):
+    text, job_id = signed_run_config(key=operator / "operator.key", run_config="num-rounds=2 model='/m x'",
+                                     valid_days=3)
+    gate = RunGate.from_pins(operator_key=operator / "operator.pub", bindings_dir=tmp_path)
+    config = _as_nodes_see_it(text)
+    assert config["num-rounds"] == 2 and config["model"] == "/m x" and config["job-id"] == job_id
+    assert gate.refusal(fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab, run_config=config, run_id=7) is None
+    assert gate.refusal(fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab, run_config=config, run_id=7) is None
+    replay = gate.refusal(fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab, run_config=config, run_id=8)
+    assert "already ran as run 7" in replay  # the same signed job submitted again, by anyone
+
+    other = fab + b"\0"
+    assert "not the app this party pinned" in gate.refusal(
+        fab_hash=hashlib.sha256(other).hexdigest(), fab_content=other, run_config=config, run_id=9)
+    assert "does not match its own stated hash" in gate.refusal(
+        fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=other, run_config=config, run_id=9)
+    public = load_operator_public_key(operator / "operator.pub")
+    app = installed_app().sha256
+    for key, value in (("num-rounds", 3), ("target-epsilon", 9.0), ("job-id", "f" * 16), ("job-expires", "2999-01-01")):
+        assert "does not verify" in job_problem({**config, key: value}, app_sha256=app, operator=public), key
+    assert "does not verify" in job_problem(config, app_sha256="1" * 64, operator=public)  # signed for another app
+    assert "not signed" in job_problem({**config, "job-signature": ""}, app_sha256=app, operator=public)
+    assert "expired on" in job_problem(config, app_sha256=app, operator=public, today=date(2999, 1, 1))
+
+
+def test_a_job_signed_by_another_key_is_refused(operator, tmp_path):
+    make_operator_keys(tmp_path / "stranger")
+    text, _ = signed_run_config(key=tmp_path / "stranger" / "operator.key", run_config="", valid_days=1)
+    public = load_operator_public_key(operator / "operator.pub")
+    assert "does not verify" in job_problem(_as_nodes_see_it(text), app_sha256=installed_app().sha256, operator=public)
+
+
+def test_setup_errors_name_the_fix_and_keys_are_never_replaced(operator, tmp_path):
+    with pytest.raises(FedtuneError, match="no operator-key: pin the operator's public key"):
+        RunGate.from_node_config({"client-id": "a"})
+    (tmp_path / "junk.pub").write_text("not a key")
+    with pytest.raises(FedtuneError, match="cannot read the operator's public key"):
+        RunGate.from_pins(operator_key=tmp_path / "junk.pub", bindings_dir=None)
+    with pytest.raises(FedtuneError, match="never replaced"):
+        make_operator_keys(operator)
+    assert (operator / "operator.key").stat().st_mode & 0o077 == 0
+    signed = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "job-id='mine'")
+    assert signed.returncode == 3 and "sign the plain overrides" in signed.stderr
+    unknown = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "num-round=2")
+    assert unknown.returncode == 3 and "num-round" in unknown.stderr and "pyproject.toml" in unknown.stderr
