@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common.errors import FedtuneError
 from common.trust.gate import RunGate
-from fedtune.runtime_api import acquire, acquiring_client, write_secret
+from fedtune.runtime_api import acquire, acquiring_client, flag_value, write_secret
 from fedtune.serverapp_process import TOKEN_ENV
 
 OWNED = ("--isolation", "--superexec-auth-secret-file")
@@ -27,7 +27,7 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
     if owned:
         raise FedtuneError(f"run-superlink sets {' and '.join(OWNED)} itself; leave out {owned[0].split('=')[0]}")
     RunGate.from_pins(operator_key=operator_key, bindings_dir=state_dir)  # a bad pin stops us before Flower starts
-    ca = _value(args, "--ssl-ca-certfile")
+    ca = flag_value(args, "--ssl-ca-certfile")
     if "--insecure" in args or not ca:
         raise FedtuneError("run-superlink needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
     venv_bin = str(Path(sys.executable).parent)
@@ -38,7 +38,7 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
                                  "--superexec-auth-secret-file", str(secret)], env=env)
         stop = threading.Event()
         runtime = threading.Thread(target=_serve, daemon=True, kwargs=dict(
-            address=f"{_runtime_host(args)}:{_value(args, '--port') or DEFAULT_PORT}", ca=ca,
+            address=f"{_runtime_host(args)}:{flag_value(args, '--port') or DEFAULT_PORT}", ca=ca,
             secret=secret.read_bytes(), operator_key=operator_key, state_dir=state_dir, stop=stop, env=env))
         runtime.start()
         try:
@@ -76,14 +76,5 @@ def _serve(*, address: str, ca: str, secret: bytes, operator_key: Path, state_di
 
 
 def _runtime_host(args: list[str]) -> str:
-    host = _value(args, "--host") or "127.0.0.1"
+    host = flag_value(args, "--host") or "127.0.0.1"
     return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
-
-
-def _value(args: list[str], flag: str) -> str | None:
-    for index, arg in enumerate(args):
-        if arg == flag and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None

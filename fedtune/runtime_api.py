@@ -56,3 +56,13 @@ def acquire(client, task_type: str) -> tuple[str, object] | None:
     if response.HasField("task") and response.token:
         return response.token, response.task
     return None
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value of `--flag VALUE` or `--flag=VALUE` among command-line `args`, or None."""
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

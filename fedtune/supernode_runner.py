@@ -17,8 +17,9 @@ from fedtune.node_check import hint_for
 GIVE_UP_AFTER_FATAL_S = 10
 
 
-def run_supernode(args: list[str]) -> tuple[int, list[str]]:
-    """Run flower-supernode with `args`; returns its exit code and the hints to print."""
+def run_supernode(args: list[str], *, give_up=lambda: False) -> tuple[int, list[str]]:
+    """Run flower-supernode with `args` until it exits (or `give_up()` says to stop it); returns
+    its exit code and the hints to print."""
     venv_bin = str(Path(sys.executable).parent)  # the SuperNode starts flwr-clientapp etc. by name
     env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
     executable = shutil.which("flower-supernode", path=env["PATH"]) or "flower-supernode"
@@ -40,7 +41,7 @@ def run_supernode(args: list[str]) -> tuple[int, list[str]]:
     reader.start()
     try:
         while process.poll() is None:
-            if fatal_at and time.monotonic() - fatal_at[0] > GIVE_UP_AFTER_FATAL_S:
+            if (fatal_at and time.monotonic() - fatal_at[0] > GIVE_UP_AFTER_FATAL_S) or give_up():
                 process.terminate()
             time.sleep(0.2)
     finally:
@@ -68,14 +69,14 @@ def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timin
 
     from common.errors import FedtuneError
     from fedtune.node_runtime import NodeRuntime, configure_logging
-    from fedtune.runtime_api import write_secret
+    from fedtune.runtime_api import flag_value, write_secret
 
     owned = [arg for arg in extra if arg.split("=")[0] in RUNNER_OWNED]
     if owned:
         raise FedtuneError(f"run-node sets {', '.join(RUNNER_OWNED)} itself (its runtime is the node's only "
                            f"executor, on loopback); leave out {owned[0].split('=')[0]}")
     flags = [arg.split("=")[0] for arg in extra]
-    if "--host" in flags and _value_after(extra, "--host") not in LOOPBACK:
+    if "--host" in flags and flag_value(extra, "--host") not in LOOPBACK:
         raise FedtuneError("run-node keeps the SuperNode's runtime API on loopback: --host must be 127.0.0.1")
     if "--host" not in flags:
         extra = [*extra, "--host", "127.0.0.1"]
@@ -83,7 +84,7 @@ def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timin
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             extra = [*extra, "--port", str(probe.getsockname()[1])]
-    port = _value_after(extra, "--port")
+    port = flag_value(extra, "--port")
     configure_logging()
     with tempfile.TemporaryDirectory(prefix="fedtune-node-") as scratch:
         secret = write_secret(Path(scratch) / "runtime.secret")
@@ -91,18 +92,13 @@ def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timin
                               timings_file=timings)
         server = threading.Thread(target=runtime.serve, name="fedtune-node-runtime", daemon=True)
         server.start()
-        try:
-            return run_supernode([*args, "--isolation", "process", "--superexec-auth-secret-file", str(secret),
-                                  *extra])
+        try:  # a SuperNode whose runtime died would take messages no one answers: stop it too
+            code, hints = run_supernode([*args, "--isolation", "process", "--superexec-auth-secret-file",
+                                         str(secret), *extra], give_up=lambda: not server.is_alive())
+            if not server.is_alive() and not runtime.stop.is_set():
+                hints.append("the node runtime stopped (its error is above); the SuperNode was stopped with it")
+                code = code or 1
+            return code, hints
         finally:
             runtime.stop.set()
             server.join(timeout=10)
-
-
-def _value_after(args: list[str], flag: str) -> str:
-    for index, arg in enumerate(args):
-        if arg == flag and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    raise ValueError(flag)

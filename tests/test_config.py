@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from common.protocol import JobWire
 from common.config import RunConfig
 from common.errors import FedtuneError
 from tests.conftest import make_texts, write_csv
@@ -18,6 +19,7 @@ def test_pyproject_flower_config_matches_the_typed_defaults():
     override of `task` or `num-clients` alone resolves the same way as `--set` does."""
     document = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = {spec.name.replace("_", "-"): spec.default for spec in fields(RunConfig)}
+    declared |= {key: "" for key in JobWire.KEYS}  # a signed job's keys: empty until `fedtune sign-job` fills them
     assert document["tool"]["flwr"]["app"]["config"] == declared
 
 
