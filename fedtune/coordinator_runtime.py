@@ -5,6 +5,7 @@ fedtune/serverapp_process.py, which refuses it unless it is the pinned app with 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,11 +20,14 @@ from fedtune.runtime_api import acquire, acquiring_client, flag_value, write_sec
 from fedtune.serverapp_process import TOKEN_ENV
 
 OWNED = ("--isolation", "--superexec-auth-secret-file")
+MAX_SERVERAPPS = 4  # ServerApp processes at once; more submitted runs wait in the SuperLink's queue
+LOG = logging.getLogger("fedtune.coordinator")
 DEFAULT_PORT = "9093"  # flower-superlink's own default for its one HTTPS port
 
 
 def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir: Path) -> int:
-    owned = [arg for arg in args if arg.split("=")[0] in OWNED]
+    owned = [arg for arg in args if arg.startswith("--") and len(arg.split("=")[0]) > 2
+             and any(flag.startswith(arg.split("=")[0]) for flag in OWNED)]  # Flower takes abbreviations
     if owned:
         raise FedtuneError(f"run-superlink sets {' and '.join(OWNED)} itself; leave out {owned[0].split('=')[0]}")
     RunGate.from_pins(operator_key=operator_key, bindings_dir=state_dir)  # a bad pin stops us before Flower starts
@@ -42,7 +46,12 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
             secret=secret.read_bytes(), operator_key=operator_key, state_dir=state_dir, stop=stop, env=env))
         runtime.start()
         try:
-            return link.wait()
+            while link.poll() is None and runtime.is_alive():
+                time.sleep(0.5)
+            if not runtime.is_alive():
+                LOG.error("the coordinator runtime stopped (its error is above); stopping the SuperLink with it")
+                return 1
+            return link.returncode
         finally:
             stop.set()
             if link.poll() is None:
@@ -52,16 +61,25 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
 
 def _serve(*, address: str, ca: str, secret: bytes, operator_key: Path, state_dir: Path,
            stop: threading.Event, env: dict) -> None:
-    """Start one gated ServerApp process per acquired task; the tasks' token never sits in argv."""
+    """Start one gated ServerApp process per acquired task, at most MAX_SERVERAPPS at once (anyone
+    can submit runs: each refused one still costs a process start); the token never sits in argv."""
     import httpx
     from flwr.supercore.constant import TaskType
 
     client = acquiring_client(address=address, secret=secret, root_certificates=Path(ca).read_bytes())
     children: list[subprocess.Popen] = []
     while not stop.is_set():
+        children = [child for child in children if child.poll() is None]  # reaped: no zombies
+        if len(children) >= MAX_SERVERAPPS:
+            time.sleep(0.5)
+            continue
         try:
             acquired = acquire(client, TaskType.SERVER_APP.value)
-        except httpx.HTTPError:  # TLS endpoint not up yet
+        except httpx.HTTPError:  # TLS endpoint not up yet, or going down
+            time.sleep(0.5)
+            continue
+        except Exception:  # noqa: BLE001 - one bad answer must not leave runs queued with no executor
+            LOG.exception("coordinator runtime: AcquireTask failed")
             time.sleep(0.5)
             continue
         if acquired is None:

@@ -100,11 +100,11 @@ def run_node(
                         node_config=node_config)
     if result.problems:
         raise FedtuneError("; ".join(result.problems))
-    gate = RunGate.from_node_config(parse_config_args([node_config]))
+    parsed = parse_config_args([node_config])
     code, hints = run_supernode_with_runtime(
         ["--superlink", superlink, "--root-certificates", str(root_certificates),
          "--auth-supernode-private-key", str(private_key), "--node-config", node_config],
-        extra=list(ctx.args), gate=gate, timings=timings)
+        extra=list(ctx.args), gate=RunGate.from_node_config(parsed), node_config=parsed, timings=timings)
     for hint in hints:
         error_line(hint)
     raise typer.Exit(code)

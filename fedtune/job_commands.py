@@ -9,8 +9,6 @@ ServerApp for signed jobs (fedtune/coordinator_runtime.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import typer
 
 from fedtune.shell import console, err
@@ -49,12 +47,12 @@ def sign_job(
 def run_superlink(
     ctx: typer.Context,
     operator_public_key: Path = typer.Option(..., "--operator-key", help="The operator's operator.pub."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the coordinator records which "
-                                             "run each signed job became (default: beside --database, or ./)."),
+    state_dir: Path = typer.Option(..., "--state-dir", help="Where the coordinator records which run each "
+                                   "signed job became (jobs.json): keep it across restarts, like --database."),
 ) -> None:
     """flower-superlink in process isolation (extra arguments go to it) with a runtime that runs
     only the pinned ServerApp, for jobs the operator key signed, once each."""
     from fedtune.coordinator_runtime import run_superlink_with_runtime
 
     raise typer.Exit(run_superlink_with_runtime(list(ctx.args), operator_key=operator_public_key,
-                                                state_dir=state_dir or Path(".")))
+                                                state_dir=state_dir))

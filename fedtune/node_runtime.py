@@ -39,6 +39,7 @@ class NodeRuntime:
     address: str  # the SuperNode's runtime API, host:port on loopback
     secret: bytes  # shared with the SuperNode (--superexec-auth-secret-file)
     gate: RunGate
+    node_config: dict  # as run-node parsed and check-node checked it: the only node config a task sees
     timings_file: Path | None = None  # one JSON line per task (benchmarks)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -62,41 +63,50 @@ class NodeRuntime:
                     time.sleep(IDLE_POLL_S)
                     continue
                 try:
-                    self._record(self.handle(app, token=acquired[0]))
+                    timing = self.handle(app, token=acquired[0])
+                    if timing is not None:
+                        self._record(timing)
                 except Exception:  # noqa: BLE001 - one broken task must not stop the node
                     LOG.exception("node runtime: a task failed")
         finally:
             client.close()
 
-    def handle(self, app, *, token: str) -> TaskTiming:
-        """One message: pull, gate, run the installed ClientApp (or refuse), push the reply."""
+    def handle(self, app, *, token: str) -> TaskTiming | None:
+        """One message: pull, gate, run the installed ClientApp (or refuse), push the reply. Every
+        pulled message gets a reply: Flower's SuperNode waits for one before it pulls the next."""
         from flwr.common.constant import SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        from fedtune.runtime_api import task_client
+        from fedtune.runtime_api import task_client, task_heartbeat
 
         client = task_client(address=self.address, token=token, component="flwr-clientapp")
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = task_heartbeat(client)
         heartbeat.start()
         context, status, details = None, SubStatus.FAILED, "the node runtime could not read the task"
         try:
             message, context, run, fab = pull_task_input(client)
+            context.node_config = dict(self.node_config)  # the config run-node checked, whatever the API says
             started = time.monotonic()
-            refusal = self.gate.refusal(fab_hash=fab.hash_str, fab_content=fab.content,
-                                        run_config=dict(context.run_config), run_id=run.run_id)
-            if refusal:
-                LOG.warning("refused run %d (app %s): %s", run.run_id, fab.hash_str, refusal)
+            try:
+                refusal = self.gate.refusal(fab_hash=fab.hash_str, fab_content=fab.content,
+                                            run_config=dict(context.run_config), run_id=run.run_id)
+                if refusal:
+                    LOG.warning("refused run %d (app %s): %s", run.run_id, fab.hash_str, refusal)
+                    reply, details = _error_reply(message, f"refused by the node: {refusal}"), refusal
+                else:
+                    reply = _run_app(app, message, context)
+                    status, details = ((SubStatus.COMPLETED, "") if not reply.has_error()
+                                       else (status, "ClientApp error"))
+            except Exception:  # noqa: BLE001 - e.g. an unreadable jobs.json: say so here, refuse there
+                LOG.exception("node runtime: run %d could not be checked", run.run_id)
+                refusal = "the node could not check this run; its own log says why"
                 reply, details = _error_reply(message, f"refused by the node: {refusal}"), refusal
-            else:
-                reply = _run_app(app, message, context)
-                status, details = (SubStatus.COMPLETED, "") if not reply.has_error() else (status, "ClientApp error")
             push_message(client, reply, context)
             return TaskTiming(run_id=run.run_id, message_type=message.metadata.message_type,
                               stage=_stage_of(message), seconds=time.monotonic() - started, refused=bool(refusal))
         finally:
+            heartbeat.stop()  # before the output is pushed: that ends the token a late beat would use
             push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
             client.close()
 
     def _record(self, timing: TaskTiming) -> None:

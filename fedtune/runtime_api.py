@@ -37,15 +37,34 @@ def acquiring_client(*, address: str, secret: bytes, root_certificates: bytes | 
 
 
 def task_client(*, address: str, token: str, component: str, root_certificates: bytes | None = None):
-    """A client for one acquired task: pull its inputs, push its outputs."""
+    """A client for one acquired task: pull its inputs, push its outputs. Its failures raise here:
+    Flower's own retry policy SIGINTs the whole process on a 401 (made for one process per task),
+    which would take a long-lived runtime down with one stale token."""
+    import httpx
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry import RetryInvoker, exponential
     from flwr.supercore.runtime import RuntimeHttpClient
 
+    retry = RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2), max_tries=5, max_time=30,
+                         recoverable_exceptions=(httpx.TransportError,))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name=component), RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry)
+
+
+def task_heartbeat(client):
+    """A task heartbeat that reports failure instead of SIGINTing the process (Flower's does)."""
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        except Exception:  # noqa: BLE001 - a missed beat; the task's own calls say what is wrong
+            return False
+
+    return HeartbeatSender(beat)
 
 
 def acquire(client, task_type: str) -> tuple[str, object] | None:

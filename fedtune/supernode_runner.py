@@ -56,45 +56,34 @@ def run_supernode(args: list[str], *, give_up=lambda: False) -> tuple[int, list[
     return (code if code > 0 else (1 if hints else code)), hints
 
 
-RUNNER_OWNED = ("--isolation", "--superexec-auth-secret-file")
+# What run-node decides (and check-node checked): Flower's argparse takes any prefix of a flag, and
+# the last of two, so an extra argument may not even abbreviate one of these.
+GUARDED = ("--isolation", "--superexec-auth-secret-file", "--node-config", "--superlink", "--root-certificates",
+           "--auth-supernode-private-key", "--host")
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
-def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timings: Path | None
-                               ) -> tuple[int, list[str]]:
+def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, node_config: dict,
+                               timings: Path | None) -> tuple[int, list[str]]:
     """flower-supernode in process isolation, its runtime API on loopback behind a fresh shared
     secret, and this process as its only executor (fedtune/node_runtime.py)."""
-    import socket
     import tempfile
 
-    from common.errors import FedtuneError
     from fedtune.node_runtime import NodeRuntime, configure_logging
     from fedtune.runtime_api import flag_value, write_secret
 
-    owned = [arg for arg in extra if arg.split("=")[0] in RUNNER_OWNED]
-    if owned:
-        raise FedtuneError(f"run-node sets {', '.join(RUNNER_OWNED)} itself (its runtime is the node's only "
-                           f"executor, on loopback); leave out {owned[0].split('=')[0]}")
-    flags = [arg.split("=")[0] for arg in extra]
-    if "--host" in flags and flag_value(extra, "--host") not in LOOPBACK:
-        raise FedtuneError("run-node keeps the SuperNode's runtime API on loopback: --host must be 127.0.0.1")
-    if "--host" not in flags:
-        extra = [*extra, "--host", "127.0.0.1"]
-    if "--port" not in flags:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            extra = [*extra, "--port", str(probe.getsockname()[1])]
+    extra = _checked_extra(extra)
     port = flag_value(extra, "--port")
     configure_logging()
     with tempfile.TemporaryDirectory(prefix="fedtune-node-") as scratch:
         secret = write_secret(Path(scratch) / "runtime.secret")
         runtime = NodeRuntime(address=f"127.0.0.1:{port}", secret=secret.read_bytes(), gate=gate,
-                              timings_file=timings)
+                              node_config=node_config, timings_file=timings)
         server = threading.Thread(target=runtime.serve, name="fedtune-node-runtime", daemon=True)
         server.start()
         try:  # a SuperNode whose runtime died would take messages no one answers: stop it too
-            code, hints = run_supernode([*args, "--isolation", "process", "--superexec-auth-secret-file",
-                                         str(secret), *extra], give_up=lambda: not server.is_alive())
+            code, hints = run_supernode([*args, *extra, "--isolation", "process", "--superexec-auth-secret-file",
+                                         str(secret)], give_up=lambda: not server.is_alive())  # ours last: they win
             if not server.is_alive() and not runtime.stop.is_set():
                 hints.append("the node runtime stopped (its error is above); the SuperNode was stopped with it")
                 code = code or 1
@@ -102,3 +91,26 @@ def run_supernode_with_runtime(args: list[str], *, extra: list[str], gate, timin
         finally:
             runtime.stop.set()
             server.join(timeout=10)
+
+
+def _checked_extra(extra: list[str]) -> list[str]:
+    """The extra flower-supernode arguments, refused where they would override what run-node set,
+    with the loopback host and a free port added when not given."""
+    import socket
+
+    from common.errors import FedtuneError
+    from fedtune.runtime_api import flag_value
+
+    names = [arg.split("=")[0] for arg in extra if arg.startswith("--")]
+    for name in names:
+        hits = [flag for flag in GUARDED if flag.startswith(name) and len(name) > 2]
+        if hits and not (name == "--host" and flag_value(extra, "--host") in LOOPBACK):
+            raise FedtuneError(f"run-node sets {hits[0]} itself (the node runs only its checked config, its runtime "
+                               f"on loopback is the only executor); leave out {name}")
+    if "--host" not in names:
+        extra = [*extra, "--host", "127.0.0.1"]
+    if "--port" not in names:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            extra = [*extra, "--port", str(probe.getsockname()[1])]
+    return extra

@@ -12,7 +12,8 @@ from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from common.errors import FedtuneError
 from common.trust.app_pin import installed_app, pin_problem
 from common.trust.gate import RunGate
-from common.trust.job_signature import job_problem, load_operator_public_key, make_operator_keys
+from common.trust.job_bindings import bind_problem
+from common.trust.job_signature import expiry_problem, job_problem, load_operator_public_key, make_operator_keys
 from common.trust.signing import signed_run_config
 from tests.helpers import ROOT, run_fedtune
 
@@ -64,7 +65,28 @@ def test_a_signed_job_passes_once_and_every_alteration_is_refused(operator, fab,
         assert "does not verify" in job_problem({**config, key: value}, app_sha256=app, operator=public), key
     assert "does not verify" in job_problem(config, app_sha256="1" * 64, operator=public)  # signed for another app
     assert "not signed" in job_problem({**config, "job-signature": ""}, app_sha256=app, operator=public)
-    assert "expired on" in job_problem(config, app_sha256=app, operator=public, today=date(2999, 1, 1))
+    assert job_problem(config, app_sha256=app, operator=public) is None
+    assert "expired on" in expiry_problem(config, today=date(2999, 1, 1))
+    # An expired job may finish the run it is bound to; it starts no other.
+    assert bind_problem(tmp_path, job_id=job_id, run_id=7, refuse_new="expired") is None
+    assert bind_problem(tmp_path, job_id="unbound", run_id=11, refuse_new="expired") == "expired"
+
+
+def test_two_processes_binding_one_job_at_once_cannot_both_win(tmp_path):
+    """The coordinator gates each ServerApp in its own process: the binding is under a file lock."""
+    import multiprocessing
+
+    for trial in range(10):
+        directory = tmp_path / f"trial-{trial}"
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            results = pool.starmap(_bind, [(directory, 1), (directory, 2)])
+        assert sorted(r is None for r in results) == [False, True], results
+
+
+def _bind(directory, run_id):
+    from common.trust.job_bindings import bind_problem
+
+    return bind_problem(directory, job_id="job", run_id=run_id)
 
 
 def test_a_job_signed_by_another_key_is_refused(operator, tmp_path):

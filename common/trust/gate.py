@@ -14,7 +14,7 @@ from common.errors import FedtuneError
 from common.protocol import JobWire
 from common.trust.app_pin import PinnedApp, fab_problem, installed_app, pin_problem
 from common.trust.job_bindings import bind_problem
-from common.trust.job_signature import job_problem, load_operator_public_key
+from common.trust.job_signature import expiry_problem, job_problem, load_operator_public_key
 
 OPERATOR_KEY, APP_PIN = "operator-key", "app-sha256"  # node config keys (the institution's own)
 
@@ -50,6 +50,9 @@ class RunGate:
                 run_id: int) -> str | None:
         problem = (fab_problem(fab_hash=fab_hash, fab_content=fab_content, pinned=self.app)
                    or job_problem(run_config, app_sha256=self.app.sha256, operator=self.operator))
-        if problem or self.bindings_dir is None:
+        if problem:
             return problem
-        return bind_problem(self.bindings_dir, job_id=str(run_config[JobWire.ID]), run_id=run_id)
+        expired = expiry_problem(run_config)
+        if self.bindings_dir is None:
+            return expired
+        return bind_problem(self.bindings_dir, job_id=str(run_config[JobWire.ID]), run_id=run_id, refuse_new=expired)

@@ -86,8 +86,7 @@ def sign(run_config: Mapping[str, Any], *, app_sha256: str, key: Ed25519PrivateK
     return base64.b64encode(key.sign(signed_bytes(run_config, app_sha256))).decode()
 
 
-def job_problem(run_config: Mapping[str, Any], *, app_sha256: str, operator: Ed25519PublicKey,
-                today: date | None = None) -> str | None:
+def job_problem(run_config: Mapping[str, Any], *, app_sha256: str, operator: Ed25519PublicKey) -> str | None:
     """Why this run config is not a job the pinned operator signed for this app, or None.
     The reason names keys only: it goes back to whoever submitted the run."""
     signature = str(run_config.get(JobWire.SIGNATURE, "") or "")
@@ -100,10 +99,19 @@ def job_problem(run_config: Mapping[str, Any], *, app_sha256: str, operator: Ed2
                 "signed it, or a key of the run config changed after signing)")
     if not run_config.get(JobWire.ID):
         return "the signed job has no job-id; sign it with `fedtune sign-job`"
-    try:
-        expires = date.fromisoformat(str(run_config.get(JobWire.EXPIRES, "")))
-    except ValueError:
-        return "the signed job has no valid job-expires date; sign it with `fedtune sign-job`"
-    if (today or date.today()) > expires:
+    return None if _expiry(run_config) else "the signed job has no valid job-expires date; sign it with `fedtune sign-job`"
+
+
+def expiry_problem(run_config: Mapping[str, Any], *, today: date | None = None) -> str | None:
+    """Why a (verified) job may not start today, or None: it may finish the run it started."""
+    expires = _expiry(run_config)
+    if expires is not None and (today or date.today()) > expires:
         return f"the signed job expired on {expires.isoformat()}; ask the operator to sign it again"
     return None
+
+
+def _expiry(run_config: Mapping[str, Any]) -> date | None:
+    try:
+        return date.fromisoformat(str(run_config.get(JobWire.EXPIRES, "")))
+    except ValueError:
+        return None
