@@ -19,7 +19,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.node_data import NodeData, client_split, label_names_from, model_of, pin_refusal
+from client.node_data import NodeData, client_split, data_version, label_names_from, model_of, pin_refusal
 from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
 from client.replay import replay_problem, replay_round
@@ -255,9 +255,15 @@ def _plan_fields(plan: PrivacyPlan | None) -> dict:
             "target_epsilon": plan.target_epsilon}
 
 
-@functools.lru_cache(maxsize=8)
 def _encoded(config: RunConfig, node: NodeData, label_names: tuple[str, ...], part: str) -> TensorDataset:
-    """Tokenized local data, kept for the life of the process (a simulation actor or a node)."""
+    """Tokenized local data, kept for the life of the process (a simulation actor or a node runtime)
+    while the node's file is unchanged."""
+    return _encoded_version(config, node, label_names, part, data_version(node))
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded_version(config: RunConfig, node: NodeData, label_names: tuple[str, ...], part: str,
+                     version) -> TensorDataset:
     split = getattr(client_split(config, node, label_names), part)
     task = get_task(config.task)
     tokenizer = load_tokenizer(task.model_path(model_of(config, node)))

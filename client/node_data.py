@@ -9,6 +9,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 
 from common.config import RunConfig
@@ -137,9 +139,24 @@ def model_of(config: RunConfig, node: NodeData) -> str:
     return node.model if node.path is not None else config.model
 
 
-@functools.lru_cache(maxsize=8)
+def data_version(node: NodeData) -> tuple | None:
+    """Changes when the node's file does: a long-lived node reads an edited file again."""
+    if node.path is None:
+        return None
+    try:
+        stat = Path(node.path).stat()
+    except OSError:
+        return None  # the read itself says what is wrong
+    return stat.st_mtime_ns, stat.st_size
+
+
 def client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...]) -> ClientSplit:
     """This institution's train/validation split, labels indexed by the federation's names."""
+    return _client_split(config, node, label_names, data_version(node))
+
+
+@functools.lru_cache(maxsize=8)
+def _client_split(config: RunConfig, node: NodeData, label_names: tuple[str, ...], version) -> ClientSplit:
     if node.path is None:
         return federated_splits(config).clients[node.partition_id]
     task = get_task(config.task)
