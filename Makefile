@@ -40,7 +40,7 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
 
-# About 90 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
+# About 100 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
 bench: setup
 	$(OFFLINE) $(BIN)/python -m benchmarks.run_all
 

@@ -29,16 +29,21 @@ What is measured:
   reply pushed, per SecAgg+ stage (setup, share_keys, collect_masked_vectors = local training,
   unmask), median and max over nodes and steady-state rounds (the goal: non-training stages at
   most 0.2 s), and how often each node read the base model from disk in the run (the goal: 1);
-- what is left of a deployed round once the slowest node's handling is taken out: round seconds
-  minus, over nodes, the largest sum of that node's handling seconds in the round. That rest is
-  Flower 1.41's polling (the ServerApp's HttpGrid pulls replies every 3 s, a SuperNode that finds
-  no message sleeps 3 s, and it looks for the runtime's reply every 0.5 s), TLS transport, and the
-  coordinator's own work (SecAgg+ aggregation, the test-set evaluation), which is not separated.
+- what is left of a deployed round once the slowest node's handling (its stages summed) and the
+  coordinator's test-set evaluation are taken out: Flower 1.41's polling (the ServerApp's HttpGrid
+  pulls replies every 3 s, a SuperNode that finds no message sleeps 3 s and looks for its
+  runtime's reply every 0.5 s), TLS transport, and the coordinator's SecAgg+ work, not separated;
+- a deployed round's timeline: the SuperLink's log (the ServerApp's lines included) and the nodes'
+  timings files are read while the run goes, each new line stamped as it appears (every 0.05 s),
+  which places every stage's messages, the waits between stages and the evaluation in the round.
 
 Messages are assigned to rounds by their order on each node: a round starts at its SecAgg+ setup.
-The three node processes and the SuperLink share this machine's cores with each other (the
-simulation's Ray runs at most one client per core, one torch thread each); --node-threads N sets
-OMP_NUM_THREADS for the node processes (default: unset, torch's own choice).
+The three institutions' nodes and the coordinator share this machine's cores, where each would have
+its own machine. The simulation's Ray gives each client one core and runs it with one torch thread
+(OMP_NUM_THREADS=1); each node process gets the same (--node-threads, default 1), so both spend the
+same compute per client. --node-threads 0 leaves torch's default (a thread per core in each of the
+three nodes): the cores are then oversubscribed and local training is much slower (on 2 cores it
+took more than twice as long), which measures this machine, not the deployment.
 """
 
 from __future__ import annotations
@@ -446,14 +451,17 @@ def render(result: dict, *, quick: bool, command: str) -> str:
                              "rest s (round - slowest node - evaluation): Flower's polling, transport, "
                              "coordinator's SecAgg+ work", "waiting s on the timeline below",
                              "simulated round s"], round_rows)
+    threads = ("OMP_NUM_THREADS, as Ray sets it for a simulated client" if result["node_threads_set"]
+               else "torch's default: --node-threads 0")
     loads = ", ".join(f"site-{i}: {n}" for i, n in enumerate(a["model_loads"]))
     messages = ", ".join(str(m) for m in a["messages"])
     return (f"Machine: {machine()}. Job: {result['job']}. Command: `{command}`. Benchmark wall time: "
             f"{result['benchmark_wall_s'] / 60:.1f} min.\n\n{comparison}\n\n{stages}\n\n"
             f"Base model reads from disk per node process for the whole run (goal: 1): {loads}. Messages "
             f"handled per node: {messages}; refused: {sum(a['refused'])}. Torch threads per node process: "
-            f"{result['node_threads']}; the 3 nodes share the machine's {os.cpu_count()} cores (the "
-            f"simulation's Ray runs at most one client per core, with one torch thread).\n\n{rounds}\n\n"
+            f"{result['node_threads']} ({threads}); the 3 nodes share the machine's {os.cpu_count()} cores, and "
+            f"the simulation's Ray runs at most one client per core, each with one torch thread."
+            f"\n\n{rounds}\n\n"
             f"Where a deployed round's time goes, from the SuperLink's log and the nodes' timings lines as "
             f"they appeared (stamped every {TAIL_INTERVAL_S} s). The waits are Flower 1.41's polling: the "
             f"ServerApp's HttpGrid looks for replies every 3 s (`flwr/superlink/grid/http_grid.py`), a "
@@ -471,8 +479,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--node-threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for the node processes (default: unset)")
+    parser.add_argument("--node-threads", type=int, default=1,
+                        help="OMP_NUM_THREADS for each node process, as Ray sets it for a simulated client "
+                             "(default 1; 0 leaves it unset: torch's default)")
     args = parser.parse_args()
     out = (args.out or default_out()) / NAME
     began = time.perf_counter()
@@ -499,13 +508,13 @@ def main() -> None:
 
     analysis = analyse(deployment, simulation)
     command = f"python -m benchmarks.deployment_latency{' --quick' if args.quick else ''}" + (
-        f" --node-threads {args.node_threads}" if args.node_threads else "")
+        f" --node-threads {args.node_threads}" if args.node_threads != 1 else "")
     result = {
         "job": f"{description}; DP-SGD (epsilon 8), SecAgg+; 3 institutions each with one `make demo` client's "
                f"share of BBC News ({', '.join(map(str, data['share_sizes']))} records, "
                f"{', '.join(map(str, data['train_sizes']))} to train), {data['test_size']} test records",
         "command": command, "keys": {k: str(v) for k, v in keys.items()},
-        "node_threads": args.node_threads or torch.get_num_threads(),
+        "node_threads": args.node_threads or torch.get_num_threads(), "node_threads_set": bool(args.node_threads),
         "deployment_wall_s": deployment["wall_seconds"], "deployment_startup_s": deployment["startup_seconds"],
         "simulation_wall_s": simulation.wall_seconds, "deployment_run_dir": deployment["run_dir"],
         "simulation_run_dir": str(simulation.out), "analysis": analysis,

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (about 90 minutes).
+"""`make bench`: every benchmark, one after another, on this machine (about 100 minutes).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 
@@ -18,7 +18,8 @@ import time
 
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
-BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency")
+BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency",
+              "deployment_latency")
 
 
 def main() -> None:

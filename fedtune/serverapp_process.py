@@ -10,6 +10,30 @@ import sys
 from pathlib import Path
 
 TOKEN_ENV = "FEDTUNE_TASK_TOKEN"
+REPLY_POLL_S = 0.25  # Flower's HttpGrid waits 3 s between pulls for replies: most of a stage's latency
+
+
+def prompt_grid(**kwargs):
+    """Flower 1.41's HttpGrid, pulling replies every REPLY_POLL_S (over loopback to its own SuperLink)."""
+    import time
+
+    from flwr.superlink.grid import HttpGrid
+
+    class PromptGrid(HttpGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            waiting = set(self.push_messages(messages))
+            end = time.time() + (timeout if timeout is not None else 0.0)
+            replies = []
+            while timeout is None or time.time() < end:
+                pulled = list(self.pull_messages(waiting))
+                replies.extend(pulled)
+                waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+                if not waiting:
+                    break
+                time.sleep(REPLY_POLL_S)
+            return replies
+
+    return PromptGrid(**kwargs)
 
 
 def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
@@ -23,15 +47,14 @@ def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.logger import mirror_output_to_queue, start_log_uploader, stop_log_uploader
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.grid import HttpGrid
 
     from common.trust.gate import RunGate
 
     gate = RunGate.from_pins(operator_key=operator_key, bindings_dir=Path(state_dir))
     log_queue: Queue = Queue()
     mirror_output_to_queue(log_queue)
-    grid = HttpGrid(runtime_api_address=address, insecure=False, root_certificates=Path(ca).read_bytes(),
-                    token=os.environ[TOKEN_ENV])
+    grid = prompt_grid(runtime_api_address=address, insecure=False, root_certificates=Path(ca).read_bytes(),
+                       token=os.environ[TOKEN_ENV])
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))  # pylint: disable=W0212
     heartbeat.start()
     context, uploader, status, details = None, None, SubStatus.FAILED, "the ServerApp failed"
