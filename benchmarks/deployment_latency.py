@@ -30,9 +30,10 @@ What is measured:
   unmask), median and max over nodes and steady-state rounds (the goal: non-training stages at
   most 0.2 s), and how often each node read the base model from disk in the run (the goal: 1);
 - what is left of a deployed round once the slowest node's handling (its stages summed) and the
-  coordinator's test-set evaluation are taken out: Flower 1.41's polling (the ServerApp's HttpGrid
-  pulls replies every 3 s, a SuperNode that finds no message sleeps 3 s and looks for its
-  runtime's reply every 0.5 s), TLS transport, and the coordinator's SecAgg+ work, not separated;
+  coordinator's test-set evaluation are taken out: polling (the pinned ServerApp pulls replies
+  every 0.25 s, where Flower's HttpGrid waits 3 s; a SuperNode that finds no message sleeps 3 s
+  and looks for its runtime's reply every 0.5 s, hard-coded in Flower 1.41), TLS transport, and
+  the coordinator's SecAgg+ work, not separated;
 - a deployed round's timeline: the SuperLink's log (the ServerApp's lines included) and the nodes'
   timings files are read while the run goes, each new line stamped as it appears (every 0.05 s),
   which places every stage's messages, the waits between stages and the evaluation in the round.
@@ -463,9 +464,10 @@ def render(result: dict, *, quick: bool, command: str) -> str:
             f"the simulation's Ray runs at most one client per core, each with one torch thread."
             f"\n\n{rounds}\n\n"
             f"Where a deployed round's time goes, from the SuperLink's log and the nodes' timings lines as "
-            f"they appeared (stamped every {TAIL_INTERVAL_S} s). The waits are Flower 1.41's polling: the "
-            f"ServerApp's HttpGrid looks for replies every 3 s (`flwr/superlink/grid/http_grid.py`), a "
-            f"SuperNode that finds no message sleeps 3 s and looks for its runtime's reply every 0.5 s "
+            f"they appeared (stamped every {TAIL_INTERVAL_S} s). The waits are polling: the pinned "
+            f"ServerApp pulls replies every 0.25 s (`fedtune/serverapp_process.py`; Flower's HttpGrid waits "
+            f"3 s), and Flower 1.41's SuperNode, when it finds no message, sleeps 3 s and looks for its "
+            f"runtime's reply every 0.5 s "
             f"(`flwr/supernode/start_client_internal.py`); with TLS transport and the coordinator's own "
             f"SecAgg+ work between stages, which this does not separate. A stage's skew: each node pulls "
             f"when its own 3 s sleep ends, so the node a stage waits on may start it later than the first "
