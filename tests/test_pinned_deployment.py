@@ -5,6 +5,7 @@ three institutions' `fedtune run-node` (each SuperNode beside its own long-lived
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -174,13 +175,15 @@ def test_a_job_unsigned_signed_by_another_key_or_changed_after_signing_is_refuse
              "does not verify": signed(plain[1], key=sites / "stranger" / "operator.key"),
              "changed after signing": signed(plain[2], key=sites / "operator" / "operator.key")
              .replace("target-epsilon=3.0", "target-epsilon=2.0")}
-    for says, run_config in cases.items():
-        finished(fed, run_config)
-        for index, node in enumerate(nodes):
-            new = refusals(node)[seen[index]:]
-            assert new and all(("not signed" if says == "not signed" else "does not verify") in line
-                               for line in new), (says, new)
-            seen[index] = len(refusals(node))
+    submitted = {says: fed.flwr_run_async(run_config) for says, run_config in cases.items()}  # at once
+    run_ids = {says: re.search(r"Successfully started run (\d+)", popen.communicate(timeout=300)[0]).group(1)
+               for says, popen in submitted.items()}
+    for index, node in enumerate(nodes):
+        new = refusals(node)[seen[index]:]
+        for says, run_id in run_ids.items():
+            reason = "not signed" if says == "not signed" else "does not verify"
+            mine = [line for line in new if f"refused run {run_id} " in line]
+            assert mine and all(reason in line for line in mine), (says, new)
     assert ledger_state(sites) == before  # nothing was trained, spent or recorded
 
 
