@@ -83,6 +83,22 @@ def _descendants() -> list:
         return []
 
 
+def _ray_in_our_group() -> list:
+    """Ray processes of this process group that are no longer our descendants (Ray re-parents its
+    agents); other members of the group, such as `| jq`, are left alone."""
+    import psutil
+
+    group, found = os.getpgrp(), []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and os.getpgid(process.pid) == group and \
+                    any("ray" in part for part in (process.info["cmdline"] or [])[:2]):
+                found.append(process)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
 def _leave(terminal: int, message: str, family: list) -> None:
     """Print the resume line and exit; whatever Ray left running (a slow shutdown on a loaded
     machine leaves its agents behind for tens of seconds) is killed first."""
@@ -90,7 +106,7 @@ def _leave(terminal: int, message: str, family: list) -> None:
 
     import psutil
 
-    for process in family:
+    for process in {*family, *_descendants(), *_ray_in_our_group()}:  # agents started or re-parented late too
         try:
             process.kill()  # psutil checks it is still the same process (pid reuse), else raises
         except psutil.Error:
