@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.errors import FedtuneError
 from common.trust.gate import RunGate
-from fedtune.runtime_api import acquire, acquiring_client, flag_value, write_secret
+from fedtune.runtime_api import abbreviated, acquire, acquiring_client, flag_value, write_secret
 from fedtune.serverapp_process import TOKEN_ENV
 
 OWNED = ("--isolation", "--superexec-auth-secret-file")
@@ -26,10 +26,9 @@ DEFAULT_PORT = "9093"  # flower-superlink's own default for its one HTTPS port
 
 
 def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir: Path) -> int:
-    owned = [arg for arg in args if arg.startswith("--") and len(arg.split("=")[0]) > 2
-             and any(flag.startswith(arg.split("=")[0]) for flag in OWNED)]  # Flower takes abbreviations
-    if owned:
-        raise FedtuneError(f"run-superlink sets {' and '.join(OWNED)} itself; leave out {owned[0].split('=')[0]}")
+    hit = abbreviated(args, OWNED)
+    if hit:
+        raise FedtuneError(f"run-superlink sets {hit[1]} itself; leave out {hit[0]}")
     RunGate.from_pins(operator_key=operator_key, bindings_dir=state_dir)  # a bad pin stops us before Flower starts
     ca = flag_value(args, "--ssl-ca-certfile")
     if "--insecure" in args or not ca:

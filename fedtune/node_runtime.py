@@ -63,15 +63,13 @@ class NodeRuntime:
                     time.sleep(IDLE_POLL_S)
                     continue
                 try:
-                    timing = self.handle(app, token=acquired[0])
-                    if timing is not None:
-                        self._record(timing)
+                    self._record(self.handle(app, token=acquired[0]))
                 except Exception:  # noqa: BLE001 - one broken task must not stop the node
                     LOG.exception("node runtime: a task failed")
         finally:
             client.close()
 
-    def handle(self, app, *, token: str) -> TaskTiming | None:
+    def handle(self, app, *, token: str) -> TaskTiming:
         """One message: pull, gate, run the installed ClientApp (or refuse), push the reply. Every
         pulled message gets a reply: Flower's SuperNode waits for one before it pulls the next."""
         from flwr.common.constant import SubStatus
@@ -134,16 +132,11 @@ def configure_logging() -> None:
 def _run_app(app, message, context):
     """The installed ClientApp on one message; an exception becomes Flower's usual error reply
     (its text is the app's own, written to carry no data values: see client/fl_client.py)."""
-    from flwr.app.error import Error
-    from flwr.app import Message
-    from flwr.common.constant import ErrorCode
-
     try:
         return app(message=message, context=context)
     except Exception as exc:  # noqa: BLE001 - the reply says what failed; the process serves on
         LOG.exception("ClientApp raised")
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                             reason=f"{type(exc)}:<'{exc}'>"), reply_to=message)
+        return _error_reply(message, f"{type(exc)}:<'{exc}'>")
 
 
 def _error_reply(message, reason: str):

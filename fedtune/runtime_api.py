@@ -85,3 +85,16 @@ def flag_value(args: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def abbreviated(args: list[str], flags: tuple[str, ...]) -> tuple[str, str] | None:
+    """(argument, flag) of the first of `args` that names or abbreviates one of `flags`: Flower's
+    argparse takes any unambiguous prefix, and the last of two, so a runner's own flags must not
+    be reachable that way either."""
+    for arg in args:
+        name = arg.split("=")[0]
+        if arg.startswith("--") and len(name) > 2:
+            hits = [flag for flag in flags if flag.startswith(name)]
+            if hits:
+                return name, hits[0]
+    return None

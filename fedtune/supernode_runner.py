@@ -99,14 +99,14 @@ def _checked_extra(extra: list[str]) -> list[str]:
     import socket
 
     from common.errors import FedtuneError
-    from fedtune.runtime_api import flag_value
+    from fedtune.runtime_api import abbreviated, flag_value
 
     names = [arg.split("=")[0] for arg in extra if arg.startswith("--")]
-    for name in names:
-        hits = [flag for flag in GUARDED if flag.startswith(name) and len(name) > 2]
-        if hits and not (name == "--host" and flag_value(extra, "--host") in LOOPBACK):
-            raise FedtuneError(f"run-node sets {hits[0]} itself (the node runs only its checked config, its runtime "
-                               f"on loopback is the only executor); leave out {name}")
+    loopback_host = "--host" in names and flag_value(extra, "--host") in LOOPBACK
+    hit = abbreviated([arg for arg in extra if not (loopback_host and arg.split("=")[0] == "--host")], GUARDED)
+    if hit:
+        raise FedtuneError(f"run-node sets {hit[1]} itself (the node runs only its checked config, its runtime "
+                           f"on loopback is the only executor); leave out {hit[0]}")
     if "--host" not in names:
         extra = [*extra, "--host", "127.0.0.1"]
     if "--port" not in names:

@@ -107,5 +107,9 @@ def test_setup_errors_name_the_fix_and_keys_are_never_replaced(operator, tmp_pat
     assert (operator / "operator.key").stat().st_mode & 0o077 == 0
     signed = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "job-id='mine'")
     assert signed.returncode == 3 and "sign the plain overrides" in signed.stderr
+    for flag in ("--iso", "--isolation", "--superexec-auth"):  # Flower takes abbreviations: none may override
+        started = run_fedtune("run-superlink", "--operator-key", str(operator / "operator.pub"), "--state-dir",
+                              str(tmp_path / "state"), flag, "subprocess")
+        assert started.returncode == 3 and f"leave out {flag}" in started.stderr, started.stderr
     unknown = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "num-round=2")
     assert unknown.returncode == 3 and "num-round" in unknown.stderr and "pyproject.toml" in unknown.stderr

@@ -39,6 +39,8 @@ def make_sites(workdir: Path) -> None:
         members += ["--member", f"site-{site}={ledger_dir(workdir, site) / 'ledger.pub'}"]
     built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
     assert built.returncode == 0, built.stderr
+    for site in range(SITES):
+        make_node_keys(out=workdir / "sites" / f"site-{site}" / "keys", name=f"site-{site}")
     make_operator_keys(workdir / "operator")
     make_operator_keys(workdir / "stranger")
 
@@ -69,11 +71,7 @@ def signed(run_config: str, *, key: Path) -> str:
 
 def start_federation(workdir: Path, model: Path, *, pinned: bool) -> tuple[LoopbackFederation, list]:
     fed = LoopbackFederation(workdir=workdir / ("pinned" if pinned else "open"), credentials=workdir / "creds")
-    for index in range(SITES):
-        site_key = workdir / "sites" / f"site-{index}" / "keys" / "supernode"
-        if not site_key.exists():
-            make_node_keys(out=site_key.parent, name=f"site-{index}")
-        fed.node_key = lambda i, w=workdir: w / "sites" / f"site-{i}" / "keys" / "supernode"
+    fed.node_key = lambda site: workdir / "sites" / f"site-{site}" / "keys" / "supernode"  # one key per site, both links
     fed.start_superlink(operator_key=workdir / "operator" / "operator.pub" if pinned else None)
     for index in range(SITES):
         fed.register(index)
@@ -184,6 +182,13 @@ def test_a_job_unsigned_signed_by_another_key_or_changed_after_signing_is_refuse
             reason = "not signed" if says == "not signed" else "does not verify"
             mine = [line for line in new if f"refused run {run_id} " in line]
             assert mine and all(reason in line for line in mine), (says, new)
+    for case in range(3):  # what the coordinator kept: a round nobody trained in, and nothing of a node's
+        first = read_metrics(tmp_path / f"run-{case}")[0]
+        assert first["clients_trained"] == 0 and not first["update_applied"], first
+    kept = "".join(path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
+    private = [(sites / f"site-{s}.csv").read_text()[:40] for s in range(SITES)] + [str(sites / "run")]
+    private += [(ledger_dir(sites, s) / "ledger.key").read_text().splitlines()[1] for s in range(SITES)]  # key bodies
+    assert not any(secret in kept for secret in private)
     assert ledger_state(sites) == before  # nothing was trained, spent or recorded
 
 
