@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from client.node_data import NodeData, client_split, data_version, label_names_from, model_of, pin_refusal
 from client.policy_guard import Transport, data_refusal, request_refusal
 from client.privacy_ledger import ClientPrivacyLedger
+from client.probe_round import train_probe_round
 from client.replay import replay_problem, replay_round
 from client.trainer import train_locally
 from client.update_cache import CachedUpdate, UpdateCache
@@ -30,10 +31,10 @@ from common.errors import FedtuneError
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
+from common.models.pooled_classifier import HeadSettings
 from common.privacy.accounting import epsilon_of
 from common.privacy.policy import NodePolicy
-from common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, plan_privacy,
-                                 sampling_schedule)
+from common.privacy.plan import PrivacyPlan, epsilon_after_next_round, fits_budget, plan_of_config, same_schedule
 from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
 from common.tasks import get_task
 
@@ -92,7 +93,8 @@ class FedtuneClient(NumPyClient):
         plan = self._plan(ledger, run_id=run_id, num_examples=num_examples)
         if isinstance(plan, str):
             return refuse(status=Status.REFUSED_POLICY, reason=plan, num_examples=num_examples)
-        if plan is not None and not fits_budget(epsilon_after_next_round(ledger.history(), plan), plan):
+        if plan is not None and not fits_budget(
+                epsilon_after_next_round(ledger.history(), plan, instructions.server_round), plan):
             return refuse(status=Status.REFUSED_BUDGET, plan=plan, num_examples=num_examples)
         return self._train_round(parameters, ledger=ledger, cache=cache, plan=plan, run_id=run_id,
                                  instructions=instructions, num_examples=num_examples)
@@ -134,21 +136,16 @@ class FedtuneClient(NumPyClient):
             return None
         plan = ledger.plan_for(run_id)
         if plan is not None:
-            schedule = sampling_schedule(num_examples=num_examples, batch_size=cfg.batch_size,
-                                         local_epochs=cfg.local_epochs)
-            if plan.num_examples != num_examples or (plan.sample_rate, plan.steps_per_round) != schedule:
-                return (f"run {run_id}'s noise plan was made for other data or another batch-size/local-epochs; "
-                        f"start a new run")
-            if plan.noise_multiplier < cfg.noise_multiplier:
-                return (f"run {run_id}'s noise plan has sigma {plan.noise_multiplier:g}, below the "
+            if not same_schedule(plan, cfg, num_examples=num_examples):
+                return (f"run {run_id}'s noise plan was made for other data or another training mode, batch-size, "
+                        f"local-epochs or probe steps; start a new run")
+            if plan.smallest_noise_multiplier < cfg.noise_multiplier:
+                return (f"run {run_id}'s noise plan has sigma {plan.smallest_noise_multiplier:g}, below the "
                         f"{cfg.noise_multiplier:g} this node now requires; start a new run")
             return dataclasses.replace(plan, target_epsilon=min(plan.target_epsilon, cfg.target_epsilon),
                                        target_delta=min(plan.target_delta, cfg.target_delta),
                                        accountant=cfg.accountant)
-        plan = plan_privacy(num_examples=num_examples, batch_size=cfg.batch_size,
-                            local_epochs=cfg.local_epochs, num_rounds=cfg.num_rounds,
-                            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-                            accountant=cfg.accountant, noise_multiplier=cfg.noise_multiplier)
+        plan = plan_of_config(cfg, num_examples=num_examples)
         log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
                  self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
                  plan.steps_per_round)
@@ -167,7 +164,8 @@ class FedtuneClient(NumPyClient):
         ledger.record(run_id=run_id, server_round=server_round, status=status, plan=plan, steps=0, epsilon=spent,
                       local_examples=num_examples, policy=self.policy.to_record(), reason=reason)
         report = FitReport(client_id=self.client_id, server_round=server_round, status=status, epsilon=spent,
-                           **_plan_fields(plan), ledger_head=ledger.head_hash, reason=reason)
+                           **_plan_fields(plan and plan.for_round(server_round)), ledger_head=ledger.head_hash,
+                           reason=reason)
         return [np.zeros_like(a) for a in parameters], 0, report.to_metrics()
 
     def _train_round(self, parameters: list[np.ndarray], *, ledger: ClientPrivacyLedger, cache: UpdateCache,
@@ -178,12 +176,8 @@ class FedtuneClient(NumPyClient):
         self.task.prepare_training_process()
         model = self._model(parameters)
         shared_a = self._check_shared_lora_a(model, expected=instructions.lora_a_sha256)
-        result = train_locally(model=model, dataset=_encoded(cfg, self.node, self.label_names, "train"),
-                               loss=self.task.loss, learning_rate=cfg.learning_rate,
-                               head_learning_rate=cfg.head_learning_rate, batch_size=cfg.batch_size,
-                               local_epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, plan=plan,
-                               history=ledger.history(), seed=cfg.seed * 1_000_003 + server_round,
-                               physical_batch_size=cfg.physical_batch)
+        result = self._train(model, plan=None if plan is None else plan.for_round(server_round),
+                             history=ledger.history(), server_round=server_round)
         update = [new - old for new, old in zip(adapter_to_arrays(model), parameters, strict=True)]
         if shared_a and lora_a_sha256(model) != shared_a:
             raise RuntimeError("FFA-LoRA: a frozen LoRA A changed during local training")
@@ -193,7 +187,7 @@ class FedtuneClient(NumPyClient):
                            steps=result.steps,
                            train_loss=result.train_loss if self.policy.share_train_loss else None,
                            update_max_abs=float(max(np.abs(u).max() for u in update)), epsilon=epsilon,
-                           **_plan_fields(plan), lora_a_sha256=shared_a or None)
+                           **_plan_fields(plan and plan.for_round(server_round)), lora_a_sha256=shared_a or None)
         fields = ledger.fields(run_id=run_id, server_round=server_round, status=Status.TRAINED, plan=plan,
                                steps=result.steps, epsilon=epsilon, local_examples=num_examples,
                                policy=self.policy.to_record())
@@ -203,6 +197,21 @@ class FedtuneClient(NumPyClient):
         # Signed before the update leaves: once sent, the spend is real whatever happens next.
         ledger.append(fields)
         return update, num_examples, {**report.to_metrics(), "ledger_head": ledger.head_hash}
+
+    def _train(self, model, *, plan: PrivacyPlan | None, history: list, server_round: int):
+        """One round of local training: the head alone on cached features in a probe round, else
+        the adapter (and head) through the model; `plan` is this round's stage."""
+        cfg, seed = self.config, self.config.seed * 1_000_003 + server_round
+        dataset = _encoded(cfg, self.node, self.label_names, "train")
+        if cfg.training_mode == "probe" or (cfg.training_mode == "two-stage" and server_round <= cfg.probe_rounds):
+            data_key = (cfg, self.node, self.label_names, data_version(self.node))
+            return train_probe_round(model=model, dataset=dataset, data_key=data_key,
+                                     learning_rate=cfg.probe_learning_rate, steps=cfg.probe_steps,
+                                     max_grad_norm=cfg.max_grad_norm, plan=plan, history=history, seed=seed)
+        return train_locally(model=model, dataset=dataset, loss=self.task.loss, learning_rate=cfg.learning_rate,
+                             head_learning_rate=cfg.head_learning_rate, batch_size=cfg.batch_size,
+                             local_epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, plan=plan,
+                             history=history, seed=seed, physical_batch_size=cfg.physical_batch)
 
     def _check_shared_lora_a(self, model, *, expected: str) -> str:
         """FFA-LoRA: this node's frozen A must be the coordinator's, or B means nothing there."""
@@ -242,7 +251,7 @@ class FedtuneClient(NumPyClient):
         cfg = self.config
         model = self.task.build_model(model_path=self.task.model_path(model_of(cfg, self.node)),
                                       num_labels=len(self.label_names), lora=LoraSettings.from_config(cfg),
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, head=HeadSettings.from_config(cfg, label_names=()))
         arrays_to_adapter(model, parameters)
         return model
 

@@ -81,7 +81,8 @@ class TrainResult:
 def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossFn, learning_rate: float,
                   head_learning_rate: float | None = None, batch_size: int, local_epochs: int, max_grad_norm: float,
                   plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int,
-                  physical_batch_size: int = 0, probe: StepProbe | None = None) -> TrainResult:
+                  physical_batch_size: int = 0, probe: StepProbe | None = None,
+                  optimizer: str = "adamw") -> TrainResult:
     """Train the model's trainable parameters in place; with a `plan`, under DP-SGD.
 
     `seed` drives only non-private randomness (dropout, the baseline's shuffling). DP noise
@@ -89,8 +90,13 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossF
     `physical_batch_size` (0: no limit) is processed in pieces whose clipped per-example
     gradients are summed before the one noisy step: the same step, in bounded memory.
     `probe` (DP only) is the mechanism check's window into the step; None in production.
+    `optimizer` "sgd" is plain SGD (a probe round's head: Adam's per-coordinate scaling would
+    turn DP noise into full-size steps).
     """
-    optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD([p for _, p in trainable_named_parameters(model)], lr=learning_rate)
+    else:
+        optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
@@ -133,7 +139,7 @@ def _train_plain(*, model, dataset, loss, optimizer, batch_size, local_epochs, s
         for batch in loader:
             total = 0.0
             for piece in _pieces(batch, physical):  # gradient accumulation, weighted by piece size
-                share = len(piece[2]) / len(batch[2])
+                share = len(piece[-1]) / len(batch[-1])
                 piece_loss = loss(model, *piece) * share
                 piece_loss.backward()
                 total += piece_loss.item()
@@ -179,7 +185,7 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                                 optimizer=dp_optimizer) as pieces:
             for _ in range(local_epochs):
                 for piece in pieces:
-                    if len(piece[2]) == 0:
+                    if len(piece[-1]) == 0:
                         # An empty Poisson batch is still a DP step: it gets noise and is counted.
                         for p in dp_optimizer.params:
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -188,7 +194,7 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                         piece_loss.backward()
                         if probe is not None:
                             probe.after_backward(piece, dp_optimizer)
-                        batch.add(piece_loss.item(), len(piece[2]))
+                        batch.add(piece_loss.item(), len(piece[-1]))
                     dp_optimizer.step()  # clips and sums; noise and the step come after a batch's last piece
                     dp_optimizer.zero_grad()
     finally:

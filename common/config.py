@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
 from common.faults import check_faults
+from common.privacy.budget_defaults import TRAINING_MODES, defaults_for_budget
 from common.protocol import JobWire
 from common.tasks import TASK_NAMES, get_task
 from common.values import coerce
@@ -24,6 +25,7 @@ from common.values import coerce
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
 LORA_VARIANTS = ("lora", "ffa")
+POOLINGS = ("mean", "cls")
 # What a key set to 0 or "" becomes. classification: tuned on BBC News (BENCHMARKS.md); causal-lm:
 # what configs/causal-lm.toml measured (FFA-LoRA is tuned for classification only).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -75,6 +77,22 @@ class RunConfig:
     lora_variant: str = _opt("", "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at its seed-derived "
                                   "value on every party and trains and sends only B (exact averaging, "
                                   "about half the upload); '' = the task's (ffa, or lora for causal-lm).")
+    training_mode: str = _opt("", "classification: 'adapter' (LoRA/FFA-LoRA and the head), 'probe' (the head "
+                                   "alone over the model's frozen pooled features: private linear probing) or "
+                                   "'two-stage' (probe rounds, then adapter rounds from that head); '' = chosen "
+                                   "from target-epsilon as measured (README, 'Defaults per budget').")
+    pooling: str = _opt("", "How texts become one vector for the head in probe and two-stage: 'mean' or 'cls'; "
+                            "'' = the pooling the model was trained with (its sentence-transformers config), "
+                            "else mean.")
+    head_prior: bool = _opt(True, "probe/two-stage: start the head from the (public) label names' embeddings.")
+    probe_steps: int = _opt(16, "probe/two-stage: full-batch DP steps per round on the head.")
+    probe_learning_rate: float = _opt(0.0, "probe/two-stage: SGD step size for the head; 0 = by budget.")
+    probe_rounds: int = _opt(1, "two-stage: rounds of linear probing before the adapter rounds.")
+    probe_epsilon_share: float = _opt(0.5, "two-stage: share of each client's epsilon the probe rounds may spend "
+                                           "(the adapter rounds get the rest; one accountant history).")
+    early_stopping_patience: int = _opt(0, "Stop when the coordinator's validation accuracy has not improved for "
+                                           "this many rounds (the rest of every budget stays unspent); 0 = off.")
+    stop_validation_fraction: float = _opt(0.05, "With early stopping: share of all records the coordinator holds out.")
     dp: bool = _opt(True, "Train with DP-SGD (Opacus). false gives the non-private baseline.")
     target_epsilon: float = _opt(8.0, "Each client's total epsilon budget for the whole run.")
     target_delta: float = _opt(1e-5, "Each client's delta; at or above 1/N of a client's N training records "
@@ -122,6 +140,11 @@ class RunConfig:
         values["clients_per_round"] = self.clients_per_round or values["num_clients"]
         values["learning_rate"] = self.learning_rate or TASK_LEARNING_RATES.get(
             (self.task, values["lora_variant"]), 0.0)
+        by_budget = defaults_for_budget(dp=self.dp, target_epsilon=self.target_epsilon)
+        if self.task != "classification":
+            by_budget["training_mode"] = "adapter"  # probing needs a label head
+        values["training_mode"] = self.training_mode or by_budget["training_mode"]
+        values["probe_learning_rate"] = self.probe_learning_rate or by_budget.get("probe_learning_rate", 5.0)
         return values
 
     # -- loading -----------------------------------------------------------------------------
@@ -196,8 +219,9 @@ class RunConfig:
         """Reject values that cannot make a meaningful run, saying which key to fix."""
         _check(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {', '.join(PARTITIONERS)}")
         _check(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {', '.join(LORA_VARIANTS)}")
+        _check_modes(self)
         _check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
-        for key in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size",
+        for key in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size", "probe_steps",
                     "max_length", "lora_rank", "lora_alpha"):
             _check(getattr(self, key) >= 1, key, "must be at least 1")
         _check(self.clients_per_round <= self.num_clients, "clients_per_round",
@@ -232,6 +256,20 @@ class RunConfig:
             _check(self.clients_per_round >= 2, "clients_per_round",
                    "must be at least 2 with secure-aggregation (SecAgg+ sums several updates); "
                    "set secure-aggregation=false for a single client")
+
+
+def _check_modes(config: RunConfig) -> None:
+    """The training mode, probing and early-stopping keys (probe/two-stage need a label head)."""
+    _check(config.training_mode in TRAINING_MODES, "training_mode", f"must be one of {', '.join(TRAINING_MODES)}")
+    _check(config.training_mode == "adapter" or config.task == "classification", "training_mode",
+           "must be 'adapter' for this task (probing trains a label head)")
+    _check(config.pooling in ("", *POOLINGS), "pooling", "must be '', 'mean' or 'cls'")
+    _check(config.training_mode != "two-stage" or 1 <= config.probe_rounds < config.num_rounds, "probe_rounds",
+           "must leave at least one adapter round in two-stage (1 <= probe-rounds < num-rounds)")
+    _check(0.0 < config.probe_epsilon_share < 1.0, "probe_epsilon_share", "must lie strictly between 0 and 1")
+    _check(config.early_stopping_patience >= 0, "early_stopping_patience", "must be 0 (off) or a round count")
+    _check(0.0 < config.stop_validation_fraction < 0.5, "stop_validation_fraction", "must lie in (0, 0.5)")
+    _check(_positive(config.probe_learning_rate), "probe_learning_rate", "must be a positive number")
 
 
 def _dashed(name: str) -> str:

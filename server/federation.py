@@ -24,6 +24,7 @@ from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
 from common.models.artifact import is_sequence_classifier
+from common.models.pooled_classifier import HeadSettings
 from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
@@ -73,7 +74,8 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     model_path = task.model_path(config.model)
     tokenizer = load_tokenizer(model_path)
     model = task.build_model(model_path=model_path, num_labels=len(splits.label_names),
-                             lora=LoraSettings.from_config(config), seed=config.seed)
+                             lora=LoraSettings.from_config(config), seed=config.seed,
+                             head=HeadSettings.from_config(config, label_names=splits.label_names))
     initial = adapter_to_arrays(model)
     ledger = Ledger(run_dir.path / "ledgers" / "server")
     checkpoint = restore(run_dir=run_dir, ledger=ledger, initial=initial) if resume else None

@@ -119,7 +119,14 @@ def _labels_section(facts: CardFacts) -> str:
 
 
 def _usage_section(facts: CardFacts) -> str:
-    if facts.label_names:
+    if facts.label_names and facts.config.training_mode != "adapter":
+        load = ("from common.models.pooled_classifier import load_pooled_classifier  # fedtune's; fedtune_head.json\n"
+                "from transformers import AutoTokenizer\n\n"
+                "model, label_names = load_pooled_classifier(adapter_dir=ADAPTER, base_path=BASE)\n"
+                "tokenizer = AutoTokenizer.from_pretrained(ADAPTER)  # truncates at the run's max-length\n"
+                "logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors=\"pt\")).logits\n"
+                "names = [label_names[i] for i in logits.argmax(-1).tolist()]")
+    elif facts.label_names:
         load = ("from peft import PeftModel\n"
                 "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer\n\n"
                 "config = AutoConfig.from_pretrained(ADAPTER)  # id2label: the label names\n"
@@ -193,9 +200,17 @@ def _training_section(facts: CardFacts) -> str:
         f"- fedtune {facts.version}, run `{facts.run_id}`, seed {cfg.seed}",
         f"- {facts.summary.get('rounds_completed', 0)} of {cfg.num_rounds} rounds, {cfg.clients_per_round} of "
         f"{cfg.num_clients} clients per round, {cfg.local_epochs} local epoch(s), batch size {cfg.batch_size}",
+        f"- training mode `{cfg.training_mode}`{_probe_settings(cfg)}",
         f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
         f"learning rate {cfg.learning_rate:g}",
         f"- secure aggregation: {'on' if cfg.secure_aggregation else 'off'}", ""])
+
+
+def _probe_settings(cfg) -> str:
+    if cfg.training_mode == "adapter":
+        return ""
+    return (f", pooling `{cfg.pooling or 'as the model was trained'}`, {cfg.probe_steps} full-batch head steps "
+            f"per probe round at SGD step {cfg.probe_learning_rate:g}")
 
 
 def _secure_aggregation(on: bool) -> str:

@@ -12,9 +12,13 @@ ADAM_DRIFT_BOUND = 3.0  # per step, an AdamW update moves a coordinate by about 
 
 
 def coordinate_bound(*, config: RunConfig, max_client_examples: int) -> float:
-    """How far one round of local AdamW (no weight decay) can move any single coordinate."""
+    """How far one round of local training can move any single coordinate: AdamW (no weight decay)
+    moves one by about lr a step; a probe round's SGD by at most lr x max-grad-norm a step plus
+    noise averaged over every record (full batch), which the same margin covers."""
     steps = config.local_epochs * math.ceil(max_client_examples / config.batch_size)
-    return ADAM_DRIFT_BOUND * max(config.learning_rate, config.head_learning_rate) * steps
+    adapter = ADAM_DRIFT_BOUND * max(config.learning_rate, config.head_learning_rate) * steps
+    probe = ADAM_DRIFT_BOUND * config.probe_learning_rate * max(config.max_grad_norm, 1.0) * config.probe_steps
+    return {"adapter": adapter, "probe": probe}.get(config.training_mode, max(adapter, probe))
 
 
 def update_norm_bound(*, config: RunConfig, max_client_examples: int, num_parameters: int) -> float:

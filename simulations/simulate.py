@@ -11,7 +11,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import FedtuneError
-from common.privacy.plan import plan_privacy
+from common.privacy.plan import PrivacyPlan, plan_of_config
 from common.privacy.policy import NodePolicy
 from common.run_data import federated_splits
 from common.tasks import get_task
@@ -36,13 +36,18 @@ def preflight(config: RunConfig, console: Console) -> None:
                                                                      num_examples=len(client.train))
             if problem:  # every client would refuse every round: say so before Ray starts
                 raise FedtuneError(f"client-{cid}: {problem}")
-            plan = plan_privacy(num_examples=len(client.train), batch_size=config.batch_size,
-                                local_epochs=config.local_epochs, num_rounds=config.num_rounds,
-                                target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-                                accountant=config.accountant, noise_multiplier=config.noise_multiplier)
+            plan = plan_of_config(config, num_examples=len(client.train))
             if cid == 0:
-                console.print(f"[dim]DP-SGD: client-0 noise multiplier {plan.noise_multiplier:.3f}, "
-                              f"sample rate {plan.sample_rate:.4f}, {plan.steps_per_round} steps/round[/dim]")
+                console.print(f"[dim]{config.training_mode}: client-0 {_plan_line(plan)}[/dim]")
+
+
+def _plan_line(plan: PrivacyPlan) -> str:
+    line = (f"DP-SGD noise multiplier {plan.noise_multiplier:.3f}, sample rate {plan.sample_rate:.4f}, "
+            f"{plan.steps_per_round} steps/round")
+    if plan.probe is None:
+        return line
+    return (f"probe rounds 1-{plan.probe.rounds}: noise multiplier {plan.probe.noise_multiplier:.3f}, full batch, "
+            f"{plan.probe.steps_per_round} steps/round; then {line}")
 
 
 def _hide_injected_faults(record: logging.LogRecord) -> bool:

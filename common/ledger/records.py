@@ -48,6 +48,10 @@ def client_record_fields(*, client_id: str, run_id: str, server_round: int, stat
     if reason is not None:
         fields["reason"] = reason
     if plan is not None:
+        stages = plan.stages_record()  # a two-stage plan: both stages, so it reads back whole
+        if stages is not None:
+            fields["stages"] = stages
+        plan = plan.for_round(server_round)  # the fields the audit recomputes are this round's stage's
         fields.update(sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
                       steps_per_round=plan.steps_per_round, planned_rounds=plan.planned_rounds,
                       accountant=plan.accountant, delta=plan.target_delta,
@@ -78,16 +82,19 @@ def evaluations_answered(records: list[dict[str, Any]]) -> int:
 
 def plan_of_run(records: list[dict[str, Any]], run_id: str) -> PrivacyPlan | None:
     """The noise plan a client fixed for `run_id` in its first round of it (never recalibrated)."""
-    from common.privacy.plan import PrivacyPlan
+    from common.privacy.plan import PrivacyPlan, ProbeStage
 
     for record in reversed(records):
         if record["run_id"] == run_id and record["dp"] and record["status"] in FIT_STATUSES:
-            return PrivacyPlan(num_examples=record["local_examples"], sample_rate=record["sample_rate"],
-                               steps_per_round=record["steps_per_round"],
-                               noise_multiplier=record["noise_multiplier"],
+            stages = record.get("stages")
+            adapter = stages["adapter"] if stages else record
+            return PrivacyPlan(num_examples=record["local_examples"], sample_rate=adapter["sample_rate"],
+                               steps_per_round=adapter["steps_per_round"],
+                               noise_multiplier=adapter["noise_multiplier"],
                                planned_rounds=record["planned_rounds"],
                                target_epsilon=record["target_epsilon"], target_delta=record["delta"],
-                               accountant=record["accountant"])
+                               accountant=record["accountant"],
+                               probe=ProbeStage(**stages["probe"]) if stages else None)
     return None
 
 

@@ -53,12 +53,14 @@ class LoraSettings:
         return targets
 
 
-def attach_lora(base, *, task_type: str, lora: LoraSettings, targets: list[str]):
-    """PEFT LoRA on `targets` of a loaded base model (call under the caller's seeded RNG)."""
+def attach_lora(base, *, task_type: str | None, lora: LoraSettings, targets: list[str],
+                modules_to_save: list[str] | None = None):
+    """PEFT LoRA on `targets` of a loaded base model (call under the caller's seeded RNG);
+    `modules_to_save` train whole and travel with the adapter (a custom model's head)."""
     from peft import LoraConfig, get_peft_model  # heavy: loaded when a model is built
 
     config = LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=targets)
+                        target_modules=targets, modules_to_save=modules_to_save)
     try:
         model = get_peft_model(base, config)
     except ValueError as exc:

@@ -1,10 +1,18 @@
 """A client's DP-SGD plan: sample rate, steps and the noise multiplier for the whole run,
-calibrated once before the first round, and the epsilon schedule it leads to (`fedtune plan`)."""
+calibrated once before the first round, and the epsilon schedule it leads to (`fedtune plan`).
+
+A two-stage run (linear probing, then the adapter) has two stages in one plan and one
+accountant history: the probe rounds are full-batch (every record in every step, q = 1) with
+their own noise, calibrated to a declared share of the budget; the adapter rounds' noise is then
+calibrated so the whole composed history ends at the budget.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import FedtuneError
 from common.privacy.accounting import HistoryEntry, compose, epsilon_of
@@ -12,8 +20,21 @@ from common.privacy.calibration import UnreachableBudget, calibrate_sigma
 
 
 @dataclass(frozen=True)
+class ProbeStage:
+    """Two-stage runs: rounds 1..`rounds` train the head alone, full batch (sample rate 1)."""
+
+    rounds: int
+    steps_per_round: int
+    noise_multiplier: float
+
+    def entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, 1.0, self.steps_per_round)
+
+
+@dataclass(frozen=True)
 class PrivacyPlan:
-    """One client's DP-SGD schedule, fixed before its first round for the whole run."""
+    """One client's DP-SGD schedule, fixed before its first round for the whole run. With a
+    `probe` stage, the other fields are the adapter rounds' (after the probe rounds)."""
 
     num_examples: int
     sample_rate: float
@@ -23,9 +44,30 @@ class PrivacyPlan:
     target_epsilon: float
     target_delta: float
     accountant: str
+    probe: ProbeStage | None = None
 
-    def round_entry(self) -> HistoryEntry:
-        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+    def for_round(self, server_round: int) -> PrivacyPlan:
+        """The single-stage plan a round trains under: a probe round's is the probe stage's."""
+        if self.probe is None or server_round > self.probe.rounds:
+            return dataclasses.replace(self, probe=None)
+        return dataclasses.replace(self, probe=None, sample_rate=1.0, steps_per_round=self.probe.steps_per_round,
+                                   noise_multiplier=self.probe.noise_multiplier)
+
+    def round_entry(self, server_round: int = 0) -> HistoryEntry:
+        plan = self.for_round(server_round) if server_round else self
+        return (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+
+    def stages_record(self) -> dict[str, Any] | None:
+        """What a ledger record adds so a two-stage plan reads back whole (None: one stage)."""
+        if self.probe is None:
+            return None
+        return {"probe": dataclasses.asdict(self.probe),
+                "adapter": {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                            "steps_per_round": self.steps_per_round}}
+
+    @property
+    def smallest_noise_multiplier(self) -> float:
+        return min(self.noise_multiplier, self.probe.noise_multiplier) if self.probe else self.noise_multiplier
 
 
 def sampling_schedule(*, num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
@@ -63,8 +105,67 @@ def plan_privacy(*, num_examples: int, batch_size: int, local_epochs: int, num_r
                        target_delta=target_delta, accountant=accountant)
 
 
-def epsilon_after_next_round(history: list[HistoryEntry], plan: PrivacyPlan) -> float:
-    return epsilon_of(compose(history, plan.round_entry()), delta=plan.target_delta,
+def plan_two_stage(*, num_examples: int, batch_size: int, local_epochs: int, num_rounds: int, probe_rounds: int,
+                   probe_steps: int, probe_share: float, target_epsilon: float, target_delta: float,
+                   accountant: str = "prv", noise_multiplier: float = 0.0) -> PrivacyPlan:
+    """Probe rounds calibrated to `probe_share` of the budget, the adapter rounds to the rest of
+    the same history. A forced `noise_multiplier` is a floor for both stages' sigma."""
+    if num_examples < 1:
+        raise FedtuneError("a client needs at least one training example for DP-SGD")
+    probe_steps_total = probe_rounds * probe_steps
+    probe_sigma = max(noise_multiplier, _calibrated(
+        lambda sigma: epsilon_of([(sigma, 1.0, probe_steps_total)], delta=target_delta, accountant=accountant),
+        target_epsilon * probe_share, what=f"the {probe_rounds} probe round(s)"))
+    sample_rate, steps_per_round = sampling_schedule(num_examples=num_examples, batch_size=batch_size,
+                                                     local_epochs=local_epochs)
+    rest = (num_rounds - probe_rounds) * steps_per_round
+    adapter_sigma = max(noise_multiplier, _calibrated(
+        lambda sigma: epsilon_of([(probe_sigma, 1.0, probe_steps_total), (sigma, sample_rate, rest)],
+                                 delta=target_delta, accountant=accountant),
+        target_epsilon, what=f"the {num_rounds - probe_rounds} adapter round(s)"))
+    return PrivacyPlan(num_examples=num_examples, sample_rate=sample_rate, steps_per_round=steps_per_round,
+                       noise_multiplier=float(adapter_sigma), planned_rounds=num_rounds, target_epsilon=target_epsilon,
+                       target_delta=target_delta, accountant=accountant,
+                       probe=ProbeStage(rounds=probe_rounds, steps_per_round=probe_steps,
+                                        noise_multiplier=float(probe_sigma)))
+
+
+def _calibrated(epsilon_at, target: float, *, what: str) -> float:
+    try:
+        return calibrate_sigma(epsilon_at, target_epsilon=target, tolerance=0.01)
+    except UnreachableBudget as exc:
+        raise FedtuneError(f"cannot fit {what} into epsilon {target:g}: {exc} Raise target-epsilon, lower "
+                           f"num-rounds or probe-steps, or change probe-epsilon-share") from None
+
+
+def plan_of_config(config, *, num_examples: int) -> PrivacyPlan:
+    """The plan a client makes for a run config (any object with RunConfig's fields), by its mode."""
+    common = dict(num_examples=num_examples, num_rounds=config.num_rounds, target_epsilon=config.target_epsilon,
+                  target_delta=config.target_delta, accountant=config.accountant,
+                  noise_multiplier=config.noise_multiplier)
+    if config.training_mode == "two-stage":
+        return plan_two_stage(batch_size=config.batch_size, local_epochs=config.local_epochs,
+                              probe_rounds=config.probe_rounds, probe_steps=config.probe_steps,
+                              probe_share=config.probe_epsilon_share, **common)
+    if config.training_mode == "probe":  # full batch: every record in each of probe-steps steps
+        return plan_privacy(batch_size=num_examples, local_epochs=config.probe_steps, **common)
+    return plan_privacy(batch_size=config.batch_size, local_epochs=config.local_epochs, **common)
+
+
+def same_schedule(plan: PrivacyPlan, config, *, num_examples: int) -> bool:
+    """Whether a plan read back was made for this data and this config's steps (not its noise)."""
+    if config.training_mode == "probe":
+        expected = (1.0, config.probe_steps, None)
+    else:
+        expected = (*sampling_schedule(num_examples=num_examples, batch_size=config.batch_size,
+                                       local_epochs=config.local_epochs),
+                    (config.probe_rounds, config.probe_steps) if config.training_mode == "two-stage" else None)
+    probe = (plan.probe.rounds, plan.probe.steps_per_round) if plan.probe else None
+    return plan.num_examples == num_examples and (plan.sample_rate, plan.steps_per_round, probe) == expected
+
+
+def epsilon_after_next_round(history: list[HistoryEntry], plan: PrivacyPlan, server_round: int = 0) -> float:
+    return epsilon_of(compose(history, plan.round_entry(server_round)), delta=plan.target_delta,
                       accountant=plan.accountant)
 
 
@@ -75,18 +176,34 @@ def fits_budget(epsilon: float, plan: PrivacyPlan) -> bool:
 
 def privacy_schedule(*, dataset_size: int, batch_size: int, local_epochs: int, rounds: int,
                      target_epsilon: float, delta: float, accountant: str = "prv",
-                     noise_multiplier: float = 0.0) -> dict:
+                     noise_multiplier: float = 0.0, training_mode: str = "adapter", probe_rounds: int = 1,
+                     probe_steps: int = 16, probe_share: float = 0.5) -> dict:
     """Noise multiplier and epsilon after each round, via the same plan, composition and budget
-    guard as a client (a round the guard would refuse is marked)."""
-    plan = plan_privacy(num_examples=dataset_size, batch_size=batch_size, local_epochs=local_epochs,
-                        num_rounds=rounds, target_epsilon=target_epsilon, target_delta=delta,
-                        accountant=accountant, noise_multiplier=noise_multiplier)
+    guard as a client (a round the guard would refuse is marked). Each row's budget left is what
+    an early stop after that round leaves unspent."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_rounds=rounds, target_epsilon=target_epsilon, target_delta=delta,
+                             accountant=accountant, noise_multiplier=noise_multiplier, batch_size=batch_size,
+                             local_epochs=local_epochs, training_mode=training_mode, probe_rounds=probe_rounds,
+                             probe_steps=probe_steps, probe_epsilon_share=probe_share)
+    plan = plan_of_config(config, num_examples=dataset_size)
     history, per_round = [], []
     for server_round in range(1, rounds + 1):
-        history = compose(history, plan.round_entry())
+        stage = plan.for_round(server_round)
+        history = compose(history, plan.round_entry(server_round))
         epsilon = epsilon_of(history, delta=delta, accountant=accountant)
-        per_round.append({"round": server_round, "epsilon": epsilon,
+        per_round.append({"round": server_round, "epsilon": epsilon, "noise_multiplier": stage.noise_multiplier,
+                          "sample_rate": stage.sample_rate, "steps": stage.steps_per_round,
+                          "stage": _stage_name(plan, server_round, training_mode),
                           "client_refuses": not fits_budget(epsilon, plan)})  # the client's own guard
     return {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
             "steps_per_round": plan.steps_per_round, "accountant": accountant, "delta": delta,
-            "target_epsilon": target_epsilon, "rounds": per_round}
+            "target_epsilon": target_epsilon, "training_mode": training_mode,
+            "probe": dataclasses.asdict(plan.probe) if plan.probe else None, "rounds": per_round}
+
+
+def _stage_name(plan: PrivacyPlan, server_round: int, training_mode: str) -> str:
+    if training_mode == "probe" or (plan.probe is not None and server_round <= plan.probe.rounds):
+        return "probe"
+    return "adapter"

@@ -33,6 +33,6 @@ def resolve_model_path(model: str, *, task: str = "classification") -> Path:
     return get_task(task).model_path(model)
 
 
-def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora, seed: int):
+def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora, seed: int, head=None):
     """The run's model for `task`: the frozen base with LoRA (and a head where the task has one)."""
-    return get_task(task).build_model(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
+    return get_task(task).build_model(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed, head=head)

@@ -41,8 +41,9 @@ class Task(ABC):
         return path
 
     @abstractmethod
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int):
-        """The frozen base model with LoRA attached (and a head, where the task has one)."""
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None):
+        """The frozen base model with LoRA attached (and a head, where the task has one); `head`
+        (HeadSettings) says how a classifier reads its encoder."""
 
     # -- data ----------------------------------------------------------------------------------
 

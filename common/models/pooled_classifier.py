@@ -1,0 +1,144 @@
+"""A classifier that reads the encoder the way it was trained to be read: pooled, then a linear head.
+
+all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling (its `1_Pooling/config.json`);
+Hugging Face's sequence-classification head reads the [CLS] token through a pooler it never
+trained. Linear probing under DP lives or dies by its features, so probe and two-stage runs use
+this model: the frozen encoder (with LoRA attached; frozen too in probe rounds), the pooling the
+model was trained with, L2-normalised features (so one record's gradient on the head is bounded
+by the clipping norm without clipping much), and a linear head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from common.models.base_cache import base_model
+from common.models.lora import LoraSettings, attach_lora
+
+HEAD_MODULE = "classifier"  # the name PEFT keeps (modules_to_save) and the adapter sends
+HEAD_CONFIG_FILE = "fedtune_head.json"  # beside the adapter: how to rebuild this model around it
+PRIOR_SCALE = 5.0  # logits of the label-name prior: cosine similarity times this (measured, BENCHMARKS.md)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How a classifier reads its encoder: `mode` 'adapter' is Hugging Face's own sequence-classification
+    head (the model as LoRA runs have always trained it); 'probe' and 'two-stage' build a PooledClassifier."""
+
+    mode: str = "adapter"
+    pooling: str = ""  # '' = the pooling the model folder says it was trained with
+    prior: tuple[str, ...] = ()  # label names whose embeddings start the head (the coordinator's build)
+
+    @classmethod
+    def from_config(cls, config, *, label_names: Sequence[str] = ()) -> HeadSettings:
+        prior = tuple(label_names) if config.head_prior else ()
+        return cls(mode=config.training_mode, pooling=config.pooling, prior=prior)
+
+
+def trained_pooling(model_path: Path) -> str:
+    """'mean' or 'cls', as the folder's sentence-transformers Pooling module says; else 'mean'."""
+    config = Path(model_path) / "1_Pooling" / "config.json"
+    try:
+        modes = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "mean"
+    return "cls" if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens") else "mean"
+
+
+class PooledClassifier(torch.nn.Module):
+    """encoder -> pooling -> L2 normalisation -> linear head. `features` skips the encoder: a probe
+    round computes each record's features once and trains the head on them."""
+
+    def __init__(self, encoder: torch.nn.Module, *, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        self.encoder, self.pooling, self.config = encoder, pooling, encoder.config
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            vector = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            vector = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(vector, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None, **_) -> SequenceClassifierOutput:
+        if features is None:
+            features = self.pooled(input_ids, attention_mask)
+        return SequenceClassifierOutput(logits=self.classifier(features))
+
+
+def build_pooled_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int, pooling: str,
+                            freeze_lora: bool, prior: Sequence[str] = (), tokenizer=None):
+    """The PEFT model: LoRA on the encoder, the head kept whole (modules_to_save) and sent.
+
+    `freeze_lora`: probe mode, where only the head trains and travels (LoRA stays at B = 0, the
+    identity). `prior`: label names whose embeddings start the head (needs `tokenizer`)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = base_model(model_path=model_path, key=("encoder",),
+                             load=lambda: AutoModel.from_pretrained(str(model_path)))
+        model = PooledClassifier(encoder, num_labels=num_labels, pooling=pooling)
+        if prior:
+            start_from_label_names(model, label_names=prior, tokenizer=tokenizer)
+        peft_model = attach_lora(model, task_type=None, lora=lora, targets=lora.targets_for(encoder.config.model_type),
+                                 modules_to_save=[HEAD_MODULE])
+    if freeze_lora:
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+@torch.no_grad()
+def start_from_label_names(model: PooledClassifier, *, label_names: Sequence[str], tokenizer) -> None:
+    """Head rows = the label names' own pooled embeddings (scaled), bias 0: a zero-shot classifier
+    by cosine similarity. Label names are shared with every party already, so this spends nothing."""
+    was_training = model.training
+    model.eval()
+    batch = tokenizer(list(label_names), padding=True, truncation=True, return_tensors="pt")
+    model.classifier.weight.copy_(PRIOR_SCALE * model.pooled(batch["input_ids"], batch["attention_mask"]))
+    model.classifier.bias.zero_()
+    model.train(was_training)
+
+
+def head_linear(peft_model) -> torch.nn.Linear:
+    """The head that trains and travels (PEFT's copy kept in modules_to_save)."""
+    wrapper = getattr(peft_model.get_base_model(), HEAD_MODULE)
+    return wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
+
+
+def is_pooled_classifier(model) -> bool:
+    return isinstance(getattr(model, "get_base_model", lambda: None)(), PooledClassifier)
+
+
+def save_head_config(*, model, out_dir: Path, label_names: Sequence[str]) -> None:
+    """fedtune_head.json: what `load_pooled_classifier` needs to rebuild the model around the adapter."""
+    base = model.get_base_model()
+    (Path(out_dir) / HEAD_CONFIG_FILE).write_text(json.dumps(
+        {"architecture": "PooledClassifier", "pooling": base.pooling, "normalize": True,
+         "label_names": [str(n) for n in label_names]}, indent=2) + "\n", encoding="utf-8")
+
+
+def load_pooled_classifier(*, adapter_dir: Path, base_path: Path):
+    """A saved probe/two-stage adapter on its base, ready to predict (eval mode), and its label names."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    spec = json.loads((Path(adapter_dir) / HEAD_CONFIG_FILE).read_text(encoding="utf-8"))
+    encoder = AutoModel.from_pretrained(str(base_path))
+    model = PooledClassifier(encoder, num_labels=len(spec["label_names"]), pooling=spec["pooling"])
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval(), list(spec["label_names"])
