@@ -172,7 +172,7 @@ class FedtuneClient(NumPyClient):
                      plan: PrivacyPlan | None, run_id: str, instructions: FitInstructions,
                      num_examples: int) -> FitReply:
         """Train under the plan, sign the spend, cache the update, then let it go."""
-        cfg, server_round = self.config, instructions.server_round
+        server_round = instructions.server_round
         self.task.prepare_training_process()
         model = self._model(parameters)
         shared_a = self._check_shared_lora_a(model, expected=instructions.lora_a_sha256)

@@ -72,7 +72,8 @@ def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundO
         aggregation=record["aggregation"], update_applied=record["update_applied"],
         aggregation_failed=record["aggregation_failed"], rejected=outcome.rejected,
         adapter_sha256=adapter_sha256, test_scores={headline: record[headline]} if headline in record else {},
-        secagg_refusals=outcome.secagg_refusals))
+        secagg_refusals=outcome.secagg_refusals,
+        early_stopping={key: record[key] for key in record if key.startswith("validation_") or key == "stopped_early"}))
 
 
 def every_client_refused(outcome: RoundOutcome) -> bool:
@@ -104,6 +105,8 @@ def run_summary(*, task: Task, config, rounds: list[dict[str, Any]], initial_sco
         "epsilon": dict(sorted(epsilon.items())),
         "noise_multiplier": dict(sorted(noise.items())),
         "seconds": round(seconds, 2),
+        **({"stopped_early": {"after_round": last["round"], "reason": last["stopped_early"]}}
+           if "stopped_early" in last else {}),
     }
 
 

@@ -23,17 +23,18 @@ from common.config import RunConfig
 from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
-from common.models.artifact import is_sequence_classifier
-from common.models.pooled_classifier import HeadSettings
+from common.models.artifact import is_pooled_classifier, is_sequence_classifier
 from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
+from common.models.pooled_classifier import HeadSettings, save_head_config
 from common.run_data import federated_splits
 from common.storage import atomic_write, file_digests
 from common.tasks import get_task
 from common.tasks.base import GeneratesText, Task
 from server.bookkeeping import run_summary, upload_bytes
 from server.drills import crash_after_fit
+from server.early_stopping import EarlyStopping
 from server.model_card import CardFacts, fedtune_version, model_card
 from server.recorder import RoundCallback, RoundRecorder
 from server.resume import first_round, restore
@@ -102,7 +103,9 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         task=task, run_id=run_dir.run_id, run_dir=run_dir, ledger=ledger, strategy=strategy,
         test_scores=tester.scores, rounds=list(checkpoint.rounds) if checkpoint else [],
         bytes_up=upload_bytes(initial, secure=config.secure_aggregation),
-        secure_aggregation=config.secure_aggregation, clipping_range=clipping_range, on_round=on_round)
+        secure_aggregation=config.secure_aggregation, clipping_range=clipping_range, on_round=on_round,
+        early_stopping=_early_stopping(config=config, task=task, model=model, tokenizer=tokenizer, splits=splits,
+                                       rounds=checkpoint.rounds if checkpoint else []))
     start_round = first_round(checkpoint, num_rounds=config.num_rounds)
     run_rounds(grid=grid, fit_workflow=fit_workflow, start_round=start_round,
                context=LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_rounds),
@@ -135,12 +138,25 @@ def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, ru
     base = base_model_reference(model=config.model, model_path=model_path, task=config.task)
     save_adapter(model=model, arrays=arrays, out_dir=out, tokenizer=tokenizer, base=base, label_names=labels,
                  max_length=config.max_length if classifier else 0)
+    if is_pooled_classifier(model):  # how to rebuild the model around the adapter (load_pooled_classifier)
+        save_head_config(model=model, out_dir=out, label_names=labels)
     rounds = run_dir.read_rounds()
     atomic_write(out / "README.md", model_card(CardFacts(
         config=config, run_id=run_dir.run_id, base=base, label_names=labels, test_records=test_records,
         rounds=rounds, summary=summary, version=fedtune_version())))
     ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(rounds),
                                        adapter_sha256=adapter_sha256(arrays), files=file_digests(out)))
+
+
+def _early_stopping(*, config: RunConfig, task: Task, model, tokenizer, splits, rounds: list[dict]):
+    """The stopping rule on the coordinator's validation split (None when early stopping is off)."""
+    if not config.early_stopping_patience:
+        return None
+    stopper = EarlyStopping(task=task, model=model, patience=config.early_stopping_patience,
+                            dataset=task.encode(tokenizer=tokenizer, split=splits.validation,
+                                                max_length=config.max_length))
+    stopper.restore(rounds)
+    return stopper
 
 
 def _fit_workflow(config: RunConfig, *, max_client_examples: int, run_id: str) -> tuple[Workflow, float | None]:

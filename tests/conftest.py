@@ -134,7 +134,7 @@ def tiny_config(tiny_model_dir, tiny_csv):
     def make(**changes):
         base = RunConfig(model=str(tiny_model_dir), data=str(tiny_csv), num_clients=2, clients_per_round=2,
                          num_rounds=3, batch_size=16, max_length=24, learning_rate=0.01, lora_rank=4,
-                         target_epsilon=4.0, lora_variant="lora", head_learning_rate=0.05)
+                         target_epsilon=4.0, lora_variant="lora", head_learning_rate=0.05, training_mode="adapter")
         return base.with_overrides(**changes)
 
     return make

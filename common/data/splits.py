@@ -29,6 +29,7 @@ class FederatedSplits:
     test: Part
     clients: list[ClientSplit]
     report: str
+    validation: Part | None = None  # the coordinator's, for early stopping (None when it is off)
 
     @property
     def max_client_examples(self) -> int:
@@ -37,8 +38,12 @@ class FederatedSplits:
 
 def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: str,
                           dirichlet_alpha: float, test_fraction: float, validation_fraction: float,
-                          seed: int) -> FederatedSplits:
-    """Hold out a test split for the server, partition the rest, split each part train/val."""
+                          seed: int, stop_validation_fraction: float = 0.0) -> FederatedSplits:
+    """Hold out a test split for the server, partition the rest, split each part train/val.
+
+    With `stop_validation_fraction` the coordinator also holds out that share of all records,
+    after the test split and before the partition, to decide early stopping on; at 0 the splits
+    are exactly what they were without it."""
     n = len(examples)
     order = np.random.default_rng(seed).permutation(n)
     n_test = max(1, round(n * test_fraction))
@@ -50,7 +55,9 @@ def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: 
     if problem:  # label names go to every party: a class of one record would name that record's class
         raise FedtuneError(problem)
     test = examples.take(order[:n_test])
-    pool = order[n_test:]
+    n_stop = round(n * stop_validation_fraction)
+    validation = examples.take(order[n_test:n_test + n_stop]) if n_stop else None
+    pool = order[n_test + n_stop:]
     parts = _partition(labels=[examples.labels[i] for i in pool], num_clients=num_clients,
                        partitioner=partitioner, alpha=dirichlet_alpha, seed=seed)
     clients = []
@@ -64,8 +71,10 @@ def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: 
                                    validation=examples.take(local_order[:n_val])))
     sizes = ", ".join(str(len(c.train)) for c in clients)
     report = (f"{examples.cleaning_report()}. Test split: {len(test)}; "
+              f"{f'coordinator validation split: {n_stop}; ' if n_stop else ''}"
               f"{partitioner} partition, train examples per client: {sizes}")
-    return FederatedSplits(label_names=examples.label_names, test=test, clients=clients, report=report)
+    return FederatedSplits(label_names=examples.label_names, test=test, clients=clients, report=report,
+                           validation=validation)
 
 
 def _partition(*, labels: list[int], num_clients: int, partitioner: str, alpha: float,

@@ -109,8 +109,10 @@ def record_of_round(records: list[dict[str, Any]], run_id: str, server_round: in
 def server_record_fields(*, run_id: str, server_round: int, sampled: int, reports: dict[str, FitReport],
                          failures: int, aggregation: str, update_applied: bool, aggregation_failed: str | None,
                          rejected: dict[str, str], adapter_sha256: str, test_scores: dict[str, Any],
-                         secagg_refusals: dict[str, str] | None = None) -> dict[str, Any]:
-    """What the coordinator signs for a round: who was asked, who trained, what each reported."""
+                         secagg_refusals: dict[str, str] | None = None,
+                         early_stopping: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the coordinator signs for a round: who was asked, who trained, what each reported, and
+    (with early stopping) its validation score and, in the last round, why the run stopped."""
     ordered = dict(sorted(reports.items()))
     return {
         "kind": SERVER_KIND, "run_id": run_id, "round": server_round,
@@ -127,6 +129,7 @@ def server_record_fields(*, run_id: str, server_round: int, sampled: int, report
         "adapter_sha256": adapter_sha256,
         **test_scores,
         **({"secagg_refusals": dict(sorted(secagg_refusals.items()))} if secagg_refusals else {}),
+        **(early_stopping or {}),
     }
 
 

@@ -25,21 +25,24 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 def is_sequence_classifier(model) -> bool:
     """A PEFT model with a label head: Hugging Face's (SEQ_CLS) or fedtune's PooledClassifier."""
-    from common.models.pooled_classifier import is_pooled_classifier  # it builds on lora, which imports this
     configs = getattr(model, "peft_config", {})
     return is_pooled_classifier(model) or any(str(getattr(c, "task_type", "")) == "SEQ_CLS"
                                               for c in configs.values())
 
 
+def is_pooled_classifier(model) -> bool:
+    """fedtune's PooledClassifier under PEFT (common/models/pooled_classifier.py, which builds on
+    this module's neighbours and so cannot be imported here)."""
+    base = getattr(model, "get_base_model", lambda: None)()
+    return getattr(base, "pooling", None) is not None and hasattr(base, "pooled")
+
+
 def save_label_config(*, model, out_dir: Path, label_names: Sequence[str]) -> None:
     """config.json: the base's config, its head's outputs named by `label_names` (in head order)."""
-    from common.models.pooled_classifier import is_pooled_classifier, save_head_config
-
     base = model.get_base_model()
     config = copy.deepcopy(base.config)
-    if is_pooled_classifier(model):  # the encoder's config names no head: fedtune_head.json says how to build it
+    if is_pooled_classifier(model):  # the encoder's config counts no labels; fedtune_head.json has the rest
         config.num_labels = base.classifier.out_features
-        save_head_config(model=model, out_dir=out_dir, label_names=label_names)
     if config.num_labels != len(label_names):
         raise FedtuneError(f"the classifier head has {config.num_labels} outputs but the run has "
                            f"{len(label_names)} label names; the adapter was not saved with labels")

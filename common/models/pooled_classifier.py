@@ -121,10 +121,6 @@ def head_linear(peft_model) -> torch.nn.Linear:
     return wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
 
 
-def is_pooled_classifier(model) -> bool:
-    return isinstance(getattr(model, "get_base_model", lambda: None)(), PooledClassifier)
-
-
 def save_head_config(*, model, out_dir: Path, label_names: Sequence[str]) -> None:
     """fedtune_head.json: what `load_pooled_classifier` needs to rebuild the model around the adapter."""
     base = model.get_base_model()

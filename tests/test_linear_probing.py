@@ -1,0 +1,231 @@
+"""Private linear probing and the two-stage mode: exact per-example gradients on the head, training
+that learns under DP, a two-stage budget accounted as one history (checked against Google's
+dp_accounting), early stopping that leaves budget unspent, and adapters that load elsewhere.
+
+The federations run in one process (simulations/inprocess.py: the real ServerApp round loop and
+ClientApp, every message serialized as Flower does) on the tiny BERT, SecAgg+ included.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from dp_accounting import dp_event, pld
+
+from client.fl_client import FedtuneClient
+from client.privacy_ledger import ClientPrivacyLedger
+from client.probe_round import head_loss, pooled_features
+from common.config import RunConfig
+from common.ledger.audit import audit_run
+from common.models.adapter import adapter_to_arrays, arrays_to_adapter
+from common.models.loading import load_tokenizer
+from common.models.lora import LoraSettings
+from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, head_linear, trained_pooling
+from common.privacy.plan import privacy_schedule
+from common.run_data import federated_splits
+from common.tasks import get_task
+from common.tasks.classification import encode
+from simulations.inprocess import federation, metrics, run
+from tests.helpers import ROOT
+
+
+def _probe_model(model_dir, *, freeze_lora: bool = True, prior=()):
+    return build_pooled_classifier(model_path=model_dir, num_labels=3, lora=LoraSettings(rank=4), seed=0,
+                                   pooling="mean", freeze_lora=freeze_lora, prior=prior,
+                                   tokenizer=load_tokenizer(model_dir) if prior else None)
+
+
+def _pld_epsilons(rounds: list[tuple[float, float, int]], delta: float) -> list[float]:
+    """Epsilon after each round of (sigma, q, steps), by dp_accounting's PLD accountant: a separate
+    implementation from the Opacus PRV accountant fedtune calibrates and guards with."""
+    accountant, out = pld.PLDAccountant(), []
+    for sigma, rate, steps in rounds:
+        step = dp_event.GaussianDpEvent(sigma) if rate >= 1.0 else \
+            dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(sigma))
+        accountant.compose(dp_event.SelfComposedDpEvent(step, steps))
+        out.append(accountant.get_epsilon(delta))
+    return out
+
+
+# -- the head-only mode ------------------------------------------------------------------------
+
+def test_in_probe_mode_only_the_head_trains_and_travels(tiny_model_dir):
+    model = _probe_model(tiny_model_dir)
+    arrays = adapter_to_arrays(model)
+    head = head_linear(model)
+    assert [a.shape for a in arrays] == [tuple(head.weight.shape), tuple(head.bias.shape)]
+    two_stage = _probe_model(tiny_model_dir, freeze_lora=False)
+    assert len(adapter_to_arrays(two_stage)) > 2  # LoRA travels too, from the first round on
+
+
+def test_the_head_rounds_per_sample_gradients_equal_single_example_gradients_through_the_whole_model(
+        tiny_model_dir, tiny_config):
+    """What Opacus clips in a probe round (per-example gradients of the head on cached features) is
+    exactly each record's own gradient through encoder, pooling and head."""
+    from opacus import GradSampleModule
+
+    config = tiny_config()
+    split = federated_splits(config).clients[0].train
+    dataset = encode(tokenizer=load_tokenizer(tiny_model_dir), split=split, max_length=config.max_length)
+    batch = dataset[:6]
+    model = _probe_model(tiny_model_dir).eval()
+    features = pooled_features(model, torch.utils.data.TensorDataset(*batch))
+    head = GradSampleModule(copy.deepcopy(head_linear(model)).train(), batch_first=True, loss_reduction="mean")
+    head_loss(head, *features.tensors).backward()
+    per_sample = [p.grad_sample for p in head.parameters()]
+    for i in range(6):
+        model.zero_grad()
+        logits = model(input_ids=batch[0][i:i + 1], attention_mask=batch[1][i:i + 1]).logits
+        torch.nn.functional.cross_entropy(logits, batch[2][i:i + 1]).backward()
+        single = [head_linear(model).weight.grad, head_linear(model).bias.grad]
+        for mine, theirs in zip(per_sample, single, strict=True):
+            assert torch.allclose(mine[i], theirs, atol=1e-6)
+
+
+def test_a_probe_client_learns_under_dp_and_spends_what_an_independent_accountant_says(tmp_path):
+    """One BBC News client alone (345 records, MiniLM), epsilon 4 over 3 rounds, from a zero head:
+    far above chance, and each round's epsilon is dp_accounting's for the plan it signed."""
+    config = RunConfig(training_mode="probe", head_prior=False, num_rounds=3, target_epsilon=4.0, max_length=64,
+                       secure_aggregation=False)
+    task, splits = get_task("classification"), federated_splits(config)
+    server_model = task.build_model(model_path=task.model_path(config.model), num_labels=5,
+                                    lora=LoraSettings.from_config(config), seed=0, head=HeadSettings.from_config(config))
+    test = encode(tokenizer=load_tokenizer(task.model_path(config.model)), split=splits.test, max_length=64)
+    before = task.evaluate(model=server_model, dataset=test)["accuracy"]
+    parameters, reported = adapter_to_arrays(server_model), []
+    for server_round in (1, 2, 3):
+        client = FedtuneClient(config=config, partition_id=0, ledger_dir=tmp_path, run_id="run-1")
+        update, n, report = client.fit(parameters, {"server-round": server_round})
+        assert report["status"] == "trained" and report["sample_rate"] == 1.0 and report["steps"] == 16
+        parameters = [p + u for p, u in zip(parameters, update)]
+        reported.append(report["epsilon"])
+    arrays_to_adapter(server_model, parameters)
+    after = task.evaluate(model=server_model, dataset=test)["accuracy"]
+    assert before < 0.4 and after >= 0.8, (before, after)
+    plan = ClientPrivacyLedger(directory=tmp_path, client_id="client-0").plan_for("run-1")
+    independent = _pld_epsilons([(plan.noise_multiplier, 1.0, 16)] * 3, 1e-5)
+    assert reported == pytest.approx(independent, rel=0.02)
+    assert reported[-1] <= 4.0
+
+
+# -- the two-stage plan ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("epsilon,probe_rounds,share", [(1.0, 1, 0.5), (3.0, 1, 0.3), (8.0, 2, 0.5)])
+def test_the_two_stage_plans_per_round_epsilons_match_dp_accounting_pld(epsilon, probe_rounds, share):
+    schedule = privacy_schedule(dataset_size=345, batch_size=64, local_epochs=1, rounds=4, target_epsilon=epsilon,
+                                delta=1e-5, training_mode="two-stage", probe_rounds=probe_rounds,
+                                probe_steps=16, probe_share=share)
+    rows = schedule["rounds"]
+    assert [r["stage"] for r in rows] == ["probe"] * probe_rounds + ["adapter"] * (4 - probe_rounds)
+    assert all(r["sample_rate"] == 1.0 for r in rows[:probe_rounds])
+    independent = _pld_epsilons([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows], 1e-5)
+    assert [r["epsilon"] for r in rows] == pytest.approx(independent, rel=0.02)
+    assert rows[probe_rounds - 1]["epsilon"] == pytest.approx(share * epsilon, rel=0.02)  # the declared split
+    assert epsilon * 0.97 <= rows[-1]["epsilon"] <= epsilon and not any(r["client_refuses"] for r in rows)
+
+
+def test_a_two_stage_client_signs_each_stage_and_its_ledger_audits_against_pld(tiny_config, tmp_path):
+    config = tiny_config(training_mode="two-stage", num_rounds=3, probe_rounds=1, target_epsilon=4.0)
+    parameters = adapter_to_arrays(get_task("classification").build_model(
+        model_path=Path(config.model), num_labels=3, lora=LoraSettings.from_config(config),
+        seed=0, head=HeadSettings.from_config(config)))
+    updates = []
+    for server_round in (1, 2, 3):
+        client = FedtuneClient(config=config, partition_id=0, ledger_dir=tmp_path, run_id="run-1")
+        update, _, report = client.fit(parameters, {"server-round": server_round})
+        assert report["status"] == "trained"
+        updates.append(update)
+        parameters = [p + u for p, u in zip(parameters, update)]
+    assert all(not u.any() for u in updates[0][:-2]) and updates[0][-1].any()  # round 1 moved the head only
+    assert any(u.any() for u in updates[1][:-2])  # round 2 trained LoRA too
+    records = ClientPrivacyLedger(directory=tmp_path, client_id="client-0").ledger.records
+    assert [r["sample_rate"] == 1.0 for r in records] == [True, False, False]
+    independent = _pld_epsilons([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in records], 1e-5)
+    assert [r["epsilon"] for r in records] == pytest.approx(independent, rel=0.02)
+    assert records[0]["epsilon"] == pytest.approx(0.5 * 4.0, rel=0.02) and records[-1]["epsilon"] <= 4.0
+
+
+# -- federations: early stopping, adapters in a fresh process ----------------------------------
+
+FRESH_PROCESS = textwrap.dedent("""
+    # Knows the adapter folder, the base model folder and fedtune's loader; no run config.
+    import json, sys, torch
+    from transformers import AutoTokenizer
+    from common.models.pooled_classifier import load_pooled_classifier
+    adapter, base, texts = sys.argv[1], sys.argv[2], json.load(sys.stdin)
+    model, label_names = load_pooled_classifier(adapter_dir=adapter, base_path=base)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors="pt")).logits
+    print(json.dumps([label_names[i] for i in logits.argmax(-1).tolist()]))
+""")
+
+
+@pytest.mark.parametrize("mode", ["probe", "two-stage"])
+def test_each_modes_adapter_loads_in_a_fresh_process_and_predicts_as_the_run_scored(mode, tiny_config, tmp_path):
+    config = tiny_config(training_mode=mode, num_rounds=2, probe_rounds=1, secure_aggregation=True)
+    grid, run_dir = federation(config, tmp_path / "run")
+    summary = run(grid, config, run_dir)
+    assert summary["rounds_completed"] == 2
+    splits = federated_splits(config)
+    completed = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(run_dir.adapter_dir), config.model],
+                               input=json.dumps(list(splits.test.texts)), capture_output=True, text=True,
+                               cwd=ROOT, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    predicted = json.loads(completed.stdout)
+    truth = [splits.label_names[y] for y in splits.test.labels]
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    assert json.loads((run_dir.adapter_dir / "fedtune_head.json").read_text())["pooling"] == "mean"
+    assert "load_pooled_classifier" in (run_dir.adapter_dir / "README.md").read_text()
+    audit = audit_run(target=run_dir.path)
+    assert audit.exit_code == 0, audit.problems
+
+
+def test_an_early_stopped_run_ends_every_ledger_at_the_stop_and_leaves_budget_unspent(tiny_config, tmp_path):
+    # A step size of ~0 never improves the coordinator's validation score after round 1: patience 1
+    # stops the run after round 2 of 5.
+    config = tiny_config(training_mode="probe", num_rounds=5, probe_learning_rate=1e-12, early_stopping_patience=1,
+                         target_epsilon=4.0, secure_aggregation=True)
+    grid, run_dir = federation(config, tmp_path / "run")
+    summary = run(grid, config, run_dir)
+    assert summary["rounds_completed"] == 2
+    assert summary["stopped_early"]["after_round"] == 2 and "not improved" in summary["stopped_early"]["reason"]
+    rounds = metrics(run_dir.path)
+    assert [r["round"] for r in rounds] == [1, 2] and "validation_accuracy" in rounds[0]
+    server = [json.loads(line) for line in (run_dir.path / "ledgers" / "server" / "ledger.jsonl").read_text()
+              .splitlines()]
+    assert [r.get("round") for r in server if "event" not in r] == [1, 2]
+    assert "stopped_early" in [r for r in server if "event" not in r][-1]
+    for cid in ("client-0", "client-1"):
+        records = ClientPrivacyLedger(directory=run_dir.path / "ledgers" / cid, client_id=cid).ledger.records
+        assert [r["round"] for r in records] == [1, 2]
+        assert records[-1]["budget_remaining"] > 0.4 * 4.0  # three of five rounds' budget unspent
+    audit = audit_run(target=run_dir.path)
+    assert audit.exit_code == 0, audit.problems
+
+
+def test_the_coordinators_validation_split_is_carved_only_when_early_stopping_is_on(tiny_config):
+    off, on = federated_splits(tiny_config()), federated_splits(tiny_config(early_stopping_patience=2))
+    total = len(on.test) + len(on.validation) + sum(len(c.train) + len(c.validation) for c in on.clients)
+    assert off.validation is None and len(on.validation) == round(total * 0.05) > 0
+    assert off.test.texts == on.test.texts  # the test split never moves
+    pooled_on = {t for c in on.clients for t in c.train.texts + c.validation.texts}
+    assert not pooled_on & set(on.validation.texts) and not set(on.test.texts) & set(on.validation.texts)
+
+
+def test_the_trained_pooling_is_read_from_the_sentence_transformers_config(tmp_path, tiny_model_dir):
+    from common.tasks import resolve_model_path
+
+    assert trained_pooling(resolve_model_path("default")) == "mean"
+    assert trained_pooling(tiny_model_dir) == "mean"  # no sentence-transformers config: mean
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert trained_pooling(tmp_path) == "cls"
