@@ -114,7 +114,8 @@ def job_keys(*, model: str, data: dict, rounds: int, quick: bool) -> dict[str, o
     keys: dict[str, object] = {"model": model, "data": str(data["union"]), "num-clients": SITES,
                                "clients-per-round": SITES, "num-rounds": rounds,
                                "test-fraction": repr(data["test_fraction"]),
-                               "max-client-examples": data["max_client_examples"], "round-timeout": ROUND_TIMEOUT}
+                               "max-client-examples": data["max_client_examples"], "round-timeout": ROUND_TIMEOUT,
+                               "training-mode": "adapter"}  # what it measures: the FFA-LoRA job, measured before probing
     if quick:
         keys.update({"max-length": 32, "lora-rank": 4, "lora-variant": "lora"})
     return keys

@@ -38,4 +38,4 @@ def tiny_job(folder: Path) -> dict[str, object]:
     """Run-config keys of the machinery benchmarks: the tiny model on BBC News, max-length 32,
     DP-SGD at the default budget, one local epoch, 3 rounds, LoRA rank 4."""
     return {"model": str(save_tiny_bert(folder)), "data": "bbc-news", "max-length": 32, "num-rounds": 3,
-            "dp": True, "lora-rank": 4, "lora-variant": "lora"}
+            "dp": True, "lora-rank": 4, "lora-variant": "lora", "training-mode": "adapter"}

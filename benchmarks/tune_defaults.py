@@ -21,7 +21,8 @@ from benchmarks.harness import RESULTS, ROOT, log, markdown_table, publish, simu
 
 # The utility benchmark's federation, at the privacy level the goal is stated for.
 BASE = {"num-clients": 5, "clients-per-round": 5, "num-rounds": 3, "max-length": 64, "dp": True,
-        "target-epsilon": 8.0, "secure-aggregation": False, "fraction-evaluate": 1.0, "partitioner": "iid"}
+        "target-epsilon": 8.0, "secure-aggregation": False, "fraction-evaluate": 1.0, "partitioner": "iid",
+        "training-mode": "adapter"}
 
 # name -> overrides of BASE; the first row is the defaults before tuning.
 CANDIDATES: dict[str, dict[str, object]] = {

@@ -1,11 +1,15 @@
 """What privacy costs in accuracy: BBC News over 5 clients at epsilon 1, 3, 8 and without DP.
 
-    python -m benchmarks.utility [--quick] [--seeds N]
+    python -m benchmarks.utility [--quick] [--seeds N] [--modes MODE ...]
 
-Every federation is a real `fedtune simulate` (MiniLM, 5 clients, all sampled, 3 rounds of one
-local epoch, the tuned defaults, max-length 64 to fit the hour), for IID and Dirichlet(0.5)
-partitions and for LoRA and FFA-LoRA. Plain FedAvg stands in for SecAgg+, which gives the same
-aggregate up to fixed-point rounding (tests/test_simulation.py) at a few percent more time.
+Every federation is the real ServerApp and ClientApp (MiniLM, 5 clients, all sampled, 3 rounds,
+max-length 64), run in one process by benchmarks/inprocess_federation.py (no Ray start-up: dozens
+of runs), for IID and Dirichlet(0.5) partitions and four ways to train: the adapter with LoRA or
+FFA-LoRA (training-mode adapter), the head alone over the model's pooled features (probe), and
+two-stage (one probe round, then FFA-LoRA from that head). Plain FedAvg stands in for SecAgg+,
+which gives the same aggregate up to fixed-point rounding (tests/test_simulation.py) at a few
+percent more time. Results are written after every cell, so a run cut short keeps what it measured
+and `--modes` can add the rest later (rows of other modes are kept).
 Two baselines train in this process with the clients' own training code
 (`client.trainer.train_locally`) on the same test split:
 - centralized: all clients' training data pooled, non-private LoRA, 3 epochs;
@@ -23,14 +27,16 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
+from benchmarks.inprocess_federation import MODULE
 from benchmarks.harness import (RESULTS, default_out, log, machine, markdown_table, publish, read_result, simulate,
                                 write_result)
 
 NAME = "utility"
 EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
 PARTITIONERS = ("iid", "dirichlet")
-VARIANTS = ("lora", "ffa")
+MODES = ("probe", "two-stage", "ffa", "lora")  # cheapest first
 JOB = {"num-clients": 5, "clients-per-round": 5, "num-rounds": 3, "local-epochs": 1, "max-length": 64,
        "secure-aggregation": False, "dirichlet-alpha": 0.5}
 QUICK_JOB = {**JOB, "num-rounds": 1, "max-length": 32}
@@ -38,8 +44,22 @@ QUICK_JOB = {**JOB, "num-rounds": 1, "max-length": 32}
 # spelled out so the benchmark does not move when the defaults do. FFA-LoRA's B alone must move
 # further than LoRA's A and B together.
 TRAINING = {"batch-size": 32, "max-grad-norm": 1.0, "head-learning-rate": 1e-1}
-VARIANT_KEYS = {"lora": {**TRAINING, "lora-variant": "lora", "learning-rate": 1e-2},
-                "ffa": {**TRAINING, "lora-variant": "ffa", "learning-rate": 5e-2, "batch-size": 64}}
+VARIANT_KEYS = {"lora": {**TRAINING, "training-mode": "adapter", "lora-variant": "lora", "learning-rate": 1e-2},
+                "ffa": {**TRAINING, "training-mode": "adapter", "lora-variant": "ffa", "learning-rate": 5e-2,
+                        "batch-size": 64}}
+# Probing: 16 full-batch SGD steps a round on the head from the label-name prior, step 2 at epsilon
+# 1 and 5 above (measured on frozen features, 3 seeds; common/privacy/budget_defaults.py).
+PROBE_KEYS = {"probe-steps": 16, "head-prior": True, "pooling": "mean"}
+VARIANT_KEYS["probe"] = {**PROBE_KEYS, "training-mode": "probe"}
+VARIANT_KEYS["two-stage"] = {**VARIANT_KEYS["ffa"], **PROBE_KEYS, "training-mode": "two-stage", "probe-rounds": 1,
+                             "probe-epsilon-share": 0.5}
+
+
+def mode_keys(mode: str, epsilon: float | None) -> dict:
+    keys = dict(VARIANT_KEYS[mode])
+    if mode in ("probe", "two-stage"):
+        keys["probe-learning-rate"] = 2.0 if epsilon is not None and epsilon <= 1.0 else 5.0
+    return keys
 # The baselines are plain LoRA. Without DP they take the smaller steps non-private training has
 # always used here (with the DP-tuned 1e-2 / 1e-1, 160 centralized steps reached only 0.78);
 # the one-client epsilon-8 baseline takes the DP-tuned LoRA settings.
@@ -47,20 +67,23 @@ BASELINE_KEYS = {None: {**TRAINING, "lora-variant": "lora", "learning-rate": 5e-
                  8.0: VARIANT_KEYS["lora"]}
 
 
-def federation_rows(*, job: dict, cells: list[tuple[str, str, float | None]], seeds: int, out: Path) -> list[dict]:
+def federation_rows(*, job: dict, cells: list[tuple[str, str, float | None]], seeds: int, out: Path,
+                    save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     rows = []
     for partitioner, variant, epsilon in cells:
         runs = []
         for seed in range(seeds):
-            keys = {**job, **VARIANT_KEYS[variant], "partitioner": partitioner, "seed": seed, "dp": epsilon is not None,
-                    **({"target-epsilon": epsilon} if epsilon is not None else {})}
+            keys = {**job, **mode_keys(variant, epsilon), "partitioner": partitioner, "seed": seed,
+                    "dp": epsilon is not None, **({"target-epsilon": epsilon} if epsilon is not None else {})}
             label = f"{partitioner} {variant} eps={epsilon or 'no DP'} seed {seed}"
-            runs.append(simulate(keys, out=out / label.replace(" ", "-").replace("=", ""), label=label))
+            runs.append(simulate(keys, out=out / label.replace(" ", "-").replace("=", ""), label=label,
+                                 module=MODULE))
         rows.append({"kind": "federation", "partitioner": partitioner, "variant": variant, "epsilon": epsilon,
                      **_spread("accuracy", [r.summary["test_accuracy"] for r in runs]),
                      **_spread("macro_f1", [r.summary["test_macro_f1"] for r in runs]),
                      "max_epsilon": max((r.max_epsilon or 0.0) for r in runs) if epsilon else None,
                      "mean_round_seconds": statistics.mean(r.mean_round_seconds for r in runs)})
+        save(rows)
     return rows
 
 
@@ -148,7 +171,7 @@ def plot(result: dict, path: Path) -> None:
     positions = {1.0: 0, 3.0: 1, 8.0: 2, None: 3}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for partitioner in PARTITIONERS:
-        for variant in VARIANTS:
+        for variant in MODES:
             cells = [r for r in result["rows"] if r["kind"] == "federation" and r["partitioner"] == partitioner
                      and r["variant"] == variant]
             if not cells:
@@ -156,7 +179,7 @@ def plot(result: dict, path: Path) -> None:
             cells.sort(key=lambda r: positions[r["epsilon"]])
             ax.errorbar([positions[r["epsilon"]] for r in cells], [r["accuracy"] for r in cells],
                         yerr=[r["accuracy_std"] for r in cells], marker="o", capsize=3,
-                        linestyle="-" if variant == "lora" else "--", label=f"{variant}, {partitioner}")
+                        linestyle="-" if partitioner == "iid" else "--", label=f"{variant}, {partitioner}")
     for r in result["rows"]:
         if r["kind"] == "baseline":
             color = "black" if r["baseline"].startswith("centralized") else (
@@ -176,31 +199,48 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES),
+                        help="measure these modes; the saved rows of the others are kept")
     parser.add_argument("--only-baselines", action="store_true",
                         help="recompute the baselines into the existing results, keep the federations")
     parser.add_argument("--out", type=Path, default=default_out())
     args = parser.parse_args()
     if args.quick:
-        job, cells = QUICK_JOB, [("iid", "lora", 8.0), ("iid", "lora", None)]
+        job, cells = QUICK_JOB, [("iid", m, e) for m in ("probe", "lora") for e in (8.0, None)]
     else:
         job = JOB
-        cells = [(p, v, e) for p in PARTITIONERS for v in VARIANTS for e in EPSILONS]
-    if args.only_baselines:
-        previous = read_result(NAME, quick=args.quick)
-        rows, args.seeds = [r for r in previous["rows"] if r["kind"] == "federation"], previous["seeds"]
-    else:
-        rows = federation_rows(job=job, cells=cells, seeds=args.seeds, out=args.out / "utility")
-    if not args.quick:
-        rows += baseline_rows(job=job)
-    png = RESULTS / f"utility{'_quick' if args.quick else ''}.png"
-    result = {"job": job, "seeds": args.seeds, "rows": rows, "plot": f"benchmarks/results/{png.name}",
+        cells = [(p, m, e) for m in args.modes for p in PARTITIONERS for e in EPSILONS]
+    kept = _kept_rows(quick=args.quick, seeds=args.seeds, measured=set() if args.only_baselines else set(args.modes))
+    result = {"job": job, "seeds": args.seeds, "plot": f"benchmarks/results/utility{'_quick' if args.quick else ''}.png",
               "job_text": f"MiniLM, BBC News, {job['num-clients']} clients all sampled, {job['num-rounds']} rounds, "
-                          f"max-length {job['max-length']}, delta 1e-5, plain FedAvg",
+                          f"max-length {job['max-length']}, delta 1e-5, plain FedAvg, in one process",
               "command": "make bench-quick" if args.quick else "make bench"}
+    baselines = [r for r in kept if r["kind"] == "baseline"]
+    federations = [r for r in kept if r["kind"] == "federation"]
+
+    def save(rows: list[dict]) -> None:  # after every cell: a run cut short keeps what it measured
+        write_result(NAME, {**result, "rows": federations + rows + baselines}, quick=args.quick)
+
+    if not args.only_baselines:
+        federations += federation_rows(job=job, cells=cells, seeds=args.seeds, out=args.out / "utility", save=save)
+    if not args.quick and (args.only_baselines or not baselines):
+        baselines = baseline_rows(job=job)
+    result["rows"] = federations + baselines
     write_result(NAME, result, quick=args.quick)
-    plot(result, png)
+    plot(result, RESULTS / Path(result["plot"]).name)
     publish(NAME, render({**result, "machine": machine()}), quick=args.quick)
+
+
+def _kept_rows(*, quick: bool, seeds: int, measured: set[str]) -> list[dict]:
+    """Rows of the saved result this run does not remeasure (same seeds only)."""
+    try:
+        previous = read_result(NAME, quick=quick)
+    except (OSError, ValueError):
+        return []
+    if previous.get("seeds") != seeds:
+        return [r for r in previous["rows"] if r["kind"] == "baseline"]
+    return [r for r in previous["rows"] if r["kind"] == "baseline" or r["variant"] not in measured]
 
 
 if __name__ == "__main__":

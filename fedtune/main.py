@@ -97,19 +97,26 @@ def plan(
     rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
     accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
     noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Force sigma (0 calibrates)."),
+    mode: str = typer.Option("adapter", "--mode", help="adapter, probe (full-batch head steps) or two-stage."),
+    probe_rounds: int = typer.Option(1, "--probe-rounds", help="two-stage: probe rounds before the adapter's."),
+    probe_steps: int = typer.Option(16, "--probe-steps", help="probe/two-stage: full-batch steps per probe round."),
+    probe_share: float = typer.Option(0.5, "--probe-epsilon-share", help="two-stage: the probe rounds' share "
+                                      "of epsilon."),
     allow_large_delta: bool = typer.Option(False, "--allow-large-delta", help="Accept delta >= 1/dataset-size "
                                            "(a client that sets its own target-delta may)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Save a PNG of epsilon per round."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """The noise multiplier and epsilon after each round, computed exactly as a client will.
-    Exits 2 when a round would spend more than the budget (the client refuses it)."""
+    """The noise multiplier and epsilon after each round, computed exactly as a client will; each
+    row's budget left is what an early stop after that round leaves unspent. Exits 2 when a round
+    would spend more than the budget (the client refuses it)."""
     from fedtune import plan_view
 
     request = plan_view.PlanRequest(target_epsilon=target_epsilon, delta=delta, dataset_size=dataset_size,
                                     batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
                                     accountant=accountant, noise_multiplier=noise_multiplier,
-                                    allow_large_delta=allow_large_delta)
+                                    allow_large_delta=allow_large_delta, mode=mode, probe_rounds=probe_rounds,
+                                    probe_steps=probe_steps, probe_share=probe_share)
     plan_view.check_request(request, plot)
     plan_view.load_accountants_without_torch()  # this process only plans: never trains
     schedule = plan_view.schedule_of(request)

@@ -27,6 +27,10 @@ class PlanRequest:
     accountant: str
     noise_multiplier: float
     allow_large_delta: bool
+    mode: str = "adapter"
+    probe_rounds: int = 1
+    probe_steps: int = 16
+    probe_share: float = 0.5
 
 
 def check_request(request: PlanRequest, plot: Path | None) -> None:
@@ -38,7 +42,8 @@ def check_request(request: PlanRequest, plot: Path | None) -> None:
     RunConfig(target_epsilon=request.target_epsilon, target_delta=request.delta, batch_size=request.batch_size,
               local_epochs=request.local_epochs, num_rounds=request.rounds, accountant=request.accountant,
               noise_multiplier=request.noise_multiplier, secure_aggregation=False, num_clients=1,
-              clients_per_round=1)
+              clients_per_round=1, training_mode=request.mode, probe_rounds=request.probe_rounds,
+              probe_steps=request.probe_steps, probe_epsilon_share=request.probe_share)
     from common.privacy.policy import NodePolicy
 
     if NodePolicy(allow_large_delta=request.allow_large_delta).delta_problem(delta=request.delta,
@@ -80,7 +85,9 @@ def schedule_of(request: PlanRequest) -> dict:
     return privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
                             local_epochs=request.local_epochs, rounds=request.rounds,
                             target_epsilon=request.target_epsilon, delta=request.delta,
-                            accountant=request.accountant, noise_multiplier=request.noise_multiplier)
+                            accountant=request.accountant, noise_multiplier=request.noise_multiplier,
+                            training_mode=request.mode, probe_rounds=request.probe_rounds,
+                            probe_steps=request.probe_steps, probe_share=request.probe_share)
 
 
 def over_budget_warning(schedule: dict) -> str | None:
@@ -95,15 +102,18 @@ def over_budget_warning(schedule: dict) -> str | None:
 
 
 def print_schedule(schedule: dict, console: Console) -> None:
-    console.print(f"noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
+    probe = schedule.get("probe")
+    stages = (f"probe rounds 1-{probe['rounds']}: noise multiplier {probe['noise_multiplier']:.6f}, full batch, "
+              f"{probe['steps_per_round']} steps per round; then " if probe else "")
+    console.print(f"{stages}noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
                   f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
                   f"({schedule['accountant']} accountant); budget epsilon {schedule['target_epsilon']:g} "
                   f"at delta {schedule['delta']:g}", highlight=False)
     table = Table()
-    for column in ("round", "epsilon", "delta", "budget left", "client"):
+    for column in ("round", "stage", "epsilon", "delta", "budget left", "client"):
         table.add_column(column, justify="right")
     for row in schedule["rounds"]:
-        table.add_row(str(row["round"]), f"{row['epsilon']:.4f}", f"{schedule['delta']:g}",
+        table.add_row(str(row["round"]), row.get("stage", "adapter"), f"{row['epsilon']:.4f}", f"{schedule['delta']:g}",
                       f"{schedule['target_epsilon'] - row['epsilon']:.4f}",
                       "[red]refuses[/red]" if row["client_refuses"] else "trains")
     console.print(table)

@@ -74,9 +74,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     task, splits = get_task(config.task), federated_splits(config)
     model_path = task.model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    model = task.build_model(model_path=model_path, num_labels=len(splits.label_names),
-                             lora=LoraSettings.from_config(config), seed=config.seed,
-                             head=HeadSettings.from_config(config, label_names=splits.label_names))
+    model = _coordinator_model(config=config, task=task, model_path=model_path, label_names=splits.label_names)
     initial = adapter_to_arrays(model)
     ledger = Ledger(run_dir.path / "ledgers" / "server")
     checkpoint = restore(run_dir=run_dir, ledger=ledger, initial=initial) if resume else None
@@ -104,7 +102,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         test_scores=tester.scores, rounds=list(checkpoint.rounds) if checkpoint else [],
         bytes_up=upload_bytes(initial, secure=config.secure_aggregation),
         secure_aggregation=config.secure_aggregation, clipping_range=clipping_range, on_round=on_round,
-        early_stopping=_early_stopping(config=config, task=task, model=model, tokenizer=tokenizer, splits=splits,
+        early_stopping=_early_stopping(config, task=task, model=model, tokenizer=tokenizer, splits=splits,
                                        rounds=checkpoint.rounds if checkpoint else []))
     start_round = first_round(checkpoint, num_rounds=config.num_rounds)
     run_rounds(grid=grid, fit_workflow=fit_workflow, start_round=start_round,
@@ -148,7 +146,14 @@ def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, ru
                                        adapter_sha256=adapter_sha256(arrays), files=file_digests(out)))
 
 
-def _early_stopping(*, config: RunConfig, task: Task, model, tokenizer, splits, rounds: list[dict]):
+def _coordinator_model(*, config: RunConfig, task: Task, model_path: Path, label_names: list[str]):
+    """The global model: the initial adapter (a probe head starts from the label names' embeddings),
+    and what the coordinator tests and exports."""
+    return task.build_model(model_path=model_path, num_labels=len(label_names), lora=LoraSettings.from_config(config),
+                            seed=config.seed, head=HeadSettings.from_config(config, label_names=label_names))
+
+
+def _early_stopping(config: RunConfig, *, task: Task, model, tokenizer, splits, rounds: list[dict]):
     """The stopping rule on the coordinator's validation split (None when early stopping is off)."""
     if not config.early_stopping_patience:
         return None

@@ -33,6 +33,7 @@ from common.run_data import federated_splits
 from common.tasks import get_task
 from common.tasks.classification import encode
 from simulations.inprocess import federation, metrics, run
+from tests.conftest import initial_adapter
 from tests.helpers import ROOT
 
 
@@ -150,6 +151,33 @@ def test_a_two_stage_client_signs_each_stage_and_its_ledger_audits_against_pld(t
     independent = _pld_epsilons([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in records], 1e-5)
     assert [r["epsilon"] for r in records] == pytest.approx(independent, rel=0.02)
     assert records[0]["epsilon"] == pytest.approx(0.5 * 4.0, rel=0.02) and records[-1]["epsilon"] <= 4.0
+
+
+def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_config, tmp_path):
+    """The coordinator chooses the mode and the split, not the budget: a job putting 99% of the
+    node's epsilon 2 into 200-step probe rounds still composes into one history under 2, and a
+    job asking for more epsilon than the node's policy is refused before any record is read."""
+    from common.privacy.policy import NodePolicy
+
+    greedy = tiny_config(training_mode="two-stage", num_rounds=3, probe_rounds=2, target_epsilon=50.0)
+    client = FedtuneClient(config=greedy, partition_id=0, ledger_dir=tmp_path / "greedy", run_id="run-0",
+                           policy=NodePolicy(target_epsilon=2.0))
+    assert client.fit(initial_adapter(tiny_config()), {"server-round": 1})[2]["status"] == "refused-policy"
+    job = tiny_config(training_mode="two-stage", num_rounds=3, probe_rounds=2, probe_epsilon_share=0.99,
+                      probe_steps=200, target_epsilon=2.0)
+    parameters = adapter_to_arrays(get_task("classification").build_model(
+        model_path=Path(job.model), num_labels=3, lora=LoraSettings.from_config(job), seed=0,
+        head=HeadSettings.from_config(job)))
+    spent = []
+    for server_round in (1, 2, 3):
+        client = FedtuneClient(config=job, partition_id=0, ledger_dir=tmp_path, run_id="run-1",
+                               policy=NodePolicy(target_epsilon=2.0))
+        update, _, report = client.fit(parameters, {"server-round": server_round})
+        assert report["status"] == "trained" and len(update) == len(parameters)
+        spent.append(report["epsilon"])
+    records = ClientPrivacyLedger(directory=tmp_path, client_id="client-0").ledger.records
+    assert all(r["target_epsilon"] == 2.0 for r in records) and max(spent) <= 2.0
+    assert _pld_epsilons([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in records], 1e-5)[-1] <= 2.0
 
 
 # -- federations: early stopping, adapters in a fresh process ----------------------------------

@@ -123,7 +123,9 @@ class NodePolicy:
         return reasons
 
     def applied_to(self, job: Any) -> Any:
-        """The job's config with every policy value put in force (the job's when tighter)."""
+        """The job's config with every policy value put in force (the job's when tighter). What the
+        job trains stays the job's, even where a smaller budget would pick another default: the
+        coordinator expects the arrays of the job's mode."""
         dp = self.dp or job.dp
         sigma = max(self.noise_multiplier, job.noise_multiplier) if self.noise_multiplier > 0 else \
             job.noise_multiplier
@@ -133,7 +135,7 @@ class NodePolicy:
             target_epsilon=min(self.target_epsilon, job.target_epsilon),
             target_delta=min(self.target_delta, job.target_delta), allow_large_delta=self.allow_large_delta,
             max_grad_norm=min(self.max_grad_norm, job.max_grad_norm), noise_multiplier=sigma,
-            accountant=strictest)
+            accountant=strictest, training_mode=job.training_mode, probe_learning_rate=job.probe_learning_rate)
 
     def delta_problem(self, *, delta: float, num_examples: int) -> str | None:
         """delta >= 1/N permits releasing a whole record; refused unless the node allowed it.
