@@ -34,7 +34,7 @@ from common.tasks import get_task
 from common.tasks.classification import encode
 from simulations.inprocess import federation, metrics, run
 from tests.conftest import initial_adapter
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_fedtune
 
 
 def _probe_model(model_dir, *, freeze_lora: bool = True, prior=()):
@@ -130,6 +130,19 @@ def test_the_two_stage_plans_per_round_epsilons_match_dp_accounting_pld(epsilon,
     assert [r["epsilon"] for r in rows] == pytest.approx(independent, rel=0.02)
     assert rows[probe_rounds - 1]["epsilon"] == pytest.approx(share * epsilon, rel=0.02)  # the declared split
     assert epsilon * 0.97 <= rows[-1]["epsilon"] <= epsilon and not any(r["client_refuses"] for r in rows)
+
+
+def test_fedtune_plan_shows_each_rounds_stage_and_what_a_stop_after_it_leaves():
+    result = run_fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3",
+                         "--rounds", "3", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [r["stage"] for r in plan["rounds"]] == ["probe", "adapter", "adapter"]
+    assert plan["probe"]["steps_per_round"] == 16 and plan["rounds"][0]["sample_rate"] == 1.0
+    table = run_fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3", timeout=120)
+    assert table.returncode == 0 and "probe rounds 1-1" in table.stdout and "budget left" in table.stdout
+    first = next(line for line in table.stdout.splitlines() if line.strip("│ ").startswith("1 "))
+    assert "probe" in first and f"{3 - plan['rounds'][0]['epsilon']:.4f}" in first  # left after a stop at 1
 
 
 def test_a_two_stage_client_signs_each_stage_and_its_ledger_audits_against_pld(tiny_config, tmp_path):
