@@ -34,7 +34,8 @@ from common.models.lora import LoraSettings, lora_a_sha256
 from common.models.pooled_classifier import HeadSettings
 from common.privacy.accounting import epsilon_of
 from common.privacy.policy import NodePolicy
-from common.privacy.plan import PrivacyPlan, epsilon_after_next_round, fits_budget, plan_of_config, same_schedule
+from common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, is_probe_round, plan_of_config,
+                                 same_schedule)
 from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
 from common.tasks import get_task
 
@@ -72,6 +73,8 @@ class FedtuneClient(NumPyClient):
         refuse = functools.partial(self._refuse, ledger, run_id=run_id, server_round=instructions.server_round,
                                    parameters=parameters)
         refusal = self.refusal or pin_refusal(self.node, job=self.job, sent=instructions.label_names)
+        if instructions.server_round < 1:  # every stage and plan is keyed by a round counted from 1
+            refusal = f"a train request must name a server-round of 1 or more, not {instructions.server_round}"
         if refusal:  # before reading a record: the job asks for less than the policy allows
             return refuse(status=Status.REFUSED_POLICY, reason=refusal, num_examples=0)
         self.label_names = label_names_from(instructions, self.config, self.node)
@@ -185,7 +188,8 @@ class FedtuneClient(NumPyClient):
                                                           accountant=plan.accountant)
         report = FitReport(client_id=self.client_id, server_round=server_round, status=Status.TRAINED,
                            steps=result.steps,
-                           train_loss=result.train_loss if self.policy.share_train_loss else None,
+                           train_loss=result.train_loss if self.policy.share_train_loss
+                           and not is_probe_round(self.config, server_round) else None,  # full batch: exact
                            update_max_abs=float(max(np.abs(u).max() for u in update)), epsilon=epsilon,
                            **_plan_fields(plan and plan.for_round(server_round)), lora_a_sha256=shared_a or None)
         fields = ledger.fields(run_id=run_id, server_round=server_round, status=Status.TRAINED, plan=plan,
@@ -203,7 +207,7 @@ class FedtuneClient(NumPyClient):
         the adapter (and head) through the model; `plan` is this round's stage."""
         cfg, seed = self.config, self.config.seed * 1_000_003 + server_round
         dataset = _encoded(cfg, self.node, self.label_names, "train")
-        if cfg.training_mode == "probe" or (cfg.training_mode == "two-stage" and server_round <= cfg.probe_rounds):
+        if is_probe_round(cfg, server_round):
             data_key = (cfg, self.node, self.label_names, data_version(self.node))
             return train_probe_round(model=model, dataset=dataset, data_key=data_key,
                                      learning_rate=cfg.probe_learning_rate, steps=cfg.probe_steps,

@@ -73,7 +73,8 @@ def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundO
         aggregation_failed=record["aggregation_failed"], rejected=outcome.rejected,
         adapter_sha256=adapter_sha256, test_scores={headline: record[headline]} if headline in record else {},
         secagg_refusals=outcome.secagg_refusals,
-        early_stopping={key: record[key] for key in record if key.startswith("validation_") or key == "stopped_early"}))
+        early_stopping={key: record[key] for key in record
+                        if key.startswith("validation_") or key in ("stopped_early", "early_stopping_patience")}))
 
 
 def every_client_refused(outcome: RoundOutcome) -> bool:

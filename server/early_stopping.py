@@ -42,7 +42,7 @@ class EarlyStopping:
         arrays_to_adapter(self.model, arrays)
         score = self.task.evaluate(model=self.model, dataset=self.dataset)[self.task.headline_metric]
         self._update(server_round, score)
-        facts = {self.key: score}
+        facts = {self.key: score, "early_stopping_patience": self.patience}
         waited = server_round - self.best_round
         if waited >= self.patience:
             facts["stopped_early"] = (f"validation {self.task.headline_metric} has not improved for {waited} "

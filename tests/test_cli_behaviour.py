@@ -184,7 +184,7 @@ def test_one_ctrl_c_stops_the_simulation_and_names_the_resume_command(tiny_confi
     out = tmp_path / "run"
     keys = dict(model=config.model, data=config.data, num_clients=2, clients_per_round=2, batch_size=16,
                 max_length=24, learning_rate=0.01, lora_variant="lora", lora_rank=4, target_epsilon=4.0,
-                head_learning_rate=0.05, num_rounds=2)
+                head_learning_rate=0.05, num_rounds=2, training_mode="adapter")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
     process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--quiet", "--out", str(out),
                                 *set_args(**keys)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

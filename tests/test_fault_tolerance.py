@@ -34,7 +34,7 @@ def _args(config, **keys) -> list[str]:
                 max_length=config.max_length, learning_rate=config.learning_rate,
                 head_learning_rate=config.head_learning_rate, lora_variant=config.lora_variant, lora_rank=config.lora_rank,
                 target_epsilon=config.target_epsilon, num_rounds=config.num_rounds, dp=config.dp,
-                secure_aggregation=config.secure_aggregation)
+                secure_aggregation=config.secure_aggregation, training_mode=config.training_mode)
     base.update(keys)
     return set_args(**base)
 

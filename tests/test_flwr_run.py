@@ -137,7 +137,7 @@ def test_flwr_run_offline_writes_one_run_directory_that_audits_clean(tmp_path, t
         else:
             shutil.copy(source, checkout / name)
     run_config = (f"model='{tiny_model_dir}' data='{tiny_csv}' num-clients=3 clients-per-round=3 num-rounds=1 "
-                  f"batch-size=16 max-length=24 learning-rate=0.01 lora-rank=4 target-epsilon=4.0 lora-variant='lora'")
+                  f"batch-size=16 max-length=24 learning-rate=0.01 lora-rank=4 target-epsilon=4.0 lora-variant='lora' training-mode='adapter'")
     started = time.monotonic()
     try:
         result = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config,

@@ -181,6 +181,10 @@ def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_con
     parameters = adapter_to_arrays(get_task("classification").build_model(
         model_path=Path(job.model), num_labels=3, lora=LoraSettings.from_config(job), seed=0,
         head=HeadSettings.from_config(job)))
+    for bad_round in (0, -3):  # a round no plan has: it would be checked as one stage and trained as another
+        zero = FedtuneClient(config=job, partition_id=0, ledger_dir=tmp_path / "zero", run_id="run-z",
+                             policy=NodePolicy(target_epsilon=2.0)).fit(parameters, {"server-round": bad_round})
+        assert zero[1] == 0 and zero[2]["status"] == "refused-policy" and "1 or more" in zero[2]["reason"]
     spent = []
     for server_round in (1, 2, 3):
         client = FedtuneClient(config=job, partition_id=0, ledger_dir=tmp_path, run_id="run-1",
@@ -270,3 +274,26 @@ def test_the_trained_pooling_is_read_from_the_sentence_transformers_config(tmp_p
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     assert trained_pooling(tmp_path) == "cls"
+
+
+def test_the_audit_refuses_an_early_stop_the_signed_scores_do_not_support_or_that_hides_rounds():
+    from common.ledger.stop_checks import early_stop_problems
+
+    def server(scores, *, patience=1):
+        rounds = [{"round": i + 1, "validation_accuracy": s, "early_stopping_patience": patience}
+                  for i, s in enumerate(scores)]
+        rounds[-1]["stopped_early"] = "validation accuracy has not improved"
+        return rounds
+
+    client = {"client-0": [{"run_id": "r", "round": 1}, {"run_id": "r", "round": 2}]}
+    assert early_stop_problems(server([0.5, 0.5]), client, "r") == []  # no improvement for 1 round: stop
+    assert "last improved at round 2" in early_stop_problems(server([0.5, 0.6]), client, "r")[0]
+    assert "last improved" in early_stop_problems(server([0.5, 0.5], patience=2), client, "r")[0]
+    late = {"client-0": [*client["client-0"], {"run_id": "r", "round": 3}]}
+    assert "signed round(s) 3 of this run after the server's early stop" in early_stop_problems(
+        server([0.5, 0.5]), late, "r")[0]
+    middle = server([0.5, 0.5]) + [{"round": 3, "validation_accuracy": 0.4}]
+    assert "not only at its last round" in early_stop_problems(middle, client, "r")[0]
+    unsigned = server([0.5, 0.5])
+    del unsigned[-1]["early_stopping_patience"]
+    assert "names no early-stopping-patience" in early_stop_problems(unsigned, client, "r")[0]

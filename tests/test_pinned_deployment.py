@@ -60,7 +60,7 @@ def job(workdir: Path, model: Path, run: Path, *, rounds: int = 2) -> str:
     return (f"model='{model}' data='{workdir / 'coordinator-test.csv'}' num-clients={SITES} "
             f"clients-per-round={SITES} num-rounds={rounds} batch-size=16 max-length=24 learning-rate=0.01 "
             f"lora-rank=4 target-epsilon=3.0 test-fraction=0.9 output-dir='{run}' max-client-examples=150 "
-            f"round-timeout=60")
+            f"round-timeout=60 training-mode='adapter'")
 
 
 def signed(run_config: str, *, key: Path) -> str:

@@ -24,11 +24,11 @@ def test_calibrated_noise_spends_the_budget_over_the_planned_rounds():
     assert plan.sample_rate == pytest.approx(32 / 356) and plan.steps_per_round == 11
     history = []
     for _ in range(3):
-        history = compose(history, plan.round_entry())
+        history = compose(history, plan.round_entry(1))
     assert history == [(plan.noise_multiplier, plan.sample_rate, 33)]
     spent = epsilon_of(history, delta=1e-5)
     assert 7.9 <= spent <= 8.0
-    more = compose(history, plan.round_entry())
+    more = compose(history, plan.round_entry(1))
     assert epsilon_of(more, delta=1e-5) > 8.0  # a fourth round would not fit: the guard's case
 
 

@@ -31,7 +31,7 @@ def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
                 clients_per_round=config.clients_per_round, batch_size=config.batch_size,
                 max_length=config.max_length, learning_rate=config.learning_rate,
                 head_learning_rate=config.head_learning_rate, lora_variant=config.lora_variant, lora_rank=config.lora_rank,
-                target_epsilon=config.target_epsilon)
+                target_epsilon=config.target_epsilon, training_mode=config.training_mode)
     base.update(keys)
     result = run_fedtune("simulate", "--out", str(out), *set_args(**base), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -166,7 +166,7 @@ def test_secagg_never_unmasks_the_update_of_a_single_trained_client(tiny_config,
     sigma = 1.0
     first_round = sorted(
         (epsilon_of([plan_privacy(num_examples=n, batch_size=config.batch_size, local_epochs=1, num_rounds=1,
-                                  target_epsilon=100.0, target_delta=1e-5, noise_multiplier=sigma).round_entry()],
+                                  target_epsilon=100.0, target_delta=1e-5, noise_multiplier=sigma).round_entry(1)],
                     delta=1e-5), cid) for cid, n in enumerate(sizes))
     assert first_round[1][0] > 1.05 * first_round[0][0], sizes  # the partition gives distinct budgets
     budget = (first_round[0][0] + first_round[1][0]) / 2  # only the largest client can afford a round

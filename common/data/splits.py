@@ -47,15 +47,15 @@ def make_federated_splits(*, examples: Examples, num_clients: int, partitioner: 
     n = len(examples)
     order = np.random.default_rng(seed).permutation(n)
     n_test = max(1, round(n * test_fraction))
-    if n - n_test < num_clients:
-        raise FedtuneError(f"{n} examples ({n - n_test} after holding out the test split) cannot be "
+    n_stop = max(1, round(n * stop_validation_fraction)) if stop_validation_fraction > 0 else 0
+    if n - n_test - n_stop < num_clients:
+        raise FedtuneError(f"{n} examples ({n - n_test - n_stop} after holding out the coordinator's splits) cannot be "
                            f"spread over {num_clients} clients; lower num-clients or add data")
     problem = rare_label_problem(examples, test_fraction=test_fraction) if isinstance(examples, LabelledTexts) \
         else None
     if problem:  # label names go to every party: a class of one record would name that record's class
         raise FedtuneError(problem)
     test = examples.take(order[:n_test])
-    n_stop = round(n * stop_validation_fraction)
     validation = examples.take(order[n_test:n_test + n_stop]) if n_stop else None
     pool = order[n_test + n_stop:]
     parts = _partition(labels=[examples.labels[i] for i in pool], num_clients=num_clients,

@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 from common.ledger.records import ADAPTER_SAVED, is_round_record
+from common.ledger.stop_checks import early_stop_problems
 from common.protocol import Status
 from common.storage import file_digests
 
@@ -29,9 +30,9 @@ def run_id_of(run_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def configured_rounds(run_dir: Path, key: str = "num-rounds") -> int | None:
+def configured_rounds(run_dir: Path) -> int | None:
     try:
-        value = tomllib.loads((Path(run_dir) / "config.toml").read_text(encoding="utf-8")).get(key)
+        value = tomllib.loads((Path(run_dir) / "config.toml").read_text(encoding="utf-8")).get("num-rounds")
     except (OSError, ValueError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -52,6 +53,7 @@ def run_findings(run_dir: Path, server: list[dict], clients: dict[str, list[dict
             problems=problems, notes=notes)
     _adapter(run_dir, rounds, saved, problems)
     _who_trained(rounds, clients, problems)
+    problems += early_stop_problems(rounds, clients, run_id)
     _outputs(run_dir, rounds, problems)
     return problems, notes
 
@@ -81,13 +83,9 @@ def _rounds(run_dir: Path, rounds: list[dict], *, finished: bool, problems: list
     elif len(rounds) < asked and _every_client_refused(rounds[-1] if rounds else {}):
         notes.append(f"the run stopped after round {len(rounds)} of {asked}: every sampled client refused it "
                      f"(the server's signed record of that round)")
-    elif len(rounds) < asked and "stopped_early" in (rounds[-1] if rounds else {}):
-        if not configured_rounds(run_dir, "early-stopping-patience"):
-            problems.append(f"the server ledger says the run stopped early after round {len(rounds)}, but "
-                            f"config.toml has no early-stopping-patience")
-        else:
-            notes.append(f"the run stopped early after round {len(rounds)} of {asked}: "
-                         f"{rounds[-1]['stopped_early']} (the server's signed record of that round)")
+    elif len(rounds) < asked and "stopped_early" in (rounds[-1] if rounds else {}):  # checked in stop_checks
+        notes.append(f"the run stopped early after round {len(rounds)} of {asked}: "
+                     f"{rounds[-1]['stopped_early']} (the server's signed record of that round)")
     elif len(rounds) < asked and finished:
         problems.append(f"the run finished (summary.json or a saved adapter) but the server ledger records "
                         f"{len(rounds)} of the {asked} rounds config.toml asks: round(s) "

@@ -48,13 +48,13 @@ class PrivacyPlan:
 
     def for_round(self, server_round: int) -> PrivacyPlan:
         """The single-stage plan a round trains under: a probe round's is the probe stage's."""
-        if self.probe is None or server_round > self.probe.rounds:
+        if self.probe is None or not 1 <= server_round <= self.probe.rounds:
             return dataclasses.replace(self, probe=None)
         return dataclasses.replace(self, probe=None, sample_rate=1.0, steps_per_round=self.probe.steps_per_round,
                                    noise_multiplier=self.probe.noise_multiplier)
 
-    def round_entry(self, server_round: int = 0) -> HistoryEntry:
-        plan = self.for_round(server_round) if server_round else self
+    def round_entry(self, server_round: int) -> HistoryEntry:
+        plan = self.for_round(server_round)
         return (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
 
     def stages_record(self) -> dict[str, Any] | None:
@@ -164,7 +164,14 @@ def same_schedule(plan: PrivacyPlan, config, *, num_examples: int) -> bool:
     return plan.num_examples == num_examples and (plan.sample_rate, plan.steps_per_round, probe) == expected
 
 
-def epsilon_after_next_round(history: list[HistoryEntry], plan: PrivacyPlan, server_round: int = 0) -> float:
+def is_probe_round(config, server_round: int) -> bool:
+    """Whether a round trains the head alone: the one rule the plan, the trainer and the record share
+    (rounds are numbered from 1; a client refuses any other number before this is asked)."""
+    return config.training_mode == "probe" or (config.training_mode == "two-stage"
+                                               and 1 <= server_round <= config.probe_rounds)
+
+
+def epsilon_after_next_round(history: list[HistoryEntry], plan: PrivacyPlan, server_round: int) -> float:
     return epsilon_of(compose(history, plan.round_entry(server_round)), delta=plan.target_delta,
                       accountant=plan.accountant)
 
