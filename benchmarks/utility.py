@@ -1,6 +1,7 @@
 """What privacy costs in accuracy: BBC News over 5 clients at epsilon 1, 3, 8 and without DP.
 
-    python -m benchmarks.utility [--quick] [--seeds N] [--modes MODE ...]
+    python -m benchmarks.utility [--quick] [--seeds N] [--modes MODE ...] [--epsilons E ...]
+                                [--max-length N]
 
 Every federation is the real ServerApp and ClientApp (MiniLM, 5 clients, all sampled, 3 rounds,
 max-length 64), run in one process by benchmarks/inprocess_federation.py (no Ray start-up: dozens
@@ -9,7 +10,9 @@ FFA-LoRA (training-mode adapter), the head alone over the model's pooled feature
 two-stage (one probe round, then FFA-LoRA from that head). Plain FedAvg stands in for SecAgg+,
 which gives the same aggregate up to fixed-point rounding (tests/test_simulation.py) at a few
 percent more time. Results are written after every cell, so a run cut short keeps what it measured
-and `--modes` can add the rest later (rows of other modes are kept).
+and `--modes` can add the rest later (rows of other modes are kept). `--max-length 128` measures the
+chosen modes at the product's default truncation instead, `--epsilons 1 3` only some budgets (rows
+are kept per cell: partition, mode, budget and max-length).
 Two baselines train in this process with the clients' own training code
 (`client.trainer.train_locally`) on the same test split:
 - centralized: all clients' training data pooled, non-private LoRA, 3 epochs;
@@ -79,6 +82,7 @@ def federation_rows(*, job: dict, cells: list[tuple[str, str, float | None]], se
             runs.append(simulate(keys, out=out / label.replace(" ", "-").replace("=", ""), label=label,
                                  module=MODULE))
         rows.append({"kind": "federation", "partitioner": partitioner, "variant": variant, "epsilon": epsilon,
+                     "max_length": job["max-length"],
                      **_spread("accuracy", [r.summary["test_accuracy"] for r in runs]),
                      **_spread("macro_f1", [r.summary["test_macro_f1"] for r in runs]),
                      "max_epsilon": max((r.max_epsilon or 0.0) for r in runs) if epsilon else None,
@@ -146,12 +150,12 @@ def render(result: dict) -> str:
     seeds = result["seeds"]
     fmt = (lambda r, k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}") if seeds > 1 else (lambda r, k: f"{r[k]:.3f}")
     rows = []
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=_table_order):
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
         if r["kind"] == "federation":
             spent = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
-            rows.append([f"federation, {r['partitioner']}, {r['variant']}", eps, fmt(r, "accuracy"),
-                         fmt(r, "macro_f1"), spent, f"{r['mean_round_seconds']:.0f}"])
+            setting = f"federation, {r['partitioner']}, {r['variant']}, len {_max_length(r)}"
+            rows.append([setting, eps, fmt(r, "accuracy"), fmt(r, "macro_f1"), spent, f"{r['mean_round_seconds']:.0f}"])
         else:
             rows.append([f"baseline: {r['baseline']}", eps, f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}", "-", "-"])
     seeds_text = f"mean ± std over {seeds} seeds" if seeds > 1 else "one run per cell"
@@ -170,16 +174,18 @@ def plot(result: dict, path: Path) -> None:
 
     positions = {1.0: 0, 3.0: 1, 8.0: 2, None: 3}
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    lines = sorted({(r["variant"], _max_length(r)) for r in result["rows"] if r["kind"] == "federation"},
+                   key=lambda line: (MODES.index(line[0]), line[1]))
     for partitioner in PARTITIONERS:
-        for variant in MODES:
+        for variant, max_length in lines:
             cells = [r for r in result["rows"] if r["kind"] == "federation" and r["partitioner"] == partitioner
-                     and r["variant"] == variant]
+                     and r["variant"] == variant and _max_length(r) == max_length]
             if not cells:
                 continue
             cells.sort(key=lambda r: positions[r["epsilon"]])
             ax.errorbar([positions[r["epsilon"]] for r in cells], [r["accuracy"] for r in cells],
                         yerr=[r["accuracy_std"] for r in cells], marker="o", capsize=3,
-                        linestyle="-" if partitioner == "iid" else "--", label=f"{variant}, {partitioner}")
+                        linestyle="-" if partitioner == "iid" else "--", label=f"{variant} len {max_length}, {partitioner}")
     for r in result["rows"]:
         if r["kind"] == "baseline":
             color = "black" if r["baseline"].startswith("centralized") else (
@@ -202,6 +208,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES),
                         help="measure these modes; the saved rows of the others are kept")
+    parser.add_argument("--epsilons", nargs="*", choices=["1", "3", "8", "none"], default=["1", "3", "8", "none"],
+                        help="measure these budgets only; the saved rows of the others are kept")
+    parser.add_argument("--max-length", type=int, default=JOB["max-length"],
+                        help="truncate every text to this many tokens (rows are kept per max-length)")
     parser.add_argument("--only-baselines", action="store_true",
                         help="recompute the baselines into the existing results, keep the federations")
     parser.add_argument("--out", type=Path, default=default_out())
@@ -209,12 +219,14 @@ def main() -> None:
     if args.quick:
         job, cells = QUICK_JOB, [("iid", m, e) for m in ("probe", "lora") for e in (8.0, None)]
     else:
-        job = JOB
-        cells = [(p, m, e) for m in args.modes for p in PARTITIONERS for e in EPSILONS]
-    kept = _kept_rows(quick=args.quick, seeds=args.seeds, measured=set() if args.only_baselines else set(args.modes))
+        job = {**JOB, "max-length": args.max_length}
+        epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+        cells = [(p, m, e) for m in args.modes for p in PARTITIONERS for e in EPSILONS if e in epsilons]
+    measured = set() if args.only_baselines else {(p, m, e, job["max-length"]) for p, m, e in cells}
+    kept = _kept_rows(quick=args.quick, seeds=args.seeds, measured=measured)
     result = {"job": job, "seeds": args.seeds, "plot": f"benchmarks/results/utility{'_quick' if args.quick else ''}.png",
               "job_text": f"MiniLM, BBC News, {job['num-clients']} clients all sampled, {job['num-rounds']} rounds, "
-                          f"max-length {job['max-length']}, delta 1e-5, plain FedAvg, in one process",
+                          f"max-length as in each row (len), delta 1e-5, plain FedAvg, in one process",
               "command": "make bench-quick" if args.quick else "make bench"}
     baselines = [r for r in kept if r["kind"] == "baseline"]
     federations = [r for r in kept if r["kind"] == "federation"]
@@ -232,7 +244,19 @@ def main() -> None:
     publish(NAME, render({**result, "machine": machine()}), quick=args.quick)
 
 
-def _kept_rows(*, quick: bool, seeds: int, measured: set[str]) -> list[dict]:
+def _table_order(row: dict) -> tuple:
+    """Federations by mode, max-length, partition and budget; the baselines last, as measured."""
+    if row["kind"] != "federation":
+        return (len(MODES),)
+    return (MODES.index(row["variant"]), _max_length(row), PARTITIONERS.index(row["partitioner"]),
+            EPSILONS.index(row["epsilon"]))
+
+
+def _max_length(row: dict) -> int:
+    return row.get("max_length", JOB["max-length"])  # rows saved before the key existed used the job's 64
+
+
+def _kept_rows(*, quick: bool, seeds: int, measured: set[tuple]) -> list[dict]:
     """Rows of the saved result this run does not remeasure (same seeds only)."""
     try:
         previous = read_result(NAME, quick=quick)
@@ -240,7 +264,8 @@ def _kept_rows(*, quick: bool, seeds: int, measured: set[str]) -> list[dict]:
         return []
     if previous.get("seeds") != seeds:
         return [r for r in previous["rows"] if r["kind"] == "baseline"]
-    return [r for r in previous["rows"] if r["kind"] == "baseline" or r["variant"] not in measured]
+    return [r for r in previous["rows"] if r["kind"] == "baseline"
+            or (r["partitioner"], r["variant"], r["epsilon"], _max_length(r)) not in measured]
 
 
 if __name__ == "__main__":
