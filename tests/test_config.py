@@ -172,3 +172,33 @@ def test_a_jobs_allow_large_delta_is_never_honoured_by_a_deployed_node(tmp_path,
     _assert_refused(reply, because="target-delta=0.2 is not below 1/N for this node's N training records")
     reply = _fit(_context({**node, "allow-large-delta": True}, job), _adapter(tiny_model_dir), server_round=2)
     assert reply.metrics["status"] == "trained" and reply.num_examples > 0
+
+
+# -- what trains, by budget ---------------------------------------------------------------------------
+
+def _readme_budget_defaults() -> dict[str, tuple[str, float]]:
+    """The "default now" column of the README's table per budget: {"1": ("probe", 2.0), ...}."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Training modes and defaults per budget", 1)[1].split("\n\n| target ε |", 1)[1]
+    rows = {}
+    for line in table.split("\n\n", 1)[0].splitlines()[2:]:
+        budget, default = [cell.strip() for cell in line.strip("|").split("|")][:2]
+        mode, step = re.fullmatch(r"([a-z-]+), step ([0-9.]+)", default).groups()
+        rows[budget] = (mode, float(step))
+    return rows
+
+
+def test_an_unset_training_mode_follows_the_measured_budget_table_the_readme_shows():
+    readme = _readme_budget_defaults()
+    assert set(readme) == {"1", "3", "8", "none"}
+    for budget, (mode, step) in readme.items():
+        overrides = ["dp=false"] if budget == "none" else [f"target-epsilon={budget}"]
+        config = RunConfig.load(overrides=overrides)
+        assert (config.training_mode, config.probe_learning_rate) == (mode, step), budget
+    # Between the measured budgets the smallest row that covers the budget decides.
+    assert RunConfig.load(overrides=["target-epsilon=0.5"]).training_mode == readme["1"][0]
+    assert RunConfig.load(overrides=["target-epsilon=2"]).probe_learning_rate == readme["3"][1]
+    # A key the config sets always wins, and a causal LM has no label head to probe.
+    chosen = RunConfig.load(overrides=["target-epsilon=1", "training-mode=adapter", "probe-learning-rate=0.5"])
+    assert (chosen.training_mode, chosen.probe_learning_rate) == ("adapter", 0.5)
+    assert RunConfig.load(overrides=["task=causal-lm", "data=chatterbot", "target-epsilon=1"]).training_mode == "adapter"
