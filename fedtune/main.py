@@ -97,7 +97,8 @@ def plan(
     rounds: int = typer.Option(3, "--rounds", help="Rounds the client will train."),
     accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
     noise_multiplier: float = typer.Option(0.0, "--noise-multiplier", help="Force sigma (0 calibrates)."),
-    mode: str = typer.Option("adapter", "--mode", help="adapter, probe (full-batch head steps) or two-stage."),
+    mode: str = typer.Option("", "--mode", help="adapter, probe (full-batch head steps) or two-stage; unset: "
+                             "what a run with this budget trains by default."),
     probe_rounds: int = typer.Option(1, "--probe-rounds", help="two-stage: probe rounds before the adapter's."),
     probe_steps: int = typer.Option(16, "--probe-steps", help="probe/two-stage: full-batch steps per probe round."),
     probe_share: float = typer.Option(0.5, "--probe-epsilon-share", help="two-stage: the probe rounds' share "
@@ -110,8 +111,10 @@ def plan(
     """The noise multiplier and epsilon after each round, computed exactly as a client will; each
     row's budget left is what an early stop after that round leaves unspent. Exits 2 when a round
     would spend more than the budget (the client refuses it)."""
+    from common.privacy.budget_defaults import defaults_for_budget
     from fedtune import plan_view
 
+    mode = mode or defaults_for_budget(dp=True, target_epsilon=target_epsilon)["training_mode"]
     request = plan_view.PlanRequest(target_epsilon=target_epsilon, delta=delta, dataset_size=dataset_size,
                                     batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
                                     accountant=accountant, noise_multiplier=noise_multiplier,

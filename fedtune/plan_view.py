@@ -105,7 +105,7 @@ def print_schedule(schedule: dict, console: Console) -> None:
     probe = schedule.get("probe")
     stages = (f"probe rounds 1-{probe['rounds']}: noise multiplier {probe['noise_multiplier']:.6f}, full batch, "
               f"{probe['steps_per_round']} steps per round; then " if probe else "")
-    console.print(f"{stages}noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
+    console.print(f"{schedule['training_mode']}: {stages}noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
                   f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
                   f"({schedule['accountant']} accountant); budget epsilon {schedule['target_epsilon']:g} "
                   f"at delta {schedule['delta']:g}", highlight=False)

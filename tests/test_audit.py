@@ -274,7 +274,7 @@ def test_plan_and_run_agree_exactly(dp_run):
         result = run_fedtune("plan", "--json", "--target-epsilon", "5", "--delta", str(config.target_delta),
                              "--dataset-size", str(len(splits.clients[cid].train)),
                              "--batch-size", str(config.batch_size), "--local-epochs", "1", "--rounds", "2",
-                             timeout=120)
+                             "--mode", config.training_mode, timeout=120)
         assert result.returncode == 0, result.stderr
         plan = json.loads(result.stdout)
         assert plan["noise_multiplier"] == records[0]["noise_multiplier"]

@@ -66,17 +66,18 @@ def test_plan_rejects_cheap_mistakes_with_one_line():  # its speed: benchmarks/c
 
 
 def test_plan_shows_delta_and_says_when_clients_would_refuse():
-    ok = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "1.0", timeout=120)
+    ok = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "1.0", "--mode", "adapter", timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert "at delta 1e-05" in ok.stdout and "delta" in ok.stdout.splitlines()[2]
+    assert ok.stdout.startswith("adapter: ") and "at delta 1e-05" in " ".join(ok.stdout.split())
+    assert any("round" in line and "delta" in line for line in ok.stdout.splitlines())  # the table's column
     assert "trains" in ok.stdout and "refuses" not in ok.stdout
-    over = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", timeout=120)
+    over = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", "--mode", "adapter", timeout=120)
     assert over.returncode == 2, over.stderr
     assert "refuses" in over.stdout
     assert "over budget: round 1 would spend epsilon 33.9" in " ".join(over.stderr.split())
     assert "clients refuse rounds 1, 2, 3" in " ".join(over.stderr.split())
     large = run_fedtune("plan", "--dataset-size", "1000", "--delta", "0.5", "--allow-large-delta",
-                        "--noise-multiplier", "1.0", "--json", timeout=120)
+                        "--noise-multiplier", "1.0", "--mode", "adapter", "--json", timeout=120)
     assert large.returncode == 0 and json.loads(large.stdout)["delta"] == 0.5
 
 

@@ -143,6 +143,11 @@ def test_fedtune_plan_shows_each_rounds_stage_and_what_a_stop_after_it_leaves():
     assert table.returncode == 0 and "probe rounds 1-1" in table.stdout and "budget left" in table.stdout
     first = next(line for line in table.stdout.splitlines() if line.strip("│ ").startswith("1 "))
     assert "probe" in first and f"{3 - plan['rounds'][0]['epsilon']:.4f}" in first  # left after a stop at 1
+    for epsilon in ("1", "8"):  # without --mode, the plan is of what a run with this budget trains
+        unset = run_fedtune("plan", "--dataset-size", "345", "--target-epsilon", epsilon, "--json", timeout=120)
+        assert unset.returncode == 0, unset.stderr
+        run_mode = RunConfig.load(overrides=[f"target-epsilon={epsilon}"]).training_mode
+        assert json.loads(unset.stdout)["training_mode"] == run_mode
 
 
 def test_a_two_stage_client_signs_each_stage_and_its_ledger_audits_against_pld(tiny_config, tmp_path):
