@@ -185,7 +185,8 @@ def plot(result: dict, path: Path) -> None:
             cells.sort(key=lambda r: positions[r["epsilon"]])
             ax.errorbar([positions[r["epsilon"]] for r in cells], [r["accuracy"] for r in cells],
                         yerr=[r["accuracy_std"] for r in cells], marker="o", capsize=3,
-                        linestyle="-" if partitioner == "iid" else "--", label=f"{variant} len {max_length}, {partitioner}")
+                        linestyle="-" if partitioner == "iid" else "--",
+                        label=f"{variant} len {max_length}, {partitioner}")
     for r in result["rows"]:
         if r["kind"] == "baseline":
             color = "black" if r["baseline"].startswith("centralized") else (

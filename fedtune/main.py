@@ -111,16 +111,14 @@ def plan(
     """The noise multiplier and epsilon after each round, computed exactly as a client will; each
     row's budget left is what an early stop after that round leaves unspent. Exits 2 when a round
     would spend more than the budget (the client refuses it)."""
-    from common.privacy.budget_defaults import defaults_for_budget
     from fedtune import plan_view
 
-    mode = mode or defaults_for_budget(dp=True, target_epsilon=target_epsilon)["training_mode"]
     request = plan_view.PlanRequest(target_epsilon=target_epsilon, delta=delta, dataset_size=dataset_size,
                                     batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
                                     accountant=accountant, noise_multiplier=noise_multiplier,
                                     allow_large_delta=allow_large_delta, mode=mode, probe_rounds=probe_rounds,
                                     probe_steps=probe_steps, probe_share=probe_share)
-    plan_view.check_request(request, plot)
+    request = plan_view.check_request(request, plot)
     plan_view.load_accountants_without_torch()  # this process only plans: never trains
     schedule = plan_view.schedule_of(request)
     if as_json:

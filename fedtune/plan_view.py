@@ -6,6 +6,7 @@ folder), so a mistake is answered before Opacus and torch load for the accountan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +28,25 @@ class PlanRequest:
     accountant: str
     noise_multiplier: float
     allow_large_delta: bool
-    mode: str = "adapter"
+    mode: str = "adapter"  # the CLI passes "" when --mode is unset: check_request resolves it as a run would
     probe_rounds: int = 1
     probe_steps: int = 16
     probe_share: float = 0.5
 
 
-def check_request(request: PlanRequest, plot: Path | None) -> None:
-    """The run config's validation and messages, the node's delta rule, and the plot's folder."""
+def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
+    """The run config's validation and messages, the node's delta rule, and the plot's folder.
+    Returns the request with its mode resolved as a run's is (an unset mode: the budget's default)."""
     from common.config import RunConfig
 
     if request.dataset_size < 1:
         raise FedtuneError("--dataset-size must be at least 1 (the client's number of training examples)")
-    RunConfig(target_epsilon=request.target_epsilon, target_delta=request.delta, batch_size=request.batch_size,
-              local_epochs=request.local_epochs, num_rounds=request.rounds, accountant=request.accountant,
-              noise_multiplier=request.noise_multiplier, secure_aggregation=False, num_clients=1,
-              clients_per_round=1, training_mode=request.mode, probe_rounds=request.probe_rounds,
-              probe_steps=request.probe_steps, probe_epsilon_share=request.probe_share)
+    config = RunConfig(target_epsilon=request.target_epsilon, target_delta=request.delta,
+                       batch_size=request.batch_size, local_epochs=request.local_epochs, num_rounds=request.rounds,
+                       accountant=request.accountant, noise_multiplier=request.noise_multiplier,
+                       secure_aggregation=False, num_clients=1, clients_per_round=1, training_mode=request.mode,
+                       probe_rounds=request.probe_rounds, probe_steps=request.probe_steps,
+                       probe_epsilon_share=request.probe_share)
     from common.privacy.policy import NodePolicy
 
     if NodePolicy(allow_large_delta=request.allow_large_delta).delta_problem(delta=request.delta,
@@ -53,6 +56,7 @@ def check_request(request: PlanRequest, plot: Path | None) -> None:
                            f"--allow-large-delta if the client sets such a target-delta itself")
     if plot is not None and not plot.parent.is_dir():
         raise FedtuneError(f"--plot: folder {plot.parent} does not exist; create it or choose another path")
+    return dataclasses.replace(request, mode=config.training_mode)
 
 
 def load_accountants_without_torch() -> None:
@@ -105,8 +109,8 @@ def print_schedule(schedule: dict, console: Console) -> None:
     probe = schedule.get("probe")
     stages = (f"probe rounds 1-{probe['rounds']}: noise multiplier {probe['noise_multiplier']:.6f}, full batch, "
               f"{probe['steps_per_round']} steps per round; then " if probe else "")
-    console.print(f"{schedule['training_mode']}: {stages}noise multiplier {schedule['noise_multiplier']:.6f}, sample rate "
-                  f"{schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
+    console.print(f"{schedule['training_mode']}: {stages}noise multiplier {schedule['noise_multiplier']:.6f}, "
+                  f"sample rate {schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
                   f"({schedule['accountant']} accountant); budget epsilon {schedule['target_epsilon']:g} "
                   f"at delta {schedule['delta']:g}", highlight=False)
     table = Table()

@@ -201,4 +201,5 @@ def test_an_unset_training_mode_follows_the_measured_budget_table_the_readme_sho
     # A key the config sets always wins, and a causal LM has no label head to probe.
     chosen = RunConfig.load(overrides=["target-epsilon=1", "training-mode=adapter", "probe-learning-rate=0.5"])
     assert (chosen.training_mode, chosen.probe_learning_rate) == ("adapter", 0.5)
-    assert RunConfig.load(overrides=["task=causal-lm", "data=chatterbot", "target-epsilon=1"]).training_mode == "adapter"
+    causal = RunConfig.load(overrides=["task=causal-lm", "data=chatterbot", "target-epsilon=1"])
+    assert causal.training_mode == "adapter"
