@@ -10,7 +10,8 @@ the coordinator sends; these checks are what make the protocol hold against a de
 - collect: the node signs the survivor list it expects (every node that sent it key shares);
 - consistency (only when someone dropped out): the new list is a sub-list of the signed one;
 - unmask: the survivor list is the last one this node signed, a threshold of survivors signed that
-  same list, and enough of them contributed an update.
+  same list in this same session (the digest of the key list it accepted), and enough of them
+  contributed an update; a paid update is revealed in one sum only (`resend_problem`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
+from client.update_cache import RevealedSum
 from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, survivor_statement
 
@@ -140,27 +142,51 @@ def survivors_problem(*, survivors: list[int], signed_before: list[int], at: Rou
     return None
 
 
+def verified_signers(*, signed: list[tuple[int, bool, bytes]], survivors: list[int], peers: dict[int, str],
+                     roster: Roster, at: RoundContext, session: str) -> dict[int, bool]:
+    """signer -> contributed, for each survivor whose statement on this session's survivor list
+    verifies against the roster. A statement signed in another session (an earlier round, a
+    re-run of this one) never verifies: it names another key list."""
+    valid: dict[int, bool] = {}
+    for signer, contributed, signature in signed:
+        if signer in valid or signer not in survivors:
+            continue
+        statement = survivor_statement(run_id=at.run_id, server_round=at.server_round, session=session,
+                                       survivors=survivors, signer=signer, contributed=contributed)
+        if roster.verifies(institution=peers[signer], statement=statement, signature=signature):
+            valid[signer] = contributed
+    return valid
+
+
 def unmask_problem(*, active: list[int], dead: list[int], survivors: list[int], peers: dict[int, str],
-                   signed: list[tuple[int, bool, bytes]], roster: Roster, at: RoundContext, threshold: int,
-                   min_contributors: int) -> str | None:
+                   verified: dict[int, bool], threshold: int, min_contributors: int) -> str | None:
     """The unmask request: the signed survivor list, and the dropouts whose pairwise keys it asks for."""
     if sorted(active) != sorted(survivors):
         return "the unmask request's survivors differ from the survivor list this node signed last"
     if set(dead) & set(active) or not set(dead) <= set(peers) or len(set(dead)) != len(dead):
         return "the unmask request names a node as both survivor and dropout, or a node outside the key list"
-    valid: dict[int, bool] = {}
-    for signer, contributed, signature in signed:
-        if signer in valid or signer not in survivors:
-            continue
-        statement = survivor_statement(run_id=at.run_id, server_round=at.server_round, survivors=survivors,
-                                       signer=signer, contributed=contributed)
-        if roster.verifies(institution=peers[signer], statement=statement, signature=signature):
-            valid[signer] = contributed
-    if len(valid) < threshold:
-        return (f"only {len(valid)} survivor(s) signed this survivor list, the threshold is {threshold}: the "
-                f"coordinator may have told others a different story about who dropped out")
-    contributors = sum(valid.values())
+    if len(verified) < threshold:
+        return (f"only {len(verified)} survivor(s) signed this survivor list in this session, the threshold is "
+                f"{threshold}: the coordinator may have told others a different story about who dropped out, "
+                f"or replayed signatures from another session")
+    contributors = sum(verified.values())
     if contributors < min_contributors:
         return (f"{contributors} signed contributor(s), this node reveals its masks only for sums of at least "
                 f"{min_contributors} (policy secagg-min-contributors)")
+    return None
+
+
+def resend_problem(*, first: RevealedSum | None, now: RevealedSum) -> str | None:
+    """A paid round's update is unmasked in one sum only: the first, or a re-run of it with the same
+    survivors and the same signed contributors (each re-sending the same paid update, so the sum is
+    the first one again and tells the coordinator nothing new). Any other sum holding it could be
+    subtracted from the first to isolate an update."""
+    if first is None:
+        return None
+    if first.survivors != now.survivors:
+        return ("this round's update was already unmasked in a sum with other survivors; revealing it in this "
+                "one would let the two sums be differenced")
+    if first.contributors is None or now.contributors is None or first.contributors != now.contributors:
+        return ("this round's update was already unmasked in a sum whose signed contributors differ from this "
+                "session's (or were not all signed); revealing it would let the two sums be differenced")
     return None

@@ -20,6 +20,7 @@ STATE_RECORD = "fedtune-secagg"
 class SecAggState:
     stage: str = Stage.UNMASK  # the last stage answered; a round starts again at setup
     run_id: str = ""  # what the signatures bind to (the coordinator's run id)
+    flower_run_id: str = ""  # the Flower run the session runs in (a uint64 does not fit a record int)
     server_round: int = 0
     node_id: int = 0
     sample_num: int = 0
@@ -39,6 +40,7 @@ class SecAggState:
     ss2: dict[int, bytes] = field(default_factory=dict)  # node id -> key encrypting the shares to it
     seed_shares: dict[int, bytes] = field(default_factory=dict)  # node id -> its self-mask seed share
     sk1_shares: dict[int, bytes] = field(default_factory=dict)  # node id -> its pairwise-key share
+    session: str = ""  # digest of the key list accepted at share-keys (statements.session_digest)
     survivors: list[int] = field(default_factory=list)  # the list this node signed
     contributed: bool = False
     fit_run_id: str = ""  # the run and round the update was trained for, as the client's ledger names them

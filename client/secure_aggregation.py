@@ -6,10 +6,14 @@ with the same stages and message flow, so Flower's SecAgg+ workflow on the coord
 - every step is checked first (client/secagg_checks.py): parameters, the signed key list against
   the roster, the survivor list; a refusal is signed in the node's ledger and raised, so the
   coordinator records the reason and learns nothing else;
-- the node signs its masking keys and the survivor list with its identity (ledger) key;
+- the node signs its masking keys and the survivor list with its identity (ledger) key; the survivor
+  statement names the session (a digest of the whole key list it accepted, fresh keys each setup),
+  so no signature carries over from one session to another;
+- the fit inside a session must name the session's run and round, or the node does not train;
 - masks come from the whole shared secret through HKDF and ChaCha20, stochastic rounding from an
   OS-seeded generator (common/secure_aggregation/masks.py), not a 32-bit Mersenne Twister seed;
-- a paid round is re-sent only into the same set of survivors it was first unmasked with.
+- a paid round's update is revealed in one sum only: the first, or a re-run of it with the same
+  survivors and the same signed contributors (client/secagg_checks.py `resend_problem`).
 Every train request also notes its transport (client/policy_guard.py), so a node whose policy
 requires secure aggregation refuses a plain request.
 """
@@ -39,15 +43,16 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
 
 from client.policy_guard import note_transport
 from client.privacy_ledger import ClientPrivacyLedger
-from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
-                                  survivors_problem, unmask_problem, value_of)
+from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, resend_problem,
+                                  setup_problem, survivors_problem, unmask_problem, value_of, verified_signers)
 from client.secagg_state import SecAggState
-from client.update_cache import UpdateCache
+from client.update_cache import RevealedSum, UpdateCache
 from common.ledger.chain import signing_key
+from common.errors import FedtuneError
 from common.protocol import FitInstructions, FitReport, SecAggWire, Status
 from common.secure_aggregation.masks import mask_arrays, quantize
 from common.secure_aggregation.roster import Roster
-from common.secure_aggregation.statements import key_statement, survivor_statement
+from common.secure_aggregation.statements import key_statement, session_digest, survivor_statement
 
 # Flower's four stages with the consistency check between the last two; setup may restart a round.
 # The consistency check runs only when someone dropped out after sharing keys: with nobody missing,
@@ -123,7 +128,8 @@ def _new_round(msg: Message, configs: ConfigRecord) -> SecAggState:
         raise Refusal("malformed request: the message names no round") from None
     run_id = configs.get(SecAggWire.RUN_ID)
     return SecAggState(run_id=str(run_id) if isinstance(run_id, str) and run_id else str(msg.metadata.run_id),
-                       server_round=server_round, node_id=msg.metadata.dst_node_id)
+                       flower_run_id=str(msg.metadata.run_id), server_round=server_round,
+                       node_id=msg.metadata.dst_node_id)
 
 
 def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:
@@ -158,6 +164,9 @@ def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) 
                             min_contributors=node.min_contributors)
     if problem:
         raise Refusal(problem)
+    state.session = session_digest(run_id=state.run_id, flower_run_id=state.flower_run_id,
+                                   server_round=state.server_round,
+                                   key_list=[(p.node_id, p.institution, p.pk1, p.pk2) for p in peers])
     state.peers = {p.node_id: p.institution for p in peers}
     state.pk1s = {p.node_id: p.pk1 for p in peers}
     state.rd_seed = os.urandom(32)
@@ -196,14 +205,13 @@ def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, node: 
         if (sender, receiver) != (source, state.node_id):
             raise Refusal(f"the share from node {source} was addressed from {sender} to {receiver}")
         state.seed_shares[source], state.sk1_shares[source] = seed_share, sk1_share
+    _check_fit_matches_session(state, msg)
     note_transport(ctxt, secure_aggregation=True, max_weight=state.max_weight,
                    peers=frozenset(state.peers.values()))
     out = call_next(msg, ctxt).content
     fitres = compat.recorddict_to_fitres(out, keep_input=True)
     report = FitReport.from_metrics(dict(fitres.metrics))
     state.contributed, state.fit_round = fitres.num_examples > 0, report.server_round
-    instructions = FitInstructions.from_config(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
-    state.fit_run_id = instructions.run_id or str(msg.metadata.run_id)  # the client's name for the run
     masked = _masked_update(state, parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
                             masking_peers=sources)
     for record in out.array_records.values():
@@ -213,6 +221,20 @@ def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, node: 
     state.survivors = sorted([*sources, state.node_id])
     return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked],
             SecAggWire.SURVIVOR_SIGNATURE: _sign_survivors(state, node)}, out
+
+
+def _check_fit_matches_session(state: SecAggState, msg: Message) -> None:
+    """The fit trains for the run and round the session's statements are signed for, nothing else:
+    otherwise a session labelled with one (run, round) could carry the training of another."""
+    try:
+        instructions = FitInstructions.from_config(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
+    except (FedtuneError, KeyError, TypeError, ValueError):
+        raise Refusal("malformed request: the fit instructions do not parse") from None
+    fit_run_id = instructions.run_id or str(msg.metadata.run_id)  # the client's name for the run
+    if (fit_run_id, instructions.server_round, str(msg.metadata.run_id)) != \
+            (state.run_id, state.server_round, state.flower_run_id):
+        raise Refusal("the fit names another run or round than this SecAgg+ session was set up for")
+    state.fit_run_id = fit_run_id
 
 
 def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: int, *,
@@ -245,7 +267,7 @@ def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode)
 
 
 def _sign_survivors(state: SecAggState, node: SecAggNode) -> bytes:
-    statement = survivor_statement(run_id=state.run_id, server_round=state.server_round,
+    statement = survivor_statement(run_id=state.run_id, server_round=state.server_round, session=state.session,
                                    survivors=state.survivors, signer=state.node_id, contributed=state.contributed)
     return signing_key(node.ledger_dir).sign(statement)
 
@@ -257,13 +279,15 @@ def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> d
     if not isinstance(contributed, list) or not isinstance(signatures, list) \
             or not len(signers) == len(contributed) == len(signatures):
         raise Refusal("malformed request: the survivor signatures are missing or do not line up")
+    verified = verified_signers(signed=list(zip(signers, map(bool, contributed), signatures)),
+                                survivors=state.survivors, peers=state.peers, roster=node.roster, at=_at(state),
+                                session=state.session)
     problem = unmask_problem(active=active, dead=dead, survivors=state.survivors, peers=state.peers,
-                             signed=list(zip(signers, map(bool, contributed), signatures)), roster=node.roster,
-                             at=_at(state), threshold=state.threshold, min_contributors=node.min_contributors)
+                             verified=verified, threshold=state.threshold, min_contributors=node.min_contributors)
     if problem:
         raise Refusal(problem)
     if state.contributed:
-        _check_replay(state, node)
+        _check_one_sum(state, node, verified)
     missing = [n for n in active if n not in state.seed_shares] + [n for n in dead if n not in state.sk1_shares]
     if missing:
         raise Refusal(f"asked for shares of node(s) {sorted(missing)} that never sent this node any")
@@ -271,16 +295,20 @@ def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> d
             Key.SHARE_LIST: [state.seed_shares[n] for n in active] + [state.sk1_shares[n] for n in dead]}
 
 
-def _check_replay(state: SecAggState, node: SecAggNode) -> None:
-    """A paid round's update is unmasked with one set of survivors only: two sums over different
-    sets that share it could be subtracted."""
-    cache = UpdateCache(node.ledger_dir)
+def _check_one_sum(state: SecAggState, node: SecAggNode, verified: dict[int, bool]) -> None:
+    """This node's paid update is revealed in one sum only (client/secagg_checks.py `resend_problem`);
+    the first sum is noted before any share leaves."""
     survivors = sorted(state.peers[n] for n in state.survivors)
-    revealed = cache.revealed_with(run_id=state.fit_run_id, server_round=state.fit_round)
-    if revealed is not None and revealed != survivors:
-        raise Refusal(f"round {state.fit_round}'s update was already unmasked in a sum with other survivors; "
-                       f"revealing it in this one would let the two sums be differenced")
-    cache.note_revealed(run_id=state.fit_run_id, server_round=state.fit_round, survivors=survivors)
+    everyone_signed = set(verified) == set(state.survivors)
+    now = RevealedSum(survivors=survivors, contributors=sorted(state.peers[n] for n, c in verified.items() if c)
+                      if everyone_signed else None)
+    cache = UpdateCache(node.ledger_dir)
+    first = cache.revealed_sum(run_id=state.fit_run_id, server_round=state.fit_round)
+    problem = resend_problem(first=first, now=now)
+    if problem:
+        raise Refusal(f"round {state.fit_round}: {problem}")
+    if first is None:
+        cache.note_revealed(run_id=state.fit_run_id, server_round=state.fit_round, revealed=now)
 
 
 def _at(state: SecAggState) -> RoundContext:

@@ -59,14 +59,36 @@ class UpdateCache:
                             global_sha256=meta["global_sha256"], ledger_fields=meta["ledger_fields"],
                             metrics=meta["metrics"])
 
-    # -- secure aggregation: the one set of survivors a paid round's update was unmasked with -----
+    # -- secure aggregation: the one sum a paid round's update was unmasked in -------------------
+
+    def revealed_sum(self, *, run_id: str, server_round: int) -> RevealedSum | None:
+        """The sum this round's update was first unmasked in, if any."""
+        path = self._path(run_id, server_round).with_suffix(".revealed.json")
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if isinstance(data, list):  # written by fedtune before sums recorded their contributors
+            return RevealedSum(survivors=sorted(map(str, data)), contributors=None)
+        contributors = data.get("contributors")
+        return RevealedSum(survivors=sorted(map(str, data.get("survivors", []))),
+                           contributors=None if contributors is None else sorted(map(str, contributors)))
 
     def revealed_with(self, *, run_id: str, server_round: int) -> list[str] | None:
         """The survivors (institution ids) of the sum this round's update was unmasked in, if any."""
-        path = self._path(run_id, server_round).with_suffix(".revealed.json")
-        return json.loads(path.read_text()) if path.is_file() else None
+        revealed = self.revealed_sum(run_id=run_id, server_round=server_round)
+        return None if revealed is None else revealed.survivors
 
-    def note_revealed(self, *, run_id: str, server_round: int, survivors: list[str]) -> None:
+    def note_revealed(self, *, run_id: str, server_round: int, revealed: RevealedSum) -> None:
         """Written before the node releases its shares: a crash after it over-constrains, never under."""
         path = self._path(run_id, server_round).with_suffix(".revealed.json")
-        atomic_write(path, json.dumps(sorted(survivors)).encode())
+        atomic_write(path, json.dumps({"survivors": revealed.survivors,
+                                       "contributors": revealed.contributors}).encode())
+
+
+@dataclass(frozen=True)
+class RevealedSum:
+    """Who was in a sum: the survivors, and those of them that signed they contributed an update
+    (None when not every survivor's statement verified, so the contributors are not known)."""
+
+    survivors: list[str]
+    contributors: list[str] | None
