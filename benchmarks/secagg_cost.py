@@ -1,7 +1,7 @@
 """What SecAgg+ adds to a round, and what hardening it added: plain FedAvg, Flower's stock SecAgg+
 and fedtune's SecAgg+, side by side on the secagg-cost job (5, 10, 20 clients) and the demo job.
 
-    python -m benchmarks.secagg_cost [--quick]
+    python -m benchmarks.secagg_cost [--quick] [--sizes 5 10 20] [--no-demo]
 
 Each point is three real `fedtune simulate` runs (Ray), one after another:
 - plain FedAvg;
@@ -93,8 +93,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=default_out())
+    parser.add_argument("--sizes", type=int, nargs="+", help="clients per round of the tiny job (default 5 10 20)")
+    parser.add_argument("--no-demo", action="store_true", help="leave out the demo job (about 20 minutes)")
     args = parser.parse_args()
-    sizes = (5,) if args.quick else (5, 10, 20)
+    sizes = args.sizes or ((5,) if args.quick else (5, 10, 20))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # 6 rounds: a tiny round varies by a second with Poisson batch sizes; 5 steady rounds average it
@@ -102,12 +104,13 @@ def main() -> None:
         for clients in sizes:
             rows.append(measure(f"{clients} clients", {**job, "num-clients": clients, "clients-per-round": clients},
                                 out=args.out, order=len(rows)))
-        if not args.quick:
+        if not args.quick and not args.no_demo:
             rows.append(measure("demo job", {"num-rounds": 2}, out=args.out, order=len(rows)))
     result = {"rows": rows, "job": "tiny BERT (2 layers, 32 wide), BBC News, max-length 32, LoRA r=4, DP-SGD, 6 rounds, "
                                    "every client sampled; the demo job is `make demo`'s (MiniLM, 5 clients) cut to 2 "
                                    "rounds; seconds: mean of rounds 2 to the last",
-              "command": "make bench-quick" if args.quick else "make bench"}
+              "command": ("make bench-quick" if args.quick else "make bench") if not (args.sizes or args.no_demo)
+              else "python -m benchmarks.secagg_cost " + " ".join(sys.argv[1:])}
     write_result(NAME, result, quick=args.quick)
     tiny = [r for r in rows if r["job"] != "demo job"]
     png = RESULTS / f"{NAME}{'_quick' if args.quick else ''}.png"
