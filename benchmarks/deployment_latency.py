@@ -163,7 +163,8 @@ def deploy(*, workdir: Path, keys: dict[str, object], model: str, data: dict, no
     operator_pub = make_operator_keys(workdir / "operator")
     run_dir = workdir / "run"
     job = run_config_string({**keys, "output-dir": str(run_dir)})
-    signed = run_fedtune("sign-job", "--key", str(workdir / "operator" / "operator.key"), "--run-config", job)
+    signed = run_fedtune("sign-job", "--key", str(workdir / "operator" / "operator.key"), "--roster",
+                         str(workdir / "roster.json"), "--run-config", job)
     if signed.returncode != 0:
         raise RuntimeError(f"fedtune sign-job failed:\n{signed.stderr[-2000:]}")
 

@@ -148,7 +148,8 @@ class FedtuneClient(NumPyClient):
             return dataclasses.replace(plan, target_epsilon=min(plan.target_epsilon, cfg.target_epsilon),
                                        target_delta=min(plan.target_delta, cfg.target_delta),
                                        accountant=cfg.accountant)
-        plan = plan_of_config(cfg, num_examples=num_examples)
+        plan = plan_of_config(cfg, num_examples=num_examples, max_rounds=self.policy.max_rounds,
+                              max_dp_steps=self.policy.max_dp_steps)  # data_refusal checked the caps
         log.info("%s: calibrated noise multiplier %.4f for %d rounds (q=%.4f, %d steps/round)",
                  self.client_id, plan.noise_multiplier, plan.planned_rounds, plan.sample_rate,
                  plan.steps_per_round)

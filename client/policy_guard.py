@@ -50,6 +50,9 @@ def transport_of(context: Context) -> Transport | None:
 def request_refusal(*, policy: NodePolicy, job, transport: Transport | None) -> str | None:
     """Why a train request is refused before any data is read, or None."""
     reasons = policy.loosenings(job)
+    too_large = policy.size_problem(job)  # the rounds cap, and steps no record count could lower
+    if too_large:
+        reasons.append(too_large)
     if transport is not None and policy.secure_aggregation and not transport.secure_aggregation:
         reasons.append("a plain (unmasked) train request arrived, this node sends updates only under SecAgg+")
     return "; ".join(reasons) or None
@@ -63,6 +66,9 @@ def data_refusal(*, policy: NodePolicy, config, transport: Transport | None, num
         return (f"SecAgg+ max-weight {transport.max_weight:g} is below this node's training record count: its "
                 f"weighted update would be scaled past the clipping range; raise max-client-examples (or "
                 f"secagg-max-weight)")
+    too_large = policy.size_problem(config, num_examples=num_examples)  # before the plan is calibrated
+    if too_large:
+        return too_large
     if config.dp:
         return policy.delta_problem(delta=config.target_delta, num_examples=num_examples)
     return None

@@ -186,5 +186,6 @@ class JobWire:
     ID = "job-id"  # random, chosen by the signer: a node binds it to the first run that carries it
     EXPIRES = "job-expires"  # ISO date after which no node starts the job
     SIGNATURE = "job-signature"  # base64 Ed25519 over every other key and the app's hash
+    ROSTER = "job-roster"  # the federation's roster fingerprint: a party runs only jobs for its own
 
-    KEYS = (ID, EXPIRES, SIGNATURE)
+    KEYS = (ID, EXPIRES, SIGNATURE, ROSTER)

@@ -92,7 +92,7 @@ def run_node(
     to flower-supernode; Flower errors that need someone else to act get a hint."""
     from flwr.common.config import parse_config_args
 
-    from common.trust.gate import RunGate
+    from fedtune.job_commands import node_gate
     from fedtune.node_check import check_node
     from fedtune.supernode_runner import run_supernode_with_runtime
 
@@ -104,7 +104,7 @@ def run_node(
     code, hints = run_supernode_with_runtime(
         ["--superlink", superlink, "--root-certificates", str(root_certificates),
          "--auth-supernode-private-key", str(private_key), "--node-config", node_config],
-        extra=list(ctx.args), gate=RunGate.from_node_config(parsed), node_config=parsed, timings=timings)
+        extra=list(ctx.args), gate=node_gate(parsed), node_config=parsed, timings=timings)
     for hint in hints:
         error_line(hint)
     raise typer.Exit(code)

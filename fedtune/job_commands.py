@@ -9,8 +9,10 @@ ServerApp for signed jobs (fedtune/coordinator_runtime.py).
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 
+from common.errors import FedtuneError
 from fedtune.shell import console, err
 
 
@@ -33,15 +35,45 @@ def app_hash() -> None:
 
 def sign_job(
     key: Path = typer.Option(..., "--key", help="The operator's operator.key."),
+    roster: Path = typer.Option(..., "--roster", help="The federation's roster (the one its institutions pinned): "
+                                "its fingerprint is signed into the job, and no other federation runs it."),
     run_config: str = typer.Option("", "--run-config", help="The job's overrides, as `flwr run --run-config` takes them."),
-    valid_days: int = typer.Option(7, "--valid-days", help="Days the job may start in."),
+    valid_days: int = typer.Option(7, "--valid-days", help="Days the job may start in (1 to 366)."),
 ) -> None:
-    """Print the signed --run-config for `flwr run . <federation> --run-config "$(fedtune sign-job ...)"`."""
+    """Print the signed --run-config for `flwr run . <federation> --run-config "$(fedtune sign-job ...)"`.
+    The job is checked first as every party will check it (config values, the default node caps)."""
+    from common.secure_aggregation.roster import Roster
     from common.trust.signing import signed_run_config
 
-    text, job_id = signed_run_config(key=key, run_config=run_config, valid_days=valid_days)
-    err.print(f"signed job {job_id} for the app installed here; valid {valid_days} day(s)", highlight=False)
+    federation = Roster.load(roster).fingerprint
+    text, job_id = signed_run_config(key=key, run_config=run_config, valid_days=valid_days, federation=federation,
+                                     check=check_job)
+    err.print(f"signed job {job_id} for the app installed here and the federation {federation}; valid "
+              f"{valid_days} day(s)", highlight=False, soft_wrap=True)
     print(text)
+
+
+def check_job(fused) -> None:
+    """What every party will refuse in a fused run config, refused before it is signed: its values
+    (RunConfig, as nodes and the coordinator parse it) and the default node caps on rounds and on the
+    DP steps no record count could lower (a node's own caps may be tighter)."""
+    from common.config import RunConfig
+    from common.privacy.plan import size_problem
+
+    problem = size_problem(RunConfig.from_mapping(dict(fused)), num_examples=None,
+                           party="a node with the default policy")
+    if problem:
+        raise FedtuneError(f"{problem}; the job was not signed")
+
+
+def node_gate(node: dict):
+    """A node's run gate: its pinned app, operator key and the fingerprint of the roster it pins
+    (a roster it cannot read is a setup error, named in one line)."""
+    from common.secure_aggregation.roster import Roster
+    from common.trust.gate import RunGate
+
+    federation = Roster.load(str(node["roster"])).fingerprint if node.get("roster") else None
+    return RunGate.from_node_config(node, federation=federation)
 
 
 def run_superlink(

@@ -87,11 +87,11 @@ def _describe_policy(text: str) -> str:
 def _check_pins(text: str) -> str:
     """The app this node runs and the operator whose signed jobs it accepts (fedtune/node_runtime.py)."""
     from common.ledger.chain import public_key_fingerprint
-    from common.trust.gate import RunGate
+    from fedtune.job_commands import node_gate
 
-    gate = RunGate.from_node_config(parse_config_args([text]))
+    gate = node_gate(parse_config_args([text]))
     return (f"runs only the installed app {gate.app.sha256[:16]}... (fedtune app-hash), for jobs signed by "
-            f"operator key {public_key_fingerprint(gate.operator)}")
+            f"operator key {public_key_fingerprint(gate.operator)} for the federation {gate.federation}")
 
 
 def _check_roster(text: str) -> str:

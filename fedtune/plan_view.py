@@ -1,7 +1,8 @@
 """`fedtune plan`: the schedule a client will follow, as a table or JSON, and as a plot.
 
-Everything cheap is checked first (the config's own checks, delta against 1/N, the plot's
-folder), so a mistake is answered before Opacus and torch load for the accountant.
+Everything cheap is checked first (the config's own checks, the node policy's default caps on
+rounds and DP steps, delta against 1/N, the plot's folder), so a mistake is answered before Opacus
+and torch load for the accountant, and a plan no node would calibrate is never computed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
                        secure_aggregation=False, num_clients=1, clients_per_round=1, training_mode=request.mode,
                        probe_rounds=request.probe_rounds, probe_steps=request.probe_steps,
                        probe_epsilon_share=request.probe_share)
+    _check_size(config, dataset_size=request.dataset_size)
     from common.privacy.policy import NodePolicy
 
     if NodePolicy(allow_large_delta=request.allow_large_delta).delta_problem(delta=request.delta,
@@ -57,6 +59,23 @@ def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
     if plot is not None and not plot.parent.is_dir():
         raise FedtuneError(f"--plot: folder {plot.parent} does not exist; create it or choose another path")
     return dataclasses.replace(request, mode=config.training_mode)
+
+
+def _check_size(config, *, dataset_size: int) -> None:
+    """A plan over the default node caps would be refused by a client before it calibrates; it is
+    refused here too, before the accountant's time and memory (which grow with the steps) are spent."""
+    from common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, planned_steps
+
+    if config.num_rounds > DEFAULT_MAX_ROUNDS:
+        raise FedtuneError(f"--rounds {config.num_rounds} is more than the {DEFAULT_MAX_ROUNDS} rounds a node plans "
+                           f"at most by default (node policy max-rounds): its client would refuse the job before "
+                           f"calibrating; lower --rounds")
+    steps = planned_steps(config, num_examples=dataset_size)
+    if steps > DEFAULT_MAX_DP_STEPS:
+        raise FedtuneError(f"this plan has {steps} DP steps over the run, more than the {DEFAULT_MAX_DP_STEPS} a node "
+                           f"plans at most by default (node policy max-dp-steps): its client would refuse the job "
+                           f"before calibrating; lower --rounds, --local-epochs or --probe-steps, or raise "
+                           f"--batch-size")
 
 
 def load_accountants_without_torch() -> None:

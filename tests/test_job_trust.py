@@ -10,12 +10,15 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from common.errors import FedtuneError
+from common.secure_aggregation.roster import Roster
 from common.trust.app_pin import installed_app, pin_problem
 from common.trust.gate import RunGate
 from common.trust.job_bindings import bind_problem
 from common.trust.job_signature import expiry_problem, job_problem, load_operator_public_key, make_operator_keys
 from common.trust.signing import signed_run_config
 from tests.helpers import ROOT, run_fedtune
+
+FEDERATION = "1234 5678 9abc def0 1234 5678 9abc def0"  # a roster fingerprint (common/secure_aggregation/roster.py)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,8 @@ def test_the_pinned_hash_is_the_bundle_flwr_run_submits(fab):
 
 def test_a_signed_job_passes_once_and_every_alteration_is_refused(operator, fab, tmp_path):
     text, job_id = signed_run_config(key=operator / "operator.key", run_config="num-rounds=2 model='/m x'",
-                                     valid_days=3)
-    gate = RunGate.from_pins(operator_key=operator / "operator.pub", bindings_dir=tmp_path)
+                                     valid_days=3, federation=FEDERATION)
+    gate = RunGate.from_pins(operator_key=operator / "operator.pub", bindings_dir=tmp_path, federation=FEDERATION)
     config = _as_nodes_see_it(text)
     assert config["num-rounds"] == 2 and config["model"] == "/m x" and config["job-id"] == job_id
     assert gate.refusal(fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab, run_config=config, run_id=7) is None
@@ -61,7 +64,8 @@ def test_a_signed_job_passes_once_and_every_alteration_is_refused(operator, fab,
         fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=other, run_config=config, run_id=9)
     public = load_operator_public_key(operator / "operator.pub")
     app = installed_app().sha256
-    for key, value in (("num-rounds", 3), ("target-epsilon", 9.0), ("job-id", "f" * 16), ("job-expires", "2999-01-01")):
+    for key, value in (("num-rounds", 3), ("target-epsilon", 9.0), ("job-id", "f" * 16), ("job-expires", "2999-01-01"),
+                       ("job-roster", "0000 0000")):
         assert "does not verify" in job_problem({**config, key: value}, app_sha256=app, operator=public), key
     assert "does not verify" in job_problem(config, app_sha256="1" * 64, operator=public)  # signed for another app
     assert "not signed" in job_problem({**config, "job-signature": ""}, app_sha256=app, operator=public)
@@ -91,25 +95,30 @@ def _bind(directory, run_id):
 
 def test_a_job_signed_by_another_key_is_refused(operator, tmp_path):
     make_operator_keys(tmp_path / "stranger")
-    text, _ = signed_run_config(key=tmp_path / "stranger" / "operator.key", run_config="", valid_days=1)
+    text, _ = signed_run_config(key=tmp_path / "stranger" / "operator.key", run_config="", valid_days=1,
+                                federation=FEDERATION)
     public = load_operator_public_key(operator / "operator.pub")
     assert "does not verify" in job_problem(_as_nodes_see_it(text), app_sha256=installed_app().sha256, operator=public)
 
 
 def test_setup_errors_name_the_fix_and_keys_are_never_replaced(operator, tmp_path):
+    roster = tmp_path / "roster.json"
+    Roster.of_members({"site-a": b"\1" * 32}, federation="test", expires=date(2999, 1, 1)).write(roster)
     with pytest.raises(FedtuneError, match="no operator-key: pin the operator's public key"):
-        RunGate.from_node_config({"client-id": "a"})
+        RunGate.from_node_config({"client-id": "a"}, federation=FEDERATION)
     (tmp_path / "junk.pub").write_text("not a key")
     with pytest.raises(FedtuneError, match="cannot read the operator's public key"):
         RunGate.from_pins(operator_key=tmp_path / "junk.pub", bindings_dir=None)
     with pytest.raises(FedtuneError, match="never replaced"):
         make_operator_keys(operator)
     assert (operator / "operator.key").stat().st_mode & 0o077 == 0
-    signed = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "job-id='mine'")
+    signed = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--roster", str(roster),
+                         "--run-config", "job-id='mine'")
     assert signed.returncode == 3 and "sign the plain overrides" in signed.stderr
     for flag in ("--iso", "--isolation", "--superexec-auth"):  # Flower takes abbreviations: none may override
         started = run_fedtune("run-superlink", "--operator-key", str(operator / "operator.pub"), "--state-dir",
                               str(tmp_path / "state"), flag, "subprocess")
         assert started.returncode == 3 and f"leave out {flag}" in started.stderr, started.stderr
-    unknown = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--run-config", "num-round=2")
+    unknown = run_fedtune("sign-job", "--key", str(operator / "operator.key"), "--roster", str(roster),
+                          "--run-config", "num-round=2")
     assert unknown.returncode == 3 and "num-round" in unknown.stderr and "pyproject.toml" in unknown.stderr

@@ -64,7 +64,8 @@ def job(workdir: Path, model: Path, run: Path, *, rounds: int = 2) -> str:
 
 
 def signed(run_config: str, *, key: Path) -> str:
-    result = run_fedtune("sign-job", "--key", str(key), "--run-config", run_config)
+    result = run_fedtune("sign-job", "--key", str(key), "--roster", str(key.parents[1] / "roster.json"),
+                         "--run-config", run_config)  # the federation's roster: make_sites writes it beside the keys
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

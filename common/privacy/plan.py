@@ -5,6 +5,11 @@ A two-stage run (linear probing, then the adapter) has two stages in one plan an
 accountant history: the probe rounds are full-batch (every record in every step, q = 1) with
 their own noise, calibrated to a declared share of the budget; the adapter rounds' noise is then
 calibrated so the whole composed history ends at the budget.
+
+A plan's size is capped before anything is calibrated (`size_problem`): the accountant's time
+and memory grow with the DP steps it composes (the PRV accountant's grid with their square root
+and with epsilon), so a run's rounds and total steps are bounded by the node's policy
+(`max-rounds`, `max-dp-steps`), never by what a job or a command line asks.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from typing import Any
 from common.errors import FedtuneError
 from common.privacy.accounting import HistoryEntry, compose, epsilon_of
 from common.privacy.calibration import UnreachableBudget, calibrate_sigma
+
+# The node policy's default caps (common/privacy/policy.py; node config `max-rounds`, `max-dp-steps`).
+# 1,000 rounds is ten times the longest federated run in the fine-tuning literature we follow; 100,000
+# DP steps is e.g. 20 rounds of one epoch over 80,000 records at batch 16. At that many steps one PRV
+# accountant call near a budget takes at most about 20 s and 1.8 GB here (measured: q 0.01-1, epsilon
+# 0.9-8), and a whole calibration a few such calls; the accountant's own bound (accounting.py) stops
+# the calls far from the budget, whose grid would not fit.
+DEFAULT_MAX_ROUNDS = 1_000
+DEFAULT_MAX_DP_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,43 @@ def _calibrated(epsilon_at, target: float, *, what: str) -> float:
                            f"num-rounds or probe-steps, or change probe-epsilon-share") from None
 
 
-def plan_of_config(config, *, num_examples: int) -> PrivacyPlan:
-    """The plan a client makes for a run config (any object with RunConfig's fields), by its mode."""
+def planned_steps(config, *, num_examples: int | None) -> int:
+    """The DP steps a run config plans over all its rounds (probe stage included). Without N (a job
+    not yet matched to a node's data) a local epoch counts one step: the least it can be."""
+    if config.training_mode == "probe":
+        return config.num_rounds * config.probe_steps
+    per_epoch = 1 if num_examples is None else sampling_schedule(num_examples=num_examples,
+                                                                 batch_size=config.batch_size, local_epochs=1)[1]
+    if config.training_mode == "two-stage":
+        return (config.probe_rounds * config.probe_steps
+                + (config.num_rounds - config.probe_rounds) * config.local_epochs * per_epoch)
+    return config.num_rounds * config.local_epochs * per_epoch
+
+
+def size_problem(config, *, num_examples: int | None, max_rounds: int = DEFAULT_MAX_ROUNDS,
+                 max_dp_steps: int = DEFAULT_MAX_DP_STEPS, party: str = "this node") -> str | None:
+    """Why a run config plans more rounds or DP steps than the caps allow, or None; cheap (no
+    accountant). The reason names the job's keys and the caps, never the step count: that count
+    follows from N, and a node's refusal travels to the coordinator."""
+    if config.num_rounds > max_rounds:
+        return (f"num-rounds={config.num_rounds} asked, {party} plans at most {max_rounds} rounds "
+                f"(policy max-rounds); lower num-rounds")
+    if planned_steps(config, num_examples=num_examples) > max_dp_steps:
+        keys = ("num-rounds or probe-steps" if config.training_mode == "probe" else
+                "num-rounds, local-epochs or probe-steps, or raise batch-size" if config.training_mode == "two-stage"
+                else "num-rounds or local-epochs, or raise batch-size")
+        return (f"the job plans more DP steps over the run than the {max_dp_steps} {party} plans at most "
+                f"(policy max-dp-steps); lower {keys}")
+    return None
+
+
+def plan_of_config(config, *, num_examples: int, max_rounds: int = DEFAULT_MAX_ROUNDS,
+                   max_dp_steps: int = DEFAULT_MAX_DP_STEPS) -> PrivacyPlan:
+    """The plan a client makes for a run config (any object with RunConfig's fields), by its mode.
+    A plan over the caps is refused before the accountant is called."""
+    problem = size_problem(config, num_examples=num_examples, max_rounds=max_rounds, max_dp_steps=max_dp_steps)
+    if problem:
+        raise FedtuneError(problem)
     common = dict(num_examples=num_examples, num_rounds=config.num_rounds, target_epsilon=config.target_epsilon,
                   target_delta=config.target_delta, accountant=config.accountant,
                   noise_multiplier=config.noise_multiplier)

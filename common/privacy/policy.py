@@ -18,13 +18,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from common.errors import FedtuneError
+from common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, size_problem
 from common.values import coerce
 
 # Stricter accountant first: RDP's epsilon bound is never below PRV's for the same history.
 ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
 
 POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "allow-large-delta", "max-grad-norm",
-               "noise-multiplier", "accountant", "max-evaluations", "share-train-loss", "secagg-min-contributors")
+               "noise-multiplier", "accountant", "max-evaluations", "share-train-loss", "secagg-min-contributors",
+               "max-rounds", "max-dp-steps")
 # The smallest SecAgg+ round a node joins by default: with two contributors each learns the other's update.
 MIN_CONTRIBUTORS = 3
 
@@ -47,6 +49,10 @@ class NodePolicy:
     max_evaluations: int = 0  # client evaluations answered over the node's whole ledger
     share_train_loss: bool = False  # the (non-private) train loss in the clear reply
     secagg_min_contributors: int = MIN_CONTRIBUTORS  # SecAgg+ peers, and signed contributors; tighter: larger
+    # The largest run this node plans for, checked before any calibration (the accountant's time and
+    # memory grow with the steps it composes): a job over either is refused. Tighter: smaller.
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    max_dp_steps: int = DEFAULT_MAX_DP_STEPS  # over the whole run, probe stage included
 
     def __post_init__(self) -> None:
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
@@ -64,6 +70,9 @@ class NodePolicy:
         if self.secagg_min_contributors < 2:
             raise FedtuneError("node policy 'secagg-min-contributors' must be at least 2: a 'sum' of one update is "
                                "that update")
+        if self.max_rounds < 1 or self.max_dp_steps < 1:
+            raise FedtuneError("node policy 'max-rounds' and 'max-dp-steps' must be positive whole numbers (the "
+                               "largest run this node plans for)")
 
     # -- where a policy comes from -----------------------------------------------------------
 
@@ -136,6 +145,13 @@ class NodePolicy:
             target_delta=min(self.target_delta, job.target_delta), allow_large_delta=self.allow_large_delta,
             max_grad_norm=min(self.max_grad_norm, job.max_grad_norm), noise_multiplier=sigma,
             accountant=strictest, training_mode=job.training_mode, probe_learning_rate=job.probe_learning_rate)
+
+    def size_problem(self, job: Any, *, num_examples: int | None = None) -> str | None:
+        """Why the job plans more rounds or DP steps than this node's caps, or None: asked before
+        anything is calibrated. Without N only the rounds and the steps every record count implies
+        are judged; the reason never states a step count (it follows from N)."""
+        return size_problem(job, num_examples=num_examples, max_rounds=self.max_rounds,
+                            max_dp_steps=self.max_dp_steps)
 
     def delta_problem(self, *, delta: float, num_examples: int) -> str | None:
         """delta >= 1/N permits releasing a whole record; refused unless the node allowed it.

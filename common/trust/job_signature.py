@@ -6,6 +6,11 @@ id and an expiry. Institutions pin the operator's public key in their node confi
 reach the SuperLink's port can still submit runs; without the operator's key they cannot submit
 one that any node trains for, nor change one key of a signed job. A verbatim copy of a signed job
 under another run id is caught by the node's job bindings (client side: one job, one run).
+
+A job names its federation: the fingerprint of the roster its institutions pinned (`job-roster`),
+signed with the rest. A party compares it with the roster it pinned itself, so a verbatim copy of a
+job (anyone can read it with `flwr ls`) submitted to a second federation whose nodes pin the same
+operator key is refused there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from common.storage import atomic_write
 
 DOMAIN = "fedtune-job-v1"  # a signature over a job is never valid as any other fedtune statement
 OPERATOR_PRIVATE_FILE, OPERATOR_PUBLIC_FILE = "operator.key", "operator.pub"
+# A signature only gates a job's start: one not started within a year is re-signed against the
+# federation's current roster and app rather than left valid (and it keeps `date` arithmetic finite).
+MAX_VALID_DAYS = 366
 
 
 def make_operator_keys(out: Path) -> Path:
@@ -74,12 +82,16 @@ def signed_bytes(run_config: Mapping[str, Any], app_sha256: str) -> bytes:
                       separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def new_job_keys(*, valid_days: int, today: date | None = None) -> dict[str, str]:
-    """A fresh job id and expiry, to add to the overrides before signing."""
-    if valid_days < 1:
-        raise FedtuneError("--valid-days must be at least 1")
+def new_job_keys(*, valid_days: int, federation: str, today: date | None = None) -> dict[str, str]:
+    """A fresh job id and expiry and the federation's roster fingerprint, to add to the overrides
+    before signing."""
+    if not 1 <= valid_days <= MAX_VALID_DAYS:
+        raise FedtuneError(f"--valid-days must lie between 1 and {MAX_VALID_DAYS}: a job not started within a "
+                           f"year is signed again, against the federation's current roster and app")
+    if not federation:
+        raise FedtuneError("a signed job names its federation: pass --roster PATH (the roster the institutions pinned)")
     expires = (today or date.today()) + timedelta(days=valid_days)
-    return {JobWire.ID: secrets.token_hex(8), JobWire.EXPIRES: expires.isoformat()}
+    return {JobWire.ID: secrets.token_hex(8), JobWire.EXPIRES: expires.isoformat(), JobWire.ROSTER: federation}
 
 
 def sign(run_config: Mapping[str, Any], *, app_sha256: str, key: Ed25519PrivateKey) -> str:
@@ -99,7 +111,22 @@ def job_problem(run_config: Mapping[str, Any], *, app_sha256: str, operator: Ed2
                 "signed it, or a key of the run config changed after signing)")
     if not run_config.get(JobWire.ID):
         return "the signed job has no job-id; sign it with `fedtune sign-job`"
-    return None if _expiry(run_config) else "the signed job has no valid job-expires date; sign it with `fedtune sign-job`"
+    if not _expiry(run_config):
+        return "the signed job has no valid job-expires date; sign it with `fedtune sign-job`"
+    if not run_config.get(JobWire.ROSTER):
+        return "the signed job names no federation (no job-roster); sign it with `fedtune sign-job --roster`"
+    return None
+
+
+def federation_problem(run_config: Mapping[str, Any], *, fingerprint: str) -> str | None:
+    """Why a (verified) job is for another federation than the roster this party pinned, or None.
+    Fingerprints are public (institutions compare them by phone): the reason may name both."""
+    named = str(run_config.get(JobWire.ROSTER, "") or "")
+    if named != fingerprint:
+        return (f"the signed job is for the federation whose roster fingerprint is {named or '(none)'}, not this "
+                f"party's ({fingerprint}): a job signed for one federation runs in no other; nothing of it was "
+                f"executed")
+    return None
 
 
 def expiry_problem(run_config: Mapping[str, Any], *, today: date | None = None) -> str | None:
