@@ -49,14 +49,16 @@ def replay_round(*, ledger: ClientPrivacyLedger, cache: UpdateCache, run_id: str
 
 
 def replay_problem(*, cache: UpdateCache, run_id: str, server_round: int, peers: frozenset[str] | None) -> str | None:
-    """Why a paid round must not be re-sent into this SecAgg+ round, or None.
+    """Why a paid round must not be re-sent into this SecAgg+ session, or None.
 
-    Its update was unmasked once, in a sum over a set of survivors; re-sent into a round whose
-    key list lacks one of them, it would be unmasked in a second, different sum, and the two
-    could be subtracted. (The unmask stage checks the final survivors: client/secure_aggregation.py.)
+    Once its masked update has left the node in one SecAgg+ session, it never goes into another:
+    the node cannot know whether, or in which sum, the first session was unmasked (its own unmask
+    request can be withheld while a threshold of peers reveal), and two different sums that share
+    an update could be subtracted. The cost: a round asked again after a coordinator crash under
+    SecAgg+ is answered with weight 0 (its spend stays recorded, nothing is spent again). On the
+    plain path the coordinator sees each update anyway, so re-sending the same one reveals nothing.
     """
-    revealed = cache.revealed_with(run_id=run_id, server_round=server_round)
-    if revealed is None or peers is None or set(revealed) <= peers:
+    if peers is None or not cache.sent_masked(run_id=run_id, server_round=server_round):
         return None
-    return (f"round {server_round} was already paid for and its update unmasked in a sum with other peers; "
-            f"re-sending it to this set of peers would let the two sums be differenced")
+    return (f"round {server_round}'s update already left this node masked in another SecAgg+ session; it is "
+            f"never put in a second one (two sums sharing it could be differenced)")

@@ -11,7 +11,7 @@ the coordinator sends; these checks are what make the protocol hold against a de
 - consistency (only when someone dropped out): the new list is a sub-list of the signed one;
 - unmask: the survivor list is the last one this node signed, a threshold of survivors signed that
   same list in this same session (the digest of the key list it accepted), and enough of them
-  contributed an update; a paid update is revealed in one sum only (`resend_problem`).
+  contributed an update.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-from client.update_cache import RevealedSum
 from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, survivor_statement
 
@@ -173,20 +172,4 @@ def unmask_problem(*, active: list[int], dead: list[int], survivors: list[int], 
     if contributors < min_contributors:
         return (f"{contributors} signed contributor(s), this node reveals its masks only for sums of at least "
                 f"{min_contributors} (policy secagg-min-contributors)")
-    return None
-
-
-def resend_problem(*, first: RevealedSum | None, now: RevealedSum) -> str | None:
-    """A paid round's update is unmasked in one sum only: the first, or a re-run of it with the same
-    survivors and the same signed contributors (each re-sending the same paid update, so the sum is
-    the first one again and tells the coordinator nothing new). Any other sum holding it could be
-    subtracted from the first to isolate an update."""
-    if first is None:
-        return None
-    if first.survivors != now.survivors:
-        return ("this round's update was already unmasked in a sum with other survivors; revealing it in this "
-                "one would let the two sums be differenced")
-    if first.contributors is None or now.contributors is None or first.contributors != now.contributors:
-        return ("this round's update was already unmasked in a sum whose signed contributors differ from this "
-                "session's (or were not all signed); revealing it would let the two sums be differenced")
     return None

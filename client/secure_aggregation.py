@@ -12,8 +12,7 @@ with the same stages and message flow, so Flower's SecAgg+ workflow on the coord
 - the fit inside a session must name the session's run and round, or the node does not train;
 - masks come from the whole shared secret through HKDF and ChaCha20, stochastic rounding from an
   OS-seeded generator (common/secure_aggregation/masks.py), not a 32-bit Mersenne Twister seed;
-- a paid round's update is revealed in one sum only: the first, or a re-run of it with the same
-  survivors and the same signed contributors (client/secagg_checks.py `resend_problem`).
+- a paid round's masked update leaves the node in one SecAgg+ session only (client/replay.py).
 Every train request also notes its transport (client/policy_guard.py), so a node whose policy
 requires secure aggregation refuses a plain request.
 """
@@ -43,10 +42,10 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
 
 from client.policy_guard import note_transport
 from client.privacy_ledger import ClientPrivacyLedger
-from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, resend_problem,
-                                  setup_problem, survivors_problem, unmask_problem, value_of, verified_signers)
+from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
+                                  survivors_problem, unmask_problem, value_of, verified_signers)
 from client.secagg_state import SecAggState
-from client.update_cache import RevealedSum, UpdateCache
+from client.update_cache import UpdateCache
 from common.ledger.chain import signing_key
 from common.errors import FedtuneError
 from common.protocol import FitInstructions, FitReport, SecAggWire, Status
@@ -214,6 +213,8 @@ def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, node: 
     state.contributed, state.fit_round = fitres.num_examples > 0, report.server_round
     masked = _masked_update(state, parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
                             masking_peers=sources)
+    if state.contributed:  # this update never goes into a second session (client/replay.py)
+        UpdateCache(node.ledger_dir).note_sent_masked(run_id=state.fit_run_id, server_round=state.fit_round)
     for record in out.array_records.values():
         record.clear()
     # Every node that shared keys is expected to survive: sign that list now, so a round nobody
@@ -286,29 +287,11 @@ def _unmask(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> d
                              verified=verified, threshold=state.threshold, min_contributors=node.min_contributors)
     if problem:
         raise Refusal(problem)
-    if state.contributed:
-        _check_one_sum(state, node, verified)
     missing = [n for n in active if n not in state.seed_shares] + [n for n in dead if n not in state.sk1_shares]
     if missing:
         raise Refusal(f"asked for shares of node(s) {sorted(missing)} that never sent this node any")
     return {Key.NODE_ID_LIST: active + dead,
             Key.SHARE_LIST: [state.seed_shares[n] for n in active] + [state.sk1_shares[n] for n in dead]}
-
-
-def _check_one_sum(state: SecAggState, node: SecAggNode, verified: dict[int, bool]) -> None:
-    """This node's paid update is revealed in one sum only (client/secagg_checks.py `resend_problem`);
-    the first sum is noted before any share leaves."""
-    survivors = sorted(state.peers[n] for n in state.survivors)
-    everyone_signed = set(verified) == set(state.survivors)
-    now = RevealedSum(survivors=survivors, contributors=sorted(state.peers[n] for n, c in verified.items() if c)
-                      if everyone_signed else None)
-    cache = UpdateCache(node.ledger_dir)
-    first = cache.revealed_sum(run_id=state.fit_run_id, server_round=state.fit_round)
-    problem = resend_problem(first=first, now=now)
-    if problem:
-        raise Refusal(f"round {state.fit_round}: {problem}")
-    if first is None:
-        cache.note_revealed(run_id=state.fit_run_id, server_round=state.fit_round, revealed=now)
 
 
 def _at(state: SecAggState) -> RoundContext:

@@ -59,36 +59,15 @@ class UpdateCache:
                             global_sha256=meta["global_sha256"], ledger_fields=meta["ledger_fields"],
                             metrics=meta["metrics"])
 
-    # -- secure aggregation: the one sum a paid round's update was unmasked in -------------------
+    # -- secure aggregation: a paid update goes into one SecAgg+ session, never a second ---------
 
-    def revealed_sum(self, *, run_id: str, server_round: int) -> RevealedSum | None:
-        """The sum this round's update was first unmasked in, if any."""
-        path = self._path(run_id, server_round).with_suffix(".revealed.json")
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        if isinstance(data, list):  # written by fedtune before sums recorded their contributors
-            return RevealedSum(survivors=sorted(map(str, data)), contributors=None)
-        contributors = data.get("contributors")
-        return RevealedSum(survivors=sorted(map(str, data.get("survivors", []))),
-                           contributors=None if contributors is None else sorted(map(str, contributors)))
+    def note_sent_masked(self, *, run_id: str, server_round: int) -> None:
+        """Written before the masked update leaves the node: a crash after it loses the round, never
+        lets the update into a second session."""
+        atomic_write(self._masked_mark(run_id, server_round), b"")
 
-    def revealed_with(self, *, run_id: str, server_round: int) -> list[str] | None:
-        """The survivors (institution ids) of the sum this round's update was unmasked in, if any."""
-        revealed = self.revealed_sum(run_id=run_id, server_round=server_round)
-        return None if revealed is None else revealed.survivors
+    def sent_masked(self, *, run_id: str, server_round: int) -> bool:
+        return self._masked_mark(run_id, server_round).is_file()
 
-    def note_revealed(self, *, run_id: str, server_round: int, revealed: RevealedSum) -> None:
-        """Written before the node releases its shares: a crash after it over-constrains, never under."""
-        path = self._path(run_id, server_round).with_suffix(".revealed.json")
-        atomic_write(path, json.dumps({"survivors": revealed.survivors,
-                                       "contributors": revealed.contributors}).encode())
-
-
-@dataclass(frozen=True)
-class RevealedSum:
-    """Who was in a sum: the survivors, and those of them that signed they contributed an update
-    (None when not every survivor's statement verified, so the contributors are not known)."""
-
-    survivors: list[str]
-    contributors: list[str] | None
+    def _masked_mark(self, run_id: str, server_round: int) -> Path:
+        return self._path(run_id, server_round).with_suffix(".masked")

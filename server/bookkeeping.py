@@ -13,7 +13,7 @@ import numpy as np
 from flwr.common import ndarray_to_bytes
 
 from common.ledger.records import server_record_fields
-from common.protocol import REFUSALS
+from common.protocol import REFUSALS, Status
 from common.storage import json_safe
 from common.tasks.base import Task
 from server.strategy import RoundOutcome
@@ -78,8 +78,10 @@ def server_ledger_record(*, run_id: str, record: dict[str, Any], outcome: RoundO
 
 
 def every_client_refused(outcome: RoundOutcome) -> bool:
-    """Every sampled client refused (budget spent, or the job asks for less than its policy allows)."""
-    refused = [cid for cid, reply in outcome.replies.items() if reply.report.status in REFUSALS]
+    """Every sampled client refused (budget spent, or the job asks for less than its policy allows).
+    A replay refusal concerns only the round asked again (after a resume): the next round goes on."""
+    refused = [cid for cid, reply in outcome.replies.items()
+               if reply.report.status in REFUSALS and reply.report.status != Status.REFUSED_REPLAY]
     return bool(outcome.replies) and len(refused) == len(outcome.replies) == outcome.sampled
 
 

@@ -5,11 +5,15 @@ three institutions in one process (simulations/inprocess.py). A hostile coordina
 round 1's survivor signatures runs a second session labelled with round 1's run and round, has
 the victim re-send its paid round-1 update while the others send weight 0, and presents the old
 signatures at unmask: with the old statements every check passed and the "sum" was the victim's
-update alone. Each test asserts the refusal, what the ledgers record, and that no unmask reply of
-the attacked session carried a key share (nothing to recover the victim's update from).
+update alone. Two rules stop it now: a survivor statement names its session (the key list the node
+accepted), and a paid update that left a node masked never goes into a second session. Each test
+asserts the refusal, what the ledgers record, and that no unmask reply of the attacked session
+carried a key share (nothing to recover the victim's update from).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -84,8 +88,8 @@ def _ask_round_one_again(run_dir, tmp_path) -> RunDirectory:
 def test_replayed_survivor_signatures_unmask_nothing(config, tmp_path, hostile_coordinator):
     """Round 1 runs honestly and the coordinator keeps its survivor signatures and the victim's
     global adapter. Round 2's session is labelled round 1: the victim is handed round 1's adapter
-    (so it re-sends its paid update), the others get round 2's (they refuse: weight 0), and the
-    unmask request carries round 1's signatures, which say all three contributed."""
+    (so it would re-send its paid update), the others get round 2's, and the unmask request
+    carries round 1's signatures, which say all three contributed."""
     config = config.with_overrides(num_rounds=2)
     kept: dict = {}
 
@@ -113,10 +117,13 @@ def test_replayed_survivor_signatures_unmask_nothing(config, tmp_path, hostile_c
     first, second = metrics(run_dir.path)
     assert first["update_applied"] and first["clients_trained"] == 3
     assert kept["signed"][SecAggWire.CONTRIBUTED] == [True, True, True]
-    # The attack got as far as it could: the victim re-sent its paid update, the others sent weight 0.
-    assert second["clients"]["client-0"]["resent"] and second["clients_trained"] == 1
-    assert {second["clients"][c]["status"] for c in CLIENTS[1:]} == {"refused-already-spent"}
-    # Every node refused to reveal a share: round 1's signatures name another session's key list.
+    # Every paid update (the victim's too) already left its node masked in round 1's session:
+    # each sends weight 0.
+    assert second["clients_trained"] == 0
+    for institution in CLIENTS:
+        entry = second["clients"][institution]
+        assert entry["status"] == "refused-replay" and "never put in a second one" in entry["reason"]
+    # And no node revealed a share: round 1's signatures name another session's key list.
     assert not second["update_applied"]
     assert set(second["secagg_refusals"]) == set(CLIENTS)
     for institution in CLIENTS:
@@ -152,49 +159,66 @@ def test_a_fit_for_another_round_inside_a_relabelled_session_is_not_trained(conf
         assert [r["status"] for r in records][-1] == "refused-secure-aggregation"
 
 
-def test_a_paid_update_is_not_revealed_in_a_sum_with_other_contributors(config, tmp_path):
-    """Round 1 is unmasked with three contributors. The coordinator asks round 1 again with the
-    same survivors, but hands client-0 another adapter so it sends weight 0: the sum of client-1
-    and client-2 alone, subtracted from round 1's, would give client-0's update. The two that would
-    re-send refuse; client-0's shares alone are below the threshold."""
-    policy = {p: {"secagg-min-contributors": 2} for p in range(3)}  # so only the one-sum rule can refuse
-    grid, run_dir = federation(config, tmp_path / "run", node_policy=policy)
+def test_a_signature_from_another_session_never_verifies(tmp_path):
+    """The same run, round, survivors and signer, in two sessions (fresh keys at each setup): a
+    survivor statement signed in the first is rejected in the second; in its own it verifies."""
+    from client.secagg_checks import RoundContext, verified_signers
+    from common.ledger.chain import signing_key
+    from common.secure_aggregation.roster import Roster
+    from common.secure_aggregation.statements import session_digest, survivor_statement
+    from server.run_directory import write_simulation_roster
+
+    roster = Roster.load(write_simulation_roster(tmp_path, num_clients=3))
+    peers = {100 + p: f"client-{p}" for p in range(3)}
+    at = RoundContext(run_id="run-1", server_round=1, node_id=100)
+
+    def session() -> str:
+        keys = [(nid, name, os.urandom(32), os.urandom(32)) for nid, name in peers.items()]
+        return session_digest(run_id="run-1", flower_run_id="5", server_round=1, key_list=keys)
+
+    first, second = session(), session()
+    signed = [(nid, True, signing_key(tmp_path / name).sign(survivor_statement(
+        run_id="run-1", server_round=1, session=first, survivors=sorted(peers), signer=nid, contributed=True)))
+        for nid, name in peers.items()]
+    check = dict(signed=signed, survivors=sorted(peers), peers=peers, roster=roster, at=at)
+    assert verified_signers(**check, session=first) == {100: True, 101: True, 102: True}
+    assert verified_signers(**check, session=second) == {}
+
+
+def test_a_paid_update_never_goes_into_a_second_session(config, tmp_path):
+    """The reviewer's attack on a one-sum rule checked by the update's owner alone. Five
+    institutions (threshold 3): round 1's unmask request is withheld from client-0 and client-1,
+    the other three reveal and the sum is applied, so client-0 and client-1 never saw which sum
+    their update went into. Round 1 is then asked again with client-4 handed another adapter
+    (weight 0): had the four re-sent, sum 1 minus sum 2 would be client-4's update. Every node
+    whose update left it masked in round 1 sends weight 0 instead; nothing is unmasked."""
+    config = config.with_overrides(num_clients=5, clients_per_round=5)
+
+    def withhold_unmask(msg):
+        return None if _stage(msg) == Stage.UNMASK and msg.metadata.dst_node_id in (100, 101) else msg
+
+    grid, run_dir = federation(config, tmp_path / "run", tamper=withhold_unmask)
     run(grid, config, run_dir)
     [first] = metrics(run_dir.path)
-    assert first["update_applied"] and first["clients_trained"] == 3
+    assert first["update_applied"] and first["clients_trained"] == 5
     before = len(grid.replies)
 
-    def client_0_gets_another_adapter(msg):
-        if _stage(msg) == Stage.COLLECT_MASKED_VECTORS and msg.metadata.dst_node_id == VICTIM:
+    def client_4_gets_another_adapter(msg):
+        if _stage(msg) == Stage.COLLECT_MASKED_VECTORS and msg.metadata.dst_node_id == 104:
             record = msg.content.array_records[FIT_ARRAYS]
             key = next(iter(record))
             record[key] = Array(record[key].numpy() + np.float32(1e-3))
         return msg
 
-    grid.tamper = client_0_gets_another_adapter
+    grid.tamper = client_4_gets_another_adapter
     again = _ask_round_one_again(run_dir, tmp_path)
     run(grid, config, again, resume=True)
     [second] = metrics(again.path)
-    assert second["clients"]["client-0"]["status"] == "refused-already-spent"
-    assert second["clients"]["client-1"]["resent"] and second["clients"]["client-2"]["resent"]
-    assert not second["update_applied"]
-    for institution in ("client-1", "client-2"):
-        reason = second["secagg_refusals"][institution]
-        assert reason.startswith("stage unmask:") and "signed contributors differ" in reason
-        [refusal] = [r for r in _ledger(run_dir.path, institution) if r["status"] == "refused-secure-aggregation"]
-        assert "signed contributors differ" in refusal["reason"]
-    assert set(_shares_released(grid, after=before)) <= {VICTIM}  # only the node with nothing at stake
-
-
-def test_a_round_asked_again_by_the_same_contributors_is_unmasked_again(config, tmp_path):
-    """A resumed coordinator asks round 1 again and every institution re-sends the same paid update:
-    the same survivors and contributors, so the sum is round 1's again and it is applied."""
-    grid, run_dir = federation(config, tmp_path / "run")
-    run(grid, config, run_dir)
-    again = _ask_round_one_again(run_dir, tmp_path)
-    run(grid, config, again, resume=True)
-    [first], [second] = metrics(run_dir.path), metrics(again.path)
-    assert first["update_applied"] and second["update_applied"] and "secagg_refusals" not in second
-    assert all(second["clients"][c]["resent"] for c in CLIENTS)
-    for institution in CLIENTS:  # one spend for round 1, however often it is unmasked
-        assert [r["round"] for r in _ledger(run_dir.path, institution) if r["status"] == "trained"] == [1]
+    for institution in ("client-0", "client-1", "client-2", "client-3", "client-4"):
+        entry = second["clients"][institution]
+        assert entry["status"] == "refused-replay" and "never put in a second one" in entry["reason"]
+        records = _ledger(run_dir.path, institution)
+        assert [r["round"] for r in records if r["status"] == "trained"] == [1]  # no new spend
+        assert [r["status"] for r in records][-1] == "refused-replay"
+    assert not second["update_applied"] and second["clients_trained"] == 0
+    assert _shares_released(grid, after=before) == []
