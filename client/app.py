@@ -85,7 +85,8 @@ def secagg_node_of(context: Context, config: RunConfig | None, ledger_root: Path
     roster, problem = pinned_roster(context=context, ledger_root=ledger_root, institution=node.client_id,
                                     ledger_dir=ledger_dir)
     return SecAggNode(institution=node.client_id, ledger_dir=ledger_dir, roster=roster, problem=problem,
-                      min_contributors=policy.secagg_min_contributors, policy_record=policy.to_record())
+                      min_contributors=policy.secagg_min_contributors,
+                      max_colluders=policy.secagg_max_colluders, policy_record=policy.to_record())
 
 
 def _roster_path(context: Context, ledger_root: Path | None) -> Path | None:

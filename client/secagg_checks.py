@@ -3,8 +3,9 @@
 Each function returns why the step is refused (one line, naming parameters and node ids, never a
 key or a data value), or None. Flower 1.41's client code accepts whatever parameters and key list
 the coordinator sends; these checks are what make the protocol hold against a deviating one:
-- setup: threshold a strict majority of the sampled clients and at least 2, shares at least the
-  threshold, enough sampled clients for the node's minimum, sane quantization ranges;
+- setup: threshold t with 2t > n + c (n sampled, c the colluding institutions the node's policy
+  allows for, 0 by default: a strict majority) and at least 2, shares at least the threshold,
+  enough sampled clients for the node's minimum, sane quantization ranges;
 - share keys: every peer's masking keys signed by a roster member for this round and node, no
   member twice, the node's own keys as it sent them, and the same counts as at setup;
 - collect: the node signs the survivor list it expects (every node that sent it key shares);
@@ -75,13 +76,14 @@ class RoundContext:
 
 
 def setup_problem(*, sample_num: int, share_num: int, threshold: int, clipping_range: float, target_range: int,
-                  mod_range: int, max_weight: float, min_contributors: int) -> str | None:
+                  mod_range: int, max_weight: float, min_contributors: int, max_colluders: int = 0) -> str | None:
     if sample_num < min_contributors:
         return (f"{sample_num} clients sampled, this node joins SecAgg+ rounds of at least {min_contributors} "
                 f"(policy secagg-min-contributors)")
-    if threshold < 2 or 2 * threshold <= sample_num:
-        return (f"threshold {threshold} is below a strict majority of the {sample_num} sampled clients (and at "
-                f"least 2): fewer colluding parties could rebuild this node's masks")
+    if threshold < 2 or 2 * threshold <= sample_num + max_colluders:
+        return (f"threshold {threshold} is too low for {sample_num} sampled clients: this node needs 2 x threshold > "
+                f"sampled + {max_colluders} (policy secagg-max-colluders) and at least 2, or a split story about "
+                f"who dropped out could rebuild both of a node's masks")
     if share_num < threshold or share_num > sample_num:
         return f"share count {share_num} must lie between the threshold {threshold} and the {sample_num} sampled"
     if not (clipping_range > 0 and math.isfinite(clipping_range)) or not (max_weight > 0 and math.isfinite(max_weight)):
@@ -100,7 +102,8 @@ class Peer:
 
 
 def peers_problem(*, peers: list[Peer], own: Peer, signatures: dict[int, bytes], roster: Roster,
-                  at: RoundContext, threshold: int, share_num: int, min_contributors: int) -> str | None:
+                  at: RoundContext, threshold: int, share_num: int, min_contributors: int,
+                  max_colluders: int = 0) -> str | None:
     """The key list of the share-keys stage, checked against the roster and the setup counts."""
     mine = [p for p in peers if p.node_id == own.node_id]
     if not mine or (mine[0].pk1, mine[0].pk2, mine[0].institution) != (own.pk1, own.pk2, own.institution):
@@ -115,9 +118,10 @@ def peers_problem(*, peers: list[Peer], own: Peer, signatures: dict[int, bytes],
             return (f"node {peer.node_id}'s keys are not signed by {peer.institution} for this round (unsigned, "
                     f"substituted or replayed keys)")
     count = len(peers)
-    if count < max(threshold, min_contributors) or count > share_num or 2 * threshold <= count:
+    if count < max(threshold, min_contributors) or count > share_num or 2 * threshold <= count + max_colluders:
         return (f"the key list holds {count} node(s): it must hold at least the threshold {threshold} and this "
-                f"node's minimum {min_contributors}, at most {share_num} shares, and fewer than twice the threshold")
+                f"node's minimum {min_contributors}, at most {share_num} shares, and fewer than twice the threshold "
+                f"less secagg-max-colluders ({max_colluders})")
     if len({p.institution for p in peers}) != count:
         return "the key list names one institution for two nodes"
     if len({k for p in peers for k in (p.pk1, p.pk2)}) != 2 * count:

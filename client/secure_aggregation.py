@@ -69,6 +69,7 @@ class SecAggNode:
     roster: Roster | None
     problem: str | None  # why it cannot take part at all (no roster, expired, not listed), or None
     min_contributors: int
+    max_colluders: int  # policy secagg-max-colluders: the threshold must satisfy 2t > n + this
     policy_record: dict
 
 
@@ -142,7 +143,7 @@ def _setup(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> di
     problem = setup_problem(sample_num=state.sample_num, share_num=state.share_num, threshold=state.threshold,
                             clipping_range=state.clipping_range, target_range=state.target_range,
                             mod_range=state.mod_range, max_weight=state.max_weight,
-                            min_contributors=node.min_contributors)
+                            min_contributors=node.min_contributors, max_colluders=node.max_colluders)
     if problem:
         raise Refusal(problem)
     sk1, pk1 = generate_key_pairs()
@@ -160,7 +161,7 @@ def _share_keys(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) 
     own = Peer(node_id=state.node_id, institution=node.institution, pk1=state.pk1, pk2=state.pk2)
     problem = peers_problem(peers=peers, own=own, signatures=signatures, roster=node.roster,
                             at=_at(state), threshold=state.threshold, share_num=state.share_num,
-                            min_contributors=node.min_contributors)
+                            min_contributors=node.min_contributors, max_colluders=node.max_colluders)
     if problem:
         raise Refusal(problem)
     state.session = session_digest(run_id=state.run_id, flower_run_id=state.flower_run_id,

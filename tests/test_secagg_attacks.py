@@ -80,7 +80,7 @@ def test_threshold_1_is_refused_at_setup(config, tmp_path):
 
     grid, run_dir = federation(config, tmp_path / "run", tamper=threshold_1)
     run(grid, config, run_dir)
-    _assert_refused_everywhere(run_dir.path, stage="setup", because="threshold 1 is below a strict majority")
+    _assert_refused_everywhere(run_dir.path, stage="setup", because="threshold 1 is too low for 3 sampled clients")
     assert not [m for m in grid.sent if _stage(m) == Stage.SHARE_KEYS]
 
 

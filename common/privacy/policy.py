@@ -26,7 +26,7 @@ ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}
 
 POLICY_KEYS = ("dp", "secure-aggregation", "target-epsilon", "target-delta", "allow-large-delta", "max-grad-norm",
                "noise-multiplier", "accountant", "max-evaluations", "share-train-loss", "secagg-min-contributors",
-               "max-rounds", "max-dp-steps")
+               "max-rounds", "max-dp-steps", "secagg-max-colluders")
 # The smallest SecAgg+ round a node joins by default: with two contributors each learns the other's update.
 MIN_CONTRIBUTORS = 3
 
@@ -49,6 +49,10 @@ class NodePolicy:
     max_evaluations: int = 0  # client evaluations answered over the node's whole ledger
     share_train_loss: bool = False  # the (non-private) train loss in the clear reply
     secagg_min_contributors: int = MIN_CONTRIBUTORS  # SecAgg+ peers, and signed contributors; tighter: larger
+    # Institutions that may collude with the coordinator: the node joins only SecAgg+ rounds whose
+    # threshold t satisfies 2t > n + this (n sampled), or a split story about who dropped out, with
+    # their signatures on both stories, rebuilds both masks of one node. Tighter: larger.
+    secagg_max_colluders: int = 0
     # The largest run this node plans for, checked before any calibration (the accountant's time and
     # memory grow with the steps it composes): a job over either is refused. Tighter: smaller.
     max_rounds: int = DEFAULT_MAX_ROUNDS
@@ -70,6 +74,8 @@ class NodePolicy:
         if self.secagg_min_contributors < 2:
             raise FedtuneError("node policy 'secagg-min-contributors' must be at least 2: a 'sum' of one update is "
                                "that update")
+        if self.secagg_max_colluders < 0:
+            raise FedtuneError("node policy 'secagg-max-colluders' must be 0 or a positive whole number")
         if self.max_rounds < 1 or self.max_dp_steps < 1:
             raise FedtuneError("node policy 'max-rounds' and 'max-dp-steps' must be positive whole numbers (the "
                                "largest run this node plans for)")
