@@ -8,7 +8,7 @@ from rich.table import Table
 from common.ledger.audit import AuditResult
 
 VERDICT_STYLE = {0: "bold green", 1: "bold red", 2: "bold yellow"}
-UNPINNED_STYLE = "bold cyan"  # consistent, but on keys the run directory supplied: not the green of "clean"
+UNPINNED_STYLE = "bold cyan"  # consistent, but not attested by the institutions' keys: not the green of "clean"
 
 
 def _num(value, pattern: str = ".4f") -> str:
@@ -29,8 +29,8 @@ def print_audit(result: AuditResult, console: Console) -> None:
     for ledger in result.ledgers:
         state = "[green]chain and signatures verify[/green]" if not ledger.problems else \
             f"[red]{len(ledger.problems)} problem(s)[/red]"
-        pin = "pinned key" if ledger.key_pinned else "receipted" if ledger.receipted else "key beside ledger"
-        console.print(f"  {ledger.owner}: {ledger.records} records, {pin} {ledger.key_fingerprint}: {state}")
+        console.print(f"  {ledger.owner}: {ledger.records} records, {result.key_use(ledger)} {ledger.key_fingerprint}: "
+                      f"{state}")
     for line in result.trust:
         console.print(f"  [bold]rests on:[/bold] {line}", soft_wrap=True)
     for note in result.notes:
@@ -41,5 +41,5 @@ def print_audit(result: AuditResult, console: Console) -> None:
         console.print(f"  [yellow]OVER BUDGET[/yellow] {breach}", soft_wrap=True)
     for breach in result.policy_breaches:
         console.print(f"  [yellow]POLICY[/yellow] {breach}", soft_wrap=True)
-    style = VERDICT_STYLE[result.exit_code] if result.exit_code or result.keys_pinned else UNPINNED_STYLE
+    style = VERDICT_STYLE[result.exit_code] if result.exit_code or result.attested else UNPINNED_STYLE
     console.print(f"Verdict: [{style}]{result.verdict_text}[/] (exit {result.exit_code})", soft_wrap=True)

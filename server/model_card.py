@@ -2,8 +2,10 @@
 guarantee it was trained under, so the guarantee travels with the model.
 
 Everything in it comes from what the coordinator already records: the run config, metrics.jsonl
-(each client's reported epsilon, sigma, q, steps and record count, as signed in its own ledger) and
-summary.json. Pure functions of those: tested without a federation (tests/test_adapter_artifact.py).
+and summary.json. It states totals only: nothing from which one client's record count follows
+(no record count, not even a total; no per-client q, sigma or steps: q = batch / N). Those
+stay in the ledgers.
+Pure functions of those: tested without a federation (tests/test_adapter_artifact.py).
 """
 
 from __future__ import annotations
@@ -146,16 +148,17 @@ def _usage_section(facts: CardFacts) -> str:
 
 
 def _data_section(facts: CardFacts) -> str:
-    """Totals only: the card travels with the model, and an institution's record count is its own."""
+    """No record count at all: the card travels with the model, and an institution's count is its own.
+    Even a total gives it away: over an even split (`iid`) it is K times each count, and in a federation
+    of two each institution subtracts its own."""
     cfg = facts.config
-    sizes = [c.train_records for c in client_privacy(facts.rounds) if c.train_records is not None and c.rounds_trained]
-    total = (f"- {sum(sizes)} training records over the {len(sizes)} clients that trained (as they reported "
-             f"them; the data never left them)") if sizes else "- no client trained"
+    trained = sum(1 for c in client_privacy(facts.rounds) if c.rounds_trained)
     return "\n".join([
         "## Data", "",
         f"- coordinator's held-out test split: {facts.test_records} records",
         f"- texts truncated to {cfg.max_length} tokens; partitioner `{cfg.partitioner}`",
-        total, ""])
+        f"- {trained} of {cfg.num_clients} clients trained on their own data, which never left them; how many "
+        f"records each holds stays in its own ledger", ""])
 
 
 def _results_section(summary: dict[str, Any]) -> str:
@@ -168,14 +171,15 @@ def _results_section(summary: dict[str, Any]) -> str:
 
 
 def _privacy_section(facts: CardFacts) -> str:
+    """The guarantee and the run's totals. No per-client sigma, q or steps: q = batch / N, sigma is
+    calibrated from q, and steps = epochs * N / batch, so each gives that client's record count away.
+    Those figures stay in the clients' signed ledgers, which the institutions hold."""
     cfg = facts.config
     if not cfg.dp:
         return ("## Privacy\n\nNo differential privacy: this run trained without DP-SGD (`dp = false`), so the "
                 "adapter carries no privacy guarantee for the clients' records.\n")
-    # sigma and q of a client that never trained would state its data size (q = batch / N) for nothing
-    rows = [f"| {c.client_id} | {_num(c.epsilon)} | {cfg.target_delta:g} | "
-            f"{_num(c.noise_multiplier) if c.rounds_trained else '-'} | {_num(c.sample_rate) if c.rounds_trained else '-'} "
-            f"| {c.rounds_trained} | {c.steps} |" for c in client_privacy(facts.rounds)]
+    trained = [c for c in client_privacy(facts.rounds) if c.rounds_trained]
+    spent = [c.epsilon for c in trained if c.epsilon is not None]
     return "\n".join([
         "## Privacy guarantee", "",
         f"Each client's guarantee is (epsilon, delta)-differential privacy for {UNIT_OF_PRIVACY} "
@@ -186,11 +190,12 @@ def _privacy_section(facts: CardFacts) -> str:
         f"- clipping bound C (max-grad-norm): {cfg.max_grad_norm:g}",
         f"- accountant: {cfg.accountant} (epsilon composed over every round the client trained)",
         f"- target epsilon per client: {cfg.target_epsilon:g}",
+        f"- largest epsilon any client spent: {_num(max(spent)) if spent else 'none (no client trained)'}",
         f"- secure aggregation: {_secure_aggregation(cfg.secure_aggregation)}",
-        "", "| client | epsilon | delta | sigma (noise multiplier) | q (sample rate) | rounds trained | steps |",
-        "|---|---|---|---|---|---|---|", *rows, "",
-        "epsilon is the cumulative spend each client reported and signed in its own ledger; "
-        "`fedtune audit <run directory>` re-checks it.", ""])
+        "",
+        "Each client's epsilon is the cumulative spend it reported and signed in its own ledger. Its sigma, "
+        "sampling rate and steps are not stated here: each follows from its record count (q = batch / N). They "
+        "stay in the ledgers, which the institutions hold; `fedtune audit <run directory>` re-checks them.", ""])
 
 
 def _training_section(facts: CardFacts) -> str:

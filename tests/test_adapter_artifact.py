@@ -67,7 +67,7 @@ def test_client_privacy_keeps_the_latest_report_and_counts_only_trained_rounds()
     assert (second.epsilon, second.rounds_trained, second.steps, second.train_records) == (3.0, 1, 5, 150)
 
 
-def test_model_card_states_task_base_labels_data_metrics_and_each_clients_guarantee():
+def test_model_card_states_task_base_labels_data_metrics_and_the_runs_guarantee_in_totals():
     card = model_card(_facts())
     meta = _front_matter(card)
     assert meta["library_name"] == "peft" and meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -76,26 +76,28 @@ def test_model_card_states_task_base_labels_data_metrics_and_each_clients_guaran
     assert "More Information Needed" not in card
     assert "classification" in card and "ab" * 32 in card and "fedtune 0.1.0" in card
     assert "| 0 | 1 |\n| 1 | 2 |\n| 2 | 10 |" in card  # index -> label name, in head order
-    assert "test split: 32 records" in card and "270 training records over the 2 clients that trained" in card
-    assert "120 training records" not in card  # the card travels with the model: no institution's own count
+    assert "test split: 32 records" in card and "2 of 2 clients trained on their own data" in card
     assert "test_accuracy: 0.8125" in card and "initial_test_accuracy: 0.3333" in card
     assert "one record (one training example) of one client's own data" in card
     assert "delta: 1e-05" in card and "clipping bound C (max-grad-norm): 1" in card
     assert "accountant: prv" in card and "secure aggregation: on (SecAgg+)" in card
-    assert "| client-0 | 3.75 | 1e-05 | 0.91 | 0.125 | 2 | 8 |" in card  # epsilon, delta, sigma, q, rounds
-    assert "| client-1 | 3 | 1e-05 | 0.87 | 0.1 | 1 | 5 |" in card
+    assert "largest epsilon any client spent: 3.75" in card
+    # the card travels with the model: no figure from which a client's record count follows, not even a total
+    for figure in ("120", "150", "270", "0.125", "| 0.1 |", "0.91", "0.87", "| 8 |", "| 5 |", "client-0", "client-1"):
+        assert figure not in card, figure
+    assert "q (sample rate)" not in card and "| client |" not in card
 
 
-def test_model_card_gives_no_sigma_or_q_for_a_client_that_never_trained():
-    """q = batch / N: a refusing client's sample rate would publish its data size for nothing."""
-    refused = [{"round": 1, "clients": {"client-0": _entry(epsilon=2.0, noise_multiplier=0.9, sample_rate=0.125,
-                                                           steps=4, num_examples=120),
-                                        "client-1": _entry("refused-budget", epsilon=None, noise_multiplier=0.87,
-                                                           sample_rate=0.1311, num_examples=0, reason="budget")}}]
-    facts = _facts()
-    card = model_card(replace(facts, rounds=refused))
-    row = next(line for line in card.splitlines() if line.startswith("| client-1 |"))
-    assert row.split("|")[4:6] == [" - ", " - "] and "0.1311" not in card
+def test_model_card_of_a_single_trained_client_states_none_of_its_figures():
+    """Only its epsilon (the guarantee); a refusing client's q is not stated either."""
+    one = [{"round": 1, "clients": {"client-0": _entry(epsilon=2.0, noise_multiplier=0.9, sample_rate=0.125,
+                                                       steps=4, num_examples=120),
+                                    "client-1": _entry("refused-budget", epsilon=None, noise_multiplier=0.87,
+                                                       sample_rate=0.1311, num_examples=0, reason="budget")}}]
+    card = model_card(replace(_facts(), rounds=one))
+    assert "1 of 2 clients trained" in card and "largest epsilon any client spent: 2" in card
+    for figure in ("120", "0.125", "0.1311", "0.9", "0.87"):
+        assert figure not in card, figure
 
 
 def test_model_card_of_a_causal_lm_without_dp_has_no_labels_and_says_there_is_no_guarantee():
@@ -264,9 +266,9 @@ def test_a_fresh_process_loads_the_exported_adapter_by_its_folder_and_base_and_p
     assert "library_name: peft" in card and "More Information Needed" not in card
     for name in ("markets", "politics", "sport"):
         assert f"| {name} |" in card
-    for cid, epsilon in summary["epsilon"].items():
-        assert f"| {cid} | {epsilon:.4g} | 1e-05 | {summary['noise_multiplier'][cid]:.4g} |" in card
-    for fact in ("delta: 1e-05", "clipping bound C (max-grad-norm): 1", "accountant: prv", "sigma", "q (sample rate)",
+    assert f"largest epsilon any client spent: {max(summary['epsilon'].values()):.4g}" in card
+    assert "q (sample rate)" not in card and not any(f"| {cid} |" in card for cid in summary["epsilon"])
+    for fact in ("delta: 1e-05", "clipping bound C (max-grad-norm): 1", "accountant: prv", "sigma",
                  f"test_accuracy: {summary['test_accuracy']:.4f}", "secure aggregation: on"):
         assert fact in card, fact
     audit = audit_run(target=out).to_json()  # every exported file is one the server signed

@@ -73,16 +73,22 @@ def _rewrite(folder: Path, records: list[dict]) -> None:
 
 
 def _receipted(payload: dict) -> set[str]:
-    return {check["owner"] for check in payload["ledgers"] if check["receipted"]}
+    """Ledgers a receipt agrees with, whether or not it counts as the institution's word."""
+    return {check["owner"] for check in payload["ledgers"] if check["receipted"] or check["receipt_unattested"]}
 
 
-def test_receipts_of_an_honest_run_audit_clean_and_the_verdict_says_what_it_rests_on(finished):
+def test_receipts_of_an_honest_simulated_run_agree_but_the_verdict_says_no_institution_attests_it(finished):
+    """In a simulation every private key lies in the run directory: receipts agree, and the verdict is
+    "consistent", never "clean" (whoever holds the directory could have made them)."""
     run, _, receipts = finished
     code, payload = _audit(run, *receipts.values())
-    assert code == 0 and payload["verdict"] == "clean", payload["problems"]
-    assert _receipted(payload) == set(CLIENTS)
+    assert code == 0 and payload["verdict"] == "clean", payload["problems"]  # the exit code's name
+    assert payload["verdict_text"].startswith("consistent (not independently attested: the private keys of every "
+                                              "client ledger are in the run directory")
+    assert _receipted(payload) == set(CLIENTS) and not any(c["receipted"] for c in payload["ledgers"])
     trust = " ".join(payload["trust"])
-    assert "covered by the institution's own receipt: client-0, client-1" in trust
+    assert "receipt agrees with the ledger, but verifies only under a key from this directory" in trust
+    assert "covered by the institution's own receipt" not in trust
     assert "the private ledger keys of client-0, client-1, server are inside this directory" in trust
     assert "consistent, not that independent institutions attest it" in trust
     code, payload = _audit(run)  # without receipts: clean, and it says whose word it took

@@ -6,7 +6,11 @@ with an independent accountant (Google's dp_accounting PLD, not Opacus; at a dis
 ten times coarser than its default, and again at the default before anything is flagged); the server's
 record of each client's epsilon and ledger head against what that client signed; and budgets.
 Each record is also checked against the node policy signed into it (common/ledger/policy_audit.py).
+The recomputation is bounded in time and memory (common/ledger/recompute.py): a history past its
+bounds is a check not made, a problem, never a pass.
 Exit codes: 0 clean, 1 a verification failed, 2 a budget was exceeded or a recorded policy breached.
+Exit 0 reads "clean" only when every client ledger verifies under a key the auditor pinned whose
+private half is not in the directory; otherwise "consistent (...)", saying why (common/ledger/trust.py).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, 
                                  read_records, record_hash_or_none, verify_records)
 from common.ledger.policy_audit import policy_findings
 from common.ledger.receipts import load_receipt, receipt_problems
+from common.ledger.recompute import ClientRecomputation
+from common.ledger.recompute import TooLarge as RecomputationTooLarge
 from common.ledger.records import NO_DP_ENTRY_SIGMA, SERVER_KIND, is_round_record
 from common.ledger.run_checks import run_findings, run_id_of
-from common.ledger.trust import trust_statement
-from common.privacy.accounting import QUICK_INTERVAL, HistoryEntry, independent_epsilon
+from common.ledger.trust import private_key_fingerprints, trust_statement
+from common.privacy.accounting import HistoryEntry
 from common.protocol import Status
 
 RECORD_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.EVALUATED,
@@ -41,7 +47,15 @@ class LedgerCheck:
     key_fingerprint: str
     key_pinned: bool
     problems: list[str] = field(default_factory=list)
-    receipted: bool = False  # a receipt the institution signed covers it, and the run agrees with it
+    receipted: bool = False  # a receipt verifies under the pinned key, and the run agrees with it
+    receipt_unattested: bool = False  # a receipt agrees, but verifies only under the directory's own key
+    private_key_inside: bool = False  # the key it verifies under has its private half in the directory
+
+    @property
+    def attested(self) -> bool:
+        """Its key came from outside the directory (pinned), and no one holding the directory holds its
+        private half: only then is the ledger, and any receipt under that key, the institution's word."""
+        return self.key_pinned and not self.private_key_inside
 
 
 @dataclass
@@ -82,26 +96,50 @@ class AuditResult:
 
     @property
     def unpinned(self) -> list[str]:
-        """Client ledgers whose key neither the auditor pinned nor the institution's receipt covers."""
-        return [c.owner for c in self.ledgers if c.owner != "server" and not c.key_pinned and not c.receipted]
+        """Client ledgers whose key the auditor did not pin (a receipt alone never stands in for a pin:
+        it verifies under whatever key the directory supplies)."""
+        return [c.owner for c in self._clients if not c.key_pinned]
 
     @property
     def keys_pinned(self) -> bool:
         return not self.unpinned
 
     @property
+    def attested(self) -> bool:
+        """Every client ledger verifies under a key the auditor brought whose private half is not in the
+        directory: the only case the verdict may say "clean"."""
+        return all(c.attested for c in self._clients)
+
+    @property
+    def _clients(self) -> list[LedgerCheck]:
+        return [c for c in self.ledgers if c.owner != "server"]
+
+    @property
     def verdict_text(self) -> str:
-        """The verdict as a person reads it: "clean" only when the institutions' keys vouch for it."""
-        if self.exit_code or self.keys_pinned:
+        """The verdict as a person reads it: never more than what it rests on (common/ledger/trust.py).
+        "clean" only when the institutions' own keys vouch for every client ledger."""
+        if self.exit_code or self.attested:
             return self.verdict
-        if len(self.unpinned) == sum(1 for c in self.ledgers if c.owner != "server"):
+        inside = [c.owner for c in self._clients if c.private_key_inside]
+        if inside:
+            whose = "every client ledger" if len(inside) == len(self._clients) else ", ".join(inside)
+            return (f"consistent (not independently attested: the private keys of {whose} are in the run "
+                    f"directory, so whoever holds it could have signed those ledgers and any receipt of them)")
+        if len(self.unpinned) == len(self._clients):
             return "consistent (keys not pinned: the run directory's own keys were trusted)"
         return (f"consistent (keys of {', '.join(self.unpinned)} not pinned: the run directory's own keys "
                 f"were trusted for them)")
 
+    def key_use(self, check: LedgerCheck) -> str:
+        """How one ledger's key was come by, in a few words (the terminal view and the report)."""
+        if check.key_pinned:
+            return "pinned key, private half in this directory" if check.private_key_inside else \
+                "pinned key, receipted" if check.receipted else "pinned key"
+        return "key beside ledger, receipt agrees" if check.receipt_unattested else "key beside ledger"
+
     def to_json(self) -> dict:
         return {"verdict": self.verdict, "verdict_text": self.verdict_text, "keys_pinned": self.keys_pinned,
-                "exit_code": self.exit_code, **asdict(self)}
+                "attested": self.attested, "exit_code": self.exit_code, **asdict(self)}
 
 
 def find_ledgers(target: Path) -> dict[str, Path]:
@@ -136,6 +174,7 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None,
     result = AuditResult(ledgers=[], rows=[], problems=[], budget_exceeded=[], notes=[])
     records_by_owner: dict[str, list[dict]] = {}
     keys = {}
+    inside = private_key_fingerprints(Path(target))
     for owner, path in ledgers.items():
         progress(f"verifying the signatures of {owner}'s ledger")
         key_path = pinned_keys.get(owner, path.parent / PUBLIC_KEY_FILE)
@@ -143,7 +182,8 @@ def audit_run(*, target: Path, pinned_keys: dict[str, Path] | None = None,
         check = verify_records(path, read_records(path), key)
         result.ledgers.append(LedgerCheck(owner=owner, path=str(path), records=len(check.records),
                                           key_fingerprint=public_key_fingerprint(key),
-                                          key_pinned=owner in pinned_keys, problems=list(check.problems)))
+                                          key_pinned=owner in pinned_keys, problems=list(check.problems),
+                                          private_key_inside=public_key_fingerprint(key) in inside))
         result.problems.extend(check.problems)
         records_by_owner[owner] = check.records
     run_dir = Path(target) if (Path(target) / "ledgers").is_dir() else None
@@ -181,8 +221,9 @@ def _check_receipts(loaded: list, records_by_owner: dict[str, list[dict]], keys:
                                     records=records_by_owner.get(owner, []), key=keys.get(owner), run_id=run_id)
         result.problems.extend(problems)
         for check in result.ledgers:
-            if check.owner == owner and not problems:
-                check.receipted = True
+            if check.owner == owner and not problems:  # the institution's word only under a key it gave
+                check.receipted = check.receipted or check.attested
+                check.receipt_unattested = check.receipt_unattested or not check.attested
 
 
 def _number(record: dict, key: str, kind: type = float, *, optional: bool = False):
@@ -196,6 +237,7 @@ def _number(record: dict, key: str, kind: type = float, *, optional: bool = Fals
 
 
 def _client_row(owner: str, record: dict, history: list[HistoryEntry]) -> ClientRow:
+    """The record as a row, its trained round appended to `history`; epsilon is recomputed by the caller."""
     dp, status = record.get("dp"), record.get("status")
     if not isinstance(dp, bool) or status not in RECORD_STATUSES:
         raise ValueError(f"dp={dp!r}, status={status!r}")
@@ -209,14 +251,17 @@ def _client_row(owner: str, record: dict, history: list[HistoryEntry]) -> Client
         noise_multiplier=_number(record, "noise_multiplier", optional=not dp),
         sample_rate=_number(record, "sample_rate", optional=not dp),
         claimed_epsilon=_number(record, "epsilon", optional=True) if dp else None,
-        recomputed_epsilon=independent_epsilon(history, _number(record, "delta"), interval=QUICK_INTERVAL) if dp
-        else math.inf if status == Status.TRAINED else None,
+        recomputed_epsilon=None if dp else math.inf if status == Status.TRAINED else None,
         target_epsilon=_number(record, "target_epsilon", optional=not dp),
         delta=_number(record, "delta") if dp else None)
 
 
 def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
+    """Each record's claim against the recomputation (common/ledger/recompute.py: composed record by
+    record, in bounded time and memory); past those bounds a check not made is a problem, never a pass."""
     history: list[HistoryEntry] = []
+    recomputation = ClientRecomputation()
+    beyond: str | None = None  # why this client's history is no longer recomputed
     for index, record in enumerate(records):
         name = f"{owner} record {index + 1} (round {record.get('round', '?')})"
         try:
@@ -224,21 +269,50 @@ def _audit_client(owner: str, records: list[dict], result: AuditResult) -> None:
         except ValueError as exc:
             result.problems.append(f"{name}: malformed record ({exc})")
             continue
-        dp, claimed, budget = record["dp"], row.claimed_epsilon, row.target_epsilon
-        if dp and (_under_reported(claimed, row.recomputed_epsilon) or _over(row, budget)):
-            # the quick value is an upper bound: confirm at dp_accounting's own precision before flagging
-            row.recomputed_epsilon = independent_epsilon(history, row.delta)
-        recomputed = row.recomputed_epsilon
-        if dp:
-            if _under_reported(claimed, recomputed):
-                row.flags.append("under-reported")
-                result.problems.append(f"{name}: claims epsilon {claimed} but its recorded history gives "
-                                       f"{recomputed:.4f} (independent PLD accountant)")
-            if _over(row, budget):
+        dp, budget = record["dp"], row.target_epsilon
+        if dp and beyond is None:
+            try:
+                row.recomputed_epsilon = recomputation.quick_epsilon(history, row.delta)
+            except RecomputationTooLarge as exc:
+                beyond = str(exc)
+                result.problems.append(f"{name}: not recomputed: its history holds {beyond}, past what the audit "
+                                       f"recomputes (common/ledger/recompute.py); this client's epsilon from here "
+                                       f"on was not checked")
+        if dp and row.recomputed_epsilon is None:
+            row.flags.append("not recomputed")
+            if _claim_over(row, budget):
                 row.flags.append("over budget")
-                result.budget_exceeded.append(f"{name}: epsilon {max(claimed or 0, recomputed):.4f} exceeds "
-                                              f"the budget {budget}")
+                result.budget_exceeded.append(f"{name}: claimed epsilon {row.claimed_epsilon} exceeds the "
+                                              f"budget {budget}")
+            result.rows.append(row)
+            continue
+        confirmed = True
+        if dp and (_under_reported(row.claimed_epsilon, row.recomputed_epsilon) or _over(row, budget)):
+            # the quick value is an upper bound: confirm at dp_accounting's own precision before flagging
+            try:
+                row.recomputed_epsilon = recomputation.precise_epsilon(history, row.delta)
+            except RecomputationTooLarge:
+                confirmed = False  # the quick value stands (pessimistic, within 0.7% of the precise one)
+        if dp:
+            _flag(name, row, budget, result, confirmed=confirmed)
         result.rows.append(row)
+
+
+def _flag(name: str, row: ClientRow, budget: float | None, result: AuditResult, *, confirmed: bool) -> None:
+    claimed, recomputed = row.claimed_epsilon, row.recomputed_epsilon
+    how = "" if confirmed else " (at the quick discretization: the precise one is past the audit's bound)"
+    if _under_reported(claimed, recomputed):
+        row.flags.append("under-reported")
+        result.problems.append(f"{name}: claims epsilon {claimed} but its recorded history gives "
+                               f"{recomputed:.4f} (independent PLD accountant){how}")
+    if _over(row, budget):
+        row.flags.append("over budget")
+        result.budget_exceeded.append(f"{name}: epsilon {max(claimed or 0, recomputed):.4f} exceeds "
+                                      f"the budget {budget}{how}")
+
+
+def _claim_over(row: ClientRow, budget: float | None) -> bool:
+    return budget is not None and row.claimed_epsilon is not None and row.claimed_epsilon > budget * (1 + 1e-9)
 
 
 def _over(row: ClientRow, budget: float | None) -> bool:

@@ -90,6 +90,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FedtuneError(f"{path} line {number} is not valid JSON ({exc.msg}): truncated or edited") from None
+        except RecursionError:  # thousands of nested brackets: no ledger record nests more than a few levels
+            raise FedtuneError(f"{path} line {number} nests too deep for a ledger record: edited") from None
         if not isinstance(record, dict):
             raise FedtuneError(f"{path} line {number} is not a JSON object")
         records.append(record)

@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.bounded_json import TooLarge, read_json_file
 from common.errors import FedtuneError
 from common.ledger.chain import (LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash,
                                  record_hash_or_none)
@@ -81,9 +82,12 @@ def load_receipt(path: Path) -> tuple[Receipt, bytes]:
     """The receipt and its signature from a file; a one-line error naming the file otherwise."""
     path = Path(path)
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = read_json_file(path)  # bounded: a receipt comes from another party
     except FileNotFoundError:
         raise ReceiptError(f"receipt {path}: file not found") from None
+    except TooLarge as exc:
+        raise ReceiptError(f"receipt {path}: {exc}, which no receipt is; ask the institution for the file "
+                           f"`fedtune receipt` wrote") from None
     except (OSError, UnicodeDecodeError, ValueError):
         raise ReceiptError(f"receipt {path}: not JSON; ask the institution for the file `fedtune receipt` "
                            f"wrote") from None

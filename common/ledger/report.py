@@ -64,7 +64,7 @@ def _markdown(result: AuditResult, facts: RunFacts, images: list[str], path: Pat
     lines += _table(ROUND_HEADER, round_rows(result))
     lines += ["", "## Ledgers", ""]
     lines += [f"- {c.owner}: {c.records} records, key {c.key_fingerprint} "
-              f"({'pinned' if c.key_pinned else 'receipted' if c.receipted else 'beside ledger'}), "
+              f"({result.key_use(c)}), "
               f"{'verifies' if not c.problems else str(len(c.problems)) + ' problem(s)'}" for c in result.ledgers]
     lines += ["", "## Findings", ""] + ([f"- {f}" for f in findings(result)] or ["- none"])
     atomic_write(path, "\n".join(lines) + "\n")

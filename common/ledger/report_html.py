@@ -1,8 +1,8 @@
 """report.html: one self-contained page (plots embedded as data: URIs), so it survives being mailed.
 
 The verdict is green only when the audit is clean on keys the institutions vouch for (pinned by
-the auditor or covered by their receipts); a run checked against the keys its own directory
-holds is shown as "consistent", in blue, with what it rested on.
+the auditor, their private halves not in the directory: common/ledger/trust.py); a run checked
+against the keys its own directory holds is shown as "consistent", in blue, with what it rested on.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ dd{margin:0}img{max-width:100%;height:auto}.note{color:#57606a;font-size:.95em}"
 
 def render_html(*, result: AuditResult, facts: RunFacts, images: list[Path]) -> str:
     esc = html.escape
-    colour = COLOURS[result.exit_code] if result.exit_code else COLOURS["pinned" if result.keys_pinned else "unpinned"]
+    colour = COLOURS[result.exit_code] if result.exit_code else COLOURS["pinned" if result.attested else "unpinned"]
     facts_list = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, _, v in
                          (line.partition(": ") for line in run_lines(facts)))
     imgs = "".join(f'<p><img src="{_data_uri(path)}" alt="{esc(path.stem.replace("_", " "))}"></p>' for path in images)
     items = "".join(f"<li>{esc(f)}</li>" for f in findings(result)) or "<li>none</li>"
     ledgers = "".join(f"<li>{esc(c.owner)}: {c.records} records, key {esc(c.key_fingerprint)} "
-                      f"({'pinned' if c.key_pinned else 'receipted' if c.receipted else 'beside the ledger'}), "
+                      f"({result.key_use(c)}), "
                       f"{'verifies' if not c.problems else str(len(c.problems)) + ' problem(s)'}</li>"
                       for c in result.ledgers)
     return f"""<!doctype html>

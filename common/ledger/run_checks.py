@@ -25,7 +25,7 @@ from common.storage import file_digests
 def run_id_of(run_dir: Path) -> str | None:
     try:
         value = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 
@@ -144,7 +144,7 @@ def _outputs(run_dir: Path, server: list[dict], problems: list[str]) -> None:
     if metrics_path.is_file():
         try:
             rounds = [json.loads(line)["round"] for line in metrics_path.read_text().splitlines() if line.strip()]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             problems.append(f"{metrics_path} is not one JSON object with a 'round' per line")
             rounds = None
         if rounds is not None and rounds != [entry.get("round") for entry in server]:
@@ -154,7 +154,7 @@ def _outputs(run_dir: Path, server: list[dict], problems: list[str]) -> None:
         try:
             summary = json.loads(summary_path.read_text())
             completed = summary.get("rounds_completed") if isinstance(summary, dict) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             completed = None
         if completed is not None and completed != len(server):
             problems.append(f"summary.json says {completed} rounds completed, the server ledger "

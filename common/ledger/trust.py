@@ -1,10 +1,13 @@
 """What an audit's verdict rests on, said plainly beside it.
 
-A ledger verifies under some key. Pinned by the auditor (`--public-key`), or covered by a
-receipt the institution signed (`--receipt`), the key is the institution's word. Taken from
-beside the ledger, it is whatever the holder of the run directory left there: such a ledger is
-consistent, and could have been re-signed. In a simulation the private keys themselves sit in
-the run directory, so one operator could have written every ledger.
+A ledger verifies under some key. Pinned by the auditor (`--public-key`, a key the institution
+handed over itself), the key is the institution's word, and so is a receipt (`--receipt`) that
+verifies under it. Taken from beside the ledger, it is whatever the holder of the run directory
+left there: such a ledger is consistent, and could have been re-signed, and a receipt that
+verifies under it could have been made by the same hand. In a simulation the private keys
+themselves sit in the run directory, so one operator could have written every ledger and every
+receipt: a key whose private half is found there attests nothing, pinned or not.
+The verdict (common/ledger/audit.py) says "clean" only when every client ledger is attested.
 """
 
 from __future__ import annotations
@@ -12,27 +15,62 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from common.ledger.chain import PRIVATE_KEY_FILE
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.ledger.chain import PRIVATE_KEY_FILE, public_key_fingerprint
+
+MAX_KEY_FILES = 1_000  # a run directory holds one per ledger
+MAX_KEY_BYTES = 16_384  # a PEM Ed25519 key is about 120 bytes
 
 
 class KeyUse(Protocol):
     owner: str
     key_pinned: bool
     receipted: bool
+    receipt_unattested: bool
+    private_key_inside: bool
+
+
+def private_key_fingerprints(target: Path) -> set[str]:
+    """Fingerprints of the public halves of every ledger private key inside `target` (a run directory,
+    a ledger directory, or the directory of a ledger file)."""
+    root = Path(target) if Path(target).is_dir() else Path(target).parent
+    found: set[str] = set()
+    for index, path in enumerate(root.rglob(PRIVATE_KEY_FILE)):
+        if index >= MAX_KEY_FILES:
+            break
+        try:
+            data = path.read_bytes() if path.stat().st_size <= MAX_KEY_BYTES else b""
+            key = serialization.load_pem_private_key(data, password=None)
+        except (OSError, ValueError, TypeError):
+            continue
+        if isinstance(key, Ed25519PrivateKey):
+            found.add(public_key_fingerprint(key.public_key()))
+    return found
 
 
 def trust_statement(checks: list[KeyUse], ledgers: dict[str, Path]) -> list[str]:
     lines = []
-    pinned = [c.owner for c in checks if c.key_pinned]
+    pinned = [c.owner for c in checks if c.key_pinned and not c.private_key_inside]
+    pinned_inside = [c.owner for c in checks if c.key_pinned and c.private_key_inside]
     receipted = [c.owner for c in checks if c.receipted]
-    beside = [c.owner for c in checks if not c.key_pinned and not c.receipted]
+    unattested = [c.owner for c in checks if c.receipt_unattested]
+    beside = [c.owner for c in checks if not c.key_pinned]
     if pinned:
         lines.append(f"key pinned by the auditor: {', '.join(pinned)}")
+    if pinned_inside:
+        lines.append(f"key pinned by the auditor, but its private half is inside this directory (not an "
+                     f"institution's attestation): {', '.join(pinned_inside)}")
     if receipted:
-        lines.append(f"covered by the institution's own receipt: {', '.join(receipted)}")
+        lines.append(f"covered by the institution's own receipt, under its pinned key: {', '.join(receipted)}")
+    if unattested:
+        lines.append(f"receipt agrees with the ledger, but verifies only under a key from this directory (not an "
+                     f"institution's attestation: pin the institution's own ledger.pub with --public-key): "
+                     f"{', '.join(unattested)}")
     if beside:
         lines.append(f"key taken from beside the ledger (could have been re-signed by whoever holds these "
-                     f"files; pin it with --public-key or ask for a receipt): {', '.join(beside)}")
+                     f"files; pin it with --public-key and ask for a receipt): {', '.join(beside)}")
     if "server" in ledgers:
         lines.append("server: the coordinator's own record; its key is the operator's")
     private = [owner for owner, path in ledgers.items() if (Path(path).parent / PRIVATE_KEY_FILE).exists()]

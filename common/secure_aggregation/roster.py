@@ -47,13 +47,17 @@ class Roster:
 
     @classmethod
     def load(cls, path: Path | str) -> Roster:
+        from common.bounded_json import TooLarge, read_json_file  # a roster comes from another party
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json_file(path)  # bounded in size and nesting
         except FileNotFoundError:
             raise RosterError(f"roster {path} not found: ask the federation for its roster file and set "
                               f"node config roster='PATH'") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except TooLarge as exc:
+            raise RosterError(f"roster {path} is {exc}, which no roster is; {_FIX}") from None
+        except (OSError, UnicodeDecodeError, ValueError):
             raise RosterError(f"roster {path} is not a readable JSON file; {_FIX}") from None
         return cls.from_json(data, source=str(path))
 
