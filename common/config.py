@@ -120,6 +120,7 @@ class RunConfig:
     max_client_examples: int = _opt(0, "Largest training set of any institution (bounds SecAgg+ weights and "
                                        "update checks); 0 derives it from the run's data (simulation).")
     output_dir: str = _opt("", "Run directory the coordinator writes; '' = runs/<timestamp> (simulate: --out).")
+    roster: str = _opt("", "Coordinator: the roster file; only nodes whose signed keys prove a member are sampled.")
     samples: int = _opt(8, "causal-lm: held-out prompts whose greedy generations go to samples.md (0 = none).")
     max_new_tokens: int = _opt(48, "causal-lm: tokens generated per sample prompt.")
     inject_faults: str = _opt("", "Fault drill for simulations: 'ROUND:FAULT[:CLIENTS]; ...' "
@@ -253,9 +254,8 @@ class RunConfig:
             check_faults(self.inject_faults, secure_aggregation=self.secure_aggregation,
                          num_clients=self.num_clients)
         if self.secure_aggregation:
-            _check(self.clients_per_round >= 2, "clients_per_round",
-                   "must be at least 2 with secure-aggregation (SecAgg+ sums several updates); "
-                   "set secure-aggregation=false for a single client")
+            _check(self.clients_per_round >= 2, "clients_per_round", "must be at least 2 with secure-aggregation "
+                   "(SecAgg+ sums several updates); set secure-aggregation=false for a single client")
 
 
 def _check_modes(config: RunConfig) -> None:

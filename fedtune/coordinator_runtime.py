@@ -1,7 +1,13 @@
 """The coordinator's pinned runtime: flower-superlink in process isolation, and this process as
 its only SuperExec. AcquireTask is authenticated with a secret only this process holds, so a run
 submitted through the (unauthenticated) Control API waits here, and each one starts
-fedtune/serverapp_process.py, which refuses it unless it is the pinned app with a signed job."""
+fedtune/serverapp_process.py, which refuses it unless it is the pinned app with a signed job.
+
+Flower 1.41 serves its Control API (/v1/control/: `flwr ls`, `run`, `stop`, `supernode list`,
+`register`, `unregister`) on the same host and port as the Fleet API (/v1/fleet/), with no
+authentication: whoever reaches the port can unregister every institution's node. So the
+SuperLink binds loopback unless the operator states (--control-behind-authenticating-proxy) that
+a proxy in front of the port authenticates /v1/control/."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import ipaddress
 import threading
 import time
 from pathlib import Path
@@ -22,10 +29,15 @@ from fedtune.serverapp_process import TOKEN_ENV
 OWNED = ("--isolation", "--superexec-auth-secret-file")
 MAX_SERVERAPPS = 4  # ServerApp processes at once; more submitted runs wait in the SuperLink's queue
 LOG = logging.getLogger("fedtune.coordinator")
-DEFAULT_PORT = "9093"  # flower-superlink's own default for its one HTTPS port
+DEFAULT_PORT = "8000"  # flower-superlink's own default for its one HTTPS port (SUPERLINK_UVICORN_DEFAULT_PORT)
+BEHIND_PROXY = "--control-behind-authenticating-proxy"  # fedtune's flag, not Flower's: never passed on
+# Flower 1.41 starts a second, gRPC Control API (on --control-api-address, 0.0.0.0:9093 by default)
+# when this is set in its environment: the SuperLink never gets it from us.
+GRPC_CONTROL_ENV = "FLWR_INTERNAL_GRPC_CONTROL_API"
 
 
 def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir: Path) -> int:
+    args = control_api_exposure(args)
     hit = abbreviated(args, OWNED)
     if hit:
         raise FedtuneError(f"run-superlink sets {hit[1]} itself; leave out {hit[0]}")
@@ -35,6 +47,7 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
         raise FedtuneError("run-superlink needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    env.pop(GRPC_CONTROL_ENV, None)
     with tempfile.TemporaryDirectory(prefix="fedtune-link-") as scratch:
         secret = write_secret(Path(scratch) / "runtime.secret")
         link = subprocess.Popen(["flower-superlink", *args, "--isolation", "process",
@@ -90,6 +103,42 @@ def _serve(*, address: str, ca: str, secret: bytes, operator_key: Path, state_di
     for child in children:
         if child.poll() is None:
             child.terminate()
+
+
+def control_api_exposure(args: list[str]) -> list[str]:
+    """The SuperLink's arguments without fedtune's BEHIND_PROXY flag; refused (FedtuneError) when
+    they would serve the unauthenticated Control API beyond loopback and the flag is absent."""
+    behind_proxy = BEHIND_PROXY in args
+    args = [arg for arg in args if arg != BEHIND_PROXY]
+    host = _bind_host(args)
+    if behind_proxy or _is_loopback(host):
+        return args
+    port = flag_value(args, "--port") or DEFAULT_PORT
+    raise FedtuneError(
+        f"run-superlink refuses --host {host}: Flower 1.41 serves its Control API on the same port as the Fleet API "
+        f"({host}:{port}), without authentication, so anyone who reaches it could list and unregister every "
+        f"institution's node and submit or stop runs. Fix: bind --host 127.0.0.1 and put an authenticating "
+        f"reverse proxy (TLS) on the public address that forwards /v1/fleet/ to it and /v1/control/ only for "
+        f"authenticated operators, then add {BEHIND_PROXY} to say so")
+
+
+def _bind_host(args: list[str]) -> str:
+    """The host flower-superlink binds: the last --host (or an abbreviation argparse takes), else its default."""
+    host = "127.0.0.1"
+    for index, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if len(name) >= 4 and "--host".startswith(name):  # "--h" alone is ambiguous to Flower's argparse
+            host = value if value else (args[index + 1] if index + 1 < len(args) else host)
+    return host
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
 
 
 def _runtime_host(args: list[str]) -> str:

@@ -44,6 +44,13 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}  # extra args go to Flower
+RUN_SUPERLINK_EPILOG = ("Flower 1.41 serves its unauthenticated Control API (flwr ls/run/stop, supernode "
+                        "list/register/unregister) on the Fleet port: a --host beyond loopback is refused unless "
+                        "--control-behind-authenticating-proxy states that a proxy in front of the port forwards "
+                        "/v1/fleet/ to anyone and /v1/control/ only to authenticated operators.")
+RUN_NODE_EPILOG = ("If its node is unregistered once it served, run-node keeps running: it logs what to do (Flower "
+                   "never registers an unregistered key again: a new key pair at the same path, registered by the "
+                   "coordinator) and retries (5 s, doubling to 60 s) until the node serves again.")
 SetOption = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable).")
 
 
@@ -138,8 +145,8 @@ for name, command in (("certs", deploy_commands.certs), ("node-keys", deploy_com
                       ("check-node", deploy_commands.check_node_command), ("operator-key", job_commands.operator_key),
                       ("app-hash", job_commands.app_hash), ("sign-job", job_commands.sign_job)):
     cli.command(name)(command)
-cli.command("run-node", context_settings=PASS_THROUGH)(deploy_commands.run_node)
-cli.command("run-superlink", context_settings=PASS_THROUGH)(job_commands.run_superlink)
+cli.command("run-node", context_settings=PASS_THROUGH, epilog=RUN_NODE_EPILOG)(deploy_commands.run_node)
+cli.command("run-superlink", context_settings=PASS_THROUGH, epilog=RUN_SUPERLINK_EPILOG)(job_commands.run_superlink)
 
 
 roster_cli = typer.Typer(no_args_is_help=True, help="The federation's roster of institution identity keys.")

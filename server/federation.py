@@ -20,6 +20,7 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.flwr_run import SIMULATION_ROSTER
 from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
@@ -29,6 +30,7 @@ from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.models.pooled_classifier import HeadSettings, save_head_config
 from common.run_data import federated_splits
+from common.secure_aggregation.roster import Roster
 from common.storage import atomic_write, file_digests
 from common.tasks import get_task
 from common.tasks.base import GeneratesText, Task
@@ -42,6 +44,7 @@ from server.rounds import Workflow, plain_fit_workflow, run_rounds
 from server.run_directory import RunDirectory
 from server.samples import SampleWriter
 from server.secure_aggregation import secagg_parameters, secagg_workflow
+from server.node_identities import NodeIdentities
 from server.strategy import AdapterFedAvg
 from server.update_validation import update_norm_bound
 
@@ -94,7 +97,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
         fraction_evaluate=config.fraction_evaluate, secure_aggregation=config.secure_aggregation,
         max_update_norm=update_norm_bound(config=config, max_client_examples=max_examples,
                                           num_parameters=sum(a.size for a in initial)),
-        evaluate_fn=tester)
+        evaluate_fn=tester, identities=_node_identities(config, run_dir=run_dir))
     fit_workflow, clipping_range = _fit_workflow(config, max_client_examples=max_examples, run_id=run_dir.run_id)
     log.info(splits.report)
     recorder = RoundRecorder(
@@ -162,6 +165,21 @@ def _early_stopping(config: RunConfig, *, task: Task, model, tokenizer, splits, 
                                                 max_length=config.max_length))
     stopper.restore(rounds)
     return stopper
+
+
+def _node_identities(config: RunConfig, *, run_dir: RunDirectory) -> NodeIdentities | None:
+    """With SecAgg+, the roster the coordinator samples from (server/node_identities.py): run config
+    `roster`, or a simulation's own (written beside the clients' ledgers). None without one: then
+    every registered node may be sampled, a stranger's included."""
+    if not config.secure_aggregation:
+        return None
+    path = Path(config.roster) if config.roster else run_dir.path / "ledgers" / SIMULATION_ROSTER
+    if not config.roster and not path.is_file():
+        log.warning("no roster (run config 'roster'): every registered node may be sampled, and a node "
+                    "that is no institution's takes a SecAgg+ round down for all; set roster='PATH' to the "
+                    "federation's roster")
+        return None
+    return NodeIdentities(roster=Roster.load(path))
 
 
 def _fit_workflow(config: RunConfig, *, max_client_examples: int, run_id: str) -> tuple[Workflow, float | None]:

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
@@ -24,6 +25,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.protocol import MAX_REASON_CHARS, SecAggWire
+from server.secagg_setup import admit, replace
 from server.secagg_unmask import consistency_check, survivor_signatures, unmask
 from server.update_validation import coordinate_bound
 
@@ -77,6 +79,7 @@ class _Relay:
 
     def __init__(self, grid: Grid, *, run_id: str, timeout: float | None) -> None:
         self._grid, self.run_id, self.timeout = grid, run_id, timeout
+        self.sent: list[Message] = []
         self.replies: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
@@ -85,6 +88,7 @@ class _Relay:
             config = msg.content.config_records[RECORD_KEY_CONFIGS]
             if config.get(SecAggKey.STAGE) == Stage.SETUP:
                 config[SecAggWire.RUN_ID] = self.run_id
+        self.sent += messages
         self.replies = list(self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None
                                                         else timeout))
         return self.replies
@@ -98,6 +102,10 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     - setup requests carry the run id the clients sign into their key statements; each client's
       signature and institution id are relayed to its peers with its public keys;
+    - with the roster (server/node_identities.py), a node whose key statement does not verify for
+      the institution it names, or that failed setup otherwise, is dropped before share-keys (no
+      peer ever sees its keys) and its place goes to a node not yet tried: a stranger's registered
+      node cannot make every honest node refuse the key list;
     - each masked vector comes with its sender's signature on the survivor list it expects; if
       someone dropped out after sharing keys, a consistency check first has the survivors sign
       the shorter list (server/secagg_unmask.py);
@@ -118,14 +126,27 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         relay = self._relay(grid)
         ok = super().setup_stage(relay, context, state)
         self._note_refusals(context, relay.replies)
-        for msg in relay.replies:
-            nid = msg.metadata.src_node_id
-            if msg.has_error() or nid not in state.nid_to_publickeys:
-                continue
-            config = msg.content.config_records[RECORD_KEY_CONFIGS]
-            signature, institution = config.get(SecAggWire.KEY_SIGNATURE), config.get(SecAggWire.INSTITUTION)
-            if isinstance(signature, bytes) and isinstance(institution, str):
-                state.nid_to_publickeys[nid] += [signature, institution.encode()]
+        if not relay.sent:  # nobody sampled: Flower already said why
+            self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
+            return ok
+        strategy, server_round = context.strategy, _round(context)
+        identities = getattr(strategy, "identities", None)
+        outcome = strategy.outcomes.get(server_round)
+        failed = admit(relay.replies, state, identities=identities, run_id=self.run_id, server_round=server_round,
+                       outcome=outcome)
+        if identities is not None:
+            failed |= set(state.sampled_node_ids) - state.active_node_ids - failed  # no reply at all
+
+            def send(messages: list[Message]) -> list[Message]:
+                replies = self._relay(grid).send_and_receive(messages)
+                self._note_refusals(context, replies)
+                return replies
+
+            replace(send, state, failed=failed, identities=identities, client_manager=context.client_manager,
+                    setup=relay.sent[0].content.config_records[RECORD_KEY_CONFIGS], run_id=self.run_id,
+                    fitins=lambda: compat.fitins_to_recorddict(strategy.fit_ins[server_round], True),
+                    server_round=server_round, outcome=outcome)
+        ok = self._check_threshold(state)
         if not ok:
             self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
         return ok

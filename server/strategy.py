@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (EvaluateIns, FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
+from server.node_identities import NodeIdentities
 from server.update_validation import update_problem
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class RoundOutcome:
     max_update_abs: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> why its update was not used
     secagg_refusals: dict[str, str] = field(default_factory=dict)  # institution -> why it refused a SecAgg+ stage
+    dropped_at_setup: dict[int, str] = field(default_factory=dict)  # node id -> why it left before share-keys
 
     @property
     def trained(self) -> list[str]:
@@ -63,7 +66,8 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, initial_arrays: list[np.ndarray], clients_per_round: int, num_clients: int, run_id: str,
                  label_names: list[str], score_names: tuple[str, ...], shared_lora_a: str = "",
                  fraction_evaluate: float, secure_aggregation: bool, max_update_norm: float,
-                 evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None) -> None:
+                 evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, dict]] | None = None,
+                 identities: NodeIdentities | None = None) -> None:
         labels = tuple(label_names)
         super().__init__(
             fraction_fit=clients_per_round / num_clients, min_fit_clients=clients_per_round,
@@ -85,15 +89,35 @@ class AdapterFedAvg(FedAvg):
         self.shapes = [a.shape for a in initial_arrays]
         self.global_arrays = [a.copy() for a in initial_arrays]
         self.outcomes: dict[int, RoundOutcome] = {}
+        # With a roster (SecAgg+): sample only nodes identified as members (server/node_identities.py).
+        self.identities = identities
+        self.fit_ins: dict[int, FitIns] = {}  # the round's: what a node replacing a dropped one gets
 
     def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
         """Exactly clients-per-round, not FedAvg's rounded fraction."""
         return self.min_fit_clients, self.min_available_clients
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager) -> list:
-        instructions = super().configure_fit(server_round, parameters, client_manager)
+        if self.identities is None:
+            instructions = super().configure_fit(server_round, parameters, client_manager)
+        else:
+            fit_ins = FitIns(parameters, self.on_fit_config_fn(server_round))
+            self.fit_ins = {server_round: fit_ins}  # this round's only: it holds the whole global adapter
+            instructions = [(proxy, fit_ins) for proxy in self.identities.sample(
+                client_manager, self.min_fit_clients, min_available=self.min_available_clients)]
         self.outcomes[server_round] = RoundOutcome(sampled=len(instructions))
         return instructions
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager) -> list:
+        """FedAvg's, but with a roster only among the nodes identified as members."""
+        if self.identities is None or self.fraction_evaluate == 0.0:
+            return super().configure_evaluate(server_round, parameters, client_manager)
+        members = self.identities.identified(client_manager)
+        size, _ = self.num_evaluation_clients(len(members))
+        if not members or size > len(members):  # as Flower's sampling: too few, no evaluation
+            return []
+        evaluate_ins = EvaluateIns(parameters, self.on_evaluate_config_fn(server_round))
+        return [(proxy, evaluate_ins) for proxy in members[:size]]
 
     def record_replies(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                        failures: list) -> RoundOutcome:

@@ -30,6 +30,7 @@ from server.run_directory import RunDirectory
 from simulations.simulate import write_simulation_roster
 
 COORDINATOR_NODE_ID = 1
+STRANGER_NODE_ID = 900  # the first of `federation(strangers=...)`'s nodes
 Tamper = Callable[[Message], Message | None]  # None: the message is dropped
 # fedtune's round loop (Flower's legacy workflows) talks to a grid only through send_and_receive.
 _ONLY_SEND_AND_RECEIVE = "the in-process grid delivers messages only through send_and_receive"
@@ -37,8 +38,9 @@ _ONLY_SEND_AND_RECEIVE = "the in-process grid delivers messages only through sen
 
 class InProcessGrid(Grid):
     def __init__(self, *, client_app, node_configs: dict[int, dict], run_id: int = 5,
-                 tamper: Tamper | None = None) -> None:
+                 tamper: Tamper | None = None, node_apps: dict | None = None) -> None:
         self.app, self.run_id, self.tamper = client_app, run_id, tamper
+        self.node_apps = dict(node_apps or {})  # node id -> its own ClientApp (e.g. a stranger's)
         self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=cfg, state=RecordDict(), run_config={})
                          for nid, cfg in node_configs.items()}
         self.sent: list[Message] = []  # after tampering, as the clients received them
@@ -75,7 +77,8 @@ class InProcessGrid(Grid):
             msg = _over_the_wire(msg)  # each node gets its own copy, as serialized by Flower
             self.sent.append(msg)
             try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+                node = msg.metadata.dst_node_id
+                reply = self.node_apps.get(node, self.app)(msg, self.contexts[node])
             except Exception as exc:  # what Flower's runtime makes of a ClientApp's exception
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                       reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
@@ -89,16 +92,27 @@ def _over_the_wire(msg: Message) -> Message:
 
 
 def federation(config, run_dir: Path, *, tamper: Tamper | None = None, client_app=None,
-               node_policy: dict[int, dict] | None = None) -> tuple[InProcessGrid, RunDirectory]:
+               node_policy: dict[int, dict] | None = None, strangers: int = 0) -> tuple[InProcessGrid, RunDirectory]:
     """A grid of `config.num_clients` simulated nodes (their roster written as `fedtune simulate`
     does) and a fresh run directory; `node_policy` adds node config keys per partition, and
-    `client_app` replaces fedtune's."""
+    `client_app` replaces fedtune's. `strangers` registers that many more nodes (ids 900, 901, ...)
+    running fedtune's ClientApp with keys and a roster of their own (beside `run_dir`): each claims
+    to be client-N, as a stranger who registered a node would."""
     ledgers = run_dir / "ledgers"
     write_simulation_roster(ledgers, num_clients=config.num_clients)
     nodes = {100 + p: {"partition-id": p, "num-partitions": config.num_clients, **(node_policy or {}).get(p, {})}
              for p in range(config.num_clients)}
+    node_apps = {}
+    if strangers:
+        own = run_dir.parent / f"{run_dir.name}-strangers"
+        write_simulation_roster(own, num_clients=config.num_clients)
+        app = build_client_app(config=config, ledger_root=own)
+        for index in range(strangers):
+            nodes[STRANGER_NODE_ID + index] = {"partition-id": index % config.num_clients,
+                                               "num-partitions": config.num_clients}
+            node_apps[STRANGER_NODE_ID + index] = app
     grid = InProcessGrid(client_app=client_app or build_client_app(config=config, ledger_root=ledgers),
-                         node_configs=nodes, tamper=tamper)
+                         node_configs=nodes, tamper=tamper, node_apps=node_apps)
     return grid, RunDirectory.create(path=run_dir, config=config)
 
 
