@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from cryptography.fernet import InvalidToken
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -32,7 +31,6 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, parameters_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintext_concat,
                                                               share_keys_plaintext_separate)
@@ -42,14 +40,14 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
 
 from client.policy_guard import note_transport
 from client.privacy_ledger import ClientPrivacyLedger
+from client.secagg_masking import masked_update
 from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
                                   survivors_problem, unmask_problem, value_of, verified_signers)
 from client.secagg_state import SecAggState
 from client.update_cache import UpdateCache
-from common.ledger.chain import signing_key
 from common.errors import FedtuneError
+from common.ledger.chain import signing_key
 from common.protocol import FitInstructions, FitReport, SecAggWire, Status
-from common.secure_aggregation.masks import mask_arrays, quantize
 from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, session_digest, survivor_statement
 
@@ -212,7 +210,7 @@ def _collect_masked_vectors(*, state: SecAggState, configs: ConfigRecord, node: 
     fitres = compat.recorddict_to_fitres(out, keep_input=True)
     report = FitReport.from_metrics(dict(fitres.metrics))
     state.contributed, state.fit_round = fitres.num_examples > 0, report.server_round
-    masked = _masked_update(state, parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
+    masked = masked_update(state, parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
                             masking_peers=sources)
     if state.contributed:  # this update never goes into a second session (client/replay.py)
         UpdateCache(node.ledger_dir).note_sent_masked(run_id=state.fit_run_id, server_round=state.fit_round)
@@ -237,25 +235,6 @@ def _check_fit_matches_session(state: SecAggState, msg: Message) -> None:
             (state.run_id, state.server_round, state.flower_run_id):
         raise Refusal("the fit names another run or round than this SecAgg+ session was set up for")
     state.fit_run_id = fit_run_id
-
-
-def _masked_update(state: SecAggState, update: list[np.ndarray], num_examples: int, *,
-                   masking_peers: list[int]) -> list[np.ndarray]:
-    """[weight, weight x update] quantized, plus the self mask, plus/minus each pairwise mask (as Flower)."""
-    if num_examples > state.max_weight:
-        raise Refusal("the update's weight exceeds the round's max weight")
-    if not all(np.isfinite(a).all() for a in update):  # quantized, NaN would shift the sum silently
-        raise Refusal("this node's update holds NaN or Inf (local training diverged?); it is not sent")
-    q_ratio = round(num_examples / state.max_weight * state.target_range)
-    weighted = [a * (q_ratio / state.target_range) for a in update]
-    vector = factor_combine(q_ratio, quantize(weighted, state.clipping_range, state.target_range))
-    shapes = [a.shape for a in vector]
-    vector = [a + m for a, m in zip(vector, mask_arrays(state.rd_seed, state.mod_range, shapes))]
-    for peer in masking_peers:
-        shared = generate_shared_key(bytes_to_private_key(state.sk1), bytes_to_public_key(state.pk1s[peer]))
-        sign = 1 if state.node_id > peer else -1
-        vector = [a + sign * m for a, m in zip(vector, mask_arrays(shared, state.mod_range, shapes))]
-    return parameters_mod(vector, state.mod_range)
 
 
 def _consistency(*, state: SecAggState, configs: ConfigRecord, node: SecAggNode) -> dict:

@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
-from common.faults import check_faults
-from common.privacy.budget_defaults import TRAINING_MODES, defaults_for_budget
+from common.config_checks import check, check_run_config
+from common.privacy.budget_defaults import defaults_for_budget
 from common.protocol import JobWire
 from common.tasks import TASK_NAMES, get_task
 from common.values import coerce
 
-PARTITIONERS = ("iid", "dirichlet", "category")
-ACCOUNTANTS = ("prv", "rdp")
-LORA_VARIANTS = ("lora", "ffa")
-POOLINGS = ("mean", "cls")
 # What a key set to 0 or "" becomes. classification: tuned on BBC News (BENCHMARKS.md); causal-lm:
 # what configs/causal-lm.toml measured (FFA-LoRA is tuned for classification only).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -121,13 +117,15 @@ class RunConfig:
                                        "update checks); 0 derives it from the run's data (simulation).")
     output_dir: str = _opt("", "Run directory the coordinator writes; '' = runs/<timestamp> (simulate: --out).")
     roster: str = _opt("", "Coordinator: the roster file; only nodes whose signed keys prove a member are sampled.")
+    secagg_max_colluders: int = _opt(0, "SecAgg+: institutions that may collude with the coordinator; the "
+                                        "threshold t is chosen so that 2t > clients-per-round + this.")
     samples: int = _opt(8, "causal-lm: held-out prompts whose greedy generations go to samples.md (0 = none).")
     max_new_tokens: int = _opt(48, "causal-lm: tokens generated per sample prompt.")
     inject_faults: str = _opt("", "Fault drill for simulations: 'ROUND:FAULT[:CLIENTS]; ...' "
                                   "(dropouts, bad updates, a coordinator crash; see README).")
 
     def __post_init__(self) -> None:
-        _check(self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
+        check(self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         # What was asked, before the task's values fill the 0/"" keys: with_overrides starts from it.
         object.__setattr__(self, "_declared", {spec.name: getattr(self, spec.name) for spec in fields(self)})
         for name, value in self._task_values().items():
@@ -218,71 +216,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Reject values that cannot make a meaningful run, saying which key to fix."""
-        _check(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {', '.join(PARTITIONERS)}")
-        _check(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {', '.join(LORA_VARIANTS)}")
-        _check_modes(self)
-        _check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
-        for key in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size", "probe_steps",
-                    "max_length", "lora_rank", "lora_alpha"):
-            _check(getattr(self, key) >= 1, key, "must be at least 1")
-        _check(self.clients_per_round <= self.num_clients, "clients_per_round",
-               f"cannot exceed num-clients ({self.num_clients})")
-        _check(_positive(self.learning_rate), "learning_rate", "must be a positive number")
-        _check(_positive(self.head_learning_rate), "head_learning_rate", "must be a positive number")
-        _check(_positive(self.target_epsilon), "target_epsilon", "must be a positive number")
-        _check(0.0 < self.target_delta < 1.0, "target_delta", "must lie strictly between 0 and 1")
-        _check(_positive(self.max_grad_norm), "max_grad_norm", "must be a positive number")
-        _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier), "noise_multiplier",
-               "must be 0 (calibrate) or a positive number")
-        _check(self.secagg_clipping_range >= 0 and math.isfinite(self.secagg_clipping_range),
-               "secagg_clipping_range", "must be 0 (auto) or a positive number")
-        _check(self.secagg_max_weight >= 0, "secagg_max_weight", "must be 0 (auto) or positive")
-        _check(self.max_client_examples >= 0, "max_client_examples", "must be 0 (auto) or positive")
-        _check(self.max_update_norm >= 0 and math.isfinite(self.max_update_norm), "max_update_norm",
-               "must be 0 (auto) or a positive number")
-        _check(self.round_timeout >= 0 and math.isfinite(self.round_timeout), "round_timeout",
-               "must be 0 (no timeout) or a positive number of seconds")
-        _check(self.physical_batch_size >= 0, "physical_batch_size", "must be 0 (auto) or positive")
-        _check(self.samples >= 0, "samples", "must be 0 (none) or a positive number of prompts")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
-        _check(_positive(self.dirichlet_alpha), "dirichlet_alpha", "must be a positive number")
-        _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie strictly between 0 and 1")
-        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must lie in [0, 1)")
-        _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must lie in [0, 1]")
-        if self.inject_faults:
-            check_faults(self.inject_faults, secure_aggregation=self.secure_aggregation,
-                         num_clients=self.num_clients)
-        if self.secure_aggregation:
-            _check(self.clients_per_round >= 2, "clients_per_round", "must be at least 2 with secure-aggregation "
-                   "(SecAgg+ sums several updates); set secure-aggregation=false for a single client")
-
-
-def _check_modes(config: RunConfig) -> None:
-    """The training mode, probing and early-stopping keys (probe/two-stage need a label head)."""
-    _check(config.training_mode in TRAINING_MODES, "training_mode", f"must be one of {', '.join(TRAINING_MODES)}")
-    _check(config.training_mode == "adapter" or config.task == "classification", "training_mode",
-           "must be 'adapter' for this task (probing trains a label head)")
-    _check(config.pooling in ("", *POOLINGS), "pooling", "must be '', 'mean' or 'cls'")
-    _check(config.training_mode != "two-stage" or 1 <= config.probe_rounds < config.num_rounds, "probe_rounds",
-           "must leave at least one adapter round in two-stage (1 <= probe-rounds < num-rounds)")
-    _check(0.0 < config.probe_epsilon_share < 1.0, "probe_epsilon_share", "must lie strictly between 0 and 1")
-    _check(config.early_stopping_patience >= 0, "early_stopping_patience", "must be 0 (off) or a round count")
-    _check(0.0 < config.stop_validation_fraction < 0.5, "stop_validation_fraction", "must lie in (0, 0.5)")
-    _check(_positive(config.probe_learning_rate), "probe_learning_rate", "must be a positive number")
+        check_run_config(self)
 
 
 def _dashed(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _positive(value: float) -> bool:
-    return value > 0 and math.isfinite(value)
-
-
-def _check(ok: bool, name: str, requirement: str) -> None:
-    if not ok:
-        raise FedtuneError(f"config key '{_dashed(name)}' {requirement}.")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

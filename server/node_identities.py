@@ -48,6 +48,16 @@ class NodeIdentities:
             log.info("node %d is %s (its signed key statement verifies against the roster)", node_id, institution)
         self.members[node_id] = institution
 
+    def may_speak_for(self, node_id: int, institution: str) -> bool:
+        """Whether a text from `node_id` may be taken as `institution`'s: not from a stranger, nor
+        naming an institution another node proved to be."""
+        if node_id in self.strangers:
+            return False
+        proved = self.members.get(node_id)
+        if proved is not None:
+            return proved == institution
+        return institution not in self.members.values()
+
     def reject(self, node_id: int, why: str) -> None:
         if node_id not in self.strangers:
             log.warning("node %d is not sampled again in this run: %s", node_id, why)

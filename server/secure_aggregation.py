@@ -23,6 +23,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.config_checks import secagg_threshold
 from common.errors import FedtuneError
 from common.protocol import MAX_REASON_CHARS, SecAggWire
 from server.secagg_setup import admit, replace
@@ -54,14 +55,15 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
     """Shares, threshold, weight bound and value range for this run's sampled clients.
 
     - every sampled client shares its keys with all others (shares = clients per round) and a
-      majority of them is needed to reconstruct a key (tolerates a minority dropping out);
+      threshold t with 2t > clients + secagg-max-colluders is needed to reconstruct a key (a
+      strict majority by default; tolerates the rest dropping out);
     - `max_weight` exceeds the largest client's example count: SecAgg+ weighs an update by
       num_examples / max_weight, and a ratio above 1 overflows;
     - the clipping range covers every coordinate of an update: with AdamW and no weight decay a
       coordinate moves by about lr per step, so lr x steps x margin bounds one round's change.
     """
     n = config.clients_per_round
-    threshold = max(2, n // 2 + 1)
+    threshold = secagg_threshold(clients=n, max_colluders=config.secagg_max_colluders)
     if config.secagg_max_weight and config.secagg_max_weight <= max_client_examples:
         raise FedtuneError(f"secagg-max-weight {config.secagg_max_weight} must exceed the largest client's "
                            f"example count ({max_client_examples}); set it to 0 to derive it")
@@ -211,10 +213,18 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     @staticmethod
     def _note_refusals(context: LegacyContext, replies: list[Message]) -> None:
-        """Keep each client's refusal reason for the round's record (bounded: it is a client's text)."""
+        """Keep each client's refusal reason for the round's record (bounded: it is a client's text).
+        A refusal is an error text, not signed: one naming an institution that another node proved
+        to be, or sent by a node found a stranger, is not recorded under that institution's name."""
         outcome = context.strategy.outcomes.get(_round(context))
+        identities = getattr(context.strategy, "identities", None)
         for msg in replies:
             match = _REFUSAL.search(msg.error.reason) if msg.has_error() else None
+            if match and identities is not None and not identities.may_speak_for(msg.metadata.src_node_id,
+                                                                                 match["institution"]):
+                log.warning("round %d: node %d's error names %s, which it has not proved to be; not recorded",
+                            _round(context), msg.metadata.src_node_id, match["institution"])
+                continue
             if match and outcome is not None:
                 # the first refusal is the reason; a later stage only finds the round already ended
                 outcome.secagg_refusals.setdefault(match["institution"], match["why"][:MAX_REASON_CHARS])

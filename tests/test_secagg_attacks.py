@@ -84,6 +84,24 @@ def test_threshold_1_is_refused_at_setup(config, tmp_path):
     assert not [m for m in grid.sent if _stage(m) == Stage.SHARE_KEYS]
 
 
+def test_a_node_allowing_for_a_colluder_needs_a_higher_threshold(config, tmp_path):
+    """A split story about who dropped out, signed on both sides by c colluding institutions,
+    rebuilds both masks of one node unless 2t > n + c. Nodes whose policy allows for one colluder
+    refuse the majority threshold 3 of 5; a job that allows for it too asks 4, and the round runs."""
+    config = config.with_overrides(num_clients=5, clients_per_round=5)
+    policy = {p: {"secagg-max-colluders": 1} for p in range(5)}
+    grid, run_dir = federation(config, tmp_path / "run", node_policy=policy)
+    run(grid, config, run_dir)
+    _assert_refused_everywhere(run_dir.path, stage="setup", because="needs 2 x threshold > sampled + 1",
+                               who=[f"client-{p}" for p in range(5)])
+    config = config.with_overrides(secagg_max_colluders=1)
+    grid, run_dir = federation(config, tmp_path / "tighter", node_policy=policy)
+    run(grid, config, run_dir)
+    [record] = metrics(run_dir.path)
+    assert record["update_applied"] and record["clients_trained"] == 5 and "secagg_refusals" not in record
+    assert {_config(m)[Key.THRESHOLD] for m in grid.sent if _stage(m) == Stage.SETUP} == {4}
+
+
 def test_share_count_1_is_refused_at_setup(config, tmp_path):
     def one_share(msg):
         if _stage(msg) == Stage.SETUP:

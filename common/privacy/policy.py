@@ -105,7 +105,7 @@ class NodePolicy:
                    target_epsilon=config.target_epsilon, target_delta=config.target_delta,
                    allow_large_delta=config.allow_large_delta, max_grad_norm=config.max_grad_norm, noise_multiplier=config.noise_multiplier,
                    accountant=config.accountant, max_evaluations=evaluations, share_train_loss=True,
-                   secagg_min_contributors=min_contributors)
+                   secagg_min_contributors=min_contributors, secagg_max_colluders=config.secagg_max_colluders)
 
     # -- what a job may ask ------------------------------------------------------------------
 
