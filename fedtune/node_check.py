@@ -33,12 +33,14 @@ class NodeCheck:
     passed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def run(self, label: str, step) -> None:
+    def run(self, label: str, step) -> bool:
         try:
             note = step()
             self.passed.append(f"{label}: {note}" if note else label)
+            return True
         except (FedtuneError, OSError, ValueError) as exc:
             self.problems.append(f"{label}: {exc}")
+            return False
 
 
 def check_node(*, superlink: str, root_certificates: Path, private_key: Path, node_config: str,
@@ -46,8 +48,8 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
     check = NodeCheck()
     check.run("node config", lambda: _check_node_config(node_config))
     check.run("privacy policy", lambda: _describe_policy(node_config))
-    check.run("roster", lambda: _check_roster(node_config))
-    check.run("pins", lambda: _check_pins(node_config))
+    if check.run("roster", lambda: _check_roster(node_config)):
+        check.run("pins", lambda: _check_pins(node_config))  # they name the roster's federation
     check.run("CA certificate", lambda: _check_ca(root_certificates))
     check.run("authentication key", lambda: _check_private_key(private_key))
     check.run("SuperLink", lambda: _check_superlink(superlink, root_certificates, timeout))
@@ -98,10 +100,8 @@ def _check_roster(text: str) -> str:
     """The roster this node pinned lists it with its own identity (ledger) key and has not expired."""
     node = parse_config_args([text])
     policy = NodePolicy.from_node_config(node)
-    if "roster" not in node:
-        if policy.secure_aggregation:
-            raise FedtuneError(NO_ROSTER)
-        return "none (this node's policy does not require secure aggregation)"
+    if "roster" not in node:  # SecAgg+ checks peers against it, and a signed job names it
+        raise FedtuneError(NO_ROSTER)
     roster = Roster.load(str(node["roster"]))
     institution = NodeData.from_node_config(node).client_id
     own = Path(str(node.get("ledger-dir", ""))) / PUBLIC_KEY_FILE
