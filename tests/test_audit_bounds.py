@@ -22,6 +22,7 @@ from common.ledger.recompute import MAX_AUDITED_STEPS, ClientRecomputation, Reco
 from common.privacy.accounting import PRECISE_INTERVAL, QUICK_INTERVAL, independent_epsilon
 from fedtune.main import run_cli
 from simulations import inprocess
+from tests.helpers import two_client_run_with_snapshot
 
 CLIENTS = ("client-0", "client-1")
 NOT_ATTESTED = "consistent (not independently attested: the private keys of every client ledger are in the run"
@@ -31,17 +32,7 @@ NOT_ATTESTED = "consistent (not independently attested: the private keys of ever
 def finished(tiny_config, tmp_path_factory):
     """The finished run, and a copy of its directory as it was after round 2."""
     root = tmp_path_factory.mktemp("bounds")
-    config = tiny_config(num_clients=2, clients_per_round=2, num_rounds=3, target_epsilon=4.0, dp=True,
-                         secure_aggregation=False)
-    grid, run_dir = inprocess.federation(config, root / "run")
-    snapshot = root / "after-round-2"
-
-    def keep_round_2(record: dict) -> None:
-        if record["round"] == 2:
-            shutil.copytree(run_dir.path, snapshot)
-
-    inprocess.run(grid, config, run_dir, on_round=keep_round_2)
-    return run_dir.path, snapshot
+    return two_client_run_with_snapshot(tiny_config, root)
 
 
 def _run_id(run: Path) -> str:

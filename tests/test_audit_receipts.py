@@ -15,8 +15,7 @@ import pytest
 
 from common.ledger.chain import Ledger, read_records
 from common.ledger.receipts import write_receipt
-from simulations import inprocess
-from tests.helpers import run_fedtune
+from tests.helpers import run_fedtune, two_client_run_with_snapshot
 
 CLIENTS = ("client-0", "client-1")
 
@@ -25,26 +24,17 @@ CLIENTS = ("client-0", "client-1")
 def finished(tiny_config, tmp_path_factory):
     """The run after round 3, a copy of its directory as it was after round 2, and receipts."""
     root = tmp_path_factory.mktemp("receipts")
-    config = tiny_config(num_clients=2, clients_per_round=2, num_rounds=3, target_epsilon=4.0, dp=True,
-                         secure_aggregation=False)
-    grid, run_dir = inprocess.federation(config, root / "run")
-    snapshot = root / "after-round-2"
-
-    def keep_round_2(record: dict) -> None:
-        if record["round"] == 2:
-            shutil.copytree(run_dir.path, snapshot)
-
-    inprocess.run(grid, config, run_dir, on_round=keep_round_2)
-    run_id = json.loads((run_dir.path / "run.json").read_text())["run_id"]
+    run, snapshot = two_client_run_with_snapshot(tiny_config, root)
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
     receipts = {}
     for client in CLIENTS:  # what each institution runs on its own ledger, through the CLI
         receipts[client] = root / f"{client}.receipt.json"
-        made = run_fedtune("receipt", str(run_dir.path / "ledgers" / client), "--run-id", run_id,
+        made = run_fedtune("receipt", str(run / "ledgers" / client), "--run-id", run_id,
                            "--out", str(receipts[client]))
         assert made.returncode == 0, made.stderr
         said = " ".join(made.stdout.split())
         assert f"{client}, run {run_id}" in said and "last round 3" in said
-    return run_dir.path, snapshot, receipts
+    return run, snapshot, receipts
 
 
 def _audit(run: Path, *receipts: Path):
