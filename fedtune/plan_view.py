@@ -63,19 +63,12 @@ def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
 
 def _check_size(config, *, dataset_size: int) -> None:
     """A plan over the default node caps would be refused by a client before it calibrates; it is
-    refused here too, before the accountant's time and memory (which grow with the steps) are spent."""
-    from common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, planned_steps
+    refused here too, by the same rule, before the accountant's time and memory are spent."""
+    from common.privacy.plan import size_problem
 
-    if config.num_rounds > DEFAULT_MAX_ROUNDS:
-        raise FedtuneError(f"--rounds {config.num_rounds} is more than the {DEFAULT_MAX_ROUNDS} rounds a node plans "
-                           f"at most by default (node policy max-rounds): its client would refuse the job before "
-                           f"calibrating; lower --rounds")
-    steps = planned_steps(config, num_examples=dataset_size)
-    if steps > DEFAULT_MAX_DP_STEPS:
-        raise FedtuneError(f"this plan has {steps} DP steps over the run, more than the {DEFAULT_MAX_DP_STEPS} a node "
-                           f"plans at most by default (node policy max-dp-steps): its client would refuse the job "
-                           f"before calibrating; lower --rounds, --local-epochs or --probe-steps, or raise "
-                           f"--batch-size")
+    problem = size_problem(config, num_examples=dataset_size, party="a node by default")
+    if problem:
+        raise FedtuneError(f"{problem} (here: --rounds, --local-epochs, --probe-steps, --batch-size)")
 
 
 def load_accountants_without_torch() -> None:

@@ -119,9 +119,11 @@ def test_the_prv_accountant_refuses_a_grid_past_its_bound_instead_of_exhausting_
 # -- item 8: `fedtune plan` and `fedtune sign-job` answer bad sizes with one line --------------
 
 @pytest.mark.parametrize("args, says", [
-    (["--rounds", "1000000"], "--rounds 1000000 is more than the 1000 rounds a node plans at most by default"),
-    (["--rounds", "500", "--local-epochs", "100000", "--mode", "adapter"], "more than the 100000 a node plans"),
-    (["--rounds", "10", "--probe-steps", "1000000000", "--mode", "probe"], "more than the 100000 a node plans"),
+    (["--rounds", "1000000"], "num-rounds=1000000 asked, a node by default plans at most 1000 rounds"),
+    (["--rounds", "500", "--local-epochs", "100000", "--mode", "adapter"],
+     "more DP steps over the run than the 100000 a node by default plans at most"),
+    (["--rounds", "10", "--probe-steps", "1000000000", "--mode", "probe"],
+     "more DP steps over the run than the 100000 a node by default plans at most"),
 ])
 def test_plan_past_the_caps_is_one_error_line_fast(args, says, capsys, no_calibration):
     from fedtune.main import run_cli
