@@ -66,6 +66,8 @@ def simulate(
                                  "goes to stderr (`fedtune simulate --json | jq`)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory "
                                           "from its last checkpoint (its own config is used)."),
+    engine: str = typer.Option("ray", "--engine", help="ray (Flower's simulation engine) or in-process (the "
+                               "same apps without Ray: nodes one after another in this process, for debugging)."),
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
     from common.config import RunConfig
@@ -83,7 +85,7 @@ def simulate(
     # --json: stdout holds the summary alone; --quiet: nothing but the summary and errors.
     shell_console = console(stderr=as_json, quiet=quiet)
     summary = run(config=resolved, out=out, verbose=verbose, console=shell_console, resume=resume is not None,
-                  progress=not (quiet or as_json), on_run_dir=shell.log_dir_hint.append)
+                  progress=not (quiet or as_json), on_run_dir=shell.log_dir_hint.append, engine=engine)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

@@ -5,14 +5,18 @@ the ClientApp, the way a SuperNode hands a message to `flwr-clientapp`.
 No Ray and no sockets: a SecAgg+ round of the tiny model takes about a second, so tests play a
 hostile coordinator by editing messages in flight (`tamper`) or check the round loop without the
 simulation engine's start-up. Every message is serialized as Flower serializes it, so each node
-gets its own copy. Clients run one after another; `fedtune simulate` is the way to run a
-federation.
+gets its own copy. Nodes run one after another, and a reply that took a node longer than the
+round's timeout is lost, as if the nodes ran side by side. `fedtune simulate --engine in-process`
+runs a whole simulation this way (`run_apps`); its crash drill raises `CoordinatorKilled` where a
+real coordinator process would be SIGKILLed.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable
@@ -24,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import build_client_app
+from server.drills import CoordinatorKilled
 from server.federation import run_federation
 from server.recorder import RoundCallback
 from server.run_directory import RunDirectory
@@ -45,6 +50,11 @@ class InProcessGrid(Grid):
                          for nid, cfg in node_configs.items()}
         self.sent: list[Message] = []  # after tampering, as the clients received them
         self.replies: list[Message] = []
+
+    def kill_coordinator(self, server_round: int) -> None:
+        """The crash drill here: the caller's process must live on, so the round loop is unwound
+        by an exception nothing in it catches, and no round-end bookkeeping runs."""
+        raise CoordinatorKilled(f"inject-faults: the coordinator is killed after round {server_round}'s replies")
 
     def set_run(self, run) -> None:
         pass
@@ -76,15 +86,21 @@ class InProcessGrid(Grid):
                     continue
             msg = _over_the_wire(msg)  # each node gets its own copy, as serialized by Flower
             self.sent.append(msg)
-            try:
-                node = msg.metadata.dst_node_id
-                reply = self.node_apps.get(node, self.app)(msg, self.contexts[node])
-            except Exception as exc:  # what Flower's runtime makes of a ClientApp's exception
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
-            replies.append(_over_the_wire(reply))
+            started = time.monotonic()
+            reply = self._deliver(msg)
+            if timeout is None or time.monotonic() - started <= timeout:  # else lost, like a straggler's
+                replies.append(_over_the_wire(reply))
         self.replies += replies
         return replies
+
+
+    def _deliver(self, msg: Message) -> Message:
+        try:
+            node = msg.metadata.dst_node_id
+            return self.node_apps.get(node, self.app)(msg, self.contexts[node])
+        except Exception as exc:  # what Flower's runtime makes of a ClientApp's exception
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"),
+                           reply_to=msg)
 
 
 def _over_the_wire(msg: Message) -> Message:
@@ -120,12 +136,30 @@ def run(grid: InProcessGrid, config, run_dir: RunDirectory, *, resume: bool = Fa
         on_round: RoundCallback | None = None) -> dict:
     """The ServerApp's main, with the task identity Flower's runtime would set for it; `on_round`
     gets each round's record (e.g. the progress table's `add`)."""
-    context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with _coordinator_identity(grid):
+        return run_federation(grid=grid, context=_server_context(grid), config=config, run_dir=run_dir,
+                              resume=resume, on_round=on_round)
+
+
+def run_apps(*, server_app, client_app, num_nodes: int) -> None:
+    """What Flower's `run_simulation` does with the two apps, without Ray: `num_nodes` nodes with
+    the node config Flower gives simulated ones, and the ServerApp run in this process."""
+    nodes = {100 + p: {"partition-id": p, "num-partitions": num_nodes} for p in range(num_nodes)}
+    grid = InProcessGrid(client_app=client_app, node_configs=nodes)
+    with _coordinator_identity(grid):
+        server_app(grid, _server_context(grid))
+
+
+def _server_context(grid: InProcessGrid) -> Context:
+    return Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
+@contextmanager
+def _coordinator_identity(grid: InProcessGrid):
     saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, COORDINATOR_NODE_ID
     try:
-        return run_federation(grid=grid, context=context, config=config, run_dir=run_dir, resume=resume,
-                              on_round=on_round)
+        yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 

@@ -21,6 +21,8 @@ from server.round_table import RoundTable, run_banner
 from simulations.interrupt import StopOnInterrupt
 from simulations.progress import PROGRESS_DIR, RoundProgress
 
+RAY, IN_PROCESS = "ray", "in-process"
+ENGINES = (RAY, IN_PROCESS)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
 
@@ -71,13 +73,16 @@ def check_out_dir(run_dir: Path, *, resume: bool) -> None:
 
 def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = False,
              console: Console | None = None, resume: bool = False, progress: bool = True,
-             on_run_dir: Callable[[Path], None] | None = None) -> dict:
+             on_run_dir: Callable[[Path], None] | None = None, engine: str = RAY) -> dict:
     """Run the federation and return its summary; writes the run directory `out`.
 
     With `resume`, `out` is an interrupted run (see `simulations.resume`) continued from its checkpoint.
     `progress` shows a status line inside each round on a terminal; `on_run_dir` learns the
-    run directory (the CLI logs an unexpected error there).
+    run directory (the CLI logs an unexpected error there). `engine` is RAY (Flower's simulation
+    engine) or IN_PROCESS (simulations/inprocess.py: the same apps, nodes one after another here).
     """
+    if engine not in ENGINES:
+        raise FedtuneError(f"no simulation engine {engine!r}; choose one of {', '.join(ENGINES)}")
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
     run_dir = Path(out or config.output_dir or default_run_dir())
@@ -87,8 +92,6 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     preflight(config, console)
     # The engine and both apps load only once the checks above passed: a mistake in the config, the
     # data or the run directory is reported in a second, not after Ray, Flower and the apps load.
-    from flwr.simulation import run_simulation
-
     from client.app import build_client_app
     from server.app import build_server_app
 
@@ -110,21 +113,30 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
         write_simulation_roster(run_dir / "ledgers", num_clients=config.num_clients)
     shown = RoundProgress(run_dir / PROGRESS_DIR, console, clients=config.clients_per_round,
                           first_round=len(table.rows) + 1, enabled=progress)
+    server_app = build_server_app(config=config, run_dir=run_dir, on_round=shown.wrap(table.add), results=results,
+                                  resume=resume)
+    client_app = build_client_app(config=config, ledger_root=run_dir / "ledgers", progress_dir=run_dir / PROGRESS_DIR)
     with StopOnInterrupt(run_dir, num_rounds=config.num_rounds), shown:
-        run_simulation(
-            server_app=build_server_app(config=config, run_dir=run_dir, on_round=shown.wrap(table.add),
-                                        results=results, resume=resume),
-            client_app=build_client_app(config=config, ledger_root=run_dir / "ledgers",
-                                        progress_dir=run_dir / PROGRESS_DIR),
-            num_supernodes=config.num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
-                                          "include_dashboard": False}},
-            verbose_logging=verbose,
-        )
+        _run_engine(engine, server_app=server_app, client_app=client_app, num_nodes=config.num_clients,
+                    verbose=verbose)
     shown.remove_files()
     if "summary" not in results:
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
                            f"(rerun with --verbose) and {run_dir}")
     return results["summary"]
 
+
+
+def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, verbose: bool) -> None:
+    if engine == IN_PROCESS:
+        from simulations.inprocess import run_apps
+
+        run_apps(server_app=server_app, client_app=client_app, num_nodes=num_nodes)
+        return
+    from flwr.simulation import run_simulation  # Ray loads only for its engine
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
+                                                 "include_dashboard": False}},
+                   verbose_logging=verbose)

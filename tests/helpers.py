@@ -1,4 +1,5 @@
-"""Running the real `fedtune` command line in a subprocess, as a user would."""
+"""Running the real `fedtune` command line: in this process (`fedtune`, what most tests need), or
+in a subprocess where the process is the subject (`run_fedtune`: exit status, imports, signals)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ def run_fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="120")
     return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def fedtune(*args: str) -> subprocess.CompletedProcess:
+    """`fedtune ARGS` run by the CLI's own entry point in this process, its output captured: the
+    same exit code, stdout and stderr as the subprocess, without a new interpreter's imports."""
+    import contextlib
+    import io
+
+    from fedtune import shell
+    from fedtune.main import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    shell.log_dir_hint.clear()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT):
+        code = run_cli(list(args))
+    return subprocess.CompletedProcess(["fedtune", *args], code, out.getvalue(), err.getvalue())
 
 
 def set_args(**keys) -> list[str]:
