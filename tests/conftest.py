@@ -10,6 +10,7 @@ import csv
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -153,3 +154,46 @@ def initial_adapter(config):
                                   lora=LoraSettings.from_config(config),
                                   seed=config.seed)
     return adapter_to_arrays(model)
+
+
+class FinishedRun(NamedTuple):
+    """A finished run (`path`), its config, and a copy of its directory as it was after round 2."""
+
+    config: object
+    path: Path
+    after_round_2: Path
+
+
+FINISHED_CLIENTS = ("client-0", "client-1", "client-2")
+
+
+@pytest.fixture(scope="session")
+def finished_dp_run(tiny_config, tmp_path_factory) -> FinishedRun:
+    """ONE finished 3-client, 3-round DP-SGD + SecAgg+ federation of the tiny model (target epsilon 5),
+    made once per session in this process (simulations/inprocess.py: the real round loop, ServerApp
+    and ClientApps with every mod), and its directory as it was after round 2 (what a roll-back to
+    round 2 leaves behind). Read it only: a test that edits a run takes `finished_dp_run_copy`."""
+    import shutil
+
+    from simulations import inprocess
+
+    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, target_epsilon=5.0, dp=True,
+                         secure_aggregation=True)
+    root = tmp_path_factory.mktemp("finished-dp-run")
+    grid, run_dir = inprocess.federation(config, root / "run")
+    snapshot = root / "after-round-2"
+
+    def keep_round_2(record: dict) -> None:
+        if record["round"] == 2:
+            shutil.copytree(run_dir.path, snapshot)
+
+    inprocess.run(grid, config, run_dir, on_round=keep_round_2)
+    return FinishedRun(config=config, path=run_dir.path, after_round_2=snapshot)
+
+
+@pytest.fixture
+def finished_dp_run_copy(finished_dp_run, tmp_path) -> Path:
+    """A copy of `finished_dp_run`'s directory in this test's tmp_path, to tamper with."""
+    import shutil
+
+    return Path(shutil.copytree(finished_dp_run.path, tmp_path / "run-copy"))
