@@ -9,7 +9,7 @@ from common.protocol import JobWire
 from common.config import RunConfig
 from common.errors import FedtuneError
 from tests.conftest import make_texts, write_csv
-from tests.helpers import run_fedtune
+from tests.helpers import fedtune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,8 +136,8 @@ def test_causal_lm_defaults_are_what_its_config_file_measured_and_explicit_keys_
 
 def test_a_large_delta_is_refused_before_the_federation_starts(tmp_path):
     data = write_csv(tmp_path / "d.csv", make_texts(20))
-    result = run_fedtune("simulate", "--out", str(tmp_path / "run"), "--set", f"data={data}",
-                         "--set", "target-delta=0.5", timeout=120)
+    result = fedtune("simulate", "--out", str(tmp_path / "run"), "--set", f"data={data}",
+                     "--set", "target-delta=0.5")
     assert result.returncode == 3 and "Simulating" not in result.stdout, result.stdout + result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: client-0: target-delta=0.5 is not below 1/N") and \

@@ -9,7 +9,7 @@ import pytest
 
 from common.data.labelled import load_labelled_texts
 from tests.conftest import TOPICS, make_texts, write_csv
-from tests.helpers import run_fedtune
+from tests.helpers import fedtune
 
 SECRET_LABEL = "rare-diagnosis-x17"
 SECRET_TEXT = "patient record zq-4471"
@@ -20,14 +20,14 @@ def _simulate(tmp_path, *sets: str):
     for item in sets:
         args += ["--set", item]
     started = time.monotonic()
-    result = run_fedtune(*args, timeout=120)
+    result = fedtune(*args)
     return result, time.monotonic() - started
 
 
 def _assert_refused_before_ray(result, seconds: float, tmp_path, *, expected: str, secrets=()) -> str:
     output = result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), output
+    assert result.returncode == 3 and len(lines) == 1 and lines[0].startswith("error: "), output
     assert expected in lines[0], lines[0]
     # The federation never started: no "Simulating ..." banner, no Ray or Flower output, no run.
     assert "Simulating" not in output and "Ray" not in output and "flwr" not in output.lower()
