@@ -14,14 +14,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.ledger.chain import Ledger, canonical, create_ledger_keys, load_public_key, read_records, verify_records
-from tests.helpers import run_fedtune
+from tests.helpers import fedtune
 
 KEY_FILES = ("keys/supernode", "keys/supernode.pub", "ledger/ledger.key", "ledger/ledger.pub")
 
 
 def _node_keys(tmp_path: Path, *extra: str):
-    return run_fedtune("node-keys", "--out", str(tmp_path / "keys"), "--ledger-dir", str(tmp_path / "ledger"),
-                       *extra, timeout=120)
+    return fedtune("node-keys", "--out", str(tmp_path / "keys"), "--ledger-dir", str(tmp_path / "ledger"), *extra)
 
 
 def _mode(path: Path) -> int:
@@ -54,15 +53,14 @@ def test_a_second_run_refuses_and_leaves_the_first_keys_byte_identical(tmp_path)
     again = _node_keys(tmp_path)
     assert again.returncode == 3 and "already exists" in again.stderr and "never replaced" in again.stderr
     # only the ledger key is in the way: nothing is half-made in the new --out either
-    ledger_taken = run_fedtune("node-keys", "--out", str(tmp_path / "fresh"), "--ledger-dir",
-                               str(tmp_path / "ledger"), timeout=120)
+    ledger_taken = fedtune("node-keys", "--out", str(tmp_path / "fresh"), "--ledger-dir", str(tmp_path / "ledger"))
     assert ledger_taken.returncode == 3 and "ledger.key already exists" in ledger_taken.stderr
     assert not (tmp_path / "fresh" / "supernode").exists()
     assert {name: (tmp_path / name).read_bytes() for name in KEY_FILES} == before
 
 
 def test_a_name_that_would_break_the_public_key_line_is_refused(tmp_path):
-    result = run_fedtune("node-keys", "--out", str(tmp_path / "keys"), "--name", "hospital a", timeout=120)
+    result = fedtune("node-keys", "--out", str(tmp_path / "keys"), "--name", "hospital a")
     assert result.returncode == 3 and "--name" in result.stderr
     assert not (tmp_path / "keys" / "supernode").exists()
 
@@ -92,7 +90,7 @@ def _loads_as_private_key(data: bytes) -> bool:
 
 
 def test_certs_writes_no_private_key_but_the_ca_and_superlink_ones(tmp_path):
-    made = run_fedtune("certs", "--out", str(tmp_path / "creds"), "--hosts", "localhost", timeout=120)
+    made = fedtune("certs", "--out", str(tmp_path / "creds"), "--hosts", "localhost")
     assert made.returncode == 0, made.stdout + made.stderr
     assert _private_keys_under(tmp_path / "creds") == {"ca.key", "superlink/server.key"}
     assert not (tmp_path / "creds" / "supernodes").exists()
@@ -100,8 +98,7 @@ def test_certs_writes_no_private_key_but_the_ca_and_superlink_ones(tmp_path):
 
 
 def test_certs_nodes_says_institutions_now_make_their_own_keys(tmp_path):
-    result = run_fedtune("certs", "--out", str(tmp_path / "creds"), "--hosts", "localhost", "--nodes", "3",
-                         timeout=120)
+    result = fedtune("certs", "--out", str(tmp_path / "creds"), "--hosts", "localhost", "--nodes", "3")
     assert result.returncode == 3 and "fedtune node-keys" in result.stderr
     assert not (tmp_path / "creds").exists()
 
@@ -124,20 +121,18 @@ def test_a_roster_is_built_from_ledger_keys_and_checked_by_each_institution(tmp_
     for name in ("hospital-a", "hospital-b", "stranger"):
         create_ledger_keys(tmp_path / name)
     roster = tmp_path / "roster.json"
-    built = run_fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a' / 'ledger.pub'}",
-                        "--member", f"hospital-b={tmp_path / 'hospital-b'}", "--out", str(roster),
-                        "--expires", "2099-01-01")
+    built = fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a' / 'ledger.pub'}",
+                    "--member", f"hospital-b={tmp_path / 'hospital-b'}", "--out", str(roster),
+                    "--expires", "2099-01-01")
     assert built.returncode == 0, built.stderr
     fingerprint = built.stdout.split("fingerprint")[1].split("\n")[0].strip()
-    ok = run_fedtune("roster", "check", str(roster), "--institution", "hospital-a", "--key",
-                     str(tmp_path / "hospital-a"))
+    ok = fedtune("roster", "check", str(roster), "--institution", "hospital-a", "--key", str(tmp_path / "hospital-a"))
     assert ok.returncode == 0 and fingerprint in ok.stdout and "2 institutions" in ok.stdout
     # the same fingerprint whoever checks it: what institutions compare out of band
-    assert fingerprint in run_fedtune("roster", "check", str(roster)).stdout
+    assert fingerprint in fedtune("roster", "check", str(roster)).stdout
     for institution, key, says in (("hospital-a", "stranger", "lists another key for this node (hospital-a)"),
                                    ("stranger", "stranger", "does not list this node (stranger)")):
-        wrong = run_fedtune("roster", "check", str(roster), "--institution", institution, "--key",
-                            str(tmp_path / key))
+        wrong = fedtune("roster", "check", str(roster), "--institution", institution, "--key", str(tmp_path / key))
         assert wrong.returncode == 3 and says in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
-    again = run_fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a'}", "--out", str(roster))
+    again = fedtune("roster", "build", "--member", f"hospital-a={tmp_path / 'hospital-a'}", "--out", str(roster))
     assert again.returncode == 3 and "already exists" in again.stderr  # a roster is never silently replaced

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_fedtune
+from tests.helpers import ROOT, fedtune
 
 RUN = Path(__file__).parent / "fixtures" / "run-made-before-the-layout-change"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,7 +28,7 @@ UNPINNED = "consistent (keys not pinned: the run directory's own keys were trust
 
 def _report(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "report"
-    result = run_fedtune("audit", str(RUN), "--report", "--out", str(out), *extra, timeout=120)
+    result = fedtune("audit", str(RUN), "--report", "--out", str(out), *extra)
     return result, out
 
 
@@ -82,12 +82,12 @@ def test_pinned_keys_make_the_verdict_clean_in_text_json_and_html(tmp_path):
     result, out = _report(tmp_path, *keys)
     assert result.returncode == 0 and "Verdict: clean (exit 0)" in result.stdout, result.stdout[-1500:]
     assert 'class="verdict" style="background:#1a7f37">Verdict: clean' in (out / "report.html").read_text()
-    payload = json.loads(run_fedtune("audit", str(RUN), "--json", keys[0]).stdout)  # client-1's key not pinned
+    payload = json.loads(fedtune("audit", str(RUN), "--json", keys[0]).stdout)  # client-1's key not pinned
     assert payload["verdict"] == "clean" and payload["keys_pinned"] is False
     assert payload["verdict_text"] == ("consistent (keys of client-1 not pinned: the run directory's own keys "
                                        "were trusted for them)")
     assert [row["delta"] for row in payload["rows"]] == [1e-05] * 4
-    text = run_fedtune("audit", str(RUN)).stdout
+    text = fedtune("audit", str(RUN)).stdout
     assert f"Verdict: {UNPINNED} (exit 0)" in text and "δ" in text
 
 
@@ -103,7 +103,7 @@ def test_out_leaves_the_run_untouched_and_refuses_a_folder_holding_other_files(t
     assert refused.returncode == 3 and len(message.splitlines()) == 1 and "Traceback" not in message, message
     assert "is not empty and holds more than a previous report" in message
     assert (out / "notes.txt").read_text() == "someone's notes"
-    alone = run_fedtune("audit", str(RUN), "--out", str(tmp_path / "x"))
+    alone = fedtune("audit", str(RUN), "--out", str(tmp_path / "x"))
     assert alone.returncode == 3 and "add --report" in alone.stderr
 
 
