@@ -3,7 +3,10 @@ update it paid for and never spends privacy twice for one round."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 
 from client.fl_client import FedtuneClient
 from client.update_cache import UpdateCache
@@ -22,48 +25,60 @@ def _records(ledger_dir):
     return read_records(ledger_dir / "ledger.jsonl")
 
 
-def test_a_round_asked_twice_is_resent_not_retrained(tiny_config, tmp_path):
+@pytest.fixture(scope="module")
+def first_fit(tiny_config, tmp_path_factory):
+    """Round 1 of run-a trained once (DP): the config, the adapter it started from, the ledger
+    folder it left, and what it sent. Each test continues from its own copy of the folder."""
     config = tiny_config(dp=True)
     parameters = initial_adapter(config)
-    first, n, metrics = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
+    ledger = tmp_path_factory.mktemp("round-1") / "ledger"
+    sent = _client(config, ledger).fit([p.copy() for p in parameters], dict(FIT))
+    return config, parameters, ledger, sent
+
+
+@pytest.fixture()
+def after_round_1(first_fit, tmp_path):
+    config, parameters, ledger, sent = first_fit
+    copy = shutil.copytree(ledger, tmp_path / "ledger")
+    return config, parameters, copy, sent
+
+
+def test_a_round_asked_twice_is_resent_not_retrained(after_round_1):
+    config, parameters, ledger, (first, n, metrics) = after_round_1
     # A new process (new Flower run id, same fedtune run id) is asked for the same round.
-    again, n_again, metrics_again = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
+    again, n_again, metrics_again = _client(config, ledger).fit([p.copy() for p in parameters], dict(FIT))
     assert n_again == n and metrics_again["resent"] is True
     assert all(np.array_equal(a, b) for a, b in zip(first, again))  # the same DP release, not a new one
     assert metrics_again["epsilon"] == metrics["epsilon"]
-    records = _records(tmp_path)
+    records = _records(ledger)
     assert [(r["run_id"], r["round"]) for r in records] == [("run-a", 1)]  # one spend
 
     # Round 2 then trains normally and composes on top of round 1.
-    _, _, second = _client(config, tmp_path).fit([p.copy() for p in parameters],
-                                                 {"server-round": 2, "fedtune-run-id": "run-a"})
+    _, _, second = _client(config, ledger).fit([p.copy() for p in parameters],
+                                               {"server-round": 2, "fedtune-run-id": "run-a"})
     assert second["epsilon"] > metrics["epsilon"] and "resent" not in second
-    assert [r["round"] for r in _records(tmp_path)] == [1, 2]
-    assert [p.name.split("-", 1)[1] for p in (tmp_path / "sent-updates").iterdir()] == ["round-2.npz"]  # the latest
+    assert [r["round"] for r in _records(ledger)] == [1, 2]
+    assert [p.name.split("-", 1)[1] for p in (ledger / "sent-updates").iterdir()] == ["round-2.npz"]  # the latest
 
 
-def test_a_round_asked_again_with_another_adapter_is_refused(tiny_config, tmp_path):
-    config = tiny_config(dp=True)
-    parameters = initial_adapter(config)
-    _, _, metrics = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
+def test_a_round_asked_again_with_another_adapter_is_refused(after_round_1):
+    config, parameters, ledger, (_, _, metrics) = after_round_1
     other = [p + 0.01 for p in parameters]
-    update, n, refused = _client(config, tmp_path).fit(other, dict(FIT))
+    update, n, refused = _client(config, ledger).fit(other, dict(FIT))
     assert n == 0 and refused["status"] == Status.ALREADY_SPENT and refused["epsilon"] == metrics["epsilon"]
     assert all(not u.any() for u in update)
-    assert len(_records(tmp_path)) == 1
+    assert len(_records(ledger)) == 1
 
 
-def test_an_update_cached_but_never_signed_is_signed_before_it_leaves(tiny_config, tmp_path):
+def test_an_update_cached_but_never_signed_is_signed_before_it_leaves(after_round_1):
     """A crash between caching the update and signing the ledger: nothing left the client yet, so
     re-sending it now is the first (and only) release, and it is signed first."""
-    config = tiny_config(dp=True)
-    parameters = initial_adapter(config)
-    first, _, metrics = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
+    config, parameters, ledger, (first, _, metrics) = after_round_1
     # Simulate the crash window: drop the signed record, keep the cached update.
     for name in ("ledger.jsonl", "ledger.head"):
-        (tmp_path / name).unlink()
-    assert UpdateCache(tmp_path).load(run_id="run-a", server_round=1) is not None
-    again, _, metrics_again = _client(config, tmp_path).fit([p.copy() for p in parameters], dict(FIT))
+        (ledger / name).unlink()
+    assert UpdateCache(ledger).load(run_id="run-a", server_round=1) is not None
+    again, _, metrics_again = _client(config, ledger).fit([p.copy() for p in parameters], dict(FIT))
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    [record] = _records(tmp_path)
+    [record] = _records(ledger)
     assert record["round"] == 1 and record["epsilon"] == metrics["epsilon"]
