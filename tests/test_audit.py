@@ -12,31 +12,21 @@ from common.ledger.audit import audit_run
 from common.ledger.chain import Ledger, read_records
 from common.privacy.accounting import epsilon_of
 from common.run_data import federated_splits
-from simulations import inprocess
-from tests.helpers import read_metrics, run_fedtune
+from tests.helpers import fedtune, read_metrics
+
+ROUNDS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def dp_run(tiny_config, tmp_path_factory):
-    """A finished 3-client, 2-round DP-SGD + SecAgg+ run on the tiny model."""
-    config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=2, target_epsilon=5.0, dp=True,
-                         secure_aggregation=True)
-    # The real round loop and ClientApps in one process (tests/test_simulation.py runs the engine).
-    grid, run_dir = inprocess.federation(config, tmp_path_factory.mktemp("dp-run") / "run")
-    inprocess.run(grid, config, run_dir)
-    return config, run_dir.path
+def dp_run(finished_dp_run):
+    """The session's finished 3-client, 3-round DP-SGD + SecAgg+ run of the tiny model (tests/conftest.py)."""
+    return finished_dp_run.config, finished_dp_run.path
 
 
 def _audit(target: Path, *extra: str):
-    result = run_fedtune("audit", str(target), "--json", *extra, timeout=300)
+    result = fedtune("audit", str(target), "--json", *extra)
     payload = json.loads(result.stdout) if result.stdout.strip().startswith("{") else None
     return result, payload
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "copy"
-    shutil.copytree(run, target)
-    return target
 
 
 def _lines(run: Path, owner: str) -> tuple[Path, list[str]]:
@@ -50,7 +40,7 @@ def test_the_run_audits_clean_and_every_epsilon_matches_the_independent_accounta
     assert result.returncode == 0 and payload["verdict"] == "clean", result.stdout[-3000:]
     rows = payload["rows"]
     assert sorted((r["client_id"], r["round"]) for r in rows) == [
-        (f"client-{c}", r) for c in range(3) for r in (1, 2)]
+        (f"client-{c}", r) for c in range(3) for r in ROUNDS]
     for row in rows:
         assert row["status"] == "trained"
         assert row["recomputed_epsilon"] == pytest.approx(row["claimed_epsilon"], rel=0.01)
@@ -74,7 +64,7 @@ def test_ledger_records_carry_what_an_auditor_needs(dp_run):
     assert records[1]["budget_remaining"] == pytest.approx(5.0 - records[1]["epsilon"])
     assert (run / "ledgers" / "client-0" / "ledger.key").stat().st_mode & 0o077 == 0  # owner-only
     *server, saved = read_records(run / "ledgers" / "server" / "ledger.jsonl")
-    assert [r["round"] for r in server] == [1, 2]
+    assert [r["round"] for r in server] == list(ROUNDS)
     assert saved["event"] == "adapter-saved" and saved["adapter_sha256"] == server[-1]["adapter_sha256"]
     assert "adapter_model.safetensors" in saved["files"]
     assert server[0]["aggregation"] == "secagg+" and server[0]["trained"] == ["client-0", "client-1", "client-2"]
@@ -105,9 +95,8 @@ def _splice_foreign(run: Path, lines: list[str]) -> list[str]:
     ("splice-other-run", "client-0", "client-0 record 2 (round 2): previous-record hash does not match"),
     ("swap-key", "client-2", "client-2 record 1 (round 1): signature does not verify"),
 ])
-def test_tampering_is_caught_and_names_the_record(dp_run, tmp_path, tamper, owner, expected):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_tampering_is_caught_and_names_the_record(finished_dp_run_copy, tmp_path, tamper, owner, expected):
+    run = finished_dp_run_copy
     path, lines = _lines(run, owner)
     if tamper == "change-number":
         lines[1] = _change_epsilon(lines[1], 0.5)
@@ -140,9 +129,8 @@ def _resign(folder: Path, edit=lambda record: record) -> None:
         forged.append(edit({k: v for k, v in record.items() if k not in ("seq", "prev_hash", "signature")}))
 
 
-def test_a_resigned_ledger_is_caught_by_the_server_record_and_by_a_pinned_key(dp_run, tmp_path):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_a_resigned_ledger_is_caught_by_the_server_record_and_by_a_pinned_key(finished_dp_run_copy, tmp_path):
+    run = finished_dp_run_copy
     pinned = tmp_path / "client-0.pub"
     shutil.copy(run / "ledgers" / "client-0" / "ledger.pub", pinned)
     _resign(run / "ledgers" / "client-0")
@@ -156,19 +144,17 @@ def test_a_resigned_ledger_is_caught_by_the_server_record_and_by_a_pinned_key(dp
     assert "client-0 record 1 (round 1): signature does not verify" in payload["problems"][0]
 
 
-def test_an_under_reported_epsilon_is_flagged_against_the_recomputation(dp_run, tmp_path):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_an_under_reported_epsilon_is_flagged_against_the_recomputation(finished_dp_run_copy):
+    run = finished_dp_run_copy
     _resign(run / "ledgers" / "client-1", lambda r: {**r, "epsilon": r["epsilon"] * 0.9})
     result, payload = _audit(run / "ledgers" / "client-1")
     assert result.returncode == 1
-    assert [row["flags"] for row in payload["rows"]] == [["under-reported"], ["under-reported"]]
+    assert [row["flags"] for row in payload["rows"]] == [["under-reported"]] * len(ROUNDS)
     assert "client-1 record 2 (round 2): claims epsilon" in payload["problems"][1]
 
 
-def test_the_server_recording_a_different_epsilon_is_caught(dp_run, tmp_path):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_the_server_recording_a_different_epsilon_is_caught(finished_dp_run_copy):
+    run = finished_dp_run_copy
     _resign(run / "ledgers" / "server",  # the round records (the last record is the saved adapter's)
             lambda r: {**r, "epsilon": {**r["epsilon"], "client-2": 0.1}} if "epsilon" in r else r)
     result, payload = _audit(run)
@@ -200,9 +186,8 @@ def test_a_budget_breach_exits_2(tmp_path):
     ("key-for-nobody", "--public-key names client-9"),
     ("not-utf8", "is not UTF-8 text"),
 ])
-def test_bad_audit_input_is_a_one_line_error(dp_run, tmp_path, case, expected):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_bad_audit_input_is_a_one_line_error(finished_dp_run_copy, tmp_path, case, expected):
+    run = finished_dp_run_copy
     extra = []
     target = run
     if case == "not-a-run":
@@ -217,7 +202,7 @@ def test_bad_audit_input_is_a_one_line_error(dp_run, tmp_path, case, expected):
         extra = [f"--public-key=client-9={run / 'ledgers' / 'client-0' / 'ledger.pub'}"]
     elif case == "not-utf8":
         (run / "ledgers" / "client-1" / "ledger.jsonl").write_bytes(b"\xff\xfe\x00 not a ledger\n")
-    result = run_fedtune("audit", str(target), *extra, timeout=120)
+    result = fedtune("audit", str(target), *extra)
     assert result.returncode not in (0, 2)
     assert "Traceback" not in result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -228,11 +213,10 @@ def test_bad_audit_input_is_a_one_line_error(dp_run, tmp_path, case, expected):
     ("nan-epsilon", "client-0 record 2 (round 2): not canonical JSON"),
     ("string-round", "client-1 record 1 (round one): malformed record (field 'round' is 'one', not a int)"),
     ("no-server-ledger", "has client ledgers but no server ledger"),
-    ("last-server-record-removed", "metrics.jsonl lists rounds [1, 2], the server ledger [1]"),
+    ("last-server-record-removed", "metrics.jsonl lists rounds [1, 2, 3], the server ledger [1, 2]"),
 ])
-def test_malformed_or_truncated_ledgers_fail_verification_cleanly(dp_run, tmp_path, case, expected):
-    _, original = dp_run
-    run = _copy(original, tmp_path)
+def test_malformed_or_truncated_ledgers_fail_verification_cleanly(finished_dp_run_copy, case, expected):
+    run = finished_dp_run_copy
     if case == "nan-epsilon":
         path, lines = _lines(run, "client-0")
         lines[1] = lines[1].replace('"epsilon":', '"epsilon":NaN,"was":', 1)
@@ -245,16 +229,16 @@ def test_malformed_or_truncated_ledgers_fail_verification_cleanly(dp_run, tmp_pa
         shutil.rmtree(run / "ledgers" / "server")
     elif case == "last-server-record-removed":
         path, lines = _lines(run, "server")
-        path.write_text(lines[0] + "\n")
+        path.write_text("\n".join(lines[:2]) + "\n")
     result, payload = _audit(run)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
     assert any(expected in problem for problem in payload["problems"]), payload["problems"]
 
 
-def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
-    config, original = dp_run
-    run = _copy(original, tmp_path)
-    result = run_fedtune("audit", str(run), "--report", timeout=300)
+def test_report_writes_markdown_html_and_plots(dp_run, finished_dp_run_copy):
+    config, _ = dp_run
+    run = finished_dp_run_copy
+    result = fedtune("audit", str(run), "--report")
     assert result.returncode == 0, result.stderr
     for name in ("report.md", "report.html", "epsilon_per_round.png", "test_accuracy.png"):
         assert (run / name).is_file(), name
@@ -265,7 +249,7 @@ def test_report_writes_markdown_html_and_plots(dp_run, tmp_path):
     assert '<img src="data:image/png;base64,' in html and "consistent (not independently attested" in html
     markdown = (run / "report.md").read_text()
     assert markdown.startswith("# Privacy report: consistent (not independently attested")
-    assert "| client-2 | 2 | trained |" in markdown
+    assert "| client-2 | 3 | trained |" in markdown
     assert f"| {config.target_delta:g} | one training record |" in markdown
 
 
@@ -274,10 +258,10 @@ def test_plan_and_run_agree_exactly(dp_run):
     splits = federated_splits(config.with_overrides(num_clients=3, clients_per_round=3))
     for cid in range(3):
         records = read_records(run / "ledgers" / f"client-{cid}" / "ledger.jsonl")
-        result = run_fedtune("plan", "--json", "--target-epsilon", "5", "--delta", str(config.target_delta),
-                             "--dataset-size", str(len(splits.clients[cid].train)),
-                             "--batch-size", str(config.batch_size), "--local-epochs", "1", "--rounds", "2",
-                             "--mode", config.training_mode, timeout=120)
+        result = fedtune("plan", "--json", "--target-epsilon", "5", "--delta", str(config.target_delta),
+                         "--dataset-size", str(len(splits.clients[cid].train)),
+                         "--batch-size", str(config.batch_size), "--local-epochs", "1", "--rounds", str(len(ROUNDS)),
+                         "--mode", config.training_mode)
         assert result.returncode == 0, result.stderr
         plan = json.loads(result.stdout)
         assert plan["noise_multiplier"] == records[0]["noise_multiplier"]
