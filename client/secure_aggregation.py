@@ -4,8 +4,9 @@ Stands in for Flower 1.41's `secaggplus_mod` (flwr/client/mod/secure_aggregation
 with the same stages and message flow, so Flower's SecAgg+ workflow on the coordinator drives it
 (server/secure_aggregation.py adds the signatures and the consistency check there). What changed:
 - every step is checked first (client/secagg_checks.py): parameters, the signed key list against
-  the roster, the survivor list; a refusal is signed in the node's ledger and raised, so the
-  coordinator records the reason and learns nothing else;
+  the roster, the survivor list; a refusal is signed in the node's ledger and sent as the stage's
+  reply (a `SecAggRefusal` record: institution, stage, reason), so the coordinator records the
+  reason and learns nothing else;
 - the node signs its masking keys and the survivor list with its identity (ledger) key; the survivor
   statement names the session (a digest of the whole key list it accepted, fresh keys each setup),
   so no signature carries over from one session to another;
@@ -19,6 +20,7 @@ requires secure aggregation refuses a plain request.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from client.secagg_state import SecAggState
 from client.update_cache import UpdateCache
 from common.errors import FedtuneError
 from common.ledger.chain import signing_key
-from common.protocol import FitInstructions, FitReport, SecAggWire, Status
+from common.protocol import FitInstructions, FitReport, SecAggRefusal, SecAggWire, Status
 from common.secure_aggregation.roster import Roster
 from common.secure_aggregation.statements import key_statement, session_digest, survivor_statement
 
@@ -56,6 +58,8 @@ from common.secure_aggregation.statements import key_statement, session_digest, 
 # the survivor list every node signed with its masked vector is already the same list.
 STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, SecAggWire.CONSISTENCY_STAGE, Stage.UNMASK)
 _MAY_SKIP = {(Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,6 @@ class SecAggNode:
     min_contributors: int
     max_colluders: int  # policy secagg-max-colluders: the threshold must satisfy 2t > n + this
     policy_record: dict
-
-
-class SecAggRefused(Exception):
-    """Raised to the coordinator: Flower sends the text back as the node's error reply."""
 
 
 def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
@@ -97,12 +97,14 @@ def secure_aggregation_mod(node_of: Callable[[Context], SecAggNode]) -> Mod:
                                                      ctxt=ctxt, call_next=call_next)
             else:
                 reply = _STEPS[stage](state=state, configs=configs, node=node)
-        except Refusal as refusal:
-            _sign_refusal(node, state, stage=str(stage), reason=str(refusal))
+        except Refusal as problem:
+            refusal = SecAggRefusal.of(institution=node.institution, stage=stage, reason=str(problem))
+            _sign_refusal(node, state, refusal)
             state.stage = Stage.UNMASK  # nothing of this round goes on: the next request must be a setup
             state.save(ctxt)
-            raise SecAggRefused(f"{node.institution} refused secure aggregation at stage {stage}: {refusal}") \
-                from None
+            log.warning("%s refused secure aggregation at %s", node.institution, refusal.describe())
+            return Message(RecordDict({SecAggWire.REFUSAL: ConfigRecord(refusal.to_record(), False)}),
+                           reply_to=msg)
         state.stage = str(stage)
         state.save(ctxt)
         out.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(reply, False)
@@ -278,11 +280,11 @@ def _at(state: SecAggState) -> RoundContext:
     return RoundContext(run_id=state.run_id, server_round=state.server_round, node_id=state.node_id)
 
 
-def _sign_refusal(node: SecAggNode, state: SecAggState, *, stage: str, reason: str) -> None:
+def _sign_refusal(node: SecAggNode, state: SecAggState, refusal: SecAggRefusal) -> None:
     ledger = ClientPrivacyLedger(directory=node.ledger_dir, client_id=node.institution)
     ledger.record(run_id=state.run_id, server_round=state.server_round, status=Status.REFUSED_SECURE_AGGREGATION,
                   plan=None, steps=0, epsilon=None, local_examples=0, policy=node.policy_record,
-                  reason=f"stage {stage}: {reason}", request="secure-aggregation")
+                  reason=refusal.describe(), request="secure-aggregation")
 
 
 _STEPS: dict[str, Callable[..., dict]] = {Stage.SETUP: _setup, Stage.SHARE_KEYS: _share_keys,

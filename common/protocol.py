@@ -13,6 +13,7 @@ never sends data values, only counts, its privacy parameters and hashes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Mapping
@@ -48,6 +49,7 @@ class SecAggWire:
     CONTRIBUTED = "fedtune-contributed"  # whether each signer said it contributed an update,
     SIGNATURES = "fedtune-signatures"  # and their signatures
     RUN_ID = "fedtune-run-id"  # setup request: the coordinator's run id, for the node's ledger records
+    REFUSAL = "fedtune-refusal"  # a stage's reply: the node refuses it (`SecAggRefusal`), instead of its keys
 
 
 # -- coordinator -> client ---------------------------------------------------------------------
@@ -154,6 +156,55 @@ class FitReport:
 
 
 CLEAR_FIT_FIELDS = tuple(spec.name for spec in fields(FitReport))
+
+REFUSAL_VERSION = 1
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", SecAggWire.CONSISTENCY_STAGE, "unmask")
+_INSTITUTION = re.compile(r"[A-Za-z0-9._@+-]{1,128}")  # a roster id: nothing a log line could be forged with
+
+
+@dataclass(frozen=True)
+class SecAggRefusal:
+    """A node's refusal of a SecAgg+ stage: its reply carries this record in place of the stage's
+    answer (the coordinator turns it into a failed reply for Flower's workflow). Fields, not an
+    error text to parse: the coordinator records `describe()` in metrics.jsonl and its ledger. The
+    reason names parameters and node ids, never a key or a data value; it is one bounded line."""
+
+    institution: str
+    stage: str  # one of SECAGG_STAGES, or "unknown" when the request named none of them
+    reason: str
+
+    @classmethod
+    def of(cls, *, institution: str, stage: object, reason: str) -> SecAggRefusal:
+        """The refusal a node sends: the stage as the protocol names it, the reason made one bounded line."""
+        line = "".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON_CHARS]
+        return cls(institution=institution, stage=str(stage) if stage in SECAGG_STAGES else "unknown", reason=line)
+
+    def describe(self) -> str:
+        """What the node's ledger and the coordinator's records hold: `stage <name>: <reason>`."""
+        return f"stage {self.stage}: {self.reason}"[:MAX_REASON_CHARS]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"version": REFUSAL_VERSION, "institution": self.institution, "stage": self.stage,
+                "reason": self.reason}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SecAggRefusal:
+        """Read a refusal; anything an honest node would not send (another version, a missing or
+        oversized field, a control character) is a FedtuneError, and nothing of it is kept."""
+        version = record.get("version")
+        if set(record) != {"version", "institution", "stage", "reason"} or type(version) is not int \
+                or version != REFUSAL_VERSION:
+            raise FedtuneError(f"a SecAgg+ refusal must be version {REFUSAL_VERSION} with institution, stage "
+                               "and reason")
+        institution, stage, reason = record["institution"], record["stage"], record["reason"]
+        if not isinstance(institution, str) or not _INSTITUTION.fullmatch(institution):
+            raise FedtuneError("a SecAgg+ refusal names no valid institution id")
+        if stage not in (*SECAGG_STAGES, "unknown"):
+            raise FedtuneError("a SecAgg+ refusal names no SecAgg+ stage")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS or not reason.isprintable():
+            raise FedtuneError(f"a SecAgg+ refusal's reason must be one line of at most {MAX_REASON_CHARS} "
+                               "printable characters")
+        return cls(institution=institution, stage=stage, reason=reason)
 
 
 @dataclass(frozen=True)

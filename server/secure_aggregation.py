@@ -8,11 +8,11 @@ an honest coordinator runs, not what the clients rely on.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import flwr.compat.common.recorddict_compat as compat
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
@@ -25,15 +25,10 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.config_checks import secagg_threshold
 from common.errors import FedtuneError
-from common.protocol import MAX_REASON_CHARS, SecAggWire
+from common.protocol import SecAggRefusal, SecAggWire
 from server.secagg_setup import admit, replace
 from server.secagg_unmask import consistency_check, survivor_signatures, unmask
 from server.update_validation import coordinate_bound
-
-# A node's refusal (client/secure_aggregation.py) inside Flower's error reply "<class '...'>:<'text'>"
-# (in simulation the class is Flower's wrapper, so only the text is matched).
-_REFUSAL = re.compile(r"(?P<institution>[A-Za-z0-9._@+-]+) refused secure aggregation at (?P<why>stage .*?)'>$",
-                      re.S)
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +72,14 @@ def secagg_parameters(*, config: RunConfig, max_client_examples: int) -> SecAggP
 
 class _Relay:
     """The grid as one SecAgg+ stage sees it: adds fedtune's keys to setup requests and keeps
-    every reply, so signatures and refusal reasons are read after Flower's code ran."""
+    every reply, so signatures are read after Flower's code ran; a node's refusal (a record, see
+    `SecAggRefusal`) is kept and handed to Flower's workflow as a failed reply."""
 
     def __init__(self, grid: Grid, *, run_id: str, timeout: float | None) -> None:
         self._grid, self.run_id, self.timeout = grid, run_id, timeout
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self.refusals: list[tuple[int, SecAggRefusal]] = []  # (node id, what it sent), until noted
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -91,9 +88,21 @@ class _Relay:
             if config.get(SecAggKey.STAGE) == Stage.SETUP:
                 config[SecAggWire.RUN_ID] = self.run_id
         self.sent += messages
-        self.replies = list(self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None
-                                                        else timeout))
+        replies = self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout)
+        self.replies = [self._read_refusal(reply) for reply in replies]
         return self.replies
+
+    def _read_refusal(self, reply: Message) -> Message:
+        if not reply.has_content() or SecAggWire.REFUSAL not in reply.content.config_records:
+            return reply
+        node_id = reply.metadata.src_node_id
+        try:
+            self.refusals.append((node_id, SecAggRefusal.from_record(reply.content.config_records[SecAggWire.REFUSAL])))
+        except FedtuneError as exc:  # kept out of every record: only an honest node's refusal is read
+            log.warning("node %d refused secure aggregation with a malformed refusal (%s); not recorded", node_id, exc)
+        # Flower's workflow counts it as a node that failed this stage, as it counts an error reply
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason="refused secure aggregation"),
+                       metadata=reply.metadata)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -127,7 +136,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         relay = self._relay(grid)
         ok = super().setup_stage(relay, context, state)
-        self._note_refusals(context, relay.replies)
+        self._note_refusals(context, relay)
         if not relay.sent:  # nobody sampled: Flower already said why
             self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
             return ok
@@ -140,8 +149,9 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             failed |= set(state.sampled_node_ids) - state.active_node_ids - failed  # no reply at all
 
             def send(messages: list[Message]) -> list[Message]:
-                replies = self._relay(grid).send_and_receive(messages)
-                self._note_refusals(context, replies)
+                again = self._relay(grid)
+                replies = again.send_and_receive(messages)
+                self._note_refusals(context, again)
                 return replies
 
             replace(send, state, failed=failed, identities=identities, client_manager=context.client_manager,
@@ -156,7 +166,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         relay = self._relay(grid)
         ok = super().share_keys_stage(relay, context, state)
-        self._note_refusals(context, relay.replies)
+        self._note_refusals(context, relay)
         # Flower 1.41 keeps every *sampled* node in the unmask stage's "dead" list, and asks the
         # survivors for key shares of a node that dropped before sharing its keys: nobody holds
         # any (the clients raise KeyError), so one dropout in setup or share-keys failed the
@@ -182,7 +192,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             self._note_halt(context, f"SecAgg+ could not sum the masked updates ({exc}); "
                                      "a client sent a malformed update")
             return False
-        self._note_refusals(context, relay.replies)
+        self._note_refusals(context, relay)
         self._signed_at_collection = survivor_signatures(relay.replies, state)
         outcome = strategy.record_replies(current_round, state.legacy_results, state.failures)
         trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
@@ -200,36 +210,35 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         signed = self._signed_at_collection
         if state.active_node_ids != state.sampled_node_ids:  # someone dropped after sharing keys
             signed = consistency_check(relay.send_and_receive, state, _round(context))
-            self._note_refusals(context, relay.replies)
+            self._note_refusals(context, relay)
             if len(signed) < state.threshold:  # no client would reveal a share: do not ask
                 self._note_halt(context, "SecAgg+ halted at the consistency check: fewer survivors than the "
                                          "threshold signed the survivor list")
                 return False
         ok = unmask(relay.send_and_receive, context, state, _round(context), signed)
-        self._note_refusals(context, relay.replies)
+        self._note_refusals(context, relay)
         if not ok:
             self._note_halt(context, "SecAgg+ halted in unmask: too few key shares to remove the masks")
         return ok
 
     @staticmethod
-    def _note_refusals(context: LegacyContext, replies: list[Message]) -> None:
-        """Keep each client's refusal reason for the round's record (bounded: it is a client's text).
-        A refusal is an error text, not signed: one naming an institution that another node proved
-        to be, or sent by a node found a stranger, is not recorded under that institution's name."""
+    def _note_refusals(context: LegacyContext, relay: _Relay) -> None:
+        """Keep each client's refusal reason for the round's record (bounded by `SecAggRefusal`).
+        A refusal is not signed: one naming an institution that another node proved to be, or sent
+        by a node found a stranger, is not recorded under that institution's name."""
         outcome = context.strategy.outcomes.get(_round(context))
         identities = getattr(context.strategy, "identities", None)
-        for msg in replies:
-            match = _REFUSAL.search(msg.error.reason) if msg.has_error() else None
-            if match and identities is not None and not identities.may_speak_for(msg.metadata.src_node_id,
-                                                                                 match["institution"]):
-                log.warning("round %d: node %d's error names %s, which it has not proved to be; not recorded",
-                            _round(context), msg.metadata.src_node_id, match["institution"])
+        refusals, relay.refusals = relay.refusals, []
+        for node_id, refusal in refusals:
+            if identities is not None and not identities.may_speak_for(node_id, refusal.institution):
+                log.warning("round %d: node %d's refusal names %s, which it has not proved to be; not recorded",
+                            _round(context), node_id, refusal.institution)
                 continue
-            if match and outcome is not None:
+            if outcome is not None:
                 # the first refusal is the reason; a later stage only finds the round already ended
-                outcome.secagg_refusals.setdefault(match["institution"], match["why"][:MAX_REASON_CHARS])
+                outcome.secagg_refusals.setdefault(refusal.institution, refusal.describe())
                 log.warning("round %d: %s refused secure aggregation at %s", _round(context),
-                            match["institution"], match["why"])
+                            refusal.institution, refusal.describe())
 
     @staticmethod
     def _note_halt(context: LegacyContext, reason: str) -> None:
