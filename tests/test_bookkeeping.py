@@ -120,10 +120,23 @@ def test_summary_takes_each_clients_latest_epsilon_and_the_tasks_scores():
 
 
 def test_secagg_uploads_int64_words_plus_a_weight():
+    """The count is what a node sends: its masked vector (client/secagg_masking.py) as serialized,
+    an int64 word per coordinate (4 bytes more than float32) plus the weight factor, one more word."""
     import numpy as np
+    from flwr.common import ndarray_to_bytes
 
-    arrays = [np.zeros((4, 8), np.float32), np.zeros(3, np.float32)]
-    assert upload_bytes(arrays, secure=True) > upload_bytes(arrays, secure=False)
+    from client.secagg_masking import masked_update
+    from client.secagg_state import SecAggState
+
+    arrays = [np.full((4, 8), 0.01, np.float32), np.full(3, -0.02, np.float32)]
+    state = SecAggState(clipping_range=1.0, target_range=1 << 22, mod_range=1 << 32, max_weight=100.0,
+                        rd_seed=b"\1" * 32)
+    masked = masked_update(state, arrays, 30, masking_peers=[])
+    assert [a.dtype for a in masked] == [np.dtype(np.int64)] * 3 and masked[0].shape == (1,)  # weight, then arrays
+    assert upload_bytes(arrays, secure=True) == sum(len(ndarray_to_bytes(a)) for a in masked)
+    weight_word = len(ndarray_to_bytes(np.zeros(1, np.int64)))
+    assert upload_bytes(arrays, secure=True) - upload_bytes(arrays, secure=False) == 4 * (32 + 3) + weight_word
+    assert upload_bytes(arrays, secure=False) == sum(len(ndarray_to_bytes(a)) for a in arrays)
 
 
 def test_instructions_round_trip_and_refuse_malformed_label_names():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import date
 
 import pytest
@@ -77,20 +78,59 @@ def test_a_signed_job_passes_once_and_every_alteration_is_refused(operator, fab,
 
 
 def test_two_processes_binding_one_job_at_once_cannot_both_win(tmp_path):
-    """The coordinator gates each ServerApp in its own process: the binding is under a file lock."""
+    """The coordinator gates each ServerApp in its own process: the binding is under a file lock.
+    The race is forced: each process, about to write its binding, waits until the other has read
+    the file too (both inside the read-modify-write) or is seen blocked on the lock; without the
+    lock both read "unbound" and both win."""
     import multiprocessing
 
-    for trial in range(10):
-        directory = tmp_path / f"trial-{trial}"
-        with multiprocessing.get_context("fork").Pool(2) as pool:
-            results = pool.starmap(_bind, [(directory, 1), (directory, 2)])
-        assert sorted(r is None for r in results) == [False, True], results
+    fork = multiprocessing.get_context("fork")
+    at_lock, at_write = [fork.Event(), fork.Event()], [fork.Event(), fork.Event()]
+    answers = fork.Queue()
+    workers = [fork.Process(target=_bind_in_step, args=(tmp_path, index, at_lock, at_write, answers))
+               for index in (0, 1)]
+    for worker in workers:
+        worker.start()
+    results = dict(answers.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=10)
+    assert sum(problem is None for problem in results.values()) == 1, results  # one binds, one is refused
+    [winner] = [run_id for run_id, problem in results.items() if problem is None]
+    [loser] = [run_id for run_id in results if run_id != winner]
+    assert f"already ran as run {winner}" in results[loser], results
+    assert json.loads((tmp_path / "jobs.json").read_text()) == {"job": winner}
 
 
-def _bind(directory, run_id):
-    from common.trust.job_bindings import bind_problem
+def _bind_in_step(directory, index, at_lock, at_write, answers):
+    """`bind_problem` in a worker process, with the step above hooked into its lock and its write."""
+    import fcntl
+    import time
 
-    return bind_problem(directory, job_id="job", run_id=run_id)
+    import common.trust.job_bindings as bindings
+
+    other, write = 1 - index, bindings.atomic_write
+
+    class SpiedLock:
+        LOCK_EX = fcntl.LOCK_EX
+
+        @staticmethod
+        def flock(fd, operation):
+            at_lock[index].set()
+            fcntl.flock(fd, operation)
+
+    def write_when_both_are_inside(path, text):
+        at_write[index].set()
+        blocked_since, deadline = None, time.monotonic() + 20
+        while not at_write[other].is_set() and time.monotonic() < deadline:
+            if at_lock[other].is_set():  # the other reached the lock and has not read: it is blocked
+                blocked_since = blocked_since or time.monotonic()
+                if time.monotonic() - blocked_since > 0.3:
+                    break
+            time.sleep(0.005)
+        write(path, text)
+
+    bindings.fcntl, bindings.atomic_write = SpiedLock, write_when_both_are_inside
+    answers.put((index + 1, bindings.bind_problem(directory, job_id="job", run_id=index + 1)))
 
 
 def test_a_job_signed_by_another_key_is_refused(operator, tmp_path):

@@ -87,6 +87,14 @@ def test_a_kill_between_append_and_head_keeps_the_signed_record(tmp_path):
 
 
 def test_a_kill_before_the_first_head_keeps_the_first_record(tmp_path):
+    """Killed before the first head marker was written: the record is kept and the marker written
+    again, so the ledger is guarded from then on (emptying it is refused, as for any ledger)."""
     Ledger(tmp_path).append({"round": 1, "epsilon": 0.5})
     (tmp_path / HEAD_FILE).unlink()
-    assert [r["round"] for r in Ledger(tmp_path).records] == [1]
+    again = Ledger(tmp_path)
+    assert [r["round"] for r in again.records] == [1]
+    assert (tmp_path / HEAD_FILE).exists(), "the head marker was not written again"
+    assert json.loads((tmp_path / HEAD_FILE).read_text()) == {"seq": 0, "hash": again.head_hash}
+    (tmp_path / LEDGER_FILE).write_text("")  # the first record removed
+    with pytest.raises(LedgerError, match="head marker"):
+        Ledger(tmp_path)

@@ -74,10 +74,32 @@ def test_secagg_path_skips_a_bad_aggregate(aggregate, reason):
 
 
 def test_secagg_path_applies_a_good_aggregate():
-    strategy = _strategy(secure=True)
-    params, _ = strategy.aggregate_fit(1, [_result(_update(0.02), 10, "client-0"),
-                                           _result(_update(0.02), 30, "client-1")], [])
-    np.testing.assert_allclose(parameters_to_ndarrays(params)[1], 1.02, rtol=1e-6)
+    """Under SecAgg+ the workflow hands every result the one unmasked weighted mean (one Parameters
+    object, as Flower's does): the strategy adds it to the global adapter as it is, bit for bit, and
+    keeps it for the next round. Averaging the results again (weights 1/7 and 6/7) would round many
+    coordinates; a weight-0 refuser's result holds the aggregate too and is not counted."""
+    rng = np.random.default_rng(7)
+    start = [np.zeros((40, 30), np.float32), np.zeros(30, np.float32)]  # round 2 adds to round 1's result
+    strategy = AdapterFedAvg(initial_arrays=[a.copy() for a in start], clients_per_round=3, num_clients=3,
+                             fraction_evaluate=0.0, run_id="r", label_names=["a", "b"],
+                             score_names=("accuracy", "macro_f1"), secure_aggregation=True, max_update_norm=1.0)
+    expected = [a.copy() for a in start]
+    for server_round in (1, 2):
+        aggregate = [rng.normal(scale=0.01, size=a.shape).astype(np.float32) for a in start]
+        shared = ndarrays_to_parameters(aggregate)
+        results = []
+        for cid, n, status, max_abs in (("client-0", 10, "trained", 0.5), ("client-1", 60, "trained", 0.75),
+                                        ("client-2", 0, "refused-policy", 0.0)):
+            results.append((None, FitRes(status=Status(Code.OK, ""), parameters=shared, num_examples=n,
+                                         metrics={"client_id": cid, "status": status, "update_max_abs": max_abs})))
+        params, aggregated_metrics = strategy.aggregate_fit(server_round, results, [])
+        expected = [e + a for e, a in zip(expected, aggregate)]
+        outcome = strategy.outcomes[server_round]
+        assert outcome.applied and outcome.aggregation_failed is None and outcome.rejected == {}
+        assert outcome.max_update_abs == 0.75 and aggregated_metrics == {"clients_trained": 2}
+        for new, kept, want in zip(parameters_to_ndarrays(params), strategy.global_arrays, expected, strict=True):
+            np.testing.assert_array_equal(new, want)
+            np.testing.assert_array_equal(kept, want)
 
 
 def test_an_honest_dp_update_is_well_inside_the_automatic_bound(tiny_config, tmp_path):
