@@ -1,5 +1,8 @@
 """Fault drills on real simulations: dropouts in every SecAgg+ stage, bad updates, a straggler,
-and a coordinator killed after a checkpoint or in the middle of a round, then resumed."""
+and a coordinator killed after a checkpoint or in the middle of a round, then resumed.
+
+The federations run on the in-process engine (the same ServerApp, ClientApp and drills, no Ray: the
+engine is not the subject here); only the SIGKILL test needs a real process, and gets one."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,10 +24,11 @@ from common.ledger.records import is_round_record
 from common.privacy.plan import privacy_schedule
 from common.run_data import federated_splits
 from server.checkpoint import Checkpoint
+from server.drills import CoordinatorKilled
 from server.secure_aggregation import secagg_parameters
 from simulations import inprocess
 from tests.conftest import initial_adapter
-from tests.helpers import ROOT, progress_table, read_metrics, run_fedtune, saved_adapter_arrays, set_args
+from tests.helpers import ROOT, fedtune, progress_table, read_metrics, saved_adapter_arrays, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +45,8 @@ def _args(config, **keys) -> list[str]:
 
 
 def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
-    return run_fedtune("simulate", "--out", str(out), *_args(config, **keys), timeout=900)
+    """`fedtune simulate` on the in-process engine, in this process."""
+    return fedtune("simulate", "--engine", "in-process", "--out", str(out), *_args(config, **keys))
 
 
 def _ledger(run: Path, owner: str) -> list[dict]:
@@ -58,7 +64,7 @@ def _planned_epsilon(config, partition: int, rounds_trained: int) -> float:
 
 
 def _audit_clean(run: Path) -> dict:
-    audit = run_fedtune("audit", str(run), "--json", timeout=300)
+    audit = fedtune("audit", str(run), "--json")
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
     return json.loads(audit.stdout)
 
@@ -110,19 +116,40 @@ def test_secagg_survives_one_dropout_at_every_stage_and_fails_cleanly_below_thre
     assert "did not answer" in shown.getvalue() and "global adapter unchanged" in shown.getvalue()
 
 
-def test_bad_updates_and_a_straggler_are_left_out_and_the_rest_averaged(tiny_config, tmp_path):
+STRAGGLER_TIMEOUT = 60  # honest tiny-model clients answer in a second or two, even on a loaded machine
+
+
+@pytest.fixture()
+def stalls_on_the_engines_clock(monkeypatch) -> list[float]:
+    """The `stall` drill's sleep moves the in-process engine's clock instead of the wall clock: the
+    engine drops a reply later than the round timeout however long that timeout is, without a wait
+    (the nodes run one after another here, so a real stall would be a real wait). The stalls asked
+    for, in seconds."""
+    import client.drills
+    import simulations.inprocess
+
+    stalled: list[float] = []
+    clock = SimpleNamespace(monotonic=lambda: time.monotonic() + sum(stalled), sleep=stalled.append)
+    monkeypatch.setattr(client.drills, "time", clock)
+    monkeypatch.setattr(simulations.inprocess, "time", clock)
+    return stalled
+
+
+def test_bad_updates_and_a_straggler_are_left_out_and_the_rest_averaged(tiny_config, tmp_path,
+                                                                        stalls_on_the_engines_clock):
     """Plain FedAvg, 6 clients: NaN, wrong shape, 1000x and a straggler past the round timeout.
     The new adapter is exactly the initial one plus the mean of the two honest updates."""
     config = tiny_config(num_clients=6, clients_per_round=6, num_rounds=1, dp=False, secure_aggregation=False,
-                         round_timeout=20.0)
+                         round_timeout=float(STRAGGLER_TIMEOUT))
     out = tmp_path / "run"
     started = time.monotonic()
-    result = _simulate(out, config, round_timeout=20,
+    result = _simulate(out, config, round_timeout=STRAGGLER_TIMEOUT,
                        inject_faults="1:nan:0; 1:wrong-shape:1; 1:scale-1000:2; 1:stall:3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [record] = read_metrics(out)
     assert record["update_applied"] and record["failures"] == 1 and "client-3" not in record["clients"]
-    assert record["seconds"] < 40  # the straggler (40 s) was not waited for
+    assert stalls_on_the_engines_clock == [2 * STRAGGLER_TIMEOUT]  # one straggler, 2x the timeout late
+    assert record["seconds"] < STRAGGLER_TIMEOUT  # the round ended without it
     rejected = {cid: c.get("rejected") for cid, c in record["clients"].items() if c.get("rejected")}
     assert rejected["client-0"] == "contains NaN or Inf"
     assert rejected["client-1"].startswith("has tensor 0 of shape")
@@ -175,7 +202,7 @@ def test_secagg_skips_a_round_whose_sum_is_broken_and_clips_a_huge_update(tiny_c
 
 
 def _resume(out: Path) -> subprocess.CompletedProcess:
-    result = run_fedtune("simulate", "--resume", str(out), "--set", "inject-faults=", timeout=900)
+    result = fedtune("simulate", "--engine", "in-process", "--resume", str(out), "--set", "inject-faults=")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -187,8 +214,8 @@ def test_coordinator_killed_mid_round_resumes_without_counting_a_round_twice(tin
     masked never goes into a second session, tests/test_secagg_sessions.py.)"""
     config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, dp=True, secure_aggregation=False)
     out = tmp_path / "run"
-    crashed = _simulate(out, config, inject_faults="2:crash-coordinator")
-    assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    with pytest.raises(CoordinatorKilled, match="after round 2's replies"):  # where a real process is SIGKILLed
+        _simulate(out, config, inject_faults="2:crash-coordinator")
     assert Checkpoint.load(out).completed_round == 1 and not (out / "summary.json").exists()
     assert [m["round"] for m in read_metrics(out)] == [1]
     for partition in range(3):  # round 2 was trained and signed before the crash
@@ -212,26 +239,46 @@ def test_coordinator_killed_mid_round_resumes_without_counting_a_round_twice(tin
     _audit_clean(out)
 
 
+def test_the_crash_drill_sigkills_a_real_coordinators_own_process(monkeypatch):
+    """On Flower's engines the drill is a real SIGKILL of the coordinator's process, after the
+    round's replies and before its checkpoint (the in-process engine raises CoordinatorKilled)."""
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+
+    import server.drills
+
+    signals, fitted = [], []
+    monkeypatch.setattr(server.drills.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    workflow = server.drills.crash_after_fit(lambda grid, context: fitted.append(grid), spec="2:crash-coordinator")
+    grid = object()  # a grid in another process than the caller's: no kill_coordinator
+    for server_round in (1, 2):
+        workflow(grid, SimpleNamespace(state=SimpleNamespace(
+            config_records={MAIN_CONFIGS_RECORD: {Key.CURRENT_ROUND: server_round}})))
+        assert len(fitted) == server_round  # the round's fit ran first
+        assert signals == ([(os.getpid(), signal.SIGKILL)] if server_round == 2 else [])
+
+
 def test_killed_right_after_a_checkpoint_the_resumed_run_is_bit_identical(tiny_config, tmp_path):
     """Without DP noise or SecAgg+ rounding, training is deterministic: a run SIGKILLed from
-    outside right after its first checkpoint, then resumed, ends with the same adapter bytes."""
+    outside right after its first checkpoint, then resumed, ends with the same adapter bytes. The
+    kill needs a real process (the in-process engine in it: Ray is not the subject)."""
     config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, dp=False, secure_aggregation=False)
     reference = tmp_path / "reference"
     assert _simulate(reference, config).returncode == 0
 
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--out", str(out),
-                                *_args(config)], cwd=ROOT, env=env, start_new_session=True,
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--engine", "in-process",
+                                "--out", str(out), *_args(config)], cwd=ROOT, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     try:
         while not (out / "checkpoint.npz").exists():
             assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the simulation and its Ray processes
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed, not finished
     killed_after = Checkpoint.load(out).completed_round
     assert killed_after < 3 and not (out / "summary.json").exists()
 
@@ -245,12 +292,12 @@ def test_killed_right_after_a_checkpoint_the_resumed_run_is_bit_identical(tiny_c
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_config, tmp_path):
-    not_a_run = run_fedtune("simulate", "--resume", str(tmp_path))
+    not_a_run = fedtune("simulate", "--resume", str(tmp_path))
     assert not_a_run.returncode == 3 and "not a fedtune run directory" in not_a_run.stderr
     (tmp_path / "config.toml").write_text('dp = true\n')
     (tmp_path / "run.json").write_text('{"run_id": "x"}\n')
-    changed = run_fedtune("simulate", "--resume", str(tmp_path), "--set", "target-epsilon=100")
+    changed = fedtune("simulate", "--resume", str(tmp_path), "--set", "target-epsilon=100")
     assert changed.returncode == 3 and "only inject-faults, round-timeout may change" in changed.stderr
     (tmp_path / "summary.json").write_text("{}")
-    finished = run_fedtune("simulate", "--resume", str(tmp_path))
+    finished = fedtune("simulate", "--resume", str(tmp_path))
     assert finished.returncode == 3 and "finished run" in finished.stderr
