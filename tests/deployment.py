@@ -10,6 +10,7 @@ Every process runs in its own process group and is killed on exit; every wait is
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,23 @@ def free_port() -> int:
 
 
 def environment(flwr_home: Path) -> dict[str, str]:
-    # SuperLink and SuperNode start flower-superexec, flwr-serverapp, flwr-clientapp by name.
+    # SuperLink and SuperNode start flower-superexec, flwr-serverapp, flwr-clientapp by name. One torch
+    # thread per process (unless set), as Ray gives a simulated client: three nodes training at once on
+    # two cores with torch's default threads each fight over them (README, "Speed").
     return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(flwr_home),
-                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def app_checkout(dest: Path) -> Path:
+    """This repository's app as `flwr run` bundles it, copied without the folders its .gitignore
+    leaves out of the bundle anyway (.venv above all): the same FAB, hence the same hash, built in a
+    fraction of a second where `flwr run` of the checkout itself walks the venv (seconds to tens of them)."""
+    from common.trust.app_pin import SKIPPED
+
+    skipped = SKIPPED | {"fedtune.egg-info"}
+    return Path(shutil.copytree(ROOT, dest, ignore=lambda folder, names: [
+        name for name in names if name in ("__pycache__", ".pytest_cache") or (Path(folder) == ROOT and name in skipped)]))
 
 
 def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.2) -> None:
@@ -70,6 +85,7 @@ class LoopbackFederation:
     credentials: Path  # `fedtune certs --out` directory: the CA and the SuperLink's certificate, no node keys
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
+    submitted: int = 0  # `flwr run`s of this repository's app
 
     @property
     def address(self) -> str:
@@ -118,7 +134,10 @@ class LoopbackFederation:
 
     def flwr_run_async(self, run_config: str, *, app: Path | None = None) -> subprocess.Popen:
         """`flwr run` of this repository's app (or `app`) against the SuperLink, streaming its log."""
-        popen = subprocess.Popen([str(BIN / "flwr"), "run", str(app or ROOT), "fedtune", "--stream",
+        if app is None:
+            self.submitted += 1
+            app = app_checkout(self.workdir / "submitted" / f"app-{self.submitted}")
+        popen = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedtune", "--stream",
                                   "--run-config", run_config], cwd=ROOT,
                                  env=environment(self.workdir / "homes" / "cli"), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -133,13 +152,27 @@ class LoopbackFederation:
         """Institution `index` makes its key pair itself; returns the .pub it sends the coordinator."""
         return make_node_keys(out=self.node_key(index).parent, name=f"site-{index}").supernode_public_key
 
-    def register(self, index: int) -> None:
-        """The coordinator receives institution `index`'s .pub (nothing else) and registers it."""
-        received = self.workdir / "coordinator" / "received" / f"site-{index}.pub"
-        received.parent.mkdir(parents=True, exist_ok=True)
-        received.write_bytes(self.node_key(index).with_name("supernode.pub").read_bytes())
-        result = self.flwr("supernode", "register", str(received), "fedtune")
-        assert result.returncode == 0, result.stdout + result.stderr
+    def register(self, *indices: int) -> None:
+        """The coordinator receives each institution's .pub (nothing else) and registers it: one
+        `flwr supernode register` per key, all at once (each is a process start, and they are independent)."""
+        commands = []
+        for index in indices:
+            received = self.workdir / "coordinator" / "received" / f"site-{index}.pub"
+            received.parent.mkdir(parents=True, exist_ok=True)
+            received.write_bytes(self.node_key(index).with_name("supernode.pub").read_bytes())
+            commands.append(subprocess.Popen(
+                [str(BIN / "flwr"), "supernode", "register", str(received), "fedtune"], cwd=ROOT,
+                env=environment(self.workdir / "homes" / "cli"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True))
+        try:
+            for index, popen in zip(indices, commands):
+                out, _ = popen.communicate(timeout=120)
+                assert popen.returncode == 0, f"site-{index}: {out}"
+        finally:
+            for popen in commands:
+                if popen.poll() is None:
+                    os.killpg(popen.pid, signal.SIGKILL)
+                    popen.wait(timeout=30)
 
     def start_supernode(self, index: int, node_config: str, *, key_index: int | None = None,
                         root_certificates: Path | None = None, extra: tuple[str, ...] = (),

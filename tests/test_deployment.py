@@ -14,7 +14,7 @@ from fedtune.certs import make_credentials
 from common.ledger.chain import create_ledger_keys
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for
-from tests.helpers import run_fedtune
+from tests.helpers import fedtune, run_fedtune
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,12 @@ def federation(tmp_path_factory):
     for site in (*range(SITES), 9):
         create_ledger_keys(_ledger_dir(workdir, site))
         members += ["--member", f"site-{site}={_ledger_dir(workdir, site) / 'ledger.pub'}"]
-    built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
+    built = fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
     assert built.returncode == 0 and "fingerprint" in built.stdout, built.stderr
     make_operator_keys(workdir / "operator")
     try:
         fed.start_superlink()
-        for index in (0, 1, 2, 4):
-            fed.register(index)
+        fed.register(0, 1, 2, 4)
         yield fed
     finally:
         fed.close()
@@ -58,24 +57,31 @@ def _ledger_dir(workdir: Path, site: int) -> Path:
     return workdir / "run" / "ledgers" / f"site-{site}"
 
 
-def test_a_node_whose_key_is_not_registered_is_refused(federation):
-    node = federation.start_supernode(3, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
-                                      root_certificates=federation.credentials / "ca.crt")
+@pytest.fixture(scope="module")
+def refused_nodes(federation):
+    """Two SuperNodes started at once, both bound to fail: key 3 (never registered) with our CA, and
+    key 4 (registered) without it."""
+    return {"unregistered": federation.start_supernode(3, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
+                                                       root_certificates=federation.credentials / "ca.crt"),
+            "no CA": federation.start_supernode(4, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
+                                                root_certificates=None)}  # the system CAs do not know ours
+
+
+def test_a_node_whose_key_is_not_registered_is_refused(refused_nodes):
+    node = refused_nodes["unregistered"]
     wait_for(lambda: node.popen.poll() is not None, timeout=120, what="the unregistered SuperNode to exit")
     assert node.popen.returncode != 0 and "Failed to activate SuperNode" in node.text()
 
 
-def test_a_node_without_the_federation_ca_cannot_connect(federation):
-    node = federation.start_supernode(4, "client-id='x' data='/nonexistent.csv' ledger-dir='/tmp/x'",
-                                      root_certificates=None)  # the system CAs do not know ours
+def test_a_node_without_the_federation_ca_cannot_connect(refused_nodes):
+    node = refused_nodes["no CA"]
     wait_for(lambda: node.popen.poll() is not None, timeout=120, what="the SuperNode without our CA to exit")
     assert node.popen.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in node.text()
 
 
 def _check_node(fed: LoopbackFederation, *, ca: Path, node_config: str, address: str | None = None):
-    return run_fedtune("check-node", "--superlink", address or fed.address, "--root-certificates", str(ca),
-                       "--auth-supernode-private-key", str(fed.node_key(0)),
-                       "--node-config", node_config)
+    return fedtune("check-node", "--superlink", address or fed.address, "--root-certificates", str(ca),
+                   "--auth-supernode-private-key", str(fed.node_key(0)), "--node-config", node_config)
 
 
 def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federation, tmp_path):
@@ -161,6 +167,6 @@ def test_a_missing_malformed_expired_or_foreign_roster_is_named_in_one_line(fede
         result = _check_node(fed, ca=ca, node_config=base + extra)
         problems = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 3 and len(problems) == 1 and says in problems[0], (extra, result.stderr)
-    started = run_fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(ca),
-                          "--auth-supernode-private-key", str(fed.node_key(0)), "--node-config", base, timeout=120)
+    started = fedtune("run-node", "--superlink", fed.address, "--root-certificates", str(ca),  # refused before it starts
+                      "--auth-supernode-private-key", str(fed.node_key(0)), "--node-config", base)
     assert started.returncode == 3 and "no roster" in started.stderr and "roster='PATH'" in started.stderr
