@@ -33,9 +33,9 @@ from common.ledger.chain import Ledger, read_records
 from common.models.adapter import adapter_to_arrays
 from common.models.classifier import build_lora_classifier
 from common.models.lora import LoraSettings
-from common.protocol import EvaluateInstructions, FitInstructions
+from common.protocol import EvaluateInstructions, FitInstructions, SecAggRefusal, SecAggWire
 from tests.conftest import make_texts, write_csv
-from tests.helpers import run_fedtune
+from tests.helpers import fedtune
 
 LABELS = ("markets", "politics", "sport")
 PLANTED = "900-12-"  # the start of every planted social-security number in the node's file
@@ -65,10 +65,16 @@ def job(tiny_config):
     return make
 
 
+_ADAPTERS: dict[Path, list[np.ndarray]] = {}
+
+
 def _adapter(model_dir: Path) -> list[np.ndarray]:
-    model = build_lora_classifier(model_path=model_dir, num_labels=len(LABELS),
-                                  lora=LoraSettings(rank=4, variant="lora"), seed=0)
-    return adapter_to_arrays(model)
+    """The round-1 global adapter (built once per model folder; each call gets its own copy)."""
+    if model_dir not in _ADAPTERS:
+        model = build_lora_classifier(model_path=model_dir, num_labels=len(LABELS),
+                                      lora=LoraSettings(rank=4, variant="lora"), seed=0)
+        _ADAPTERS[model_dir] = adapter_to_arrays(model)
+    return [array.copy() for array in _ADAPTERS[model_dir]]
 
 
 def _context(node_config: dict, job_config, state: RecordDict | None = None) -> Context:
@@ -107,10 +113,11 @@ def _ledger(node_config: dict) -> list[dict]:
 
 
 def _audit(node_config: dict, *, command_line: bool = False) -> dict:
-    """`fedtune audit --json` of the node's ledger (in-process by default: the same audit_run)."""
+    """The audit of the node's ledger: audit_run, or with `command_line` the CLI's `fedtune audit --json`
+    (its entry point, in this process), whose exit code must be the payload's."""
     if not command_line:
         return audit_run(target=Path(node_config["ledger-dir"])).to_json()
-    result = run_fedtune("audit", node_config["ledger-dir"], "--json", timeout=300)
+    result = fedtune("audit", node_config["ledger-dir"], "--json")
     payload = json.loads(result.stdout)
     assert result.returncode == payload["exit_code"]
     return payload
@@ -280,15 +287,8 @@ def test_a_node_that_pins_its_label_set_cannot_be_probed_with_label_lists(site, 
         _assert_refused(reply, because=because)
 
 
-# -- 6. keys ----------------------------------------------------------------------------------------
-
-def test_the_coordinators_certificate_folder_holds_no_institution_key(tmp_path):
-    result = run_fedtune("certs", "--out", str(tmp_path / "certs"), "--hosts", "localhost")
-    assert result.returncode == 0, result.stderr
-    private = sorted(str(p.relative_to(tmp_path / "certs")) for p in (tmp_path / "certs").rglob("*")
-                     if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
-    assert private == ["ca.key", "superlink/server.key"]
-
+# -- 6. keys: the coordinator's certificate folder holds no institution key (tests/test_node_keys.py,
+# test_certs_writes_no_private_key_but_the_ca_and_superlink_ones, runs `fedtune certs` and checks it).
 
 # -- 7. SecAgg+ weights -----------------------------------------------------------------------------
 
@@ -316,12 +316,16 @@ def test_a_node_without_a_roster_refuses_secure_aggregation_in_one_line(site, jo
     setup = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
         Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
         Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 500.0})})
-    with pytest.raises(Exception) as refused:
-        deployed_client_app(_message(setup, MessageType.TRAIN), _context(node, job()))
-    text = str(refused.value)
-    assert "hospital-a refused secure aggregation at stage setup: this node has no roster" in text
-    assert "roster='PATH'" in text and "\n" not in text and PLANTED not in text
+    reply = deployed_client_app(_message(setup, MessageType.TRAIN), _context(node, job()))
+    # the stage's reply is the refusal record alone (common/protocol.py SecAggRefusal): no keys, nothing else
+    assert not reply.has_error() and set(reply.content.config_records) == {SecAggWire.REFUSAL}
+    assert not reply.content.array_records and not reply.content.metric_records
+    refusal = SecAggRefusal.from_record(reply.content.config_records[SecAggWire.REFUSAL])
+    assert (refusal.institution, refusal.stage) == ("hospital-a", "setup")
+    text = refusal.describe()
+    assert text.startswith("stage setup: this node has no roster"), text
+    assert "roster='PATH'" in text and "\n" not in text and PLANTED not in str(refusal.to_record())
     [record] = _ledger(node)
     assert record["status"] == "refused-secure-aggregation" and record["request"] == "secure-aggregation"
-    assert record["round"] == 1 and "no roster" in record["reason"]
+    assert record["round"] == 1 and record["reason"] == text  # what the node signed is what it sent
     assert _audit(node)["verdict"] == "clean"
