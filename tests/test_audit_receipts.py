@@ -1,8 +1,9 @@
 """An audit the operator cannot fool: receipts from the institutions, and cross-checks inside the run.
 
-One real 2-client, 3-round DP-SGD federation (the real round loop and ClientApps in one process);
-each test forges a copy of its run directory the way whoever holds it could, then audits it
-through the CLI with and without the institutions' receipts.
+The session's one finished 3-client, 3-round DP-SGD + SecAgg+ federation (tests/conftest.py,
+finished_dp_run: the real round loop and ClientApps in one process); each test forges a copy of its
+run directory the way whoever holds it could, then audits it through the CLI (its entry point, in
+this process) with and without the institutions' receipts.
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ import pytest
 
 from common.ledger.chain import Ledger, read_records
 from common.ledger.receipts import write_receipt
-from tests.helpers import run_fedtune, two_client_run_with_snapshot
-
-CLIENTS = ("client-0", "client-1")
+from tests.conftest import FINISHED_CLIENTS as CLIENTS
+from tests.helpers import fedtune
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_config, tmp_path_factory):
+def finished(finished_dp_run, tmp_path_factory):
     """The run after round 3, a copy of its directory as it was after round 2, and receipts."""
     root = tmp_path_factory.mktemp("receipts")
-    run, snapshot = two_client_run_with_snapshot(tiny_config, root)
+    run, snapshot = finished_dp_run.path, finished_dp_run.after_round_2
     run_id = json.loads((run / "run.json").read_text())["run_id"]
     receipts = {}
     for client in CLIENTS:  # what each institution runs on its own ledger, through the CLI
         receipts[client] = root / f"{client}.receipt.json"
-        made = run_fedtune("receipt", str(run / "ledgers" / client), "--run-id", run_id,
-                           "--out", str(receipts[client]))
+        made = fedtune("receipt", str(run / "ledgers" / client), "--run-id", run_id,
+                       "--out", str(receipts[client]))
         assert made.returncode == 0, made.stderr
         said = " ".join(made.stdout.split())
         assert f"{client}, run {run_id}" in said and "last round 3" in said
@@ -38,7 +38,7 @@ def finished(tiny_config, tmp_path_factory):
 
 
 def _audit(run: Path, *receipts: Path):
-    result = run_fedtune("audit", str(run), "--json", *(f"--receipt={r}" for r in receipts), timeout=300)
+    result = fedtune("audit", str(run), "--json", *(f"--receipt={r}" for r in receipts))
     assert result.stdout.strip().startswith("{"), result.stderr[-2000:]
     return result.returncode, json.loads(result.stdout)
 
@@ -79,11 +79,11 @@ def test_receipts_of_an_honest_simulated_run_agree_but_the_verdict_says_no_insti
     trust = " ".join(payload["trust"])
     assert "receipt agrees with the ledger, but verifies only under a key from this directory" in trust
     assert "covered by the institution's own receipt" not in trust
-    assert "the private ledger keys of client-0, client-1, server are inside this directory" in trust
+    assert "the private ledger keys of client-0, client-1, client-2, server are inside this directory" in trust
     assert "consistent, not that independent institutions attest it" in trust
     code, payload = _audit(run)  # without receipts: clean, and it says whose word it took
     assert code == 0 and not _receipted(payload)
-    assert any("key taken from beside the ledger" in line and "client-0, client-1, server" in line
+    assert any("key taken from beside the ledger" in line and "client-0, client-1, client-2, server" in line
                for line in payload["trust"])
 
 
@@ -129,14 +129,15 @@ def test_hiding_one_client_with_a_resigned_server_ledger_is_caught_by_its_receip
     _drop_last(run / "ledgers" / "client-1")
     server = read_records(run / "ledgers" / "server" / "ledger.jsonl")
     hidden = [dict(r) for r in server]
-    hidden[2] = {**hidden[2], "trained": ["client-0"], "replied": ["client-0"],
-                 "epsilon": {"client-0": hidden[2]["epsilon"]["client-0"]},
-                 "client_ledger_heads": {"client-0": hidden[2]["client_ledger_heads"]["client-0"]}}
+    shown = [c for c in CLIENTS if c != "client-1"]
+    hidden[2] = {**hidden[2], "trained": shown, "replied": shown,
+                 "epsilon": {c: hidden[2]["epsilon"][c] for c in shown},
+                 "client_ledger_heads": {c: hidden[2]["client_ledger_heads"][c] for c in shown}}
     _rewrite(run / "ledgers" / "server", hidden)
     code, payload = _audit(run)
     assert code == 0  # consistent with itself
     code, payload = _audit(run, *finished[2].values())
-    assert code == 1 and _receipted(payload) == {"client-0"}
+    assert code == 1 and _receipted(payload) == set(shown)
     assert any(p.startswith("client-1 round 3 (trained, record 3): covered by its receipt, missing")
                for p in payload["problems"]), payload["problems"]
 
@@ -179,13 +180,13 @@ def test_bad_receipts_are_one_line_errors_or_findings_naming_the_file(finished, 
     run, _, receipts = finished
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": "fedtune-receipt/1", "receipt": {"client_id": 3}}')
-    result = run_fedtune("audit", str(run), f"--receipt={broken}")
+    result = fedtune("audit", str(run), f"--receipt={broken}")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert f"receipt {broken}: not a fedtune receipt" in " ".join(result.stderr.split())
     infinite = json.loads(receipts["client-0"].read_text())
     infinite["receipt"]["epsilon"] = 1e999  # json writes Infinity
     (tmp_path / "infinite.json").write_text(json.dumps(infinite))
-    result = run_fedtune("audit", str(run), f"--receipt={tmp_path / 'infinite.json'}")
+    result = fedtune("audit", str(run), f"--receipt={tmp_path / 'infinite.json'}")
     assert result.returncode == 3 and "Traceback" not in result.stderr and "not a fedtune receipt" in result.stderr
     stranger = json.loads(receipts["client-0"].read_text())
     stranger["receipt"]["client_id"] = "client-9"
@@ -208,7 +209,7 @@ def test_the_mechanism_check_runs_from_the_audit_on_a_clients_recorded_step(fini
     """`--mechanism CLIENT` reads the client's sigma, q and delta from its ledger and C from the run,
     runs its DP-SGD step on canaries, and puts the claim and the bound beside the audit."""
     run, _, _ = finished
-    result = run_fedtune("audit", str(run), "--json", "--mechanism", "client-0", timeout=600)
+    result = fedtune("audit", str(run), "--json", "--mechanism", "client-0")
     payload = json.loads(result.stdout)
     check = payload["mechanism"]["client-0"]
     last = [r for r in read_records(run / "ledgers" / "client-0" / "ledger.jsonl") if r["status"] == "trained"][-1]
