@@ -24,7 +24,7 @@ from common.ledger.chain import create_ledger_keys, read_records
 from fedtune.main import run_cli
 from fedtune.node_keys import make_node_keys
 from tests.deployment import LoopbackFederation, wait_for
-from tests.helpers import read_metrics, run_fedtune
+from tests.helpers import fedtune, read_metrics
 from tests.test_pinned_deployment import SITES, job, ledger_dir, make_sites, node_config, signed
 
 STRANGER = SITES  # the stranger's node is "site 3" to the harness; it claims to be site-0
@@ -54,17 +54,16 @@ def open_port(tmp_path_factory, tiny_model_dir):
     make_sites(workdir)
     stranger = workdir / "stranger-node"
     create_ledger_keys(stranger / "ledger")
-    built = run_fedtune("roster", "build", "--member", f"site-0={stranger / 'ledger' / 'ledger.pub'}",
-                        "--member", f"site-1={ledger_dir(workdir, 1) / 'ledger.pub'}",  # a public key: padding
-                        "--out", str(stranger / "roster.json"), "--federation", "test")
+    built = fedtune("roster", "build", "--member", f"site-0={stranger / 'ledger' / 'ledger.pub'}",
+                    "--member", f"site-1={ledger_dir(workdir, 1) / 'ledger.pub'}",  # a public key: padding
+                    "--out", str(stranger / "roster.json"), "--federation", "test")
     assert built.returncode == 0, built.stderr
     make_node_keys(out=workdir / "sites" / f"site-{STRANGER}" / "keys", name="stranger")
     fed = LoopbackFederation(workdir=workdir / "fed", credentials=workdir / "creds")
     fed.node_key = lambda site: workdir / "sites" / f"site-{site}" / "keys" / "supernode"
     try:
         fed.start_superlink(operator_key=workdir / "operator" / "operator.pub")
-        for index in range(SITES + 1):  # the stranger's own `flwr supernode register`: nobody checks who calls
-            fed.register(index)
+        fed.register(*range(SITES + 1))  # the stranger's among them: nobody checks who calls
         configs = [node_config(workdir, site, tiny_model_dir) for site in range(SITES)]
         configs.append(node_config(workdir, 0, tiny_model_dir)  # site-0's name, with its own key and roster
                        .replace(str(ledger_dir(workdir, 0)), str(stranger / "ledger"))

@@ -24,7 +24,7 @@ from common.secure_aggregation.roster import NO_ROSTER
 from server.flwr_run import simulation_config
 from server.run_directory import write_simulation_roster
 from tests.deployment import BIN, free_port
-from tests.helpers import ROOT, run_fedtune
+from tests.helpers import ROOT, fedtune
 
 APP_FILES = ("pyproject.toml", ".gitignore", "common", "client", "server")  # what `flwr run` packs, and its config
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -164,7 +164,7 @@ def test_flwr_run_offline_writes_one_run_directory_that_audits_clean(tmp_path, t
     assert (run_dir / "ledgers" / "roster.json").is_file() and (run_dir / "ledgers" / "server").is_dir()
     assert sorted(p.name for p in checkout.iterdir()) == sorted([*APP_FILES, "runs"])  # no ./ledgers, nothing else
     assert not (home / "runtime-envs").exists() and "Installing application dependencies" not in output
-    audit = run_fedtune("audit", str(run_dir))
+    audit = fedtune("audit", str(run_dir))
     # One researcher held every key: the audit says the run is consistent, not attested, exit 0.
     assert audit.returncode == 0 and "Verdict: consistent (not independently attested" in audit.stdout, \
         audit.stdout[-3000:] + audit.stderr[-2000:]

@@ -18,7 +18,7 @@ from tests.conftest import make_texts, write_csv
 from fedtune.node_keys import make_node_keys
 from tests.attacker_app import write_attacker_app
 from tests.deployment import LoopbackFederation, wait_for
-from tests.helpers import read_metrics, run_fedtune, saved_adapter_arrays
+from tests.helpers import fedtune, read_metrics, saved_adapter_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def make_sites(workdir: Path) -> None:
     for site in range(SITES):
         create_ledger_keys(ledger_dir(workdir, site))
         members += ["--member", f"site-{site}={ledger_dir(workdir, site) / 'ledger.pub'}"]
-    built = run_fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
+    built = fedtune("roster", "build", *members, "--out", str(workdir / "roster.json"), "--federation", "test")
     assert built.returncode == 0, built.stderr
     for site in range(SITES):
         make_node_keys(out=workdir / "sites" / f"site-{site}" / "keys", name=f"site-{site}")
@@ -56,16 +56,16 @@ def node_config(workdir: Path, site: int, model: Path) -> str:
             f"operator-key='{workdir / 'operator' / 'operator.pub'}'")
 
 
-def job(workdir: Path, model: Path, run: Path, *, rounds: int = 2) -> str:
+def job(workdir: Path, model: Path, run: Path, *, rounds: int = 2, round_timeout: int = 60) -> str:
     return (f"model='{model}' data='{workdir / 'coordinator-test.csv'}' num-clients={SITES} "
             f"clients-per-round={SITES} num-rounds={rounds} batch-size=16 max-length=24 learning-rate=0.01 "
             f"lora-rank=4 target-epsilon=3.0 test-fraction=0.9 output-dir='{run}' max-client-examples=150 "
-            f"round-timeout=60 training-mode='adapter'")
+            f"round-timeout={round_timeout} training-mode='adapter'")
 
 
 def signed(run_config: str, *, key: Path) -> str:
-    result = run_fedtune("sign-job", "--key", str(key), "--roster", str(key.parents[1] / "roster.json"),
-                         "--run-config", run_config)  # the federation's roster: make_sites writes it beside the keys
+    result = fedtune("sign-job", "--key", str(key), "--roster", str(key.parents[1] / "roster.json"),
+                     "--run-config", run_config)  # the federation's roster: make_sites writes it beside the keys
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -73,16 +73,18 @@ def signed(run_config: str, *, key: Path) -> str:
 def start_federation(workdir: Path, model: Path, *, pinned: bool) -> tuple[LoopbackFederation, list]:
     fed = LoopbackFederation(workdir=workdir / ("pinned" if pinned else "open"), credentials=workdir / "creds")
     fed.node_key = lambda site: workdir / "sites" / f"site-{site}" / "keys" / "supernode"  # one key per site, both links
-    fed.start_superlink(operator_key=workdir / "operator" / "operator.pub" if pinned else None)
-    for index in range(SITES):
-        fed.register(index)
-    nodes = [fed.start_supernode(site, node_config(workdir, site, model), runtime=True,
-                                 root_certificates=workdir / "creds" / "ca.crt",
-                                 timings=fed.workdir / f"timings-{site}.jsonl") for site in range(SITES)]
-    wait_for(lambda: all("node runtime: serving" in n.text() for n in nodes) or any(n.popen.poll() is not None
-                                                                                     for n in nodes),
-             timeout=180, what="the node runtimes")
-    assert all(n.popen.poll() is None for n in nodes), [n.text()[-2000:] for n in nodes]
+    try:
+        fed.start_superlink(operator_key=workdir / "operator" / "operator.pub" if pinned else None)
+        fed.register(*range(SITES))
+        nodes = [fed.start_supernode(site, node_config(workdir, site, model), runtime=True,
+                                     root_certificates=workdir / "creds" / "ca.crt",
+                                     timings=fed.workdir / f"timings-{site}.jsonl") for site in range(SITES)]
+        wait_for(lambda: all("node runtime: serving" in n.text() for n in nodes)
+                 or any(n.popen.poll() is not None for n in nodes), timeout=180, what="the node runtimes")
+        assert all(n.popen.poll() is None for n in nodes), [n.text()[-2000:] for n in nodes]
+    except BaseException:
+        fed.close()  # what did start must not outlive a failed start
+        raise
     return fed, nodes
 
 
@@ -93,21 +95,49 @@ def sites(tmp_path_factory) -> Path:
     return workdir
 
 
+class Coordinators:
+    """At most one coordinator (and the three institutions' run-node beside it) up at a time: the
+    pinned one for the tests that use it, then the hostile one. Each is started on first use and
+    shared by the tests after it; switching closes the other (its processes would only take CPU)."""
+
+    def __init__(self, sites: Path, model: Path) -> None:
+        self.sites, self.model = sites, model
+        self.kind: str | None = None
+        self.up: tuple[LoopbackFederation, list] | None = None
+
+    def get(self, kind: str) -> tuple[LoopbackFederation, list]:
+        if self.kind != kind:
+            self.close()
+            self.up = start_federation(self.sites, self.model, pinned=kind == "pinned")
+            self.kind = kind
+        return self.up
+
+    def close(self) -> None:
+        if self.up is not None:
+            self.up[0].close()
+        self.kind, self.up = None, None
+
+
 @pytest.fixture(scope="module")
-def pinned(sites, tiny_model_dir):
+def coordinators(sites, tiny_model_dir):
+    links = Coordinators(sites, tiny_model_dir)
+    try:
+        yield links
+    finally:
+        links.close()
+
+
+@pytest.fixture
+def pinned(coordinators):
     """The coordinator's pinned runtime and three institutions' run-node."""
-    fed, nodes = start_federation(sites, tiny_model_dir, pinned=True)
-    yield fed, nodes
-    fed.close()
+    return coordinators.get("pinned")
 
 
-@pytest.fixture(scope="module")
-def hostile(sites, tiny_model_dir):
+@pytest.fixture
+def hostile(coordinators):
     """A coordinator whose operator runs whatever is submitted (plain flower-superlink), and the same
     three institutions' run-node: what the nodes alone guarantee."""
-    fed, nodes = start_federation(sites, tiny_model_dir, pinned=False)
-    yield fed, nodes
-    fed.close()
+    return coordinators.get("hostile")
 
 
 def ledger_state(workdir: Path) -> dict[str, bytes]:
@@ -134,18 +164,51 @@ def test_a_stranger_who_registers_a_key_cannot_run_code_on_the_pinned_coordinato
     before = ledger_state(sites)
     coordinator_file, report = tmp_path / "coordinator-was-here", tmp_path / "replies.json"
     app = write_attacker_app(tmp_path / "innocent", coordinator_file=coordinator_file, report_file=report)
-    stdout = finished(fed, "num-rounds=1", app=app)
+    # The stranger's app, and the genuine app unsigned or signed by the stranger, submitted at once:
+    # the pinned ServerApp never starts for any of them.
+    run = tmp_path / "run"
+    stranger_signed = signed(job(sites, tiny_model_dir, run, rounds=1), key=sites / "stranger" / "operator.key")
+    submitted = [fed.flwr_run_async("num-rounds=1", app=app), fed.flwr_run_async(job(sites, tiny_model_dir, run, rounds=1)),
+                 fed.flwr_run_async(stranger_signed)]
+    stdout, *genuine = [popen.communicate(timeout=300)[0] for popen in submitted]
     assert "refused by the coordinator" in stdout and "is not the app this party pinned" in stdout, stdout[-3000:]
+    for stdout in genuine:
+        assert "refused by the coordinator" in stdout and "Coordinating" not in stdout, stdout[-3000:]
     assert not coordinator_file.exists() and not report.exists()
     assert not any((sites / "run" / "ledgers").rglob("stranger-was-here"))
     assert ledger_state(sites) == before and not any(refusals(n) for n in nodes)  # nothing reached a node
-    # The genuine app, unsigned or signed by the stranger: the pinned ServerApp never starts either.
-    run = tmp_path / "run"
-    for run_config in (job(sites, tiny_model_dir, run, rounds=1),
-                       signed(job(sites, tiny_model_dir, run, rounds=1), key=sites / "stranger" / "operator.key")):
-        stdout = finished(fed, run_config)
-        assert "refused by the coordinator" in stdout and "Coordinating" not in stdout, stdout[-3000:]
-    assert not run.exists() and ledger_state(sites) == before
+    assert not run.exists()
+
+
+def test_the_signed_pinned_job_runs_over_tls_survives_a_killed_node_and_audits_clean(sites, pinned, tiny_model_dir):
+    fed, nodes = pinned
+    run = sites / "run"
+    # The round timeout is what the survivors wait for the dead node (its heartbeat would take 60 s to
+    # lapse): 40 s, over twice what round 1's training takes on a loaded 2-core machine (17 s).
+    flwr = fed.flwr_run_async(signed(job(sites, tiny_model_dir, run, round_timeout=40),
+                                     key=sites / "operator" / "operator.key"))
+    wait_for(lambda: bool((run / "metrics.jsonl").exists() and read_metrics(run)) or flwr.poll() is not None,
+             timeout=600, what="round 1 to finish")
+    nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's node dies in it
+    stdout, _ = flwr.communicate(timeout=600)
+    assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
+    metrics = read_metrics(run)
+    assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
+    assert metrics[0]["clients_trained"] == SITES and metrics[1]["failures"] == 1
+    for site in range(SITES):
+        records = read_records(ledger_dir(sites, site) / "ledger.jsonl")
+        assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
+        assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
+    assert all(np.isfinite(a).all() for a in saved_adapter_arrays(run, num_labels=3))
+    keys = [arg for site in range(SITES)
+            for arg in ("--public-key", f"site-{site}={ledger_dir(sites, site) / 'ledger.pub'}")]
+    audit = fedtune("audit", str(run), "--json", *keys)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    for site in range(2):  # the model was read from disk once per node for the whole run
+        timings = [json.loads(line) for line in (fed.workdir / f"timings-{site}.jsonl").read_text().splitlines()]
+        assert len(timings) >= 8 and not any(t["refused"] for t in timings)
+        assert timings[-1]["model_loads"] == 1, timings
+        assert "(load 1 in this process)" in nodes[site].text() and "(load 2 " not in nodes[site].text()
 
 
 def test_a_hostile_coordinator_cannot_run_the_strangers_app_on_any_node(sites, hostile, tmp_path):
@@ -191,31 +254,3 @@ def test_a_job_unsigned_signed_by_another_key_or_changed_after_signing_is_refuse
     private += [(ledger_dir(sites, s) / "ledger.key").read_text().splitlines()[1] for s in range(SITES)]  # key bodies
     assert not any(secret in kept for secret in private)
     assert ledger_state(sites) == before  # nothing was trained, spent or recorded
-
-
-def test_the_signed_pinned_job_runs_over_tls_survives_a_killed_node_and_audits_clean(sites, pinned, tiny_model_dir):
-    fed, nodes = pinned
-    run = sites / "run"
-    flwr = fed.flwr_run_async(signed(job(sites, tiny_model_dir, run), key=sites / "operator" / "operator.key"))
-    wait_for(lambda: bool((run / "metrics.jsonl").exists() and read_metrics(run)) or flwr.poll() is not None,
-             timeout=600, what="round 1 to finish")
-    nodes[2].kill()  # round 2's SecAgg+ setup is under way: site-2's node dies in it
-    stdout, _ = flwr.communicate(timeout=600)
-    assert (run / "summary.json").exists(), stdout[-4000:] + fed.processes[0].text()[-3000:]
-    metrics = read_metrics(run)
-    assert [m["round"] for m in metrics] == [1, 2] and all(m["update_applied"] for m in metrics)
-    assert metrics[0]["clients_trained"] == SITES and metrics[1]["failures"] == 1
-    for site in range(SITES):
-        records = read_records(ledger_dir(sites, site) / "ledger.jsonl")
-        assert [r["round"] for r in records] == ([1, 2] if site < 2 else [1])
-        assert all(r["target_epsilon"] == 3.0 and r["epsilon"] <= 3.0 for r in records)
-    assert all(np.isfinite(a).all() for a in saved_adapter_arrays(run, num_labels=3))
-    keys = [arg for site in range(SITES)
-            for arg in ("--public-key", f"site-{site}={ledger_dir(sites, site) / 'ledger.pub'}")]
-    audit = run_fedtune("audit", str(run), "--json", *keys, timeout=300)
-    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
-    for site in range(2):  # the model was read from disk once per node for the whole run
-        timings = [json.loads(line) for line in (fed.workdir / f"timings-{site}.jsonl").read_text().splitlines()]
-        assert len(timings) >= 8 and not any(t["refused"] for t in timings)
-        assert timings[-1]["model_loads"] == 1, timings
-        assert "(load 1 in this process)" in nodes[site].text() and "(load 2 " not in nodes[site].text()
