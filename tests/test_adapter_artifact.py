@@ -1,8 +1,9 @@
 """The exported adapter is a complete Hugging Face artifact: label names in its config, a portable
 base-model reference with the base's hashes, and a model card stating the privacy guarantee.
 
-The fast tests build cards and adapters directly (no Ray); one slow test runs the real CLI and loads
-the exported adapter in a fresh process that knows nothing but the adapter folder and the base.
+The fast tests build cards and adapters directly; one slow test runs the real CLI (in this process,
+without Ray) and loads the exported adapter in a fresh process that knows nothing but the adapter
+folder and the base.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from common.config import RunConfig
 from common.ledger.audit import audit_run
 from common.models.base_reference import BASE_MODEL_FILE, BaseModelReference, base_model_reference
 from server.model_card import CardFacts, client_privacy, model_card
-from tests.helpers import run_fedtune, set_args
+from tests.helpers import fedtune, set_args
 
 LABELS = ("1", "2", "10")  # numeric labels, in the order the head's outputs have them
 
@@ -241,10 +242,11 @@ def test_a_fresh_process_loads_the_exported_adapter_by_its_folder_and_base_and_p
         tiny_config, tmp_path):
     config = tiny_config()
     out = tmp_path / "run"
-    result = run_fedtune("simulate", "--out", str(out), *set_args(
+    # The real CLI and apps (SecAgg+, DP, signed ledgers, export) in this process: the loading is the subject.
+    result = fedtune("simulate", "--engine", "in-process", "--out", str(out), *set_args(
         model=config.model, data=config.data, num_clients=2, clients_per_round=2, num_rounds=2, batch_size=16,
         max_length=config.max_length, learning_rate=0.05, head_learning_rate=0.1, local_epochs=2,
-        lora_variant="lora", lora_rank=4, target_epsilon=50.0, training_mode="adapter"), timeout=900)
+        lora_variant="lora", lora_rank=4, target_epsilon=50.0, training_mode="adapter"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     adapter, summary = out / "adapter", json.loads((out / "summary.json").read_text())
 

@@ -29,7 +29,7 @@ from common.privacy.plan import plan_privacy
 from common.run_data import federated_splits
 from common.tasks import get_task
 from tests.conftest import write_csv, write_jsonl
-from tests.helpers import ROOT, read_metrics, run_fedtune, set_args
+from tests.helpers import ROOT, fedtune, read_metrics, set_args
 from tests.test_privacy_accounting import independent_epsilon
 
 
@@ -135,11 +135,13 @@ def test_user_files_prompt_response_alpaca_and_missing_columns(tmp_path):
         load_instruction_pairs(data=str(wrong))
 
 
-def test_chatterbot_category_partition_gives_each_client_whole_categories():
+def test_chatterbot_category_partition_gives_each_client_whole_categories(tiny_causal_lm_dir):
     from common.config import RunConfig
 
+    # The tiny Llama carries SmolLM2's own tokenizer, which is all the split reads of the model (to
+    # drop prompts longer than max-length): the same pairs as model "default", without converting it.
     config = RunConfig(task="causal-lm", data="chatterbot", partitioner="category", num_clients=3,
-                       clients_per_round=3, model="default")
+                       clients_per_round=3, model=str(tiny_causal_lm_dir))
     splits = federated_splits(config)
     assert len(splits.label_names) == 21
     owners = [set(c.train.labels) | set(c.validation.labels) for c in splits.clients]
@@ -185,7 +187,8 @@ def _named(model):
 def test_federation_lowers_perplexity_and_the_adapter_generates_in_a_fresh_process(tiny_lm_config, tmp_path):
     config = tiny_lm_config(num_rounds=3, learning_rate=0.05, lora_mlp=True, local_epochs=2)
     out = tmp_path / "run"
-    result = run_fedtune("simulate", "--out", str(out), *set_args(**{
+    # The same ServerApp and ClientApps as on Ray (SecAgg+, DP, ledgers, export), nodes run in turn here.
+    result = fedtune("simulate", "--engine", "in-process", "--out", str(out), *set_args(**{
         k.replace("-", "_"): v for k, v in config.to_flower().items() if v != ""}))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "perplexity" in result.stdout
@@ -199,9 +202,10 @@ def test_federation_lowers_perplexity_and_the_adapter_generates_in_a_fresh_proce
     assert all(e <= 8.0 + 1e-6 for e in summary["epsilon"].values()) and len(summary["epsilon"]) == 3
     samples = (out / "samples.md").read_text()
     assert samples.count("**base model:**") == 2 and "fine-tuned (after round 3)" in samples
-    audit = run_fedtune("audit", str(out))
+    audit = fedtune("audit", str(out))
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
+    # A user's new interpreter: only the adapter folder and the base model folder.
     script = textwrap.dedent(f"""
         import torch
         from peft import PeftModel
@@ -243,7 +247,7 @@ def test_bad_input_gets_a_clear_error(case, tiny_lm_config, tiny_model_dir, tmp_
         keys["max_length"] = 20
     else:
         keys["model"] = str(tiny_model_dir)  # a BERT encoder
-    result = run_fedtune("simulate", "--out", str(tmp_path / "run"), *set_args(**keys), timeout=120)
+    result = fedtune("simulate", "--engine", "in-process", "--out", str(tmp_path / "run"), *set_args(**keys))
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -271,32 +275,115 @@ def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
         np.testing.assert_allclose(whole, pieces, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(tmp_path, monkeypatch, capsys):
-    """The packaged Q4_1 GGUF becomes a plain folder whose model computes exactly what the
-    dequantized GGUF model computes, trains (no quantized flag) and is reused afterwards."""
+def _mini_smollm2_gguf(path, tokenizer_dir, *, vocab=1024, hidden=64, layers=2, heads=2, kv_heads=1, ffn=128):
+    """A miniature of the packaged SmolLM2 GGUF, written with the `gguf` package: the same llama keys
+    and tensor names, the same quantizations (a Q8_0 embedding, Q4_1 projections, F32 norms), a tied
+    output, its control tokens and chat template, and the first `vocab` tokens of SmolLM2's own
+    tokenizer (read from the packaged file by the tiny Llama fixture) with the merges among them.
+    Random weights for 2 layers, 64 wide: the conversion is the subject, not the size of the model
+    (the packaged 135M file takes a minute to convert and another to load as a reference)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    by_id = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])[:vocab]
+    assert [i for _, i in by_id] == list(range(vocab))
+    tokens = [token for token, _ in by_id]
+    kept = set(tokens)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    merges = [m for m in merges if m.replace(" ", "") in kept and all(part in kept for part in m.split(" "))]
+    control = {t["id"] for t in spec["added_tokens"] if t["special"]}
+    template = (tokenizer_dir / "chat_template.jinja").read_text()
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("mini SmolLM2")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(100000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in control else 1 for i in range(vocab)])  # 3: control
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(template)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    rng = np.random.default_rng(0)
+
+    def weight(name, rows, cols, kind):
+        array = rng.normal(0, 0.2, (rows, cols)).astype(np.float32)
+        writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+
+    def norm(name):
+        writer.add_tensor(name, (1 + rng.normal(0, 0.1, hidden)).astype(np.float32))
+
+    kv = kv_heads * hidden // heads
+    weight("token_embd.weight", vocab, hidden, Q.Q8_0)
+    for block in range(layers):
+        norm(f"blk.{block}.attn_norm.weight")
+        weight(f"blk.{block}.ffn_down.weight", hidden, ffn, Q.Q4_1)
+        weight(f"blk.{block}.ffn_gate.weight", ffn, hidden, Q.Q4_1)
+        weight(f"blk.{block}.ffn_up.weight", ffn, hidden, Q.Q4_1)
+        norm(f"blk.{block}.ffn_norm.weight")
+        weight(f"blk.{block}.attn_k.weight", kv, hidden, Q.Q4_1)
+        weight(f"blk.{block}.attn_output.weight", hidden, hidden, Q.Q4_1)
+        weight(f"blk.{block}.attn_q.weight", hidden, hidden, Q.Q4_1)
+        weight(f"blk.{block}.attn_v.weight", kv, hidden, Q.Q4_1)
+    norm("output_norm.weight")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(tiny_causal_lm_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The packaged Q4_1 GGUF (here its miniature: same keys, quantizations and tokenizer) becomes a
+    plain folder whose model computes exactly what the dequantized GGUF model computes, trains (no
+    quantized flag) and is reused afterwards."""
     from transformers import AutoModelForCausalLM
 
+    from common.models import smollm2
     from common.tasks import resolve_model_path
-    from common.models.smollm2 import gguf_path
 
-    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    packaged = tmp_path / "package" / smollm2.GGUF_FILE
+    packaged.parent.mkdir()
+    _mini_smollm2_gguf(packaged, tiny_causal_lm_dir)
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: packaged)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDTUNE_CACHE", str(cache))
     folder = resolve_model_path("default", task="causal-lm")
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().out
-    assert folder.parent == tmp_path and (folder / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name], "no staging folder left behind"
+    assert folder.parent == cache and (folder / "model.safetensors").is_file()
+    assert [p.name for p in cache.iterdir()] == [folder.name], "no staging folder left behind"
     converted = AutoModelForCausalLM.from_pretrained(str(folder))
     assert getattr(converted, "hf_quantizer", None) is None and converted.dtype == torch.float32
-    gguf = gguf_path()
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(str(packaged.parent), gguf_file=packaged.name,
+                                                     dtype=torch.float32)
+    assert reference.hf_quantizer is not None  # what the conversion is for: this one refuses training
     tokenizer = load_tokenizer(folder)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     ids = torch.tensor([prompt_ids(tokenizer, "What is AI?")])
+    assert ids[0, 0].item() == tokenizer.convert_tokens_to_ids("<|im_start|>")  # a control token, whole
     with torch.no_grad():
-        torch.testing.assert_close(converted(input_ids=ids).logits, reference(input_ids=ids).logits)
+        logits = converted(input_ids=ids).logits
+        assert logits.std() > 0.1  # random weights: a model that computes something to compare
+        torch.testing.assert_close(logits, reference(input_ids=ids).logits)
     assert resolve_model_path("default", task="causal-lm") == folder
     assert "converting" not in capsys.readouterr().out, "the second use reconverted"
-
 
 
 def test_a_deployed_node_reads_its_own_prompt_response_file(tiny_lm_config, tmp_path):
