@@ -17,7 +17,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_
 
 from common.ledger.audit import audit_run
 from common.ledger.chain import read_records
-from common.protocol import SecAggWire
+from common.protocol import SecAggRefusal, SecAggWire
 from common.secure_aggregation.masks import mask_arrays
 from common.secure_aggregation.statements import key_statement
 from server.run_directory import RunDirectory
@@ -206,11 +206,23 @@ def test_lying_about_who_dropped_out_is_caught_by_the_consistency_check(config, 
     assert record["update_applied"] and record["clients_trained"] == 4
 
 
+def _refusal(reply) -> SecAggRefusal | None:
+    """The node's SecAggRefusal when `reply` is one (then it carries that record and nothing else)."""
+    if reply.has_error() or SecAggWire.REFUSAL not in reply.content.config_records:
+        return None
+    assert set(reply.content.config_records) == {SecAggWire.REFUSAL} and not reply.content.array_records
+    return SecAggRefusal.from_record(reply.content.config_records[SecAggWire.REFUSAL])
+
+
 def _assert_no_pairwise_key_share_left(grid, node: int) -> None:
     """No unmask reply carried a share of `node`'s pairwise-mask key (only refusals answered such asks)."""
+    answered = 0
     for reply in grid.replies:
-        if not reply.has_error() and _stage_of_reply(grid, reply) == Stage.UNMASK:
+        if not reply.has_error() and _refusal(reply) is None and _stage_of_reply(grid, reply) == Stage.UNMASK:
+            assert RECORD_KEY_CONFIGS in reply.content.config_records  # an answer with shares, not a refusal
             assert node not in _dead_asked(grid, reply)
+            answered += 1
+    assert answered  # the honest unmask answers were looked at (the sum was unmasked from them)
 
 
 def test_skipping_the_consistency_check_does_not_let_a_lie_through(config, tmp_path):
@@ -285,8 +297,9 @@ def test_two_trained_clients_are_not_enough_for_any_node_to_unmask(config, tmp_p
         assert "2 signed contributor(s)" in record["secagg_refusals"][institution]
         assert _refusals(run_dir.path, institution)[0]["reason"].startswith("stage unmask:")
     # nobody revealed a share: the unmask replies were all refusals
-    unmask_replies = [r for r in grid.replies if r.has_error() and "stage unmask" in r.error.reason]
+    unmask_replies = [r for r in grid.replies if _stage_of_reply(grid, r) == Stage.UNMASK]
     assert len(unmask_replies) == 3
+    assert all(_refusal(r) is not None and _refusal(r).stage == "unmask" for r in unmask_replies)
 
 
 def test_a_paid_round_is_not_replayed_into_a_different_set_of_contributors(config, tmp_path):

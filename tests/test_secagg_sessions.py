@@ -46,7 +46,7 @@ def hostile_coordinator(monkeypatch):
     def collect_without_the_two_update_rule(self, grid, context, state):
         relay = self._relay(grid)
         ok = SecAggPlusWorkflow.collect_masked_vectors_stage(self, relay, context, state)
-        self._note_refusals(context, relay.replies)
+        self._note_refusals(context, relay)
         self._signed_at_collection = survivor_signatures(relay.replies, state)
         context.strategy.record_replies(coordinator_secagg._round(context), state.legacy_results, state.failures)
         return ok
@@ -73,7 +73,8 @@ def _shares_released(grid, *, after: int) -> list[int]:
     """Nodes whose unmask reply (among the replies after the first `after`) carried key shares."""
     sent = {m.metadata.message_id: m for m in grid.sent}
     return [reply.metadata.src_node_id for reply in grid.replies[after:]
-            if not reply.has_error() and _stage(sent[reply.metadata.reply_to_message_id]) == Stage.UNMASK]
+            if not reply.has_error() and SecAggWire.REFUSAL not in reply.content.config_records
+            and _stage(sent[reply.metadata.reply_to_message_id]) == Stage.UNMASK]
 
 
 def _ask_round_one_again(run_dir, tmp_path) -> RunDirectory:
