@@ -34,7 +34,7 @@ from common.tasks import get_task
 from common.tasks.classification import encode
 from simulations.inprocess import federation, metrics, run
 from tests.conftest import initial_adapter
-from tests.helpers import ROOT, run_fedtune
+from tests.helpers import ROOT, fedtune
 
 
 def _probe_model(model_dir, *, freeze_lora: bool = True, prior=()):
@@ -133,18 +133,18 @@ def test_the_two_stage_plans_per_round_epsilons_match_dp_accounting_pld(epsilon,
 
 
 def test_fedtune_plan_shows_each_rounds_stage_and_what_a_stop_after_it_leaves():
-    result = run_fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3",
-                         "--rounds", "3", "--json", timeout=120)
+    result = fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3",
+                         "--rounds", "3", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [r["stage"] for r in plan["rounds"]] == ["probe", "adapter", "adapter"]
     assert plan["probe"]["steps_per_round"] == 16 and plan["rounds"][0]["sample_rate"] == 1.0
-    table = run_fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3", timeout=120)
+    table = fedtune("plan", "--dataset-size", "345", "--mode", "two-stage", "--target-epsilon", "3")
     assert table.returncode == 0 and "probe rounds 1-1" in table.stdout and "budget left" in table.stdout
     first = next(line for line in table.stdout.splitlines() if line.strip("│ ").startswith("1 "))
     assert "probe" in first and f"{3 - plan['rounds'][0]['epsilon']:.4f}" in first  # left after a stop at 1
     for epsilon in ("1", "8"):  # without --mode, the plan is of what a run with this budget trains
-        unset = run_fedtune("plan", "--dataset-size", "345", "--target-epsilon", epsilon, "--json", timeout=120)
+        unset = fedtune("plan", "--dataset-size", "345", "--target-epsilon", epsilon, "--json")
         assert unset.returncode == 0, unset.stderr
         run_mode = RunConfig.load(overrides=[f"target-epsilon={epsilon}"]).training_mode
         assert json.loads(unset.stdout)["training_mode"] == run_mode
@@ -205,32 +205,49 @@ def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_con
 # -- federations: early stopping, adapters in a fresh process ----------------------------------
 
 FRESH_PROCESS = textwrap.dedent("""
-    # Knows the adapter folder, the base model folder and fedtune's loader; no run config.
+    # Knows the adapter folders, the base model folder and fedtune's loader; no run config.
     import json, sys, torch
     from transformers import AutoTokenizer
     from common.models.pooled_classifier import load_pooled_classifier
-    adapter, base, texts = sys.argv[1], sys.argv[2], json.load(sys.stdin)
-    model, label_names = load_pooled_classifier(adapter_dir=adapter, base_path=base)
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    with torch.no_grad():
-        logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors="pt")).logits
-    print(json.dumps([label_names[i] for i in logits.argmax(-1).tolist()]))
+    base, jobs, predictions = sys.argv[1], json.load(sys.stdin), {}
+    for adapter, texts in jobs.items():
+        model, label_names = load_pooled_classifier(adapter_dir=adapter, base_path=base)
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+        with torch.no_grad():
+            logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors="pt")).logits
+        predictions[adapter] = [label_names[i] for i in logits.argmax(-1).tolist()]
+    print(json.dumps(predictions))
 """)
+MODES = ("probe", "two-stage")
 
 
-@pytest.mark.parametrize("mode", ["probe", "two-stage"])
-def test_each_modes_adapter_loads_in_a_fresh_process_and_predicts_as_the_run_scored(mode, tiny_config, tmp_path):
-    config = tiny_config(training_mode=mode, num_rounds=2, probe_rounds=1, secure_aggregation=True)
-    grid, run_dir = federation(config, tmp_path / "run")
-    summary = run(grid, config, run_dir)
+@pytest.fixture(scope="module")
+def each_modes_run_and_fresh_predictions(tiny_config, tmp_path_factory):
+    """A finished run of each mode, and what one fresh process (a user's new interpreter: the
+    adapter folder and the base, nothing of the run) predicts on the test split with each adapter."""
+    runs = {}
+    for mode in MODES:
+        config = tiny_config(training_mode=mode, num_rounds=2, probe_rounds=1, secure_aggregation=True)
+        grid, run_dir = federation(config, tmp_path_factory.mktemp(mode) / "run")
+        runs[mode] = (config, run_dir, run(grid, config, run_dir))
+    splits = federated_splits(runs[MODES[0]][0])
+    jobs = {str(run_dir.adapter_dir): list(splits.test.texts) for _, run_dir, _ in runs.values()}
+    completed = subprocess.run([sys.executable, "-c", FRESH_PROCESS, runs[MODES[0]][0].model],
+                               input=json.dumps(jobs), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    predicted = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {mode: (config, run_dir, summary, predicted[str(run_dir.adapter_dir)])
+            for mode, (config, run_dir, summary) in runs.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_modes_adapter_loads_in_a_fresh_process_and_predicts_as_the_run_scored(
+        mode, each_modes_run_and_fresh_predictions):
+    config, run_dir, summary, predicted = each_modes_run_and_fresh_predictions[mode]
     assert summary["rounds_completed"] == 2
     splits = federated_splits(config)
-    completed = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(run_dir.adapter_dir), config.model],
-                               input=json.dumps(list(splits.test.texts)), capture_output=True, text=True,
-                               cwd=ROOT, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    predicted = json.loads(completed.stdout)
     truth = [splits.label_names[y] for y in splits.test.labels]
+    assert len(predicted) == len(truth)
     accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
     assert json.loads((run_dir.adapter_dir / "fedtune_head.json").read_text())["pooling"] == "mean"
