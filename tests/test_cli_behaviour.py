@@ -1,6 +1,9 @@
 """How the `fedtune` command behaves around the work: exit codes, usage errors, -h, --version,
 unexpected errors (one line, a log without local variables), `plan` (fast, delta, over budget),
-`simulate --out/--quiet/--json`, progress inside a round, and one Ctrl-C."""
+`simulate --out/--quiet/--json`, progress inside a round, and one Ctrl-C.
+
+Commands run in this process (`fedtune`) unless the process is the subject: the installed entry
+point's exit codes and help, the torch-free --version, and the Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import opacus  # noqa: F401  the real package: `plan` in this process must not stand in its torch-free one
 import pytest
 
-from tests.helpers import ROOT, run_fedtune, set_args
+from tests.helpers import ROOT, fedtune, set_args
 
 
 def _lines(text: str) -> list[str]:
@@ -28,21 +33,35 @@ def _lines(text: str) -> list[str]:
     (["simulat"], "No such command 'simulat'. Did you mean 'simulate'?"),
 ])
 def test_usage_errors_exit_4_distinct_from_the_audit_verdicts(args, expected):
-    result = run_fedtune(*args, timeout=60)
+    result = fedtune(*args)
     assert result.returncode == 4, result.stderr
     assert expected in result.stderr
     assert result.stderr.count("Did you mean") <= 1
 
 
+def test_an_unknown_engine_is_bad_input_refused_before_anything_starts(tmp_path):
+    result = fedtune("simulate", "--engine", "dask", "--out", str(tmp_path / "run"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert _lines(result.stderr) == ["error: no simulation engine 'dask'; choose one of ray, in-process"]
+    assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
 def test_help_alias_exit_codes_and_version():
-    top = run_fedtune("-h", timeout=60)
-    assert top.returncode == 0 and "Usage:" in top.stdout
+    """The installed `fedtune` script itself: help with the documented exit codes, and a usage
+    error's exit status as a shell sees it; the subcommands' help in this process."""
+    binary = Path(sys.executable).parent / "fedtune"
+    env = dict(os.environ, COLUMNS="120")
+    top = subprocess.run([str(binary), "-h"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and "Usage:" in top.stdout, top.stderr
     for code in ("0 clean", "1 verification failed", "2 budget exceeded", "3 bad input", "4 usage error",
                  "5 unexpected error", "130 interrupted"):
         assert code in " ".join(top.stdout.split()), code
+    typo = subprocess.run([str(binary), "simulat"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 4 and "Did you mean 'simulate'?" in typo.stderr, typo.stderr
     for command in (["simulate", "-h"], ["audit", "-h"], ["plan", "-h"], ["roster", "check", "-h"]):
-        result = run_fedtune(*command, timeout=60)
+        result = fedtune(*command)
         assert result.returncode == 0 and "Usage:" in result.stdout, command
+    assert "--engine" in fedtune("simulate", "-h").stdout
     # --version reads package metadata: torch is never imported for it
     probe = subprocess.run([sys.executable, "-c", "import sys; from fedtune.main import run_cli; "
                             "code = run_cli(['--version']); print(code, 'torch' in sys.modules)"],
@@ -58,7 +77,7 @@ def test_plan_rejects_cheap_mistakes_with_one_line():  # its speed: benchmarks/c
         (["--plot", "/nonexistent/dir/x.png"], "--plot: folder /nonexistent/dir does not exist"),
         (["--delta", "0.5"], "--delta 0.5 is not below 1/1000"),
     ]:
-        result = run_fedtune("plan", "--dataset-size", "1000", *args, timeout=60)
+        result = fedtune("plan", "--dataset-size", "1000", *args)
         assert result.returncode == 3, result.stderr
         lines = _lines(result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
@@ -66,18 +85,18 @@ def test_plan_rejects_cheap_mistakes_with_one_line():  # its speed: benchmarks/c
 
 
 def test_plan_shows_delta_and_says_when_clients_would_refuse():
-    ok = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "1.0", "--mode", "adapter", timeout=120)
+    ok = fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "1.0", "--mode", "adapter")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("adapter: ") and "at delta 1e-05" in " ".join(ok.stdout.split())
     assert any("round" in line and "delta" in line for line in ok.stdout.splitlines())  # the table's column
     assert "trains" in ok.stdout and "refuses" not in ok.stdout
-    over = run_fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", "--mode", "adapter", timeout=120)
+    over = fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", "--mode", "adapter")
     assert over.returncode == 2, over.stderr
     assert "refuses" in over.stdout
     assert "over budget: round 1 would spend epsilon 33.9" in " ".join(over.stderr.split())
     assert "clients refuse rounds 1, 2, 3" in " ".join(over.stderr.split())
-    large = run_fedtune("plan", "--dataset-size", "1000", "--delta", "0.5", "--allow-large-delta",
-                        "--noise-multiplier", "1.0", "--mode", "adapter", "--json", timeout=120)
+    large = fedtune("plan", "--dataset-size", "1000", "--delta", "0.5", "--allow-large-delta",
+                    "--noise-multiplier", "1.0", "--mode", "adapter", "--json")
     assert large.returncode == 0 and json.loads(large.stdout)["delta"] == 0.5
 
 
@@ -117,7 +136,7 @@ def test_out_into_an_unrelated_non_empty_folder_is_refused(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"not a run")
-    result = run_fedtune("simulate", "--out", str(folder), timeout=120)
+    result = fedtune("simulate", "--out", str(folder))
     assert result.returncode == 3
     lines = _lines(result.stderr)
     assert len(lines) == 1 and "is a non-empty folder that is not a fedtune run" in lines[0], result.stderr
@@ -214,7 +233,7 @@ def test_one_ctrl_c_stops_the_simulation_and_names_the_resume_command(tiny_confi
     while left() and time.monotonic() < gone_by:
         time.sleep(0.5)
     assert not left(), left()  # Ray is torn down with it (exited children only wait to be reaped)
-    resumed = run_fedtune("simulate", "--resume", str(out), "--json", timeout=600)
+    resumed = fedtune("simulate", "--engine", "in-process", "--resume", str(out), "--json")  # Ray's part is done
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout)  # stdout holds the summary alone
     assert summary["rounds_completed"] == 2 and summary["target_delta"] == 1e-05

@@ -1,4 +1,5 @@
-"""End to end: real `fedtune simulate` runs (Flower simulation engine on Ray) on a tiny model."""
+"""End to end: real `fedtune simulate` runs on a tiny model: the product's configuration (SecAgg+
+and DP) once on Flower's simulation engine (Ray) in a subprocess, the rest on the in-process engine."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from common.run_data import federated_splits
 from server.secure_aggregation import secagg_parameters
 from simulations import inprocess
 from tests.conftest import initial_adapter
-from tests.helpers import ROOT, progress_table, read_metrics, run_fedtune, set_args
+from tests.helpers import ROOT, fedtune, progress_table, read_metrics, run_fedtune, set_args
 
 pytestmark = pytest.mark.slow
 
 
-def _simulate(out: Path, config, **keys) -> subprocess.CompletedProcess:
+def _simulate_on_ray(out: Path, config, **keys) -> subprocess.CompletedProcess:
+    """The suite's one `fedtune simulate` on Ray: the real command in a new process."""
     base = dict(model=config.model, data=config.data, num_clients=config.num_clients,
                 clients_per_round=config.clients_per_round, batch_size=config.batch_size,
                 max_length=config.max_length, learning_rate=config.learning_rate,
@@ -42,19 +44,31 @@ def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+def _in_process(config, run_dir: Path) -> Path:
+    grid, directory = inprocess.federation(config, run_dir)
+    inprocess.run(grid, config, directory)
+    return directory.path
+
+
+@pytest.fixture(scope="module")
+def ray_run(tiny_config, tmp_path_factory):
+    """SecAgg+ and DP, the product's configuration, in a real `fedtune simulate` on Flower's engine (Ray)."""
+    config = tiny_config(num_clients=3, clients_per_round=3, dp=True, secure_aggregation=True, num_rounds=1,
+                         fraction_evaluate=1.0)
+    out = tmp_path_factory.mktemp("run") / "secagg-dp"
+    _simulate_on_ray(out, config, dp=True, secure_aggregation=True, num_rounds=1, num_clients=3,
+                     clients_per_round=3, fraction_evaluate=1.0)
+    return config, out
+
+
 @pytest.fixture(scope="module")
 def plain_and_secagg_runs(tiny_config, tmp_path_factory):
-    """The same non-private federation twice (training is deterministic): SecAgg+ in a real
-    `fedtune simulate` (Flower's engine, Ray), and the plain FedAvg reference from the same round
-    loop and ClientApps in one process."""
-    config = tiny_config(num_clients=3, clients_per_round=3, dp=False)
-    out = tmp_path_factory.mktemp("run") / "secagg"
-    _simulate(out, config, dp=False, secure_aggregation=True, num_rounds=1, num_clients=3, clients_per_round=3,
-              fraction_evaluate=1.0)
-    plain = config.with_overrides(secure_aggregation=False, num_rounds=1, fraction_evaluate=1.0)
-    grid, run_dir = inprocess.federation(plain, tmp_path_factory.mktemp("run") / "plain")
-    inprocess.run(grid, plain, run_dir)
-    return config, {True: out, False: run_dir.path}
+    """The same non-private federation twice (training is deterministic, DP noise is not): SecAgg+
+    and plain FedAvg, from the same round loop and ClientApps in one process."""
+    config = tiny_config(num_clients=3, clients_per_round=3, dp=False, num_rounds=1, fraction_evaluate=1.0)
+    root = tmp_path_factory.mktemp("run")
+    return config, {True: _in_process(config.with_overrides(secure_aggregation=True), root / "secagg"),
+                    False: _in_process(config.with_overrides(secure_aggregation=False), root / "plain")}
 
 
 def test_secagg_aggregate_equals_plain_fedavg_within_quantization_error(plain_and_secagg_runs):
@@ -82,11 +96,11 @@ def test_secagg_aggregate_equals_plain_fedavg_within_quantization_error(plain_an
     assert read_metrics(runs[True])[0]["bytes_up_per_client"] > read_metrics(runs[False])[0]["bytes_up_per_client"]
 
 
-def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(plain_and_secagg_runs):
-    config, runs = plain_and_secagg_runs
-    run = runs[True]
+def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(ray_run):
+    config, run = ray_run
     resolved = (run / "config.toml").read_text()
-    assert 'secure-aggregation = true' in resolved and f'model = "{config.model}"' in resolved
+    assert 'secure-aggregation = true' in resolved and 'dp = true' in resolved
+    assert f'model = "{config.model}"' in resolved
     [record] = read_metrics(run)
     for key in ("round", "test_loss", "test_accuracy", "test_macro_f1", "seconds", "bytes_up_per_client",
                 "clients"):
@@ -95,9 +109,12 @@ def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(plain
     for entry in record["clients"].values():
         assert entry["status"] == "trained" and entry["num_examples"] > 0 and entry["steps"] > 0
         assert 0.0 <= entry["val_accuracy"] <= 1.0 and entry["val_loss"] > 0  # clients evaluated
+        assert 0 < entry["epsilon"] <= config.target_epsilon
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["secure_aggregation"] is True
-    assert summary["dp"] is False and summary["test_accuracy"] == record["test_accuracy"]
+    assert summary["dp"] is True and summary["test_accuracy"] == record["test_accuracy"]
+    assert summary["epsilon"] == {cid: entry["epsilon"] for cid, entry in record["clients"].items()}
+    assert audit_run(target=run).to_json()["exit_code"] == 0  # the signed ledgers Ray's actors wrote audit clean
 
     # A fresh process loads the adapter the way a user would and gets the reported accuracy.
     script = textwrap.dedent(f"""
@@ -152,7 +169,7 @@ def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path
     assert all(eps <= 3.0 for eps in summary["epsilon"].values())
     assert "round" in shown.getvalue() and "2/2" in shown.getvalue() and "0/2" in shown.getvalue()
     # the refusals are in the signed ledgers too, and the whole run audits clean
-    audit = run_fedtune("audit", str(out), "--json", timeout=300)
+    audit = fedtune("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-3000:]
     statuses = sorted((r["client_id"], r["round"], r["status"]) for r in json.loads(audit.stdout)["rows"])
     assert statuses == [("client-0", 1, "trained"), ("client-0", 2, "refused-budget"),
