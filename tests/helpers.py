@@ -72,24 +72,3 @@ def progress_table(config):
 
     buffer = io.StringIO()
     return RoundTable(get_task(config.task), Console(file=buffer, width=200)), buffer
-
-
-def two_client_run_with_snapshot(tiny_config, root: Path) -> tuple[Path, Path]:
-    """A finished 2-client, 3-round DP run (in process) and a copy of its directory as it was after
-    round 2: what a rollback to round 2 leaves behind."""
-    import shutil
-
-    from simulations import inprocess
-
-    config = tiny_config(num_clients=2, clients_per_round=2, num_rounds=3, target_epsilon=4.0, dp=True,
-                         secure_aggregation=False)
-    grid, run_dir = inprocess.federation(config, root / "run")
-    snapshot = root / "after-round-2"
-
-    def keep_round_2(record: dict) -> None:
-        if record["round"] == 2:
-            shutil.copytree(run_dir.path, snapshot)
-
-    inprocess.run(grid, config, run_dir, on_round=keep_round_2)
-    return run_dir.path, snapshot
-
