@@ -23,14 +23,23 @@ def fedtune(*args: str) -> subprocess.CompletedProcess:
     same exit code, stdout and stderr as the subprocess, without a new interpreter's imports."""
     import contextlib
     import io
+    import logging
+
+    import opacus  # noqa: F401  (`fedtune plan` would otherwise put a torch-free stand-in in its place)
 
     from fedtune import shell
     from fedtune.main import run_cli
 
     out, err = io.StringIO(), io.StringIO()
     shell.log_dir_hint.clear()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT):
-        code = run_cli(list(args))
+    flwr_log = logging.getLogger("flwr")  # `simulate` quiets it; the next test gets it back as it was
+    level, filters = flwr_log.level, list(flwr_log.filters)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT):
+            code = run_cli(list(args))
+    finally:
+        flwr_log.setLevel(level)
+        flwr_log.filters[:] = filters
     return subprocess.CompletedProcess(["fedtune", *args], code, out.getvalue(), err.getvalue())
 
 
