@@ -136,7 +136,6 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         relay = self._relay(grid)
         ok = super().setup_stage(relay, context, state)
-        self._note_refusals(context, relay)
         if not relay.sent:  # nobody sampled: Flower already said why
             self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
             return ok
@@ -145,19 +144,23 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         outcome = strategy.outcomes.get(server_round)
         failed = admit(relay.replies, state, identities=identities, run_id=self.run_id, server_round=server_round,
                        outcome=outcome)
+        # Refusals are read once the nodes proved who they are (admit): a node of the same batch
+        # cannot file a refusal in the name of an institution that proves itself beside it.
+        self._note_refusals(context, relay)
         if identities is not None:
             failed |= set(state.sampled_node_ids) - state.active_node_ids - failed  # no reply at all
+            replacements: list[_Relay] = []
 
             def send(messages: list[Message]) -> list[Message]:
-                again = self._relay(grid)
-                replies = again.send_and_receive(messages)
-                self._note_refusals(context, again)
-                return replies
+                replacements.append(self._relay(grid))
+                return replacements[-1].send_and_receive(messages)
 
             replace(send, state, failed=failed, identities=identities, client_manager=context.client_manager,
                     setup=relay.sent[0].content.config_records[RECORD_KEY_CONFIGS], run_id=self.run_id,
                     fitins=lambda: compat.fitins_to_recorddict(strategy.fit_ins[server_round], True),
                     server_round=server_round, outcome=outcome)
+            for again in replacements:  # after replace's own admit, for the same reason
+                self._note_refusals(context, again)
         ok = self._check_threshold(state)
         if not ok:
             self._note_halt(context, "SecAgg+ halted in setup: too few clients answered")
