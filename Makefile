@@ -34,8 +34,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(OFFLINE) $(BIN)/fedtune simulate
 
+# Two test processes side by side (pytest-xdist), a test file each at a time: while one waits on a
+# real deployment's processes, the other computes. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(OFFLINE) $(BIN)/python -m pytest
+	$(OFFLINE) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"

@@ -17,6 +17,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per test process and per process it starts, as Ray gives each simulated client:
+# for models this small a second thread only spins. `make test` runs two test processes side by side.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 TOPICS = {
     "sport": "match team goal coach league player score season cup win".split(),

@@ -28,17 +28,6 @@ from server.model_card import CardFacts, client_privacy, model_card
 from tests.helpers import fedtune, set_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as Ray gives each simulated client (OMP_NUM_THREADS=1): for models this
-    small a second thread only spins, and on a busy machine it doubles the CPU a test burns."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 LABELS = ("1", "2", "10")  # numeric labels, in the order the head's outputs have them
 

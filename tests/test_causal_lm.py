@@ -33,17 +33,6 @@ from tests.helpers import ROOT, fedtune, read_metrics, set_args
 from tests.test_privacy_accounting import independent_epsilon
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as Ray gives each simulated client (OMP_NUM_THREADS=1): for models this
-    small a second thread only spins, and on a busy machine it doubles the CPU a test burns."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def _model(config):
     from pathlib import Path

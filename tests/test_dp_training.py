@@ -18,17 +18,6 @@ from common.tasks import get_task
 from tests.conftest import initial_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as Ray gives each simulated client (OMP_NUM_THREADS=1): for models this
-    small a second thread only spins, and on a busy machine it doubles the CPU a test burns."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def test_dp_training_changes_every_adapter_tensor_and_improves_accuracy(tiny_config):
     config = tiny_config(num_clients=1, clients_per_round=1, secure_aggregation=False)

@@ -28,17 +28,6 @@ from simulations import inprocess
 from tests.helpers import read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as Ray gives each simulated client (OMP_NUM_THREADS=1): for models this
-    small a second thread only spins, and on a busy machine it doubles the CPU a test burns."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def _server_model(config):
     return build_lora_classifier(model_path=resolve_model_path(config.model), num_labels=3,

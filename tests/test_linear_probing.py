@@ -37,17 +37,6 @@ from tests.conftest import initial_adapter
 from tests.helpers import ROOT, fedtune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, as Ray gives each simulated client (OMP_NUM_THREADS=1): for models this
-    small a second thread only spins, and on a busy machine it doubles the CPU a test burns."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def _probe_model(model_dir, *, freeze_lora: bool = True, prior=()):
     return build_pooled_classifier(model_path=model_dir, num_labels=3, lora=LoraSettings(rank=4), seed=0,
