@@ -207,3 +207,25 @@ def finished_dp_run_copy(finished_dp_run, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(finished_dp_run.path, tmp_path / "run-copy"))
+
+
+# The files that take longest (real deployments, the Ray runs), measured with --durations: started first.
+LONGEST_FILES = ("test_pinned_deployment.py", "test_control_api.py", "test_simulation.py", "test_cli_behaviour.py",
+                 "test_flwr_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the others with slow tests, then the rest; each file's tests
+    kept together and in order. `make test`'s two processes then end together instead of one of
+    them finishing a long file alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(item.path, len(first_seen))
+
+    def rank(item) -> tuple:
+        name = item.path.name
+        longest = LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+        return longest, item.path not in slow_files, first_seen[item.path]
+
+    items.sort(key=rank)
