@@ -34,15 +34,18 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(OFFLINE) $(BIN)/fedtune simulate
 
-# Two test processes side by side (pytest-xdist), a test file each at a time: while one waits on a
-# real deployment's processes, the other computes. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# Three test processes side by side on two cores (pytest-xdist), a test file each at a time: the
+# real deployments' processes spend much of their time waiting on each other, and the other test
+# processes compute meanwhile. Every test uses one torch thread (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 3
 
 test: setup
 	$(OFFLINE) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+# The inner loop: everything but the end-to-end runs (marked slow), in under 2 minutes.
 test-fast: setup
-	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+	$(OFFLINE) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # About 100 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
 bench: setup

@@ -205,6 +205,7 @@ def test_bad_receipts_are_one_line_errors_or_findings_naming_the_file(finished, 
     assert payload["problems"][0].startswith("receipt forged.json: not signed by client-1's ledger key")
 
 
+@pytest.mark.slow
 def test_the_mechanism_check_runs_from_the_audit_on_a_clients_recorded_step(finished):
     """`--mechanism CLIENT` reads the client's sigma, q and delta from its ledger and C from the run,
     runs its DP-SGD step on canaries, and puts the claim and the bound beside the audit."""

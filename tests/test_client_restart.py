@@ -67,6 +67,7 @@ def client_files(tiny_config, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_restarted_client_continues_epsilon_and_never_double_counts(client_files):
     """Round 1 here, round 2 in a process killed without warning right after its reply, round 3 in
     another new process (started early so its imports overlap round 2; it reads the ledger after

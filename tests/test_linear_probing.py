@@ -91,6 +91,7 @@ def test_the_head_rounds_per_sample_gradients_equal_single_example_gradients_thr
             assert torch.allclose(mine[i], theirs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_probe_client_learns_under_dp_and_spends_what_an_independent_accountant_says(tmp_path):
     """One BBC News client alone (345 records, MiniLM), epsilon 4 over 3 rounds, from a zero head:
     far above chance, and each round's epsilon is dp_accounting's for the plan it signed."""
@@ -172,6 +173,7 @@ def test_a_two_stage_client_signs_each_stage_and_its_ledger_audits_against_pld(t
     assert records[0]["epsilon"] == pytest.approx(0.5 * 4.0, rel=0.02) and records[-1]["epsilon"] <= 4.0
 
 
+@pytest.mark.slow
 def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_config, tmp_path):
     """The coordinator chooses the mode and the split, not the budget: a job putting 99% of the
     node's epsilon 2 into 200-step probe rounds still composes into one history under 2, and a
@@ -241,6 +243,7 @@ def each_modes_run_and_fresh_predictions(tiny_config, tmp_path_factory):
             for mode, (config, run_dir, summary) in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_each_modes_adapter_loads_in_a_fresh_process_and_predicts_as_the_run_scored(
         mode, each_modes_run_and_fresh_predictions):

@@ -84,6 +84,7 @@ def test_threshold_1_is_refused_at_setup(config, tmp_path):
     assert not [m for m in grid.sent if _stage(m) == Stage.SHARE_KEYS]
 
 
+@pytest.mark.slow
 def test_a_node_allowing_for_a_colluder_needs_a_higher_threshold(config, tmp_path):
     """A split story about who dropped out, signed on both sides by c colluding institutions,
     rebuilds both masks of one node unless 2t > n + c. Nodes whose policy allows for one colluder
@@ -283,6 +284,7 @@ def _dead_asked(grid, reply):
     return list(_config(sent[reply.metadata.reply_to_message_id])[Key.DEAD_NODE_ID_LIST])
 
 
+@pytest.mark.slow
 def test_two_trained_clients_are_not_enough_for_any_node_to_unmask(config, tmp_path):
     """client-2's own policy allows far less epsilon than the job asks: it refuses (weight 0), so
     only two updates would be summed, and each of the two would learn the other's."""
@@ -302,6 +304,7 @@ def test_two_trained_clients_are_not_enough_for_any_node_to_unmask(config, tmp_p
     assert all(_refusal(r) is not None and _refusal(r).stage == "unmask" for r in unmask_replies)
 
 
+@pytest.mark.slow
 def test_a_paid_round_is_not_replayed_into_a_different_set_of_contributors(config, tmp_path):
     """Round 1 is unmasked with all four institutions. The coordinator then asks round 1 again
     (the same run id, as a resume does) and keeps one institution out: the three that would

@@ -186,6 +186,7 @@ def test_a_signature_from_another_session_never_verifies(tmp_path):
     assert verified_signers(**check, session=second) == {}
 
 
+@pytest.mark.slow
 def test_a_paid_update_never_goes_into_a_second_session(config, tmp_path):
     """The reviewer's attack on a one-sum rule checked by the update's owner alone. Five
     institutions (threshold 3): round 1's unmask request is withheld from client-0 and client-1,
