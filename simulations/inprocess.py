@@ -93,7 +93,6 @@ class InProcessGrid(Grid):
         self.replies += replies
         return replies
 
-
     def _deliver(self, msg: Message) -> Message:
         try:
             node = msg.metadata.dst_node_id
