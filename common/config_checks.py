@@ -11,7 +11,7 @@ from typing import Any
 
 from common.errors import FedtuneError
 from common.faults import check_faults
-from common.privacy.budget_defaults import TRAINING_MODES
+from common.training_modes import TRAINING_MODES, training_mode
 
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")
@@ -76,11 +76,12 @@ def secagg_threshold(*, clients: int, max_colluders: int) -> int:
 def _check_modes(config: Any) -> None:
     """The training mode, probing and early-stopping keys (probe/two-stage need a label head)."""
     check(config.training_mode in TRAINING_MODES, "training_mode", f"must be one of {', '.join(TRAINING_MODES)}")
-    check(config.training_mode == "adapter" or config.task == "classification", "training_mode",
+    mode = training_mode(config.training_mode)
+    check(not mode.pooled_head or config.task == "classification", "training_mode",
           "must be 'adapter' for this task (probing trains a label head)")
     check(config.pooling in ("", *POOLINGS), "pooling", "must be '', 'mean' or 'cls'")
-    check(config.training_mode != "two-stage" or 1 <= config.probe_rounds < config.num_rounds, "probe_rounds",
-          "must leave at least one adapter round in two-stage (1 <= probe-rounds < num-rounds)")
+    check(not (mode.has_probe_stage and mode.has_adapter_stage) or 1 <= config.probe_rounds < config.num_rounds,
+          "probe_rounds", f"must leave at least one adapter round in {mode.name} (1 <= probe-rounds < num-rounds)")
     check(0.0 < config.probe_epsilon_share < 1.0, "probe_epsilon_share", "must lie strictly between 0 and 1")
     check(config.early_stopping_patience >= 0, "early_stopping_patience", "must be 0 (off) or a round count")
     check(0.0 < config.stop_validation_fraction < 0.5, "stop_validation_fraction", "must lie in (0, 0.5)")

@@ -17,6 +17,7 @@ from typing import Any
 from common.config import RunConfig
 from common.models.base_reference import BaseModelReference
 from common.protocol import Status
+from common.training_modes import training_mode
 
 PIPELINE_TAGS = {"classification": "text-classification", "causal-lm": "text-generation"}
 UNIT_OF_PRIVACY = "one record (one training example) of one client's own data"
@@ -121,7 +122,7 @@ def _labels_section(facts: CardFacts) -> str:
 
 
 def _usage_section(facts: CardFacts) -> str:
-    if facts.label_names and facts.config.training_mode != "adapter":
+    if facts.label_names and training_mode(facts.config.training_mode).pooled_head:
         load = ("from common.models.pooled_classifier import load_pooled_classifier  # fedtune's; fedtune_head.json\n"
                 "from transformers import AutoTokenizer\n\n"
                 "model, label_names = load_pooled_classifier(adapter_dir=ADAPTER, base_path=BASE)\n"
@@ -212,7 +213,7 @@ def _training_section(facts: CardFacts) -> str:
 
 
 def _probe_settings(cfg) -> str:
-    if cfg.training_mode == "adapter":
+    if not training_mode(cfg.training_mode).has_probe_stage:
         return ""
     return (f", pooling `{cfg.pooling or 'as the model was trained'}`, {cfg.probe_steps} full-batch head steps "
             f"per probe round at SGD step {cfg.probe_learning_rate:g}")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from common.config import RunConfig
+from common.training_modes import training_mode
 
 ADAM_DRIFT_BOUND = 3.0  # per step, an AdamW update moves a coordinate by about lr at most; 3x margin
 
@@ -18,7 +19,8 @@ def coordinate_bound(*, config: RunConfig, max_client_examples: int) -> float:
     steps = config.local_epochs * math.ceil(max_client_examples / config.batch_size)
     adapter = ADAM_DRIFT_BOUND * max(config.learning_rate, config.head_learning_rate) * steps
     probe = ADAM_DRIFT_BOUND * config.probe_learning_rate * max(config.max_grad_norm, 1.0) * config.probe_steps
-    return {"adapter": adapter, "probe": probe}.get(config.training_mode, max(adapter, probe))
+    mode = training_mode(config.training_mode)
+    return max(adapter if mode.has_adapter_stage else 0.0, probe if mode.has_probe_stage else 0.0)
 
 
 def update_norm_bound(*, config: RunConfig, max_client_examples: int, num_parameters: int) -> float:

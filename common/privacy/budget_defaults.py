@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-TRAINING_MODES = ("adapter", "probe", "two-stage")
+from common import training_modes
+
+TRAINING_MODES = tuple(training_modes.TRAINING_MODES)  # the names a config may give (common/training_modes.py)
 # (largest target epsilon, what to train). No DP counts as an infinite budget.
 BUDGET_DEFAULTS: tuple[tuple[float, dict[str, Any]], ...] = (
     (1.0, {"training_mode": "probe", "probe_learning_rate": 2.0}),

@@ -22,6 +22,7 @@ from typing import Any
 from common.errors import FedtuneError
 from common.privacy.accounting import HistoryEntry, compose, epsilon_of
 from common.privacy.calibration import UnreachableBudget, calibrate_sigma
+from common.training_modes import training_mode as mode_of
 
 # The node policy's default caps (common/privacy/policy.py; node config `max-rounds`, `max-dp-steps`).
 # 1,000 rounds is ten times the longest federated run in the fine-tuning literature we follow; 100,000
@@ -155,14 +156,13 @@ def _calibrated(epsilon_at, target: float, *, what: str) -> float:
 def planned_steps(config, *, num_examples: int | None) -> int:
     """The DP steps a run config plans over all its rounds (probe stage included). Without N (a job
     not yet matched to a node's data) a local epoch counts one step: the least it can be."""
-    if config.training_mode == "probe":
-        return config.num_rounds * config.probe_steps
+    probe = mode_of(config.training_mode).probe_round_count(num_rounds=config.num_rounds,
+                                                            probe_rounds=config.probe_rounds)
+    if probe == config.num_rounds:  # no adapter round: N does not enter
+        return probe * config.probe_steps
     per_epoch = 1 if num_examples is None else sampling_schedule(num_examples=num_examples,
                                                                  batch_size=config.batch_size, local_epochs=1)[1]
-    if config.training_mode == "two-stage":
-        return (config.probe_rounds * config.probe_steps
-                + (config.num_rounds - config.probe_rounds) * config.local_epochs * per_epoch)
-    return config.num_rounds * config.local_epochs * per_epoch
+    return probe * config.probe_steps + (config.num_rounds - probe) * config.local_epochs * per_epoch
 
 
 def size_problem(config, *, num_examples: int | None, max_rounds: int = DEFAULT_MAX_ROUNDS,
@@ -174,11 +174,8 @@ def size_problem(config, *, num_examples: int | None, max_rounds: int = DEFAULT_
         return (f"num-rounds={config.num_rounds} asked, {party} plans at most {max_rounds} rounds "
                 f"(policy max-rounds); lower num-rounds")
     if planned_steps(config, num_examples=num_examples) > max_dp_steps:
-        keys = ("num-rounds or probe-steps" if config.training_mode == "probe" else
-                "num-rounds, local-epochs or probe-steps, or raise batch-size" if config.training_mode == "two-stage"
-                else "num-rounds or local-epochs, or raise batch-size")
         return (f"the job plans more DP steps over the run than the {max_dp_steps} {party} plans at most "
-                f"(policy max-dp-steps); lower {keys}")
+                f"(policy max-dp-steps); lower {mode_of(config.training_mode).size_keys}")
     return None
 
 
@@ -192,23 +189,25 @@ def plan_of_config(config, *, num_examples: int, max_rounds: int = DEFAULT_MAX_R
     common = dict(num_examples=num_examples, num_rounds=config.num_rounds, target_epsilon=config.target_epsilon,
                   target_delta=config.target_delta, accountant=config.accountant,
                   noise_multiplier=config.noise_multiplier)
-    if config.training_mode == "two-stage":
+    mode = mode_of(config.training_mode)
+    if mode.has_probe_stage and mode.has_adapter_stage:
         return plan_two_stage(batch_size=config.batch_size, local_epochs=config.local_epochs,
                               probe_rounds=config.probe_rounds, probe_steps=config.probe_steps,
                               probe_share=config.probe_epsilon_share, **common)
-    if config.training_mode == "probe":  # full batch: every record in each of probe-steps steps
+    if mode.has_probe_stage:  # probe rounds only; full batch: every record in each of probe-steps steps
         return plan_privacy(batch_size=num_examples, local_epochs=config.probe_steps, **common)
     return plan_privacy(batch_size=config.batch_size, local_epochs=config.local_epochs, **common)
 
 
 def same_schedule(plan: PrivacyPlan, config, *, num_examples: int) -> bool:
     """Whether a plan read back was made for this data and this config's steps (not its noise)."""
-    if config.training_mode == "probe":
+    mode = mode_of(config.training_mode)
+    if not mode.has_adapter_stage:
         expected = (1.0, config.probe_steps, None)
     else:
         expected = (*sampling_schedule(num_examples=num_examples, batch_size=config.batch_size,
                                        local_epochs=config.local_epochs),
-                    (config.probe_rounds, config.probe_steps) if config.training_mode == "two-stage" else None)
+                    (config.probe_rounds, config.probe_steps) if mode.has_probe_stage else None)
     probe = (plan.probe.rounds, plan.probe.steps_per_round) if plan.probe else None
     return plan.num_examples == num_examples and (plan.sample_rate, plan.steps_per_round, probe) == expected
 
@@ -216,8 +215,7 @@ def same_schedule(plan: PrivacyPlan, config, *, num_examples: int) -> bool:
 def is_probe_round(config, server_round: int) -> bool:
     """Whether a round trains the head alone: the one rule the plan, the trainer and the record share
     (rounds are numbered from 1; a client refuses any other number before this is asked)."""
-    return config.training_mode == "probe" or (config.training_mode == "two-stage"
-                                               and 1 <= server_round <= config.probe_rounds)
+    return mode_of(config.training_mode).probe_round(server_round, probe_rounds=config.probe_rounds)
 
 
 def epsilon_after_next_round(history: list[HistoryEntry], plan: PrivacyPlan, server_round: int) -> float:
@@ -251,15 +249,9 @@ def privacy_schedule(*, dataset_size: int, batch_size: int, local_epochs: int, r
         epsilon = epsilon_of(history, delta=delta, accountant=accountant)
         per_round.append({"round": server_round, "epsilon": epsilon, "noise_multiplier": stage.noise_multiplier,
                           "sample_rate": stage.sample_rate, "steps": stage.steps_per_round,
-                          "stage": _stage_name(plan, server_round, training_mode),
+                          "stage": mode_of(training_mode).stage(server_round, probe_rounds=probe_rounds),
                           "client_refuses": not fits_budget(epsilon, plan)})  # the client's own guard
     return {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
             "steps_per_round": plan.steps_per_round, "accountant": accountant, "delta": delta,
             "target_epsilon": target_epsilon, "training_mode": training_mode,
             "probe": dataclasses.asdict(plan.probe) if plan.probe else None, "rounds": per_round}
-
-
-def _stage_name(plan: PrivacyPlan, server_round: int, training_mode: str) -> str:
-    if training_mode == "probe" or (plan.probe is not None and server_round <= plan.probe.rounds):
-        return "probe"
-    return "adapter"
