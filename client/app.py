@@ -25,6 +25,7 @@ from client.secure_aggregation import SecAggNode, secure_aggregation_mod
 from client.trainer import step_progress_file
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.execution import ExecutionProfile
 from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node, sized_to_federation
 from common.ledger.chain import signing_key
 from common.privacy.policy import NodePolicy
@@ -67,6 +68,14 @@ def policy_of(context: Context, config: RunConfig | None) -> NodePolicy:
     in a simulation, where one party holds every node)."""
     defaults = NodePolicy.of_simulation(config) if config is not None else NodePolicy()
     return NodePolicy.from_node_config(dict(context.node_config), defaults=defaults)
+
+
+def profile_of(context: Context, config: RunConfig | None) -> ExecutionProfile:
+    """Where and in what precision this node trains: its node config's profile keys, over the
+    run's in a simulation and over the automatic defaults on a deployed node (the coordinator's
+    job never chooses an institution's hardware)."""
+    base = config.profile if config is not None else ExecutionProfile()
+    return base.overridden_by(dict(context.node_config))
 
 
 def resolve_config(context: Context, config: RunConfig | None) -> RunConfig:
@@ -120,7 +129,8 @@ def client_fn_of(*, config: RunConfig | None, ledger_root: Path | None) -> Calla
         bound, root = binding(context, config, ledger_root)
         client = FedtuneClient(config=job_of(context, bound), policy=policy_of(context, bound), node=node,
                                transport=transport_of(context), run_id=str(context.run_id),
-                               ledger_dir=_ledger_dir(context, root, node.client_id))
+                               ledger_dir=_ledger_dir(context, root, node.client_id),
+                               profile=profile_of(context, bound))
         cfg = client.config
         if cfg.inject_faults and node.partition_id is not None:  # a drill, in simulation only
             return DrillClient(client, config=cfg, partition_id=node.partition_id).to_client()

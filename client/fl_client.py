@@ -28,6 +28,7 @@ from client.trainer import train_locally
 from client.update_cache import CachedUpdate, UpdateCache
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.execution import ExecutionProfile
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
@@ -47,14 +48,16 @@ FitReply = tuple[list[np.ndarray], int, dict]
 class FedtuneClient(NumPyClient):
     def __init__(self, *, config: RunConfig, ledger_dir: Path, run_id: str, partition_id: int | None = None,
                  node: NodeData | None = None, policy: NodePolicy | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, profile: ExecutionProfile | None = None) -> None:
         """`config` is the job as the coordinator asked it; `policy` the node's (a simulation's
-        researcher holds every node, so by default the job is the policy)."""
+        researcher holds every node, so by default the job is the policy); `profile` the node's
+        hardware (by default the run's: a simulation)."""
         self.job = config
         self.policy = policy or NodePolicy.of_simulation(config)
         self.refusal = request_refusal(policy=self.policy, job=config, transport=transport)
         self.config = config if self.refusal else self.policy.applied_to(config)  # what the node does
         self.transport = transport
+        self.profile = profile or config.profile
         self.task = get_task(config.task)
         self.node = node or NodeData(client_id=f"client-{partition_id}", partition_id=partition_id)
         self.partition_id = self.node.partition_id  # fault drills address clients by partition
@@ -195,7 +198,8 @@ class FedtuneClient(NumPyClient):
                            **_plan_fields(plan and plan.for_round(server_round)), lora_a_sha256=shared_a or None)
         fields = ledger.fields(run_id=run_id, server_round=server_round, status=Status.TRAINED, plan=plan,
                                steps=result.steps, epsilon=epsilon, local_examples=num_examples,
-                               policy=self.policy.to_record())
+                               policy=self.policy.to_record(),
+                               profile=self.profile.to_record(default_physical_batch=self.task.default_physical_batch))
         cache.save(run_id=run_id, server_round=server_round, cached=CachedUpdate(
             update=update, num_examples=num_examples, global_sha256=adapter_sha256(parameters),
             ledger_fields=fields, metrics=report.to_metrics()))
@@ -208,6 +212,7 @@ class FedtuneClient(NumPyClient):
         the adapter (and head) through the model; `plan` is this round's stage."""
         cfg, seed = self.config, self.config.seed * 1_000_003 + server_round
         dataset = _encoded(cfg, self.node, self.label_names, "train")
+        self.profile.apply_threads()
         if is_probe_round(cfg, server_round):
             data_key = (cfg, self.node, self.label_names, data_version(self.node))
             return train_probe_round(model=model, dataset=dataset, data_key=data_key,
@@ -216,7 +221,8 @@ class FedtuneClient(NumPyClient):
         return train_locally(model=model, dataset=dataset, loss=self.task.loss, learning_rate=cfg.learning_rate,
                              head_learning_rate=cfg.head_learning_rate, batch_size=cfg.batch_size,
                              local_epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, plan=plan,
-                             history=history, seed=seed, physical_batch_size=cfg.physical_batch)
+                             history=history, seed=seed,
+                             physical_batch_size=self.profile.physical_batch_size or self.task.default_physical_batch)
 
     def _check_shared_lora_a(self, model, *, expected: str) -> str:
         """FFA-LoRA: this node's frozen A must be the coordinator's, or B means nothing there."""
@@ -256,7 +262,8 @@ class FedtuneClient(NumPyClient):
         cfg = self.config
         model = self.task.build_model(model_path=self.task.model_path(model_of(cfg, self.node)),
                                       num_labels=len(self.label_names), lora=LoraSettings.from_config(cfg),
-                                      seed=cfg.seed, head=HeadSettings.from_config(cfg, label_names=()))
+                                      seed=cfg.seed, head=HeadSettings.from_config(cfg, label_names=()),
+                                      profile=self.profile, resident=True)  # reset per message, never rebuilt
         arrays_to_adapter(model, parameters)
         return model
 

@@ -27,6 +27,7 @@ import torch
 
 from client.mechanism_stats import CONFIDENCE, RateBounds, bound_rates, claim_profile, trial_statistic
 from common.errors import FedtuneError
+from common.execution import seeded_rng
 
 FAULTS = ("half-noise", "no-clipping", "double-rate")  # broken mechanisms, for tests and benchmarks only
 RANK, WIDTH, LENGTH = 16, 32, 4  # LoRA rank r on query and value: 2 layers x 2 x r x WIDTH A entries
@@ -197,10 +198,9 @@ def _stand_in_model():
 
     config = BertConfig(vocab_size=4096 + FIRST_ID, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=2 * WIDTH, max_position_embeddings=2 * LENGTH)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded_rng(0):
         model = attach_lora(BertForSequenceClassification(config), task_type="SEQ_CLS",
-                            lora=LoraSettings(rank=RANK, alpha=RANK), targets=["query", "value"])
+                            lora=LoraSettings(rank=RANK, alpha=RANK), targets=["query", "value"], seed=0)
     model.train()
     lora_a = [p for name, p in model.named_parameters() if p.requires_grad and ".lora_A." in name]
     return model, lora_a

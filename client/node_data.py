@@ -16,6 +16,7 @@ import numpy as np
 from common.config import RunConfig
 from common.data.splits import ClientSplit
 from common.errors import FedtuneError
+from common.execution import PROFILE_KEYS
 from common.privacy.policy import POLICY_KEYS
 from common.protocol import EvaluateInstructions, FitInstructions
 from common.run_data import federated_splits
@@ -28,7 +29,8 @@ NODE_DATA_KEYS = ("data", "text-column", "label-column", "prompt-column", "respo
                   "validation-fraction", "split-seed", "label-set", "task", "max-length")
 # Flower's simulation engine sets partition-id and num-partitions itself.
 # operator-key and app-sha256 are the node runtime's pins (common/trust/gate.py).
-NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, "client-id", "ledger-dir", "roster", "partition-id",
+# PROFILE_KEYS: the node's hardware (device, base-dtype, threads, physical-batch-size).
+NODE_KEYS = (*NODE_DATA_KEYS, *POLICY_KEYS, *PROFILE_KEYS, "client-id", "ledger-dir", "roster", "partition-id",
              "num-partitions", "operator-key", "app-sha256")
 
 

@@ -46,12 +46,12 @@ class ClientPrivacyLedger:
 
     def fields(self, *, run_id: str, server_round: int, status: Status, plan: PrivacyPlan | None,
                steps: int, epsilon: float | None, local_examples: int, policy: dict | None = None,
-               reason: str | None = None, request: str = "fit") -> dict:
+               reason: str | None = None, request: str = "fit", profile: dict | None = None) -> dict:
         """What the client signs for a round (before signing: the update cache keeps a copy)."""
         return client_record_fields(client_id=self.client_id, run_id=run_id, server_round=server_round,
                                     status=status, plan=plan, steps=steps, epsilon=epsilon,
                                     local_examples=local_examples, policy=policy, reason=reason,
-                                    request=request)
+                                    request=request, profile=profile)
 
     @property
     def head_hash(self) -> str:

@@ -19,6 +19,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.execution import check_trainables_fp32, device_of, on_device, seeded_rng
 from common.models.adapter import trainable_named_parameters
 from common.privacy.accounting import HistoryEntry
 from common.privacy.noise import private_generator
@@ -97,8 +98,8 @@ def train_locally(*, model: torch.nn.Module, dataset: TensorDataset, loss: LossF
         optimizer = torch.optim.SGD([p for _, p in trainable_named_parameters(model)], lr=learning_rate)
     else:
         optimizer = _adamw(model, learning_rate=learning_rate, head_learning_rate=head_learning_rate or learning_rate)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    check_trainables_fp32(model)  # a bf16 base is fine; what trains, clips and gets noise is fp32
+    with seeded_rng(seed):
         model.train()
         if plan is None:
             return _train_plain(model=model, dataset=dataset, loss=loss, optimizer=optimizer,
@@ -138,7 +139,7 @@ def _train_plain(*, model, dataset, loss, optimizer, batch_size, local_epochs, s
     for _ in range(local_epochs):
         for batch in loader:
             total = 0.0
-            for piece in _pieces(batch, physical):  # gradient accumulation, weighted by piece size
+            for piece in _pieces(on_device(batch, device_of(model)), physical):  # accumulation, by piece size
                 share = len(piece[-1]) / len(batch[-1])
                 piece_loss = loss(model, *piece) * share
                 piece_loss.backward()
@@ -165,14 +166,14 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
     With a physical batch size, Opacus' BatchMemoryManager cuts each Poisson batch into pieces
     whose clipped per-example gradients are summed before the one noisy step.
     """
-    generator = private_generator()
-    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
+    device = device_of(model)
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=private_generator())  # samples on the CPU
     # The model must be in train mode before wrapping: Opacus records activations only then.
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
                                max_grad_norm=max_grad_norm,
                                expected_batch_size=max(1, round(plan.sample_rate * plan.num_examples)),
-                               loss_reduction="mean", generator=generator)
+                               loss_reduction="mean", generator=private_generator(device=device))
     accountant = create_accountant(mechanism=plan.accountant)
     accountant.history = [tuple(h) for h in history]
     if probe is not None:
@@ -188,8 +189,9 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                     if len(piece[-1]) == 0:
                         # An empty Poisson batch is still a DP step: it gets noise and is counted.
                         for p in dp_optimizer.params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     else:
+                        piece = on_device(piece, device)
                         piece_loss = loss(private_model, *piece)  # a mean over this piece: exact per-example grads
                         piece_loss.backward()
                         if probe is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.errors import FedtuneError
+from common.execution import ExecutionProfile
 from common.config_checks import check, check_run_config
 from common.privacy.budget_defaults import defaults_for_budget
 from common.protocol import JobWire
@@ -59,8 +60,16 @@ class RunConfig:
     local_epochs: int = _opt(1, "Passes over its local data a client makes each round.")
     batch_size: int = _opt(0, "Expected batch size; DP sample rate = batch-size / local N; 0 = the task's (64, "
                               "or 32 for causal-lm).")
-    physical_batch_size: int = _opt(0, "Examples per forward/backward pass (memory only: a larger batch is done in "
-                                       "pieces, same update); 0 = whole batch, or 8 for causal-lm.")
+    physical_batch_size: int = _opt(0, "Profile: examples per forward/backward pass (memory only: a larger batch is "
+                                       "done in pieces, same update); 0 = whole batch, or 8 for causal-lm. A deployed "
+                                       "node takes it from its own node config.")
+    device: str = _opt("auto", "Profile: where models run: 'auto' (a GPU when torch sees one), 'cpu', 'cuda' or "
+                               "'cuda:N'. Performance only; a deployed node takes it from its own node config.")
+    base_dtype: str = _opt("auto", "Profile: the frozen base's precision: 'float32', 'bfloat16', or 'auto' (bfloat16 "
+                                   "where the device does it natively, else float32). Trainables, gradients and "
+                                   "noise stay float32. A deployed node takes it from its own node config.")
+    threads: int = _opt(0, "Profile: CPU threads a client trains with; 0 = the cores it is given (a simulated "
+                           "client: its Ray share). A deployed node takes it from its own node config.")
     learning_rate: float = _opt(0.0, "AdamW learning rate for the LoRA matrices; 0 = tuned for the task and "
                                      "variant (0.05 for ffa, 0.01 for lora; 0.005 for causal-lm).")
     head_learning_rate: float = _opt(1e-1, "AdamW learning rate for the (randomly initialised) classifier head.")
@@ -204,6 +213,11 @@ class RunConfig:
     # -- derived -----------------------------------------------------------------------------
 
     @property
+    def profile(self) -> ExecutionProfile:
+        """The run's execution profile (a simulation's; a deployed node uses its own)."""
+        return ExecutionProfile.from_config(self)
+
+    @property
     def physical_batch(self) -> int:
         """Examples per forward/backward pass: the task's default unless set (causal LMs: 8)."""
         if self.physical_batch_size:
@@ -217,6 +231,7 @@ class RunConfig:
     def validate(self) -> None:
         """Reject values that cannot make a meaningful run, saying which key to fix."""
         check_run_config(self)
+        self.profile  # noqa: B018 - its own checks: device, base-dtype, threads
 
 
 def _dashed(name: str) -> str:

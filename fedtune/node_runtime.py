@@ -6,7 +6,7 @@ Before anything of a run executes it passes the gate (common/trust/gate.py): the
 be the one installed here, its config a job the pinned operator signed, once. A refused message
 gets an error reply naming the mismatch, and nothing else of the node's. Between messages the
 process keeps what a run loaded (the base model, the tokenizer, the encoded data: see
-common/models/base_cache.py and the data caches in client/), so stages that do not train cost
+common/models/host.py and the data caches in client/), so stages that do not train cost
 milliseconds, not a process start and a model load.
 """
 
@@ -118,10 +118,10 @@ class NodeRuntime:
         LOG.info("run %d: %s %s answered in %.3f s%s", timing.run_id, timing.message_type, timing.stage,
                  timing.seconds, " (refused)" if timing.refused else "")
         if self.timings_file is not None:
-            from common.models import base_cache
+            from common.models import host
 
             with self.timings_file.open("a") as out:
-                out.write(json.dumps({**timing.__dict__, "model_loads": base_cache.loads}) + "\n")
+                out.write(json.dumps({**timing.__dict__, "model_loads": host.base_loads}) + "\n")
 
 
 def configure_logging() -> None:

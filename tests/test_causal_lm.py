@@ -38,7 +38,7 @@ def _model(config):
     from pathlib import Path
 
     return build_lora_model(task="causal-lm", model_path=Path(config.model), num_labels=0,
-                            lora=LoraSettings.from_config(config), seed=config.seed)
+                            lora=LoraSettings.from_config(config), seed=config.seed, profile=config.profile)
 
 
 def _split(pairs: list[tuple[str, str]]) -> InstructionSplit:
@@ -63,8 +63,9 @@ def test_prompt_tokens_are_masked_and_only_the_response_is_learned(tiny_causal_l
 
 def test_loss_counts_response_tokens_only_and_each_example_alone(tiny_lm_config):
     """The loss equals a hand computation over response positions, and an example's term does
-    not depend on its batch-mates (a batch-wide token mean would let one record scale the others)."""
-    config = tiny_lm_config()
+    not depend on its batch-mates (a batch-wide token mean would let one record scale the others).
+    In fp32: a bf16 base rounds a batch's matmuls differently from one example's."""
+    config = tiny_lm_config(base_dtype="float32")
     model = _model(config)
     with torch.no_grad():  # LoRA B starts at zero, which would make every LoRA A gradient zero
         generator = torch.Generator().manual_seed(0)
@@ -257,10 +258,11 @@ def test_bad_input_gets_a_clear_error(case, tiny_lm_config, tiny_model_dir, tmp_
 @pytest.mark.parametrize("dp", [True, False])
 def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
     """physical-batch-size bounds memory only: clipping is per example, so summing the clipped
-    gradients of pieces is the same step (noise off and sample rate 1 make the batches equal)."""
+    gradients of pieces is the same step (noise off and sample rate 1 make the batches equal).
+    In fp32, where the identity is exact (a bf16 base rounds a piece's matmuls differently)."""
     from common.privacy.plan import PrivacyPlan
 
-    config = tiny_lm_config()
+    config = tiny_lm_config(base_dtype="float32")
     tokenizer = load_tokenizer(config.model)
     train = encode_pairs(tokenizer=tokenizer, split=federated_splits(config).clients[0].train, max_length=64)
     plan = PrivacyPlan(num_examples=len(train), sample_rate=1.0, steps_per_round=2, noise_multiplier=0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -50,7 +51,8 @@ def _train_clients(config, tmp_path, *, shared: str) -> list[dict]:
         update, n, metrics = client.fit([p.copy() for p in parameters],
                                         {"server-round": 1, "lora-a-sha256": shared})
         assert metrics["status"] == "trained"
-        out.append({"update": update, "num_examples": n, "metrics": metrics, "model": built[0]})
+        # A copy: the node's resident model is reset for the next client.
+        out.append({"update": update, "num_examples": n, "metrics": metrics, "model": copy.deepcopy(built[0])})
     return out
 
 
@@ -214,7 +216,7 @@ def test_ffa_under_dp_still_learns(tiny_config, monkeypatch):
     import client.trainer
 
     seeds = itertools.count()  # a different seed each round, as fresh OS entropy would be
-    monkeypatch.setattr(client.trainer, "private_generator", lambda: torch.Generator().manual_seed(next(seeds)))
+    monkeypatch.setattr(client.trainer, "private_generator", lambda **_: torch.Generator().manual_seed(next(seeds)))
     config = tiny_config(num_clients=1, clients_per_round=1, secure_aggregation=False, lora_variant="ffa")
     splits = federated_splits(config)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
@@ -230,7 +232,8 @@ def test_ffa_under_dp_still_learns(tiny_config, monkeypatch):
         history = train_locally(model=model, dataset=train, loss=get_task("classification").loss, learning_rate=0.2, batch_size=32, local_epochs=1,
                                 max_grad_norm=1.0, plan=plan, history=history, seed=round_seed).history
     after = evaluate_classifier(model=model, dataset=test)
-    # 0.72 with these seeds; over other noise draws 0.43 to 0.80 were seen, from 0.37 (chance 1/3).
-    assert after["accuracy"] >= before["accuracy"] + 0.2 and after["loss"] < before["loss"], (before, after)
+    # 0.52 and loss 1.10 -> 0.91 with these seeds (A drawn by draw_lora_a); 0.72 with PEFT's own A draw.
+    # Over other noise draws 0.43 to 0.80 were seen, from 0.37 (chance 1/3).
+    assert after["accuracy"] >= before["accuracy"] + 0.1 and after["loss"] < before["loss"] - 0.1, (before, after)
     for name, value in a_before.items():
         np.testing.assert_array_equal(_lora_a(model)[name], value)

@@ -31,10 +31,12 @@ FIT_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET)  # records a resumed roun
 def client_record_fields(*, client_id: str, run_id: str, server_round: int, status: Status,
                          plan: PrivacyPlan | None, steps: int, epsilon: float | None,
                          local_examples: int, policy: dict[str, Any] | None = None,
-                         reason: str | None = None, request: str = "fit") -> dict[str, Any]:
+                         reason: str | None = None, request: str = "fit",
+                         profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a client signs for a round (built before signing: the update cache keeps a copy).
 
-    `policy` is the node policy in force (NodePolicy.to_record); `reason` why it refused."""
+    `policy` is the node policy in force (NodePolicy.to_record); `reason` why it refused;
+    `profile` the execution profile that trained it (performance only: device, dtype, threads)."""
     fields: dict[str, Any] = {
         "kind": CLIENT_KIND, "client_id": client_id, "run_id": run_id, "round": server_round,
         "status": str(status), "dp": plan is not None, "steps": steps, "local_examples": local_examples,
@@ -47,6 +49,8 @@ def client_record_fields(*, client_id: str, run_id: str, server_round: int, stat
         fields["policy"] = dict(policy)
     if reason is not None:
         fields["reason"] = reason
+    if profile is not None:
+        fields["profile"] = dict(profile)
     if plan is not None:
         stages = plan.stages_record()  # a two-stage plan: both stages, so it reads back whole
         if stages is not None:

@@ -9,7 +9,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from common.errors import FedtuneError
-from common.models.base_cache import base_model
+from common.execution import ExecutionProfile, seeded_rng
+from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
 IGNORE = -100  # label value cross-entropy skips: prompt and padding tokens are not learned
@@ -35,7 +36,8 @@ def check_causal_lm(model_path: Path) -> None:
                            f"(or set task = \"classification\")")
 
 
-def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int):
+def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
+                         profile: ExecutionProfile = ExecutionProfile(), resident: bool = False):
     """The base causal LM, frozen, with LoRA inside the decoder; LoRA A is drawn from the run seed."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -44,12 +46,17 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int):
     model_type = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
     targets = lora.targets_for(model_type)
     hf_logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = base_model(model_path=model_path, key=("causal-lm", seed), load=lambda: AutoModelForCausalLM
-                          .from_pretrained(str(model_path), dtype=torch.float32))
+
+    def load(dtype: torch.dtype):
+        base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
         base.config.use_cache = False  # training; generation turns the cache back on
-        model = attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets)
+        return base
+
+    with seeded_rng(seed):
+        model = hosted_model(model_path=model_path, profile=profile, base_key=("causal-lm", seed), load=load,
+                             attach=lambda base: attach_lora(base, task_type="CAUSAL_LM", lora=lora,
+                                                                targets=targets, seed=seed),
+                             build_key=lora, resident=resident)
     _, head = _parts(model)
     if any(p.requires_grad for p in head.parameters()):
         # The head runs per example on 2-D input (see response_nll): Opacus would take tokens for examples.
@@ -87,7 +94,7 @@ def response_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def _token_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")  # a bf16 base: fp32 loss
 
 
 def causal_lm_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:

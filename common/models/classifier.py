@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
-from common.models.base_cache import base_model
+from common.execution import ExecutionProfile, seeded_rng
+from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
 
-def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int):
+def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int,
+                          profile: ExecutionProfile = ExecutionProfile(), resident: bool = False):
     """The base model with a fresh `num_labels` head and LoRA attached; only those train.
 
     The random initialisation (LoRA A, the head) is drawn under a forked RNG seeded from the
@@ -21,11 +23,17 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
 
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected, not news
     hf_logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = base_model(model_path=model_path, key=("classifier", num_labels, seed), load=lambda: _loaded(
-            AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels)))
-        return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type))
+    def load(dtype: torch.dtype):
+        return _loaded(AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels,
+                                                                          dtype=dtype))
+
+    def attach(base):
+        return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type),
+                           seed=seed)
+
+    with seeded_rng(seed):
+        return hosted_model(model_path=model_path, profile=profile, base_key=("classifier", num_labels, seed),
+                            load=load, attach=attach, build_key=lora, resident=resident)
 
 
 def _loaded(base):

@@ -7,6 +7,7 @@ fedtune adds only what PEFT lacks: DistilBERT's attention names and the MLP proj
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,9 @@ class LoraSettings:
         return targets
 
 
-def attach_lora(base, *, task_type: str | None, lora: LoraSettings, targets: list[str],
+def attach_lora(base, *, task_type: str | None, lora: LoraSettings, targets: list[str], seed: int,
                 modules_to_save: list[str] | None = None):
-    """PEFT LoRA on `targets` of a loaded base model (call under the caller's seeded RNG);
+    """PEFT LoRA on `targets` of a loaded base model, each A drawn from `seed` in fp32 (B = 0);
     `modules_to_save` train whole and travel with the adapter (a custom model's head)."""
     from peft import LoraConfig, get_peft_model  # heavy: loaded when a model is built
 
@@ -65,9 +66,24 @@ def attach_lora(base, *, task_type: str | None, lora: LoraSettings, targets: lis
         model = get_peft_model(base, config)
     except ValueError as exc:
         raise FedtuneError(f"cannot attach LoRA to {targets}: {exc}") from None
+    draw_lora_a(model, seed=seed)
     if lora.variant == "ffa":
         freeze_lora_a(model)
     return model
+
+
+@torch.no_grad()
+def draw_lora_a(model: torch.nn.Module, *, seed: int) -> None:
+    """Every LoRA A from its own generator, in fp32 on the CPU, as PEFT's default draws it
+    (kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))). PEFT draws A and then
+    casts it to the base's dtype: a bf16 node would hold another A than an fp32 node, and FFA-LoRA
+    needs one A on every party, whatever its hardware."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if ".lora_A." in name:  # Linear layers' A (an embedding's A starts at zero in PEFT)
+            bound = 1.0 / math.sqrt(param.shape[1])
+            value = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            param.data = value.to(param.device)
 
 
 def _is_lora_a(name: str) -> bool:

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.models.base_cache import base_model
+from common.execution import ExecutionProfile, device_of, on_device, seeded_rng
+from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
 HEAD_MODULE = "classifier"  # the name PEFT keeps (modules_to_save) and the adapter sends
@@ -70,7 +71,7 @@ class PooledClassifier(torch.nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             vector = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return torch.nn.functional.normalize(vector, dim=-1)
+        return torch.nn.functional.normalize(vector.float(), dim=-1)  # fp32 features, whatever the base's dtype
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, **_) -> SequenceClassifierOutput:
@@ -80,7 +81,8 @@ class PooledClassifier(torch.nn.Module):
 
 
 def build_pooled_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int, pooling: str,
-                            freeze_lora: bool, prior: Sequence[str] = (), tokenizer=None):
+                            freeze_lora: bool, prior: Sequence[str] = (), tokenizer=None,
+                            profile: ExecutionProfile = ExecutionProfile(), resident: bool = False):
     """The PEFT model: LoRA on the encoder, the head kept whole (modules_to_save) and sent.
 
     `freeze_lora`: probe mode, where only the head trains and travels (LoRA stays at B = 0, the
@@ -90,20 +92,23 @@ def build_pooled_classifier(*, model_path: Path, num_labels: int, lora: LoraSett
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = base_model(model_path=model_path, key=("encoder",),
-                             load=lambda: AutoModel.from_pretrained(str(model_path)))
-        model = PooledClassifier(encoder, num_labels=num_labels, pooling=pooling)
+
+    def attach(encoder):
+        model = PooledClassifier(encoder, num_labels=num_labels, pooling=pooling).to(device_of(encoder))
         if prior:
             start_from_label_names(model, label_names=prior, tokenizer=tokenizer)
         peft_model = attach_lora(model, task_type=None, lora=lora, targets=lora.targets_for(encoder.config.model_type),
-                                 modules_to_save=[HEAD_MODULE])
-    if freeze_lora:
-        for name, param in peft_model.named_parameters():
-            if ".lora_" in name:
-                param.requires_grad_(False)
-    return peft_model
+                                 seed=seed, modules_to_save=[HEAD_MODULE])
+        if freeze_lora:
+            for name, param in peft_model.named_parameters():
+                if ".lora_" in name:
+                    param.requires_grad_(False)
+        return peft_model
+
+    with seeded_rng(seed):
+        return hosted_model(model_path=model_path, profile=profile, base_key=("encoder",),
+                            load=lambda dtype: AutoModel.from_pretrained(str(model_path), dtype=dtype), attach=attach,
+                            build_key=(lora, num_labels, pooling, freeze_lora, tuple(prior)), resident=resident)
 
 
 @torch.no_grad()
@@ -115,7 +120,8 @@ def start_from_label_names(model: PooledClassifier, *, label_names: Sequence[str
     model.eval()
     sentences = [PRIOR_TEMPLATE.format(name) for name in label_names]
     batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
-    model.classifier.weight.copy_(PRIOR_SCALE * model.pooled(batch["input_ids"], batch["attention_mask"]))
+    input_ids, attention_mask = on_device([batch["input_ids"], batch["attention_mask"]], device_of(model))
+    model.classifier.weight.copy_(PRIOR_SCALE * model.pooled(input_ids, attention_mask))
     model.classifier.bias.zero_()
     model.train(was_training)
 

@@ -7,12 +7,14 @@ import os
 import torch
 
 
-def private_generator() -> torch.Generator:
-    """A generator for DP noise and Poisson sampling that no other party can predict.
+def private_generator(*, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for DP noise or Poisson sampling that no other party can predict.
 
-    Seeded with 64 bits from the operating system, per client, per round; never from the run
-    seed (a shared seed would make every client draw the same noise and the same batches).
+    Seeded with 64 bits from the operating system, per client, per round, per purpose; never from
+    the run seed (a shared seed would make every client draw the same noise and the same batches).
+    The sampler's lives on the CPU (where the data loader draws); the noise's on the gradients'
+    device (where Opacus draws it).
     """
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return generator

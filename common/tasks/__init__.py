@@ -33,6 +33,8 @@ def resolve_model_path(model: str, *, task: str = "classification") -> Path:
     return get_task(task).model_path(model)
 
 
-def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora, seed: int, head=None):
+def build_lora_model(*, task: str, model_path: Path, num_labels: int, lora, seed: int, head=None, profile=None,
+                     resident: bool = False):
     """The run's model for `task`: the frozen base with LoRA (and a head where the task has one)."""
-    return get_task(task).build_model(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed, head=head)
+    return get_task(task).build_model(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed, head=head,
+                                      profile=profile, resident=resident)

@@ -41,9 +41,13 @@ class Task(ABC):
         return path
 
     @abstractmethod
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None):
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None, profile=None,
+                    resident: bool = False):
         """The frozen base model with LoRA attached (and a head, where the task has one); `head`
-        (HeadSettings) says how a classifier reads its encoder."""
+        (HeadSettings) says how a classifier reads its encoder; `profile` (ExecutionProfile) where
+        and in what precision it runs. `resident`: the process's one model for this build, reset
+        per call (a client's, per message); else a model of the caller's own over the same base
+        tensors (a coordinator's, a test's)."""
 
     # -- data ----------------------------------------------------------------------------------
 

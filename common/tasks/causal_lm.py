@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.instructions import InstructionPairs, InstructionSplit, load_instruction_pairs
+from common.execution import ExecutionProfile, device_of, on_device
 from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss, check_causal_lm, response_nll
 from common.models.loading import load_tokenizer
 from common.models.memory import release_freed_memory
@@ -30,8 +31,9 @@ def evaluate_causal_lm(*, model: torch.nn.Module, dataset: TensorDataset, batch_
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
-        sums, counts = response_nll(model, input_ids, attention_mask, labels)
+    device = device_of(model)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        sums, counts = response_nll(model, *on_device(batch, device))
         total += float(sums.sum())
         tokens += int(counts.sum())
     model.train(was_training)
@@ -46,7 +48,7 @@ def generate(*, model, tokenizer, prompts: list[str], max_new_tokens: int) -> li
     model.eval()
     replies = []
     for prompt in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device_of(model))
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
@@ -68,8 +70,10 @@ class CausalLM(Task, GeneratesText):
     def check_model(self, path: Path) -> None:
         check_causal_lm(path)
 
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None):
-        return build_lora_causal_lm(model_path=model_path, lora=lora, seed=seed)
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head=None, profile=None,
+                    resident: bool = False):
+        return build_lora_causal_lm(model_path=model_path, lora=lora, seed=seed, profile=profile or ExecutionProfile(),
+                                    resident=resident)
 
     def data_columns(self, source) -> tuple[str, str]:
         return source.prompt_column, source.response_column

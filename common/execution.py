@@ -1,0 +1,192 @@
+"""Where models run and in what precision: the one module that names a device or a dtype.
+
+An execution profile is performance only. Whatever it says, the privacy plan (sigma, q, steps)
+and every epsilon are the same: the profile is kept apart from the mechanism, as jax_privacy
+keeps its performance flags. In a deployment it is the institution's (node config: hardware is
+the node's business, like its model folder); in a simulation it is the run's. Every ledger
+record names the profile that trained its round.
+
+The frozen base may compute in bf16; everything that trains, travels or is clipped and noised
+(LoRA A and B, a head, per-sample gradients, noise) stays fp32: bf16 has 8 bits of mantissa,
+too coarse for noise and for small updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from common.errors import FedtuneError
+from common.values import coerce
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES_HELP = "'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'"
+BASE_DTYPES = ("auto", "float32", "bfloat16")
+# The profile's keys, dashed as in run and node configs; field names are these in snake_case.
+PROFILE_KEYS = ("device", "base-dtype", "threads", "physical-batch-size")
+
+
+@dataclass(frozen=True)
+class ExecutionProfile:
+    device: str = "auto"
+    base_dtype: str = "auto"  # auto: bfloat16 where the device computes it natively, else float32
+    threads: int = 0  # CPU threads for torch; 0 = what the process was given (its cores, Ray's share)
+    physical_batch_size: int = 0  # examples per forward/backward pass; 0 = the task's default
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
+            raise FedtuneError(f"device must be {DEVICES_HELP}, not {self.device!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise FedtuneError(f"base-dtype must be one of {', '.join(BASE_DTYPES)}, not {self.base_dtype!r}")
+        if self.threads < 0 or self.physical_batch_size < 0:
+            raise FedtuneError("threads and physical-batch-size must be 0 (automatic) or a positive whole number")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ExecutionProfile:
+        """A simulation's profile: the run config's keys."""
+        return cls(device=config.device, base_dtype=config.base_dtype, threads=config.threads,
+                   physical_batch_size=config.physical_batch_size)
+
+    def overridden_by(self, node_config: Mapping[str, Any]) -> ExecutionProfile:
+        """This profile with a node config's profile keys in force (a deployed node's own hardware)."""
+        changes = {}
+        for key in PROFILE_KEYS:
+            if key in node_config:
+                name = key.replace("-", "_")
+                changes[name] = coerce(key, node_config[key], type(getattr(self, name)), source="node config key")
+        return replace(self, **changes)
+
+    def to_record(self, *, default_physical_batch: int = 0) -> dict[str, Any]:
+        """What a ledger record says trained the round: the resolved device, dtype and threads."""
+        import torch
+
+        return {"device": str(self.torch_device()), "base-dtype": str(self.torch_dtype()).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                "physical-batch-size": self.physical_batch_size or default_physical_batch}
+
+    # -- resolution (torch is imported only here) ---------------------------------------------
+
+    def torch_device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise FedtuneError(f"device {self.device!r} asked, but torch sees no CUDA GPU here; set device = \"cpu\" "
+                               f"or \"auto\" in the node or run config")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        if self.base_dtype == "auto":
+            return torch.bfloat16 if native_bf16(self.torch_device()) else torch.float32
+        return getattr(torch, self.base_dtype)
+
+    def apply_threads(self) -> None:
+        """Use the threads this profile names (0: leave the process's own setting)."""
+        import torch
+
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware (a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX): there bf16 is about twice as fast; elsewhere it is emulated, slower."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# -- what every model and step relies on ------------------------------------------------------
+
+TRAINABLE_MARKERS = (".lora_", "modules_to_save")  # the adapter's parameters (PEFT names)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(marker in name for marker in TRAINABLE_MARKERS)
+
+
+def adapter_to_fp32(model: torch.nn.Module) -> None:
+    """Every adapter parameter in fp32 (whatever the base's dtype), and each module that owns one
+    casts its floating inputs to fp32: a bf16 activation meets fp32 weights, and Opacus records
+    fp32 activations, so per-sample gradients are fp32."""
+    owners = set()
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if is_adapter_parameter(f"{name}.{n}")]
+        for _, param in own:
+            param.data = param.data.float()
+        if own and id(module) not in owners:
+            owners.add(id(module))
+            module.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module, args):
+    import torch
+
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float32
+                 else a for a in args)
+
+
+def check_trainables_fp32(model: torch.nn.Module) -> None:
+    """The invariant checked before a first step: nothing that trains is below fp32."""
+    import torch
+
+    low = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        raise RuntimeError(f"{len(low)} trainable parameter(s) are not fp32 (e.g. {low[0]}); the DP step needs "
+                           f"fp32 gradients, clipping and noise")
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(tensors, device: torch.device) -> list:
+    """A batch's tensors on `device` (a no-op where they already are)."""
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under torch's global RNG seeded with `seed`, and restore every RNG after it,
+    the CUDA ones too (torch.manual_seed reseeds them), so seeding never leaks into the caller."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def cores_given() -> int:
+    """The CPU cores this process may run on (its affinity; Ray and cgroups narrow it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
