@@ -33,6 +33,7 @@ from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_a
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
 from common.models.pooled_classifier import HeadSettings
+from common.models.pooled_features import FEATURES_DIR
 from common.privacy.accounting import epsilon_of
 from common.privacy.policy import NodePolicy
 from common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, is_probe_round, plan_of_config,
@@ -213,9 +214,8 @@ class FedtuneClient(NumPyClient):
         cfg, seed = self.config, self.config.seed * 1_000_003 + server_round
         dataset = _encoded(cfg, self.node, self.label_names, "train")
         self.profile.apply_threads()
-        if is_probe_round(cfg, server_round):
-            data_key = (cfg, self.node, self.label_names, data_version(self.node))
-            return train_probe_round(model=model, dataset=dataset, data_key=data_key,
+        if is_probe_round(cfg, server_round):  # features cached beside the ledger: the node's own, owner-only
+            return train_probe_round(model=model, dataset=dataset, cache_dir=self.ledger_dir / FEATURES_DIR,
                                      learning_rate=cfg.probe_learning_rate, steps=cfg.probe_steps,
                                      max_grad_norm=cfg.max_grad_norm, plan=plan, history=history, seed=seed)
         return train_locally(model=model, dataset=dataset, loss=self.task.loss, learning_rate=cfg.learning_rate,

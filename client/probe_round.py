@@ -32,12 +32,11 @@ def head_loss(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tenso
 
 def train_probe_round(*, model, dataset: TensorDataset, learning_rate: float, steps: int, max_grad_norm: float,
                       plan: PrivacyPlan | None, history: list[HistoryEntry], seed: int,
-                      cache_dir: Path | None = None, data_key: tuple | None = None) -> TrainResult:
+                      cache_dir: Path | None = None) -> TrainResult:
     """Train the model's head in place on its cached features; `plan` is the round's (probe) stage.
 
-    `cache_dir`: the node's folder of feature files (None: this process's memory only). `data_key`
-    is accepted and unused: the cache key hashes the dataset's tensors themselves."""
-    del data_key
+    `cache_dir`: the node's folder of feature files (None: this process's memory only); the key
+    hashes the dataset's tensors themselves, so a changed data file is a miss."""
     features = cached_pooled_features(model=model, dataset=dataset, cache_dir=cache_dir)
     head = head_linear(model)
     trained = copy.deepcopy(head)  # a plain Linear: Opacus computes its per-example gradients exactly

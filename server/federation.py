@@ -14,6 +14,7 @@ import timeit
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
@@ -28,13 +29,16 @@ from common.models.artifact import is_pooled_classifier, is_sequence_classifier
 from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings, save_head_config
+from common.models.pooled_classifier import HeadSettings, head_linear, save_head_config
+from common.models.pooled_features import FEATURES_DIR, cached_pooled_features
 from common.run_data import federated_splits
 from common.secure_aggregation.roster import Roster
 from common.storage import atomic_write, file_digests
 from common.tasks import get_task
 from common.tasks.base import GeneratesText, Task
+from common.tasks.classification import scores_of_logits
 from server.bookkeeping import run_summary, upload_bytes
+from server.checkpoint import Checkpoint
 from server.drills import crash_after_fit
 from server.early_stopping import EarlyStopping
 from server.model_card import CardFacts, fedtune_version, model_card
@@ -52,17 +56,35 @@ log = logging.getLogger(__name__)
 
 
 class TestSetEvaluator:
-    """Scores a global adapter on the coordinator's held-out test split, keeping each round's."""
+    """Scores a global adapter on the coordinator's held-out test split, keeping each round's.
 
-    def __init__(self, *, task: Task, model, dataset, initial_scores: dict | None) -> None:
-        self.task, self.model, self.dataset = task, model, dataset
-        self.scores: dict[int, dict] = {0: initial_scores} if initial_scores is not None else {}
+    A pooled classifier (probe, two-stage) is scored through its head on the test split's pooled
+    features, cached under `features_dir` by a key that holds the encoder's LoRA: in probe rounds the
+    encoder is unchanged, so the encoder runs over the split once, not every round. The scores are
+    `task.evaluate`'s; any other model goes through `task.evaluate` itself. Resuming, round 0's
+    scores are the checkpoint's."""
+
+    def __init__(self, *, task: Task, model, dataset, checkpoint: Checkpoint | None = None,
+                 features_dir: Path | None = None) -> None:
+        self.task, self.model, self.dataset, self.features_dir = task, model, dataset, features_dir
+        initial = checkpoint.initial_scores if checkpoint is not None else None
+        self.scores: dict[int, dict] = {0: initial} if initial is not None else {}
 
     def __call__(self, server_round: int, arrays: list[np.ndarray]) -> tuple[float, dict]:
         arrays_to_adapter(self.model, arrays)
-        self.scores[server_round] = self.task.evaluate(model=self.model, dataset=self.dataset)
+        self.scores[server_round] = self.evaluate()
         result = self.scores[server_round]
         return result["loss"], {k: v for k, v in result.items() if k != "loss"}
+
+    def evaluate(self) -> dict[str, float]:
+        if not is_pooled_classifier(self.model):
+            return self.task.evaluate(model=self.model, dataset=self.dataset)
+        features, labels = cached_pooled_features(model=self.model, dataset=self.dataset,
+                                                  cache_dir=self.features_dir).tensors
+        head = head_linear(self.model)
+        with torch.no_grad():
+            logits = head(features.to(device=head.weight.device, dtype=head.weight.dtype))
+        return scores_of_logits(logits, labels)
 
 
 def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: RunDirectory,
@@ -81,7 +103,7 @@ def run_federation(*, grid: Grid, context: Context, config: RunConfig, run_dir: 
     initial = adapter_to_arrays(model)
     ledger = Ledger(run_dir.path / "ledgers" / "server")
     checkpoint = restore(run_dir=run_dir, ledger=ledger, initial=initial) if resume else None
-    tester = TestSetEvaluator(task=task, model=model, initial_scores=checkpoint.initial_scores if checkpoint else None,
+    tester = TestSetEvaluator(task=task, model=model, checkpoint=checkpoint, features_dir=run_dir.path / FEATURES_DIR,
                               dataset=task.encode(tokenizer=tokenizer, split=splits.test, max_length=config.max_length))
     samples = _sample_writer(config=config, task=task, model=model, tokenizer=tokenizer, test=splits.test,
                              run_dir=run_dir)
@@ -153,7 +175,8 @@ def _coordinator_model(*, config: RunConfig, task: Task, model_path: Path, label
     """The global model: the initial adapter (a probe head starts from the label names' embeddings),
     and what the coordinator tests and exports."""
     return task.build_model(model_path=model_path, num_labels=len(label_names), lora=LoraSettings.from_config(config),
-                            seed=config.seed, head=HeadSettings.from_config(config, label_names=label_names))
+                            seed=config.seed, head=HeadSettings.from_config(config, label_names=label_names),
+                            profile=config.profile)
 
 
 def _early_stopping(config: RunConfig, *, task: Task, model, tokenizer, splits, rounds: list[dict]):

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import FedtuneError
+from common.execution import cores_given
 from common.privacy.plan import PrivacyPlan, plan_of_config
 from common.privacy.policy import NodePolicy
 from common.run_data import federated_splits
@@ -118,7 +119,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     client_app = build_client_app(config=config, ledger_root=run_dir / "ledgers", progress_dir=run_dir / PROGRESS_DIR)
     with StopOnInterrupt(run_dir, num_rounds=config.num_rounds), shown:
         _run_engine(engine, server_app=server_app, client_app=client_app, num_nodes=config.num_clients,
-                    verbose=verbose)
+                    cpus_per_client=cpus_per_client(config), verbose=verbose)
     shown.remove_files()
     if "summary" not in results:
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
@@ -127,7 +128,15 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
 
 
 
-def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, verbose: bool) -> None:
+def cpus_per_client(config: RunConfig) -> int:
+    """Each simulated client's share of this machine's cores, and so its torch threads (Ray sets a
+    worker's OMP_NUM_THREADS to its share): `threads` when set, else the cores split over the
+    clients that train at once, one at least."""
+    cores = cores_given()
+    return min(cores, config.threads or max(1, cores // config.clients_per_round))
+
+
+def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, cpus_per_client: int, verbose: bool) -> None:
     if engine == IN_PROCESS:
         from simulations.inprocess import run_apps
 
@@ -136,7 +145,7 @@ def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, verbose:
     from flwr.simulation import run_simulation  # Ray loads only for its engine
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                                    "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
                                                  "include_dashboard": False}},
                    verbose_logging=verbose)

