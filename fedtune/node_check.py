@@ -22,6 +22,7 @@ from client.node_data import NodeData
 from common.data.instructions import load_instruction_pairs
 from common.data.labelled import load_labelled_texts
 from common.errors import FedtuneError
+from common.execution import ExecutionProfile
 from common.ledger.chain import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger
 from common.models.loading import check_model_folder
 from common.privacy.policy import NodePolicy
@@ -48,6 +49,7 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
     check = NodeCheck()
     check.run("node config", lambda: _check_node_config(node_config))
     check.run("privacy policy", lambda: _describe_policy(node_config))
+    check.run("execution profile", lambda: _describe_profile(node_config))
     if check.run("roster", lambda: _check_roster(node_config)):
         check.run("pins", lambda: _check_pins(node_config))  # they name the roster's federation
     check.run("CA certificate", lambda: _check_ca(root_certificates))
@@ -84,6 +86,14 @@ def _describe_policy(text: str) -> str:
             f"epsilon <= {policy.target_epsilon:g}, delta <= {policy.target_delta:g}, "
             f"clip <= {policy.max_grad_norm:g}, {policy.accountant} accountant, {policy.max_evaluations} "
             f"evaluation(s), train loss {'shared' if policy.share_train_loss else 'withheld'}; model {model}")
+
+
+def _describe_profile(text: str) -> str:
+    """Where this node will train, resolved here: a GPU it asks for and lacks fails now, not mid-run."""
+    profile = ExecutionProfile().overridden_by(parse_config_args([text]))
+    batch = profile.physical_batch_size or "the task's default"
+    return (f"device {profile.torch_device()}, base {str(profile.torch_dtype()).removeprefix('torch.')} "
+            f"(trainables float32), {profile.threads or 'all given'} thread(s), physical batch {batch}")
 
 
 def _check_pins(text: str) -> str:

@@ -140,10 +140,13 @@ def test_base_reference_tells_a_different_base_apart(tiny_model_dir, tmp_path):
 
 
 def _tiny_classifier(model_dir: Path):
+    from common.execution import ExecutionProfile
     from common.models.classifier import build_lora_classifier
     from common.models.lora import LoraSettings
 
-    return build_lora_classifier(model_path=model_dir, num_labels=len(LABELS), lora=LoraSettings(rank=4), seed=0)
+    # fp32, as a user loads the adapter: the logits must agree to 1e-6
+    return build_lora_classifier(model_path=model_dir, num_labels=len(LABELS), lora=LoraSettings(rank=4), seed=0,
+                                 profile=ExecutionProfile(base_dtype="float32"))
 
 
 def test_saved_adapter_names_its_labels_and_base_and_truncates_like_the_run(tiny_model_dir, tmp_path):

@@ -93,6 +93,10 @@ def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federa
     assert ok.returncode == 0 and "speaks TLS" in ok.stdout, ok.stdout + ok.stderr
     assert "roster: site-0 among 4 institutions" in ok.stdout and "fingerprint" in ok.stdout
     assert "pins: runs only the installed app" in ok.stdout and "for jobs signed by operator key" in ok.stdout
+    assert "execution profile: device cpu" in ok.stdout and "(trainables float32)" in ok.stdout
+    gpu = _check_node(fed, ca=ca, node_config=good + " device='cuda' base-dtype='float32'")
+    if not gpu_present():  # a node asking for a GPU it lacks hears it before a job arrives
+        assert gpu.returncode == 3 and "torch sees no CUDA GPU" in gpu.stderr
 
     unpinned = _check_node(fed, ca=ca, node_config=good.replace(_pin(fed), ""))
     assert unpinned.returncode == 3 and "no operator-key: pin the operator's public key" in unpinned.stderr
@@ -115,6 +119,12 @@ def test_check_node_passes_a_good_setup_and_says_what_to_fix_in_a_bad_one(federa
     expired.write_bytes(_expired_certificate())
     old = _check_node(fed, ca=expired, node_config=good)
     assert old.returncode == 3 and "expired on" in old.stderr
+
+
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _expired_certificate() -> bytes:
