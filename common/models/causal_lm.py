@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from common.errors import FedtuneError
-from common.execution import ExecutionProfile, seeded_rng
+from common.execution import ExecutionProfile
 from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
@@ -52,11 +52,10 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
         base.config.use_cache = False  # training; generation turns the cache back on
         return base
 
-    with seeded_rng(seed):
-        model = hosted_model(model_path=model_path, profile=profile, base_key=("causal-lm", seed), load=load,
-                             attach=lambda base: attach_lora(base, task_type="CAUSAL_LM", lora=lora,
-                                                                targets=targets, seed=seed),
-                             build_key=lora, resident=resident)
+    model = hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("causal-lm",), load=load,
+                         attach=lambda base: attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets,
+                                                         seed=seed),
+                         build_key=lora, resident=resident)
     _, head = _parts(model)
     if any(p.requires_grad for p in head.parameters()):
         # The head runs per example on 2-D input (see response_nll): Opacus would take tokens for examples.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from common.execution import ExecutionProfile, seeded_rng
+from common.execution import ExecutionProfile
 from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
@@ -31,9 +31,8 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
         return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type),
                            seed=seed)
 
-    with seeded_rng(seed):
-        return hosted_model(model_path=model_path, profile=profile, base_key=("classifier", num_labels, seed),
-                            load=load, attach=attach, build_key=lora, resident=resident)
+    return hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("classifier", num_labels),
+                        load=load, attach=attach, build_key=lora, resident=resident)
 
 
 def _loaded(base):

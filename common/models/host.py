@@ -25,7 +25,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from common.execution import ExecutionProfile, adapter_to_fp32, is_adapter_parameter
+from common.execution import ExecutionProfile, adapter_to_fp32, is_adapter_parameter, seeded_rng
 
 LOG = logging.getLogger("fedtune.models")
 KEPT_BUILDS = 4  # built models kept per process (a coordinator's, a client's, a mode change)
@@ -56,25 +56,27 @@ def _files_version(model_path: Path) -> tuple:
                         for p in Path(model_path).iterdir() if p.is_file()))
 
 
-def hosted_model(*, model_path: Path, profile: ExecutionProfile, base_key: Hashable,
+def hosted_model(*, model_path: Path, profile: ExecutionProfile, seed: int, base_key: Hashable,
                  load: Callable[[torch.dtype], torch.nn.Module], attach: Callable[[torch.nn.Module], torch.nn.Module],
                  build_key: Hashable, resident: bool = False) -> torch.nn.Module:
-    """The model `attach(base)` builds, with the base `load(dtype)` reads loaded once per process.
+    """The model `attach(base)` builds, with the base `load(dtype)` reads loaded once per process
+    and seed; both run under torch's RNG seeded with `seed` (restored after), as a fresh build.
 
-    Call it under `common.execution.seeded_rng(seed)`, where a fresh load and build would run.
     `resident`: the process's one model for this build, reset to its initial adapter (a client
     per message); else a new model over the same base tensors (one a coordinator keeps)."""
     global builds
     device, dtype = profile.torch_device(), profile.torch_dtype()
-    base_id = (str(model_path), _files_version(model_path), base_key, str(device), str(dtype))
+    # The seed belongs to the base: the RNG state a load leaves is the seed's (a random head).
+    base_id = (str(model_path), _files_version(model_path), base_key, seed, str(device), str(dtype))
     key = (base_id, build_key)
     built = _built.get(key) if resident else None
     if built is not None:
         _restore(built)
         return built.model
-    base = _base(base_id, load=lambda: load(dtype).to(device))
-    torch.set_rng_state(base.rng_after_load)  # where a fresh load leaves the RNG: attach draws next
-    model = attach(_sharing_frozen_tensors(base.model)).to(device)
+    with seeded_rng(seed):
+        base = _base(base_id, load=lambda: load(dtype).to(device))
+        torch.set_rng_state(base.rng_after_load)  # where a fresh load leaves the RNG: attach draws next
+        model = attach(_sharing_frozen_tensors(base.model)).to(device)
     adapter_to_fp32(model)
     builds += 1
     if resident:

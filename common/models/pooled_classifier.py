@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.execution import ExecutionProfile, device_of, on_device, seeded_rng
+from common.execution import ExecutionProfile, device_of, on_device
 from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
@@ -105,10 +105,9 @@ def build_pooled_classifier(*, model_path: Path, num_labels: int, lora: LoraSett
                     param.requires_grad_(False)
         return peft_model
 
-    with seeded_rng(seed):
-        return hosted_model(model_path=model_path, profile=profile, base_key=("encoder",),
-                            load=lambda dtype: AutoModel.from_pretrained(str(model_path), dtype=dtype), attach=attach,
-                            build_key=(lora, num_labels, pooling, freeze_lora, tuple(prior)), resident=resident)
+    return hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("encoder",),
+                        load=lambda dtype: AutoModel.from_pretrained(str(model_path), dtype=dtype), attach=attach,
+                        build_key=(lora, num_labels, pooling, freeze_lora, tuple(prior)), resident=resident)
 
 
 @torch.no_grad()

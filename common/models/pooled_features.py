@@ -90,13 +90,22 @@ def _base_digest(encoder) -> str:
     return "parameters:" + adapter_sha256(frozen)
 
 
+def _encoder_config(encoder) -> str:
+    """The architecture the weights run in (activation, norm epsilon...): a changed config.json
+    with the same weights computes other features."""
+    config = encoder.config.to_dict()
+    for where in ("_name_or_path", "dtype", "torch_dtype", "transformers_version"):  # no bearing, or keyed apart
+        config.pop(where, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     tensor = tensor.detach().cpu().contiguous()
     return f"{tensor.dtype}{tuple(tensor.shape)}".encode() + tensor.numpy().tobytes()
 
 
 def feature_key(*, model, dataset: TensorDataset) -> str:
-    """sha256 over what the features depend on: the base's weight files, the dataset's tensors
+    """sha256 over what the features depend on: the base's weight files and config, the dataset's tensors
     (input ids, attention mask, labels: data file, max length, tokenizer and label order), the
     pooling, the encoder's parameter dtypes, and its LoRA (every matrix, and each layer's scaling)."""
     classifier = model.get_base_model()
@@ -106,6 +115,7 @@ def feature_key(*, model, dataset: TensorDataset) -> str:
     lora_shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters() if ".lora_" in name]
     parts = [("format", FORMAT.encode()), ("base", _base_digest(encoder).encode()),
              *((name, _tensor_bytes(t)) for name, t in zip(("input_ids", "attention_mask", "labels"), dataset.tensors)),
+             ("config", _encoder_config(encoder).encode()),
              ("pooling", str(classifier.pooling).encode()),
              ("dtypes", ",".join(sorted({str(p.dtype) for p in encoder.parameters()})).encode()),
              ("lora", encoder_fingerprint(model).encode()),
