@@ -19,7 +19,7 @@ import time
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
 BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency",
-              "deployment_latency")
+              "deployment_latency", "execution_profile")
 
 
 def main() -> None:
