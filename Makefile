@@ -47,7 +47,7 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
-# About 100 minutes on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
+# About 2 hours on 2 cores; results in benchmarks/results/ and BENCHMARKS.md.
 bench: setup
 	$(OFFLINE) $(BIN)/python -m benchmarks.run_all
 

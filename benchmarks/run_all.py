@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after another, on this machine (about 100 minutes).
+"""`make bench`: every benchmark, one after another, on this machine (about 2 hours).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 
