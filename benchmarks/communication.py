@@ -41,7 +41,7 @@ def measure(*, task: str, label: str) -> list[dict]:
         arrays = adapter_to_arrays(model)
         base = model.get_base_model()
         # The full model a full-model federation would send: base weights (LoRA excluded) and head.
-        full = [p.detach().numpy().astype(np.float32) for name, p in base.named_parameters() if "lora_" not in name
+        full = [p.detach().float().numpy() for name, p in base.named_parameters() if "lora_" not in name
                 and "modules_to_save" not in name]
         full_bytes = sum(len(ndarray_to_bytes(a)) for a in full)
         rows.append({"model": label, "variant": variant, "adapter_parameters": int(sum(a.size for a in arrays)),

@@ -138,7 +138,9 @@ def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(ray_r
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-9)
-    assert scores["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+    # The run's base computed in bf16 (base-dtype auto on this CPU), the user's load in fp32: the
+    # same predictions, a loss equal to a few parts in 1e5 (3e-5 measured).
+    assert scores["loss"] == pytest.approx(record["test_loss"], rel=1e-3)
 
 
 def test_budget_guard_refuses_and_the_server_stops_cleanly(tiny_config, tmp_path):
