@@ -24,6 +24,7 @@ from common.config import RunConfig
 from common.flwr_run import SIMULATION_ROSTER
 from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
+from common.execution import base_dtype_name
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
 from common.models.artifact import is_pooled_classifier, is_sequence_classifier
 from common.models.base_reference import base_model_reference
@@ -166,7 +167,7 @@ def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, ru
     rounds = run_dir.read_rounds()
     atomic_write(out / "README.md", model_card(CardFacts(
         config=config, run_id=run_dir.run_id, base=base, label_names=labels, test_records=test_records,
-        rounds=rounds, summary=summary, version=fedtune_version())))
+        rounds=rounds, summary=summary, version=fedtune_version(), base_dtype=base_dtype_name(model))))
     ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(rounds),
                                        adapter_sha256=adapter_sha256(arrays), files=file_digests(out)))
 

@@ -48,6 +48,7 @@ class CardFacts:
     rounds: list[dict[str, Any]]
     summary: dict[str, Any]
     version: str
+    base_dtype: str = "float32"  # the precision the frozen base computed (and was scored) in
 
 
 def fedtune_version() -> str:
@@ -209,7 +210,9 @@ def _training_section(facts: CardFacts) -> str:
         f"- training mode `{cfg.training_mode}`{_probe_settings(cfg)}",
         f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
         f"learning rate {cfg.learning_rate:g}",
-        f"- secure aggregation: {'on' if cfg.secure_aggregation else 'off'}", ""])
+        f"- secure aggregation: {'on' if cfg.secure_aggregation else 'off'}",
+        f"- the base computed in {facts.base_dtype} (everything trained in float32); the scores above are "
+        f"that precision's: load the base with `dtype=torch.{facts.base_dtype}` to reproduce them exactly", ""])
 
 
 def _probe_settings(cfg) -> str:

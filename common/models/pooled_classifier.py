@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.execution import ExecutionProfile, device_of, on_device
+from common.execution import ExecutionProfile, base_dtype_name, device_of, dtype_named, on_device
 from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
@@ -136,15 +136,17 @@ def save_head_config(*, model, out_dir: Path, label_names: Sequence[str]) -> Non
     base = model.get_base_model()
     (Path(out_dir) / HEAD_CONFIG_FILE).write_text(json.dumps(
         {"architecture": "PooledClassifier", "pooling": base.pooling, "normalize": True,
-         "label_names": [str(n) for n in label_names]}, indent=2) + "\n", encoding="utf-8")
+         "label_names": [str(n) for n in label_names], "base_dtype": base_dtype_name(base.encoder)},
+        indent=2) + "\n", encoding="utf-8")
 
 
 def load_pooled_classifier(*, adapter_dir: Path, base_path: Path):
-    """A saved probe/two-stage adapter on its base, ready to predict (eval mode), and its label names."""
+    """A saved probe/two-stage adapter on its base, ready to predict (eval mode), and its label names.
+    The base computes in the precision the run scored it in (`base_dtype`), so it predicts as scored."""
     from peft import PeftModel
     from transformers import AutoModel
 
     spec = json.loads((Path(adapter_dir) / HEAD_CONFIG_FILE).read_text(encoding="utf-8"))
-    encoder = AutoModel.from_pretrained(str(base_path))
+    encoder = AutoModel.from_pretrained(str(base_path), dtype=dtype_named(spec.get("base_dtype", "float32")))
     model = PooledClassifier(encoder, num_labels=len(spec["label_names"]), pooling=spec["pooling"])
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval(), list(spec["label_names"])
