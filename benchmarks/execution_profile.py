@@ -70,7 +70,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log, machine, markdown_table, publish, write_result
+from benchmarks.harness import (OFFLINE_ENV, ROOT, ProcessSampler, default_out, log, machine, markdown_table, publish,
+                                write_result)
 
 NAME = "execution_profile"
 DEFAULT_BASE = Path("/tmp/base31")
@@ -307,46 +308,27 @@ def lm_worker(args: dict) -> None:
 
 # -- the parent: runs, samples, tables --------------------------------------------------------------
 
-class ActorPeaks:
+class ActorPeaks(ProcessSampler):
     """Peak RSS of each process under `pid` whose command line starts with `prefix` (Ray names an
     actor's process `ray::ClassName...`), sampled every `interval` seconds."""
 
     def __init__(self, pid: int, *, prefix: str = "ray::ClientAppActor", interval: float = 0.5) -> None:
-        self.pid, self.prefix, self.interval = pid, prefix, interval
+        super().__init__(pid, interval=interval)
+        self.prefix = prefix
         self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._names: dict[int, bool] = {}
 
-    def __enter__(self) -> ActorPeaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
+    def sample(self, root) -> None:
         import psutil
 
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        names: dict[int, bool] = {}
-        while not self._stop.is_set():
+        for proc in root.children(recursive=True):
             try:
-                children = root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            for proc in children:
-                try:
-                    if proc.pid not in names or not names[proc.pid]:  # an idle worker may become an actor
-                        names[proc.pid] = " ".join(proc.cmdline()).startswith(self.prefix)
-                    if names[proc.pid]:
-                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self._stop.wait(self.interval)
+                if not self._names.get(proc.pid):  # an idle worker may become an actor
+                    self._names[proc.pid] = " ".join(proc.cmdline()).startswith(self.prefix)
+                if self._names[proc.pid]:
+                    self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
 
 
 def simulate(tree: Path, keys: dict[str, object], *, out: Path, label: str, engine: str = "ray",

@@ -91,7 +91,42 @@ def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float =
     return run
 
 
-class TreePeakMemory:
+class ProcessSampler:
+    """Calls `sample(root)` every `interval` seconds on a thread, from `with` until its end, with
+    `root` the psutil process of `pid` (subclasses say what they record)."""
+
+    def __init__(self, pid: int, *, interval: float = 0.5) -> None:
+        self.pid, self.interval = pid, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self, root) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                self.sample(root)
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(self.interval)
+
+
+class TreePeakMemory(ProcessSampler):
     """Samples the memory of a process and all its descendants (Ray workers included).
 
     It sums PSS (proportional set size): a page shared by k processes (torch's libraries, Ray's
@@ -101,42 +136,23 @@ class TreePeakMemory:
     """
 
     def __init__(self, pid: int, *, interval: float = 0.5) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(pid, interval=interval)
         self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 2**30
 
-    def __enter__(self) -> TreePeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
+    def sample(self, root) -> None:
         import psutil
 
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            total = 0
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
             try:
-                for proc in [root, *root.children(recursive=True)]:
-                    try:
-                        total += proc.memory_full_info().pss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        pass
-            except psutil.NoSuchProcess:
-                return
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(self.interval)
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
 
 
 def write_result(name: str, result: dict, *, quick: bool) -> Path:
