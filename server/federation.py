@@ -80,8 +80,11 @@ class TestSetEvaluator:
     def evaluate(self) -> dict[str, float]:
         if not is_pooled_classifier(self.model):
             return self.task.evaluate(model=self.model, dataset=self.dataset)
+        # On disk only while the encoder is the base's (LoRA B = 0: probe rounds); after adapter
+        # rounds its features change every round, and a file per round would be written for nothing.
+        identity = all(not p.any() for name, p in self.model.named_parameters() if ".lora_B." in name)
         features, labels = cached_pooled_features(model=self.model, dataset=self.dataset,
-                                                  cache_dir=self.features_dir).tensors
+                                                  cache_dir=self.features_dir if identity else None).tensors
         head = head_linear(self.model)
         with torch.no_grad():
             logits = head(features.to(device=head.weight.device, dtype=head.weight.dtype))

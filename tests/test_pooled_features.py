@@ -172,6 +172,8 @@ def test_the_coordinators_scores_on_cached_features_are_the_whole_models(tiny_mo
         assert metrics == pytest.approx({k: v for k, v in expected.items() if k != "loss"}, abs=1e-5)
     # probe: the encoder ran over the test split once; two-stage: its LoRA changed every round
     assert len(computations) == (1 if mode == "probe" else 3)
+    # on disk only while the encoder is the base's: the probe's one file; no file per adapter round
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == (1 if mode == "probe" else 0)
     assert head_linear(model).weight.dtype == torch.float32
 
 
