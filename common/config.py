@@ -20,7 +20,7 @@ from common.execution import ExecutionProfile
 from common.config_checks import check, check_run_config
 from common.privacy.budget_defaults import defaults_for_budget
 from common.protocol import JobWire
-from common.tasks import TASK_NAMES, get_task
+from common.tasks import TASK_NAMES
 from common.values import coerce
 
 # What a key set to 0 or "" becomes. classification: tuned on BBC News (BENCHMARKS.md); causal-lm:
@@ -216,13 +216,6 @@ class RunConfig:
     def profile(self) -> ExecutionProfile:
         """The run's execution profile (a simulation's; a deployed node uses its own)."""
         return ExecutionProfile.from_config(self)
-
-    @property
-    def physical_batch(self) -> int:
-        """Examples per forward/backward pass: the task's default unless set (causal LMs: 8)."""
-        if self.physical_batch_size:
-            return self.physical_batch_size
-        return get_task(self.task).default_physical_batch
 
     @property
     def target_modules(self) -> list[str]:
