@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def simulate(keys: dict[str, object], *, out: Path, label: str, timeout: float =
     return run
 
 
-class ProcessSampler:
+class ProcessSampler(ABC):
     """Calls `sample(root)` every `interval` seconds on a thread, from `with` until its end, with
     `root` the psutil process of `pid` (subclasses say what they record)."""
 
@@ -108,8 +109,9 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join()
 
+    @abstractmethod
     def sample(self, root) -> None:
-        raise NotImplementedError
+        """Record what this sampler watches, once (`root`: a psutil.Process)."""
 
     def _run(self) -> None:
         import psutil

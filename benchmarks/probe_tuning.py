@@ -5,7 +5,7 @@ the clients' validation splits (never the test split).
 
 A probe round trains the head alone on frozen features, so the candidates are compared on the
 features themselves: each client's train and validation records are pooled once by the real model
-(`client.probe_round.pooled_features`), then each candidate runs a 5-client, 3-round FedAvg of
+(`common.models.pooled_features.pooled_features`), then each candidate runs a 5-client, 3-round FedAvg of
 `client.probe_round.train_probe_round`'s own inner call (Opacus DP-SGD on the head, full batch,
 the plan a client makes) in this process. Minutes instead of hours; the utility benchmark then
 measures the chosen defaults end to end.
@@ -28,7 +28,7 @@ CANDIDATES = [{"probe_learning_rate": lr, "probe_steps": steps, "head_prior": pr
 
 def client_features(seed: int):
     """(label names, per client (train features, validation features)) for the utility job's split."""
-    from client.probe_round import pooled_features
+    from common.models.pooled_features import pooled_features
     from common.config import RunConfig
     from common.models.loading import load_tokenizer
     from common.models.pooled_classifier import HeadSettings

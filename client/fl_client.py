@@ -200,7 +200,7 @@ class FedtuneClient(NumPyClient):
         fields = ledger.fields(run_id=run_id, server_round=server_round, status=Status.TRAINED, plan=plan,
                                steps=result.steps, epsilon=epsilon, local_examples=num_examples,
                                policy=self.policy.to_record(),
-                               profile=self.profile.to_record(default_physical_batch=self.task.default_physical_batch))
+                               profile=self.profile.to_record(task_default_batch=self.task.default_physical_batch))
         cache.save(run_id=run_id, server_round=server_round, cached=CachedUpdate(
             update=update, num_examples=num_examples, global_sha256=adapter_sha256(parameters),
             ledger_fields=fields, metrics=report.to_metrics()))
@@ -222,7 +222,8 @@ class FedtuneClient(NumPyClient):
                              head_learning_rate=cfg.head_learning_rate, batch_size=cfg.batch_size,
                              local_epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, plan=plan,
                              history=history, seed=seed,
-                             physical_batch_size=self.profile.physical_batch_size or self.task.default_physical_batch)
+                             physical_batch_size=self.profile.physical_batch(
+                                 task_default=self.task.default_physical_batch))
 
     def _check_shared_lora_a(self, model, *, expected: str) -> str:
         """FFA-LoRA: this node's frozen A must be the coordinator's, or B means nothing there."""

@@ -18,12 +18,9 @@ from torch.utils.data import TensorDataset
 
 from client.trainer import TrainResult, train_locally
 from common.models.pooled_classifier import head_linear
-from common.models.pooled_features import cached_pooled_features, encoder_fingerprint, pooled_features
+from common.models.pooled_features import cached_pooled_features
 from common.privacy.accounting import HistoryEntry
 from common.privacy.plan import PrivacyPlan
-
-# encoder_fingerprint and pooled_features live in common/models/pooled_features.py, importable from here as before
-__all__ = ["encoder_fingerprint", "head_loss", "pooled_features", "train_probe_round"]
 
 
 def head_loss(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,17 @@ class ExecutionProfile:
                 changes[name] = coerce(key, node_config[key], type(getattr(self, name)), source="node config key")
         return replace(self, **changes)
 
-    def to_record(self, *, default_physical_batch: int = 0) -> dict[str, Any]:
-        """What a ledger record says trained the round: the resolved device, dtype and threads."""
+    def physical_batch(self, *, task_default: int) -> int:
+        """Examples per forward/backward pass: this profile's, else the task's (0: the whole batch)."""
+        return self.physical_batch_size or task_default
+
+    def to_record(self, *, task_default_batch: int = 0) -> dict[str, Any]:
+        """What a ledger record says trained the round: the resolved device, dtype, threads and batch."""
         import torch
 
         return {"device": str(self.torch_device()), "base-dtype": str(self.torch_dtype()).removeprefix("torch."),
                 "threads": torch.get_num_threads(),
-                "physical-batch-size": self.physical_batch_size or default_physical_batch}
+                "physical-batch-size": self.physical_batch(task_default=task_default_batch)}
 
     # -- resolution (torch is imported only here) ---------------------------------------------
 

@@ -7,6 +7,7 @@ registry line. Pure Python: `fedtune audit` and `fedtune plan` read configs with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ PROBE_STAGE, ADAPTER_STAGE = "probe", "adapter"  # a round's stage, as the plan 
 
 
 @dataclass(frozen=True)
-class TrainingMode:
+class TrainingMode(ABC):
     """A probe stage trains the head alone on the encoder's frozen, pooled features (full batch);
     an adapter stage trains LoRA (and the head) through the model."""
 
@@ -30,13 +31,13 @@ class TrainingMode:
         """Without an adapter stage the LoRA matrices never train, so they never travel either."""
         return not self.has_adapter_stage
 
+    @abstractmethod
     def probe_round(self, server_round: int, *, probe_rounds: int) -> bool:
         """Whether this round trains the head alone on cached features (rounds count from 1)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def probe_round_count(self, *, num_rounds: int, probe_rounds: int) -> int:
         """How many of the run's rounds are probe rounds: what the plan's DP steps are made of."""
-        raise NotImplementedError
 
     def stage(self, server_round: int, *, probe_rounds: int) -> str:
         return PROBE_STAGE if self.probe_round(server_round, probe_rounds=probe_rounds) else ADAPTER_STAGE

@@ -21,13 +21,14 @@ from dp_accounting import dp_event, pld
 
 from client.fl_client import FedtuneClient
 from client.privacy_ledger import ClientPrivacyLedger
-from client.probe_round import head_loss, pooled_features
+from client.probe_round import head_loss
 from common.config import RunConfig
 from common.ledger.audit import audit_run
 from common.models.adapter import adapter_to_arrays, arrays_to_adapter
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings
 from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, head_linear, trained_pooling
+from common.models.pooled_features import pooled_features
 from common.privacy.plan import privacy_schedule
 from common.run_data import federated_splits
 from common.tasks import get_task
