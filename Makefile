@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-fast bench bench-quick clean
+.PHONY: setup demo test test-fast bench bench-quick gpu-check clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: setup
 
 bench-quick: setup
 	$(OFFLINE) $(BIN)/python -m benchmarks.run_all --quick
+
+# On a machine with a CUDA GPU: every device and precision path of the execution profile, one line
+# each (about a minute; exit 2 where torch sees no GPU). `--device cpu` runs the same lines here.
+gpu-check: setup
+	$(OFFLINE) $(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
