@@ -70,6 +70,15 @@ class RunConfig:
                                    "noise stay float32. A deployed node takes it from its own node config.")
     threads: int = _opt(0, "Profile: CPU threads a client trains with; 0 = the cores it is given (a simulated "
                            "client: its Ray share). A deployed node takes it from its own node config.")
+    quantization: str = _opt("none", "Profile (causal-lm): the frozen base's linear layers stored in 4 bits "
+                                      "('nf4', QLoRA) or 8 bits ('int8') through bitsandbytes, or 'none'. LoRA, "
+                                      "gradients and noise stay float32. A deployed node sets its own.")
+    activation_checkpointing: bool = _opt(False, "Profile (causal-lm): recompute each decoder layer during backward "
+                                                 "(less memory, about a third more time). A deployed node sets its own.")
+    gpus_per_client: float = _opt(0.0, "Simulation: the share of a GPU each simulated client takes (0.5: two "
+                                       "clients per GPU, each held to half its memory); 0 = none.")
+    ray_address: str = _opt("", "Simulation: attach to a running Ray cluster at this address (e.g. "
+                                "'192.168.0.5:6379', started with `ray start --head`); '' = a local Ray.")
     learning_rate: float = _opt(0.0, "AdamW learning rate for the LoRA matrices; 0 = tuned for the task and "
                                      "variant (0.05 for ffa, 0.01 for lora; 0.005 for causal-lm).")
     head_learning_rate: float = _opt(1e-1, "AdamW learning rate for the (randomly initialised) classifier head.")

@@ -46,6 +46,12 @@ def check_run_config(config: Any) -> None:
     check(config.round_timeout >= 0 and math.isfinite(config.round_timeout), "round_timeout",
           "must be 0 (no timeout) or a positive number of seconds")
     check(config.physical_batch_size >= 0, "physical_batch_size", "must be 0 (auto) or positive")
+    check(config.quantization == "none" or config.task == "causal-lm", "quantization",
+          "applies to task 'causal-lm' (a billion-parameter decoder); a classification base is small enough "
+          "to keep whole: set quantization = \"none\"")
+    check(math.isfinite(config.gpus_per_client) and config.gpus_per_client >= 0
+          and (config.gpus_per_client <= 1 or config.gpus_per_client.is_integer()), "gpus_per_client",
+          "must be 0 (none), a share of one GPU (up to 1), or a whole number of GPUs")
     check(config.samples >= 0, "samples", "must be 0 (none) or a positive number of prompts")
     check(config.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
     check(0.0 <= config.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")

@@ -27,14 +27,19 @@ if TYPE_CHECKING:
 
 DEVICES_HELP = "'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'"
 BASE_DTYPES = ("auto", "float32", "bfloat16")
+# A frozen base stored in 4 bits (QLoRA's NormalFloat4, double-quantized) or 8 bits (LLM.int8()),
+# through bitsandbytes: the linear layers' weights only; the base computes in base-dtype.
+QUANTIZATIONS = ("none", "nf4", "int8")
 # The profile's keys, dashed as in run and node configs; field names are these in snake_case.
-PROFILE_KEYS = ("device", "base-dtype", "threads", "physical-batch-size")
+PROFILE_KEYS = ("device", "base-dtype", "quantization", "activation-checkpointing", "threads", "physical-batch-size")
 
 
 @dataclass(frozen=True)
 class ExecutionProfile:
     device: str = "auto"
     base_dtype: str = "auto"  # auto: bfloat16 where the device computes it natively, else float32
+    quantization: str = "none"  # the frozen base's linear weights: none, nf4 or int8 (causal LMs)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: memory for time
     threads: int = 0  # CPU threads for torch; 0 = what the process was given (its cores, Ray's share)
     physical_batch_size: int = 0  # examples per forward/backward pass; 0 = the task's default
 
@@ -43,13 +48,16 @@ class ExecutionProfile:
             raise FedtuneError(f"device must be {DEVICES_HELP}, not {self.device!r}")
         if self.base_dtype not in BASE_DTYPES:
             raise FedtuneError(f"base-dtype must be one of {', '.join(BASE_DTYPES)}, not {self.base_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise FedtuneError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.threads < 0 or self.physical_batch_size < 0:
             raise FedtuneError("threads and physical-batch-size must be 0 (automatic) or a positive whole number")
 
     @classmethod
     def from_config(cls, config: Any) -> ExecutionProfile:
         """A simulation's profile: the run config's keys."""
-        return cls(device=config.device, base_dtype=config.base_dtype, threads=config.threads,
+        return cls(device=config.device, base_dtype=config.base_dtype, quantization=config.quantization,
+                   activation_checkpointing=config.activation_checkpointing, threads=config.threads,
                    physical_batch_size=config.physical_batch_size)
 
     def overridden_by(self, node_config: Mapping[str, Any]) -> ExecutionProfile:
@@ -70,6 +78,7 @@ class ExecutionProfile:
         import torch
 
         return {"device": str(self.torch_device()), "base-dtype": str(self.torch_dtype()).removeprefix("torch."),
+                "quantization": self.quantization, "activation-checkpointing": self.activation_checkpointing,
                 "threads": torch.get_num_threads(),
                 "physical-batch-size": self.physical_batch(task_default=task_default_batch)}
 
@@ -91,6 +100,32 @@ class ExecutionProfile:
         if self.base_dtype == "auto":
             return torch.bfloat16 if native_bf16(self.torch_device()) else torch.float32
         return getattr(torch, self.base_dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` arguments that load a base as this profile says: its dtype, and for a
+        quantized base the bitsandbytes config and the device (a quantized model is placed on
+        load, not moved after). Only linear layers are quantized; transformers keeps the LM head
+        and embeddings in `dtype`, and PEFT's LoRA layers (fp32, see adapter_to_fp32) wrap them."""
+        kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
+        if not self.quantized:
+            return kwargs
+        try:
+            import bitsandbytes  # noqa: F401 - transformers needs it; say so here, plainly
+        except ImportError:
+            raise FedtuneError(f"quantization {self.quantization!r} needs bitsandbytes: pip install "
+                               f"bitsandbytes (or set quantization = \"none\")") from None
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization == "nf4":  # QLoRA (Dettmers et al., 2023): NF4, double quantization
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=kwargs["dtype"])
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        return {**kwargs, "quantization_config": config, "device_map": {"": str(self.torch_device())}}
 
     def apply_threads(self) -> None:
         """Use the threads this profile names (0: leave the process's own setting)."""

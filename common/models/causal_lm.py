@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -47,21 +49,55 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
     targets = lora.targets_for(model_type)
     hf_logging.disable_progress_bar()
 
-    def load(dtype: torch.dtype):
-        base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+    def load(**kwargs):
+        base = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         base.config.use_cache = False  # training; generation turns the cache back on
         return base
 
     model = hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("causal-lm",), load=load,
                          attach=lambda base: attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets,
                                                          seed=seed),
-                         build_key=lora, resident=resident)
+                         build_key=lora, resident=resident, quantizable=True)
+    set_activation_checkpointing(model, enabled=profile.activation_checkpointing)
     _, head = _parts(model)
     if any(p.requires_grad for p in head.parameters()):
         # The head runs per example on 2-D input (see response_nll): Opacus would take tokens for examples.
         raise FedtuneError(f"LoRA targets {targets} reach the LM head; task 'causal-lm' trains adapters inside "
                            f"the decoder only: leave the head's module name out of lora-target-modules")
     return model
+
+
+def set_activation_checkpointing(model: torch.nn.Module, *, enabled: bool) -> None:
+    """Recompute each decoder layer during backward (PyTorch's non-reentrant checkpoint), in a
+    way Opacus' per-sample hooks survive.
+
+    Opacus records a module's input at every forward it sees, and a checkpointed layer runs
+    forward twice: once, and again in backward. The LoRA modules would record twice and their
+    per-sample gradients never be finalised. So during the first run they are marked "not
+    training" (an nn.Linear computes the same either way, and Opacus records only training
+    modules); only the recomputation, right before the backward hook that consumes it, records.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    recompute = functools.partial(checkpoint, use_reentrant=False,
+                                  context_fn=lambda: (_unrecorded(trained), contextlib.nullcontext()))
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = enabled
+            module._gradient_checkpointing_func = recompute
+
+
+@contextlib.contextmanager
+def _unrecorded(modules: list[torch.nn.Module]):
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
 
 
 def _parts(model: torch.nn.Module):

@@ -23,9 +23,9 @@ def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettin
 
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected, not news
     hf_logging.disable_progress_bar()
-    def load(dtype: torch.dtype):
+    def load(**kwargs):
         return _loaded(AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=num_labels,
-                                                                          dtype=dtype))
+                                                                          **kwargs))
 
     def attach(base):
         return attach_lora(base, task_type="SEQ_CLS", lora=lora, targets=lora.targets_for(base.config.model_type),

@@ -25,6 +25,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from common.errors import FedtuneError
 from common.execution import ExecutionProfile, adapter_to_fp32, is_adapter_parameter, seeded_rng
 
 LOG = logging.getLogger("fedtune.models")
@@ -57,26 +58,35 @@ def _files_version(model_path: Path) -> tuple:
 
 
 def hosted_model(*, model_path: Path, profile: ExecutionProfile, seed: int, base_key: Hashable,
-                 load: Callable[[torch.dtype], torch.nn.Module], attach: Callable[[torch.nn.Module], torch.nn.Module],
-                 build_key: Hashable, resident: bool = False) -> torch.nn.Module:
-    """The model `attach(base)` builds, with the base `load(dtype)` reads loaded once per process
-    and seed; both run under torch's RNG seeded with `seed` (restored after), as a fresh build.
+                 load: Callable[..., torch.nn.Module], attach: Callable[[torch.nn.Module], torch.nn.Module],
+                 build_key: Hashable, resident: bool = False, quantizable: bool = False) -> torch.nn.Module:
+    """The model `attach(base)` builds, with the base `load(**from_pretrained_kwargs)` reads loaded
+    once per process and seed; both run under torch's RNG seeded with `seed` (restored after), as
+    a fresh build.
 
     `resident`: the process's one model for this build, reset to its initial adapter (a client
-    per message); else a new model over the same base tensors (one a coordinator keeps)."""
+    per message); else a new model over the same base tensors (one a coordinator keeps).
+    `quantizable`: whether this kind of model may follow a profile's `quantization`."""
     global builds
+    if profile.quantized and not quantizable:
+        raise FedtuneError(f"the profile quantizes the base (quantization = {profile.quantization!r}), which "
+                           f"applies to task 'causal-lm' only; set quantization = \"none\" in the node or run config")
     device, dtype = profile.torch_device(), profile.torch_dtype()
     # The seed belongs to the base: the RNG state a load leaves is the seed's (a random head).
-    base_id = (str(model_path), _files_version(model_path), base_key, seed, str(device), str(dtype))
+    base_id = (str(model_path), _files_version(model_path), base_key, seed, str(device), str(dtype),
+               profile.quantization)
     key = (base_id, build_key)
     built = _built.get(key) if resident else None
     if built is not None:
         _restore(built)
         return built.model
     with seeded_rng(seed):
-        base = _base(base_id, load=lambda: load(dtype).to(device))
+        kwargs = profile.pretrained_kwargs()  # a quantized base is placed on its device as it loads
+        base = _base(base_id, load=lambda: load(**kwargs) if profile.quantized else load(**kwargs).to(device))
         torch.set_rng_state(base.rng_after_load)  # where a fresh load leaves the RNG: attach draws next
-        model = attach(_sharing_frozen_tensors(base.model)).to(device)
+        model = attach(_sharing_frozen_tensors(base.model))
+        if not profile.quantized:  # PEFT puts LoRA beside its base layer; moving bnb weights would copy them
+            model = model.to(device)
     adapter_to_fp32(model)
     builds += 1
     if resident:

@@ -106,7 +106,7 @@ def build_pooled_classifier(*, model_path: Path, num_labels: int, lora: LoraSett
         return peft_model
 
     return hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("encoder",),
-                        load=lambda dtype: AutoModel.from_pretrained(str(model_path), dtype=dtype), attach=attach,
+                        load=lambda **kwargs: AutoModel.from_pretrained(str(model_path), **kwargs), attach=attach,
                         build_key=(lora, num_labels, pooling, freeze_lora, tuple(prior)), resident=resident)
 
 
