@@ -127,6 +127,17 @@ class ExecutionProfile:
             config = BitsAndBytesConfig(load_in_8bit=True)
         return {**kwargs, "quantization_config": config, "device_map": {"": str(self.torch_device())}}
 
+    def settle_quantized(self, base: torch.nn.Module) -> None:
+        """Keep a 4-bit base on the one computation path training uses. On a CPU with AVX512-BF16,
+        bitsandbytes repacks a 4-bit layer's weights in place the first time it runs in eval mode,
+        rounding its block scales to bf16: the base that scores would then differ from the one that
+        trained (and it shares those weights with the clients), and the repacking fails on layers
+        narrower than a block."""
+        if self.quantization == "nf4":
+            for module in base.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+
     def apply_threads(self) -> None:
         """Use the threads this profile names (0: leave the process's own setting)."""
         import torch

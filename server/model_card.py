@@ -211,8 +211,16 @@ def _training_section(facts: CardFacts) -> str:
         f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
         f"learning rate {cfg.learning_rate:g}",
         f"- secure aggregation: {'on' if cfg.secure_aggregation else 'off'}",
-        f"- the base computed in {facts.base_dtype} (everything trained in float32); the scores above are "
-        f"that precision's: load the base with `dtype=torch.{facts.base_dtype}` to reproduce them exactly", ""])
+        f"- the base computed in {facts.base_dtype}{_quantized(cfg)} (everything trained in float32); the scores "
+        f"above are that precision's: load the base with `dtype=torch.{facts.base_dtype}` to reproduce them "
+        f"exactly. Each node trained on its own execution profile, which its ledger records per round", ""])
+
+
+def _quantized(cfg) -> str:
+    if cfg.quantization == "none":
+        return ""
+    return (f", its linear layers quantized to {cfg.quantization} by bitsandbytes (QLoRA); the adapter also "
+            f"loads into the unquantized base with `PeftModel.from_pretrained`")
 
 
 def _probe_settings(cfg) -> str:

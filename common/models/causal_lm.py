@@ -52,6 +52,7 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
     def load(**kwargs):
         base = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         base.config.use_cache = False  # training; generation turns the cache back on
+        profile.settle_quantized(base)
         return base
 
     model = hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("causal-lm",), load=load,
@@ -80,7 +81,9 @@ def set_activation_checkpointing(model: torch.nn.Module, *, enabled: bool) -> No
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    recompute = functools.partial(checkpoint, use_reentrant=False,
+    # early_stop=False: the recomputation runs to the layer's end, so the forward hook of its last
+    # LoRA module fires (early stop would end it inside that module, after its last saved tensor).
+    recompute = functools.partial(checkpoint, use_reentrant=False, early_stop=False,
                                   context_fn=lambda: (_unrecorded(trained), contextlib.nullcontext()))
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
