@@ -121,12 +121,30 @@ def pinned_roster(*, context: Context, ledger_root: Path | None, institution: st
     return (None, problem) if problem else (roster, None)
 
 
+def hold_to_gpu_share(config: RunConfig | None, profile: ExecutionProfile) -> None:
+    """A simulated client given part of a GPU (gpus-per-client < 1) keeps to that share of its
+    memory: Ray only counts shares, so without this two clients on one GPU could each take it all.
+    Torch's allocator is capped in this process, a Ray actor (one per client), before the model is
+    built. A no-op on the CPU, outside a Ray actor (the in-process engine runs every client in
+    the driver) and on a deployed node (no bound config: its hardware is its own)."""
+    share = config.gpus_per_client if config is not None else 0.0
+    if not 0 < share < 1 or not in_simulated_node():
+        return
+    import torch
+
+    if not torch.cuda.is_available() or (device := profile.torch_device()).type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(float(share), index)
+
+
 def client_fn_of(*, config: RunConfig | None, ledger_root: Path | None) -> Callable[[Context], Client]:
     """The institution's client for a message: job, node policy, node data, ledger, transport."""
 
     def client_fn(context: Context) -> Client:
         node = NodeData.from_node_config(dict(context.node_config))
         bound, root = binding(context, config, ledger_root)
+        hold_to_gpu_share(bound, profile_of(context, bound))
         client = FedtuneClient(config=job_of(context, bound), policy=policy_of(context, bound), node=node,
                                transport=transport_of(context), run_id=str(context.run_id),
                                ledger_dir=_ledger_dir(context, root, node.client_id),

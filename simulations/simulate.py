@@ -84,6 +84,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     """
     if engine not in ENGINES:
         raise FedtuneError(f"no simulation engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    check_engine(config, engine)
     console = console or Console()
     os.environ.update(OFFLINE_ENV)
     run_dir = Path(out or config.output_dir or default_run_dir())
@@ -119,7 +120,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     client_app = build_client_app(config=config, ledger_root=run_dir / "ledgers", progress_dir=run_dir / PROGRESS_DIR)
     with StopOnInterrupt(run_dir, num_rounds=config.num_rounds), shown:
         _run_engine(engine, server_app=server_app, client_app=client_app, num_nodes=config.num_clients,
-                    cpus_per_client=cpus_per_client(config), verbose=verbose)
+                    backend_config=ray_backend_config(config, verbose=verbose), verbose=verbose)
     shown.remove_files()
     if "summary" not in results:
         raise FedtuneError(f"the simulation ended without finishing the run; see the log above "
@@ -127,18 +128,49 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     return results["summary"]
 
 
+def check_engine(config: RunConfig, engine: str) -> None:
+    """The simulation keys the engine and this machine can honour, checked before Ray starts: a
+    cluster address needs the Ray engine; a GPU share needs a GPU torch sees here, unless the
+    clients run on a cluster's nodes (whose GPUs this driver need not have)."""
+    if config.ray_address and engine == IN_PROCESS:
+        raise FedtuneError(f"ray-address = {config.ray_address!r} runs the clients on a Ray cluster, which needs the "
+                           f"Ray engine; drop --engine {IN_PROCESS} (or set ray-address = \"\" to run here)")
+    if config.gpus_per_client > 0 and not config.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FedtuneError(f"gpus-per-client = {config.gpus_per_client:g} gives each simulated client a share of "
+                               f"a GPU, but torch sees no CUDA GPU here; set gpus-per-client = 0 (or ray-address to "
+                               f"a cluster whose nodes have GPUs)")
+
 
 def cpus_per_client(config: RunConfig) -> int:
-    """Each simulated client's share of this machine's cores, and so its torch threads (Ray sets a
-    worker's OMP_NUM_THREADS to its share): `threads` when set; else the cores split over the
-    clients that train at once, one at least. One client per core beats one client at a time on
+    """Each simulated client's share of the cores, and so its torch threads (Ray sets a worker's
+    OMP_NUM_THREADS to its share): `threads` when set. Else, on this machine, its cores split over
+    the clients that train at once, one at least. One client per core beats one client at a time on
     every core under Ray: the demo's first round took 31.9 s with two 1-thread actors and 64.5 s
-    with one 2-thread actor (the driver's polling takes CPU that threads in lock step wait for)."""
+    with one 2-thread actor (the driver's polling takes CPU that threads in lock step wait for).
+    Attached to a cluster (`ray_address`), this machine's cores say nothing of the nodes' (a share
+    larger than a node would leave Flower's actor pool empty): one core per client unless `threads`
+    says more; Flower sizes its pool to the cluster's CPUs (and GPUs) over each client's share."""
+    if config.ray_address:
+        return config.threads or 1
     cores = cores_given()
     return min(cores, config.threads or max(1, cores // config.clients_per_round))
 
 
-def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, cpus_per_client: int, verbose: bool) -> None:
+def ray_backend_config(config: RunConfig, *, verbose: bool) -> dict:
+    """Flower's Ray backend settings: each client's cores and GPU share (`client_resources`, the
+    resources of its Ray actor), and the arguments Flower's RayBackend passes to `ray.init`
+    (`init_args`). `address` is the cluster to attach to, or 'local': a Ray started here and
+    stopped at the end, never one Ray would otherwise find through RAY_ADDRESS or a `ray start`
+    on this machine. Flower ends with `ray.shutdown()`, which only disconnects from a cluster."""
+    return {"client_resources": {"num_cpus": cpus_per_client(config), "num_gpus": float(config.gpus_per_client)},
+            "init_args": {"address": config.ray_address or "local", "logging_level": logging.ERROR,
+                          "log_to_driver": verbose, "include_dashboard": False}}
+
+
+def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, backend_config: dict, verbose: bool) -> None:
     if engine == IN_PROCESS:
         from simulations.inprocess import run_apps
 
@@ -147,7 +179,4 @@ def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, cpus_per
     from flwr.simulation import run_simulation  # Ray loads only for its engine
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose,
-                                                 "include_dashboard": False}},
-                   verbose_logging=verbose)
+                   backend_config=backend_config, verbose_logging=verbose)
