@@ -19,7 +19,7 @@ import time
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
 BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency",
-              "deployment_latency", "execution_profile")
+              "deployment_latency", "execution_profile", "quantized_memory")
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     failed = []
     for name in args.only or BENCHMARKS:
         command = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
-        if name not in ("dp_overhead", "communication", "mechanism_check"):
+        if name not in ("dp_overhead", "communication", "mechanism_check", "quantized_memory"):
             command += ["--out", str(out)]
         log(f"benchmark {name} ...")
         begun = time.perf_counter()

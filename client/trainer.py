@@ -201,10 +201,21 @@ def _train_private(*, model, dataset, loss, optimizer, plan: PrivacyPlan, max_gr
                     dp_optimizer.zero_grad()
     finally:
         private_model.cleanup()  # remove Opacus hooks; the PEFT model stays usable
+        _forget_recorded_activations(model)
     if batch.steps != plan.steps_per_round:
         raise RuntimeError(f"took {batch.steps} DP steps, the privacy plan expects {plan.steps_per_round}")
     return TrainResult(train_loss=_mean(batch.losses), steps=batch.steps,
                        history=[(float(s), float(q), int(n)) for s, q, n in accountant.history])
+
+
+def _forget_recorded_activations(model: torch.nn.Module) -> None:
+    """Drop what Opacus' hooks left on the modules (cleanup clears only the parameters'). A step
+    that failed between a forward and its backward (out of memory in a checkpointed layer's
+    recomputation) leaves recorded inputs and a batch length behind, and the next step on this
+    resident model would scale and pad every per-sample gradient with them."""
+    for module in model.modules():
+        for name in ("activations", "max_batch_len"):
+            module.__dict__.pop(name, None)  # set as plain attributes (hasattr would ask a PEFT wrapper's child)
 
 
 class _LogicalBatch:

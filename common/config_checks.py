@@ -49,6 +49,8 @@ def check_run_config(config: Any) -> None:
     check(config.quantization == "none" or config.task == "causal-lm", "quantization",
           "applies to task 'causal-lm' (a billion-parameter decoder); a classification base is small enough "
           "to keep whole: set quantization = \"none\"")
+    check(not config.activation_checkpointing or config.task == "causal-lm", "activation_checkpointing",
+          "applies to task 'causal-lm' (a classification step is small enough): set it to false")
     check(math.isfinite(config.gpus_per_client) and config.gpus_per_client >= 0
           and (config.gpus_per_client <= 1 or config.gpus_per_client.is_integer()), "gpus_per_client",
           "must be 0 (none), a share of one GPU (up to 1), or a whole number of GPUs")

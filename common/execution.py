@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -30,6 +31,10 @@ BASE_DTYPES = ("auto", "float32", "bfloat16")
 # A frozen base stored in 4 bits (QLoRA's NormalFloat4, double-quantized) or 8 bits (LLM.int8()),
 # through bitsandbytes: the linear layers' weights only; the base computes in base-dtype.
 QUANTIZATIONS = ("none", "nf4", "int8")
+# bitsandbytes' import (PEFT imports it whenever it is installed) warns that a CPU kernel from the
+# Hugging Face hub is missing: fetched from a hub, and only for the eval-time repacking that
+# ExecutionProfile.settle_quantized turns off. Not a user's concern.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # The profile's keys, dashed as in run and node configs; field names are these in snake_case.
 PROFILE_KEYS = ("device", "base-dtype", "quantization", "activation-checkpointing", "threads", "physical-batch-size")
 
@@ -124,19 +129,41 @@ class ExecutionProfile:
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=kwargs["dtype"])
         else:
-            config = BitsAndBytesConfig(load_in_8bit=True)
+            # Threshold 0: no outlier columns. LLM.int8() otherwise keeps a column in 16 bits when any
+            # token of the batch exceeds 6 there, and on CUDA zeroes it in the 8-bit part for every
+            # row: one example's activations would change another's forward, and so its per-sample
+            # gradient, which clipping does not bound.
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
         return {**kwargs, "quantization_config": config, "device_map": {"": str(self.torch_device())}}
 
     def settle_quantized(self, base: torch.nn.Module) -> None:
-        """Keep a 4-bit base on the one computation path training uses. On a CPU with AVX512-BF16,
-        bitsandbytes repacks a 4-bit layer's weights in place the first time it runs in eval mode,
-        rounding its block scales to bf16: the base that scores would then differ from the one that
-        trained (and it shares those weights with the clients), and the repacking fails on layers
-        narrower than a block."""
-        if self.quantization == "nf4":
+        """Make a freshly loaded quantized base lean, shareable, and scored as it trains: tensors
+        kept whole are copied off the checkpoint's memory map; 8-bit layers take their weights
+        into their state now, not at a first forward (which would leave other models sharing the
+        base without them); and 4-bit layers never repack themselves in place for a CPU kernel in
+        eval mode (which rounds block scales to bf16, so the scored base would not be the trained
+        one, and fails on layers narrower than a block)."""
+        if not self.quantized:
+            return
+        import bitsandbytes as bnb
+        import torch
+
+        quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+        with torch.no_grad():
             for module in base.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
+                for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    if tensor.device.type == "cpu" and not isinstance(tensor, quantized):
+                        # Off the checkpoint's memory map: the few tensors kept whole (embeddings,
+                        # norms) would hold the whole mapped file, 1.9 GB of a 1B model's 2.1 GB.
+                        tensor.data = tensor.data.clone()
+        for module in base.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # a 4-bit layer
+                module.support_avx512bf16_for_cpu = False
+            if hasattr(module, "init_8bit_state") and module.state.CB is None:  # an 8-bit layer
+                # Its int8 weights move from the parameter into the layer's state at its first
+                # forward, leaving the parameter empty for any other model sharing it (which would
+                # then quantize the int8 values again): move them now, once, on the base.
+                module.init_8bit_state()
 
     def apply_threads(self) -> None:
         """Use the threads this profile names (0: leave the process's own setting)."""

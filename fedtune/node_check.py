@@ -92,8 +92,11 @@ def _describe_profile(text: str) -> str:
     """Where this node will train, resolved here: a GPU it asks for and lacks fails now, not mid-run."""
     profile = ExecutionProfile().overridden_by(parse_config_args([text]))
     batch = profile.physical_batch_size or "the task's default"
-    return (f"device {profile.torch_device()}, base {str(profile.torch_dtype()).removeprefix('torch.')} "
-            f"(trainables float32), {profile.threads or 'all given'} thread(s), physical batch {batch}")
+    profile.pretrained_kwargs()  # a quantized base needs bitsandbytes: say so here, not at round 1
+    quantized = f", {profile.quantization} weights" if profile.quantized else ""
+    checkpointing = ", layers recomputed in backward" if profile.activation_checkpointing else ""
+    return (f"device {profile.torch_device()}, base {str(profile.torch_dtype()).removeprefix('torch.')}{quantized} "
+            f"(trainables float32){checkpointing}, {profile.threads or 'all given'} thread(s), physical batch {batch}")
 
 
 def _check_pins(text: str) -> str:

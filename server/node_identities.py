@@ -83,7 +83,10 @@ class NodeIdentities:
     def sample(self, client_manager, num_clients: int, *, min_available: int) -> list[ClientProxy]:
         """`num_clients` nodes for a fit round, or [] when fewer may be sampled (the round is
         skipped, as Flower's own sampling does)."""
-        client_manager.wait_for(min_available)
+        # Flower's compat layer registers connected nodes when num_available/all/sample is called,
+        # and otherwise every 5 s: ask first, so nodes already connected are not waited 5 s for.
+        if client_manager.num_available() < min_available:
+            client_manager.wait_for(min_available)
         chosen = self.candidates(client_manager)[:num_clients]
         if len(chosen) < num_clients:
             log.info("sampling failed: %d connected node(s) may be sampled (%d strangers left out), %d requested",

@@ -211,7 +211,7 @@ def finished_dp_run_copy(finished_dp_run, tmp_path) -> Path:
 
 # The files that take longest (real deployments, the Ray runs), measured with --durations: started first.
 LONGEST_FILES = ("test_pinned_deployment.py", "test_control_api.py", "test_simulation.py", "test_cli_behaviour.py",
-                 "test_flwr_run.py")
+                 "test_flwr_run.py", "test_quantization.py")
 
 
 def pytest_collection_modifyitems(config, items):

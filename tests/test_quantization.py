@@ -160,10 +160,12 @@ def test_an_nf4_base_trains_under_dp_and_learns(tiny_causal_lm_dir, tiny_lm_conf
 def test_quantization_is_refused_where_it_does_not_apply(tiny_config):
     with pytest.raises(FedtuneError, match="quantization.*causal-lm"):
         tiny_config(quantization="nf4").validate()
+    with pytest.raises(FedtuneError, match="activation-checkpointing.*causal-lm"):
+        tiny_config(activation_checkpointing=True).validate()
     with pytest.raises(FedtuneError, match="quantization must be one of none, nf4, int8"):
         ExecutionProfile(quantization="fp4")
     from common.models.classifier import build_lora_classifier  # a node's own nf4 profile, a classification job
-    with pytest.raises(FedtuneError, match="applies to task 'causal-lm' only"):
+    with pytest.raises(FedtuneError, match="apply to task .causal-lm. only"):
         build_lora_classifier(model_path=Path(tiny_config().model), num_labels=3, lora=LORA, seed=0,
                               profile=ExecutionProfile(quantization="nf4"))
 
@@ -231,3 +233,63 @@ def _adapter_loads_in_fp32_as_the_nf4_run_scored(base: Path, adapter: Path, conf
     assert torch.equal(logits.argmax(-1)[mask], expected.argmax(-1)[mask])
     assert (logits - expected)[mask].abs().max() < 1e-3
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_a_deployed_node_quantizes_only_when_its_own_node_config_says_so():
+    """A coordinator cannot make a node load its base in 4 bits (or stop doing so): the keys are
+    the node's, like its device; a job asking for them is not read on a deployed node."""
+    from types import SimpleNamespace
+
+    from client.app import profile_of
+
+    job = {"quantization": "nf4", "activation-checkpointing": "true"}
+    assert profile_of(SimpleNamespace(node_config={"client-id": "a"}, run_config=job), None) == ExecutionProfile()
+    own = profile_of(SimpleNamespace(node_config={"quantization": "nf4", "activation-checkpointing": "true"},
+                                     run_config={"quantization": "none"}), None)
+    assert own.quantization == "nf4" and own.activation_checkpointing
+
+
+def test_int8_models_over_one_base_share_its_weights_and_stay_correct(tiny_causal_lm_dir, tiny_lm_config):
+    """bitsandbytes moves an 8-bit layer's int8 weights into the layer at its first forward; a second
+    model sharing that base must still compute with them (not quantize the int8 values again).
+    And LLM.int8()'s outlier threshold is 0: no column of one example's batch is treated
+    differently because of another example's activations."""
+    profile = ExecutionProfile(device="cpu", base_dtype="float32", quantization="int8")
+    assert profile.pretrained_kwargs()["quantization_config"].llm_int8_threshold == 0.0
+    ids, mask, _ = _batch(tiny_lm_config()).tensors
+    host.forget_all()
+    client = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=profile, resident=True)
+    coordinator = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=profile)
+    full = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=FP32)
+    with torch.no_grad():
+        logits = [m.eval()(input_ids=ids, attention_mask=mask).logits for m in (client, coordinator, full)]
+        later = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=profile)
+        logits.append(later.eval()(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[3])
+    assert (logits[0] - logits[2]).norm() < 0.1 * logits[2].norm()  # int8 rounding (0.034), not a rescale
+    frozen = "base_model.model.model.layers.0.self_attn.q_proj.base_layer"
+    assert dict(client.named_modules())[frozen].state.CB.data_ptr() == \
+        dict(coordinator.named_modules())[frozen].state.CB.data_ptr()  # one copy of the weights
+
+
+def test_a_step_that_fails_midway_leaves_nothing_for_the_next_step(tiny_causal_lm_dir, tiny_lm_config):
+    """An error between a forward and its backward (out of memory in a checkpointed layer's
+    recomputation, say) must not leave Opacus' recorded inputs on the resident model: the next
+    step's per-sample gradients would be scaled and padded with them."""
+    config = tiny_lm_config()
+    train = _batch(config, count=16)
+    plan = plan_privacy(num_examples=len(train), batch_size=8, local_epochs=1, num_rounds=1, target_epsilon=8.0,
+                        target_delta=1e-5)
+    model = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=FP32)
+
+    def failing(net, *batch):
+        causal_lm_loss(net, *batch)  # the forward records every LoRA module's input...
+        raise MemoryError("out of memory")  # ...and the backward never comes
+
+    with pytest.raises(MemoryError):
+        train_locally(model=model, dataset=train, loss=failing, learning_rate=0.05, batch_size=8, local_epochs=1,
+                      max_grad_norm=1.0, plan=plan, history=[], seed=0)
+    assert not any({"activations", "max_batch_len"} & set(vars(m)) for m in model.modules())
+    batch = _batch(config)
+    assert torch.equal(_per_sample_gradients(model, batch), _per_sample_gradients(
+        build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LORA, seed=0, profile=FP32), batch))

@@ -22,6 +22,7 @@ from common.run_data import federated_splits
 from server.secure_aggregation import secagg_parameters
 from simulations import inprocess
 from tests.conftest import initial_adapter
+from tests.ray_cluster import ray_cluster
 from tests.helpers import ROOT, fedtune, progress_table, read_metrics, run_fedtune, set_args
 
 pytestmark = pytest.mark.slow
@@ -52,12 +53,22 @@ def _in_process(config, run_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_run(tiny_config, tmp_path_factory):
-    """SecAgg+ and DP, the product's configuration, in a real `fedtune simulate` on Flower's engine (Ray)."""
+    """SecAgg+ and DP, the product's configuration, in a real `fedtune simulate` on Flower's engine
+    (Ray), attached to a Ray cluster started as a user starts one (`ray start --head`, `ray-address`):
+    the clients are the cluster's actors, and the cluster outlives the run (Flower disconnects).
+    A simulation starting its own Ray is the demo's path, and the Ctrl-C test's."""
     config = tiny_config(num_clients=3, clients_per_round=3, dp=True, secure_aggregation=True, num_rounds=1,
                          fraction_evaluate=1.0)
     out = tmp_path_factory.mktemp("run") / "secagg-dp"
-    _simulate_on_ray(out, config, dp=True, secure_aggregation=True, num_rounds=1, num_clients=3,
-                     clients_per_round=3, fraction_evaluate=1.0)
+    with ray_cluster() as cluster:
+        assert {"raylet", "gcs_server"} <= cluster.names()
+        _simulate_on_ray(out, config, dp=True, secure_aggregation=True, num_rounds=1, num_clients=3,
+                         clients_per_round=3, fraction_evaluate=1.0, ray_address=cluster.address)
+        # one actor per core of the cluster's 2 (attached: one core a client, not this machine's share)
+        assert len(cluster.actor_logs("ClientAppActor")) == 2
+        assert cluster.head.poll() is None and {"raylet", "gcs_server"} <= cluster.names()
+        cluster.stop()
+        assert cluster.processes() == [], [(p.pid, p.name()) for p in cluster.processes()]
     return config, out
 
 

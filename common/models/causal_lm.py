@@ -58,7 +58,7 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
     model = hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("causal-lm",), load=load,
                          attach=lambda base: attach_lora(base, task_type="CAUSAL_LM", lora=lora, targets=targets,
                                                          seed=seed),
-                         build_key=lora, resident=resident, quantizable=True)
+                         build_key=lora, resident=resident, causal_lm=True)
     set_activation_checkpointing(model, enabled=profile.activation_checkpointing)
     _, head = _parts(model)
     if any(p.requires_grad for p in head.parameters()):

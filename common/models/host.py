@@ -21,7 +21,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import torch
 
@@ -59,18 +59,20 @@ def _files_version(model_path: Path) -> tuple:
 
 def hosted_model(*, model_path: Path, profile: ExecutionProfile, seed: int, base_key: Hashable,
                  load: Callable[..., torch.nn.Module], attach: Callable[[torch.nn.Module], torch.nn.Module],
-                 build_key: Hashable, resident: bool = False, quantizable: bool = False) -> torch.nn.Module:
+                 build_key: Hashable, resident: bool = False, causal_lm: bool = False) -> torch.nn.Module:
     """The model `attach(base)` builds, with the base `load(**from_pretrained_kwargs)` reads loaded
     once per process and seed; both run under torch's RNG seeded with `seed` (restored after), as
     a fresh build.
 
     `resident`: the process's one model for this build, reset to its initial adapter (a client
     per message); else a new model over the same base tensors (one a coordinator keeps).
-    `quantizable`: whether this kind of model may follow a profile's `quantization`."""
+    `causal_lm`: whether the profile's causal-LM keys (quantization, activation checkpointing)
+    apply to this model; elsewhere they are refused, so no ledger records what did not happen."""
     global builds
-    if profile.quantized and not quantizable:
-        raise FedtuneError(f"the profile quantizes the base (quantization = {profile.quantization!r}), which "
-                           f"applies to task 'causal-lm' only; set quantization = \"none\" in the node or run config")
+    if not causal_lm and (profile.quantized or profile.activation_checkpointing):
+        raise FedtuneError("the profile sets quantization or activation-checkpointing, which apply to task "
+                           "'causal-lm' only; set quantization = \"none\" and activation-checkpointing = false "
+                           "in the node or run config")
     device, dtype = profile.torch_device(), profile.torch_dtype()
     # The seed belongs to the base: the RNG state a load leaves is the seed's (a random head).
     base_id = (str(model_path), _files_version(model_path), base_key, seed, str(device), str(dtype),
@@ -113,8 +115,17 @@ def _base(base_id: Hashable, *, load: Callable[[], torch.nn.Module]) -> _Base:
 
 def _sharing_frozen_tensors(base: torch.nn.Module) -> torch.nn.Module:
     """A new module tree over the same frozen weights: attaching LoRA changes the tree, not the tensors."""
-    memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+    memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers(), _layer_state_tensors(base))}
     return copy.deepcopy(base, memo)
+
+
+def _layer_state_tensors(base: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Frozen tensors a layer keeps outside its parameters (bitsandbytes' 8-bit layers keep their
+    int8 weights and scales in `layer.state`): shared too, never copied."""
+    for module in base.modules():
+        state = getattr(module, "state", None)
+        if state is not None and not isinstance(state, dict) and hasattr(state, "__dict__"):
+            yield from (value for value in vars(state).values() if isinstance(value, torch.Tensor))
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
