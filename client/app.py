@@ -11,11 +11,13 @@ bound and the ledgers go under the run's directory (common/flwr_run.py).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 from flwr.app import Context
 from flwr.client import Client, ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.drills import DrillClient, dropout_mod
 from client.fl_client import FedtuneClient
@@ -28,8 +30,14 @@ from common.errors import FedtuneError
 from common.execution import ExecutionProfile
 from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node, sized_to_federation
 from common.ledger.chain import signing_key
+from common.ledger.receipts import printable
 from common.privacy.policy import NodePolicy
+from common.protocol import SecAggWire
 from common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
+
+RUN_LOG = logging.getLogger("fedtune.node.run")  # under the node runtime's logger: `fedtune run-node` prints it
+MAX_NAMED_RUNS = 1_024  # a coordinator may name a new run each round: the memory of named runs is bounded
+_named_runs: set[tuple[str, str]] = set()
 
 
 def binding(context: Context, config: RunConfig | None,
@@ -168,6 +176,32 @@ def progress_mod(progress_dir: Path):
     return mod
 
 
+def run_name_mod(msg, context: Context, call_next):
+    """The node's log names fedtune's run id (the one its ledger keys records by, and `fedtune receipt`
+    takes) beside Flower's, once per run per process, at the first message that names it: a train
+    request or a SecAgg+ setup, before the node trains or refuses. Ids only, never a value."""
+    flower = str(msg.metadata.run_id)
+    for name, record in (msg.content.config_records.items() if msg.has_content() else ()):
+        if SecAggWire.RUN_ID in record:  # the key of a fit config and of a SecAgg+ setup alike
+            named = record[SecAggWire.RUN_ID]  # read as each reads it; none: Flower's id stands in
+            if name == RECORD_KEY_CONFIGS:  # client/secure_aggregation.py's _new_round
+                run = named if isinstance(named, str) and named else flower
+            else:  # FitInstructions.from_config
+                run = str(named or "") or flower
+            name_run(run, flower_run_id=flower)
+            break
+    return call_next(msg, context)
+
+
+def name_run(run_id: str, *, flower_run_id: str) -> None:
+    if (run_id, flower_run_id) in _named_runs:
+        return
+    if len(_named_runs) >= MAX_NAMED_RUNS:
+        _named_runs.clear()
+    _named_runs.add((run_id, flower_run_id))
+    RUN_LOG.info("fedtune run %s (Flower run %s)", printable(run_id), printable(flower_run_id))
+
+
 def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | None = None,
                      progress_dir: Path | None = None) -> ClientApp:
     """`ledger_root` holds one ledger directory per client (simulation puts it in the run dir,
@@ -181,7 +215,7 @@ def build_client_app(*, config: RunConfig | None = None, ledger_root: Path | Non
 
     # The dropout drill wraps SecAgg+, so a node can vanish at any of its stages.
     return ClientApp(client_fn=client_fn_of(config=config, ledger_root=ledger_root),
-                     mods=[dropout_mod(run_config), secure_aggregation_mod(secagg_node),
+                     mods=[run_name_mod, dropout_mod(run_config), secure_aggregation_mod(secagg_node),
                            *([progress_mod(progress_dir)] if progress_dir is not None else [])])
 
 

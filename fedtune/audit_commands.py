@@ -18,18 +18,23 @@ from fedtune.shell import console, err
 def receipt(
     ledger_dir: Path = typer.Argument(..., help="This institution's ledger directory (its node config's ledger-dir, "
                                       "or ledgers/<client> of a simulated run)."),
-    run_id: str = typer.Option(..., "--run-id", help="The run to receipt (run.json of the run directory)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="fedtune's run id (run.json of the run "
+                                         "directory; the node's log line 'fedtune run ID (Flower run N)'), not "
+                                         "Flower's. Optional when the ledger holds one run."),
     out: Path = typer.Option(..., "--out", help="The receipt file to write and hand to the auditor."),
 ) -> None:
     """Sign a receipt of this institution's ledger for a run, for an auditor to check the run against."""
-    from common.ledger.receipts import write_receipt
+    from rich.markup import escape
+
+    from common.ledger.receipts import printable, write_receipt
 
     payload = write_receipt(ledger_dir=ledger_dir, run_id=run_id, out=out)
     body = payload["receipt"]
     epsilon = "-" if body["epsilon"] is None else f"{body['epsilon']:.4f}"
-    console().print(f"receipt  {out}: {body['client_id']}, run {body['run_id']}, {body['records']} records, last "
-                    f"round {body['last_round']}, cumulative epsilon {epsilon}, key {payload['key_fingerprint']}",
-                    highlight=False, soft_wrap=True)
+    said = (f"receipt  {out}: {printable(body['client_id'])}, run {printable(body['run_id'])}, {body['records']} "
+            f"records, last round {body['last_round']}, cumulative epsilon {epsilon}, key "
+            f"{payload['key_fingerprint']}")
+    console().print(escape(said), highlight=False, soft_wrap=True)  # the run id is the coordinator's text
     console().print("give it to the auditor directly, not through the coordinator", highlight=False)
 
 

@@ -89,7 +89,8 @@ def run_node(
 ) -> None:
     """check-node, then flower-supernode (process isolation) beside this node's own runtime: only
     the fedtune installed here executes, for jobs the pinned operator signed. Extra arguments go
-    to flower-supernode; Flower errors that need someone else to act get a hint."""
+    to flower-supernode; Flower errors that need someone else to act get a hint. The log names each
+    run once, as `fedtune run ID (Flower run N)`: ID is the one `fedtune receipt --run-id` takes."""
     from flwr.common.config import parse_config_args
 
     from fedtune.job_commands import node_gate

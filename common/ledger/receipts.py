@@ -29,6 +29,8 @@ from common.storage import atomic_write
 
 RECEIPT_TAG = b"fedtune ledger receipt v1\n"
 FORMAT = "fedtune-receipt/1"
+MAX_LISTED_RUNS = 20  # an error names a ledger's newest runs, not every run it ever held
+MAX_RUN_ID_CHARS = 80  # fedtune's ids are 32 hex digits; a longer one is cut when printed
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class Receipt:
         return RECEIPT_TAG + canonical(asdict(self))
 
 
-def make_receipt(*, ledger_dir: Path, run_id: str) -> dict:
-    """The signed receipt of the ledger in `ledger_dir` for `run_id`, as written to a file.
+def make_receipt(*, ledger_dir: Path, run_id: str | None = None) -> dict:
+    """The signed receipt of the ledger in `ledger_dir` for `run_id` (None: the ledger's only run),
+    as written to a file.
 
     Opening the ledger verifies its chain, signatures and head marker first: an institution never
     signs a receipt for a ledger that fails its own checks."""
@@ -54,10 +57,12 @@ def make_receipt(*, ledger_dir: Path, run_id: str) -> dict:
         raise FedtuneError(f"{ledger_dir} holds no {LEDGER_FILE}: give the node's ledger-dir")
     ledger = Ledger(Path(ledger_dir))
     records = ledger.records
+    run_id = run_id if run_id is not None else only_run(records, ledger_dir)
     own = [(index, record) for index, record in enumerate(records) if record.get("run_id") == run_id]
     if not own:
-        raise FedtuneError(f"the ledger in {ledger_dir} has no record of run {run_id!r}; "
-                           f"check the run id (run.json in the run directory)")
+        flower = " (a number: Flower's run id, not fedtune's)" if run_id.isdigit() else ""
+        raise FedtuneError(f"the ledger in {ledger_dir} has no record of run {printable(run_id)}{flower}; "
+                           f"{runs_held(records)}")
     epsilons = [r["epsilon"] for r in records if r.get("dp") and r.get("epsilon") is not None]
     client_id = str(own[-1][1].get("client_id", Path(ledger_dir).name))
     receipt = Receipt(client_id=client_id, run_id=run_id, records=len(records), head_hash=ledger.head_hash,
@@ -68,7 +73,46 @@ def make_receipt(*, ledger_dir: Path, run_id: str) -> dict:
             "key_fingerprint": public_key_fingerprint(ledger.public_key)}
 
 
-def write_receipt(*, ledger_dir: Path, run_id: str, out: Path) -> dict:
+def ledger_run_ids(records: list[dict]) -> list[str]:
+    """fedtune's run ids a ledger's records name, each once, in the order the runs began (newest
+    last). Evaluation answers are left out when other records exist: a node keys them by Flower's run
+    id (client/fl_client.py), which is not the id `fedtune receipt` takes."""
+    named = [(r.get("run_id"), r.get("request", "fit")) for r in records]
+    runs = [run for run, request in named if request != "evaluate"] or [run for run, _ in named]
+    return list(dict.fromkeys(run for run in runs if isinstance(run, str) and run))
+
+
+def only_run(records: list[dict], ledger_dir: Path) -> str:
+    """The ledger's one run, for a receipt given no run id; otherwise an error listing the runs."""
+    runs = ledger_run_ids(records)
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise FedtuneError(f"the ledger in {ledger_dir} holds no run yet: this node has not trained or refused "
+                           f"a round")
+    raise FedtuneError(f"the ledger in {ledger_dir} holds {len(runs)} runs; {runs_held(records)}")
+
+
+def runs_held(records: list[dict]) -> str:
+    """The run ids a ledger holds, newest last (ids only, never a record's values), and how to pass one."""
+    runs = ledger_run_ids(records)
+    if not runs:
+        return "it holds no run yet"
+    shown = runs[-MAX_LISTED_RUNS:]
+    older = f" ({len(runs) - len(shown)} older not shown)" if len(runs) > len(shown) else ""
+    return (f"its runs, newest last{older}: {', '.join(printable(r) for r in shown)}; pass one as --run-id "
+            f"RUN_ID (fedtune's run id: run.json of the run directory, and the node's log line "
+            f"'fedtune run RUN_ID (Flower run N)')")
+
+
+def printable(run_id: str) -> str:
+    """A run id as text safe on a terminal: the coordinator chose it, and may have put anything in it."""
+    text = run_id[:MAX_RUN_ID_CHARS]
+    text = text if text.isprintable() and text.strip() == text and text else repr(text)
+    return text + ("..." if len(run_id) > MAX_RUN_ID_CHARS else "")
+
+
+def write_receipt(*, ledger_dir: Path, run_id: str | None, out: Path) -> dict:
     payload = make_receipt(ledger_dir=ledger_dir, run_id=run_id)
     atomic_write(Path(out), json.dumps(payload, indent=2) + "\n")
     return payload

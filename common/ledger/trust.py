@@ -6,7 +6,9 @@ verifies under it. Taken from beside the ledger, it is whatever the holder of th
 left there: such a ledger is consistent, and could have been re-signed, and a receipt that
 verifies under it could have been made by the same hand. In a simulation the private keys
 themselves sit in the run directory, so one operator could have written every ledger and every
-receipt: a key whose private half is found there attests nothing, pinned or not.
+receipt: a key whose private half is found there attests nothing, pinned or not. The coordinator's
+own key lies beside the server ledger in every run, deployed or simulated: only an institution's
+private key in the directory makes it a simulation.
 The verdict (common/ledger/audit.py) says "clean" only when every client ledger is attested.
 """
 
@@ -74,8 +76,27 @@ def trust_statement(checks: list[KeyUse], ledgers: dict[str, Path]) -> list[str]
     if "server" in ledgers:
         lines.append("server: the coordinator's own record; its key is the operator's")
     private = [owner for owner, path in ledgers.items() if (Path(path).parent / PRIVATE_KEY_FILE).exists()]
-    if private:
+    if any(owner != "server" for owner in private):  # an institution's key here: the coordinator's is always
         lines.append(f"the private ledger keys of {', '.join(private)} are inside this directory (a simulation: "
                      f"one operator held every key), so this audit shows the run is consistent, not that "
                      f"independent institutions attest it")
+    else:
+        lines += _deployment_basis(checks)
     return lines
+
+
+def _deployment_basis(checks: list[KeyUse]) -> list[str]:
+    """A deployment's basis, once every client ledger is attested: the institutions' keys and receipts.
+    The coordinator's own private key lying beside the server ledger is no simulation: it is its own."""
+    clients = [c for c in checks if c.owner != "server"]
+    if not clients or not all(c.key_pinned and not c.private_key_inside for c in clients):
+        return []
+    receipted = [c.owner for c in clients if c.receipted]
+    line = (f"every client ledger verifies under the key its institution gave the auditor (pinned), whose "
+            f"private half is not in this directory; ")
+    if len(receipted) == len(clients):
+        return [line + "every one is covered by the institution's own receipt: the verdict rests on the "
+                       "institutions' keys and receipts, not on the operator's files"]
+    missing = ", ".join(c.owner for c in clients if not c.receipted)
+    return [line + f"no receipt from {missing}: the verdict rests on the institutions' keys, and a directory "
+                   f"rolled back to an earlier round would still verify for those (ask each for `fedtune receipt`)"]
