@@ -113,8 +113,8 @@ def over_budget_warning(schedule: dict) -> str | None:
     first = refused[0]
     return (f"round {first['round']} would spend epsilon {first['epsilon']:.4f}, "
             f"{first['epsilon'] - schedule['target_epsilon']:.4f} over the budget {schedule['target_epsilon']:g}: "
-            f"clients refuse rounds {', '.join(str(r['round']) for r in refused)}. Raise --noise-multiplier "
-            f"(0 calibrates it), or lower --rounds/--local-epochs")
+            f"clients refuse round{'s' if len(refused) > 1 else ''} {', '.join(str(r['round']) for r in refused)}. "
+            f"Raise --noise-multiplier (0 calibrates it), or lower --rounds/--local-epochs")
 
 
 def print_schedule(schedule: dict, console: Console) -> None:

@@ -26,7 +26,7 @@ from common.ledger.chain import Ledger
 from common.ledger.records import adapter_saved_fields
 from common.execution import base_dtype_name
 from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
-from common.models.artifact import is_pooled_classifier, is_sequence_classifier
+from common.models.artifact import is_pooled_classifier, is_sequence_classifier, share_files
 from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
@@ -171,6 +171,7 @@ def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, ru
     atomic_write(out / "README.md", model_card(CardFacts(
         config=config, run_id=run_dir.run_id, base=base, label_names=labels, test_records=test_records,
         rounds=rounds, summary=summary, version=fedtune_version(), base_dtype=base_dtype_name(model))))
+    share_files(out)  # the weights come 0600 from safetensors; the folder is the user's to share
     ledger.append(adapter_saved_fields(run_id=run_dir.run_id, server_round=len(rounds),
                                        adapter_sha256=adapter_sha256(arrays), files=file_digests(out)))
 

@@ -200,13 +200,18 @@ def _privacy_section(facts: CardFacts) -> str:
         "stay in the ledgers, which the institutions hold; `fedtune audit <run directory>` re-checks them.", ""])
 
 
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
 def _training_section(facts: CardFacts) -> str:
     cfg = facts.config
     return "\n".join([
         "## Training", "",
         f"- fedtune {facts.version}, run `{facts.run_id}`, seed {cfg.seed}",
-        f"- {facts.summary.get('rounds_completed', 0)} of {cfg.num_rounds} rounds, {cfg.clients_per_round} of "
-        f"{cfg.num_clients} clients per round, {cfg.local_epochs} local epoch(s), batch size {cfg.batch_size}",
+        f"- {facts.summary.get('rounds_completed', 0)} of {cfg.num_rounds} round{_s(cfg.num_rounds)}, "
+        f"{cfg.clients_per_round} of {cfg.num_clients} client{_s(cfg.num_clients)} per round, "
+        f"{cfg.local_epochs} local epoch(s), batch size {cfg.batch_size}",
         f"- training mode `{cfg.training_mode}`{_probe_settings(cfg)}",
         f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
         f"learning rate {cfg.learning_rate:g}",

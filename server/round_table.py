@@ -11,12 +11,18 @@ from common.config import RunConfig
 from common.tasks import get_task
 from common.tasks.base import Task
 
+NONE_TRAINED = "none trained"  # a DP round's epsilon cell when no client trained or reported a spend
+
 
 def run_banner(config: RunConfig, *, run_dir: Path, verb: str = "Simulating") -> str:
     """The first line of a run: its size, its privacy (epsilon with its delta) and where it writes."""
     privacy = f"DP-SGD ε≤{config.target_epsilon:g} at δ={config.target_delta:g}" if config.dp else "no DP"
-    return (f"{verb} {config.num_clients} clients, {config.num_rounds} rounds, {privacy}, "
+    return (f"{verb} {_count(config.num_clients, 'client')}, {_count(config.num_rounds, 'round')}, {privacy}, "
             f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def columns(task: Task, delta: float | None = None) -> tuple[str, ...]:
@@ -31,7 +37,18 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
-def round_row(record: dict, task: Task) -> tuple[str, ...]:
+def _epsilon_cell(epsilons: list[float], *, trained: int, dp: bool | None) -> str:
+    """The largest epsilon reported; "no DP" only for a run known to be without DP, and a DP round
+    where nobody trained and nobody reported a spend says so instead."""
+    if epsilons:
+        return format(max(epsilons), ".3f")
+    if dp is False:
+        return "no DP"
+    return NONE_TRAINED if not trained else "-"
+
+
+def round_row(record: dict, task: Task, *, dp: bool | None = None) -> tuple[str, ...]:
+    """One row; `dp` the run's (None: unknown, the epsilon cell then never says "no DP")."""
     clients = record["clients"].values()
     losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
     epsilons = [c["epsilon"] for c in clients if c.get("epsilon") is not None]
@@ -41,7 +58,7 @@ def round_row(record: dict, task: Task) -> tuple[str, ...]:
         f"{record['clients_trained']}/{sampled}",
         _fmt(sum(losses) / len(losses) if losses else None, ".4f"),
         *(_fmt(record.get(key), pattern) for _, key, pattern in task.progress_columns),
-        _fmt(max(epsilons) if epsilons else None, ".3f") if epsilons else "no DP",
+        _epsilon_cell(epsilons, trained=record.get("clients_trained", 0), dp=dp),
         _fmt(record["seconds"], ".1f"),
     )
 
@@ -54,22 +71,24 @@ class RoundTable:
     @classmethod
     def for_run(cls, config: RunConfig, console: Console | None = None) -> RoundTable:
         """The table of a run: its task's scores, and epsilon at the run's delta (a DP run's)."""
-        return cls(get_task(config.task), console, delta=config.target_delta if config.dp else None)
+        return cls(get_task(config.task), console, delta=config.target_delta if config.dp else None, dp=config.dp)
 
-    def __init__(self, task: Task, console: Console | None = None, *, delta: float | None = None) -> None:
-        self.task, self.delta = task, delta
+    def __init__(self, task: Task, console: Console | None = None, *, delta: float | None = None,
+                 dp: bool | None = None) -> None:
+        self.task, self.delta, self.dp = task, delta, dp
         self.console = console or Console()
         self.rows: list[tuple[str, ...]] = []
 
     def _table(self, *, header: bool, columns: tuple[str, ...]) -> Table:
         table = Table(show_header=header, box=None, pad_edge=False)
-        widths = (*self.widths[:5], max(self.widths[5], len(columns[5])), self.widths[6])
+        epsilon = max(self.widths[5], len(columns[5]), 0 if self.dp is False else len(NONE_TRAINED))
+        widths = (*self.widths[:5], epsilon, self.widths[6])
         for name, width in zip(columns, widths):
             table.add_column(name if header else "", justify="right", width=width, no_wrap=True)
         return table
 
     def add(self, record: dict) -> None:
-        row = round_row(record, self.task)
+        row = round_row(record, self.task, dp=self.dp)
         self.rows.append(row)
         table = self._table(header=len(self.rows) == 1, columns=columns(self.task, self.delta))
         table.add_row(*row)

@@ -173,7 +173,7 @@ def test_a_run_made_before_the_layout_change_still_audits_clean():
     result = run_fedtune("audit", str(BEFORE), "--json", "--public-key", f"client-0={pinned}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     audit = json.loads(result.stdout)
-    assert audit["verdict"] == "clean" and not audit["problems"]
+    assert audit["verdict"] == "consistent" and not audit["problems"]
     assert len(audit["rows"]) == 4 and all(not row["flags"] for row in audit["rows"])
     assert max(row["recomputed_epsilon"] for row in audit["rows"]) <= 4.0 * 1.01
     assert [ledger["key_pinned"] for ledger in audit["ledgers"] if ledger["owner"] == "client-0"] == [True]

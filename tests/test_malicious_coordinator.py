@@ -149,7 +149,7 @@ def test_a_job_switching_off_dp_and_secure_aggregation_is_refused_and_signed(sit
     assert record["status"] == "refused-policy" and record["steps"] == 0 and record["num_examples"] == 0
     assert record["policy"]["dp"] is True and record["policy"]["secure-aggregation"] is True
     audit = _audit(node, command_line=True)
-    assert audit["verdict"] == "clean" and audit["rows"][0]["status"] == "refused-policy"
+    assert audit["verdict"] == "consistent" and audit["rows"][0]["status"] == "refused-policy"
 
 
 def test_a_plain_request_is_refused_even_when_the_job_claims_secure_aggregation(site, job, tiny_model_dir):
@@ -157,7 +157,7 @@ def test_a_plain_request_is_refused_even_when_the_job_claims_secure_aggregation(
     reply = _fit(_context(node, job(secure_aggregation=True)), _adapter(tiny_model_dir))  # no SecAgg+ record
     _assert_refused(reply, because="a plain (unmasked) train request arrived")
     assert [r["status"] for r in _ledger(node)] == ["refused-policy"]
-    assert _audit(node)["verdict"] == "clean"  # nothing was spent
+    assert _audit(node)["verdict"] == "consistent"  # nothing was spent
 
 
 def test_a_round_without_dp_is_never_free_in_the_ledger_or_the_audit(site, job, tiny_model_dir):
@@ -211,7 +211,7 @@ def test_a_stale_run_id_cannot_revive_an_old_budget(site, job, tiny_model_dir):
     records = _ledger(tightened)
     assert [r["status"] for r in records] == ["trained", "refused-budget", "refused-budget"]
     assert [r["target_epsilon"] for r in records] == [8.0, 6.0, 6.0]
-    assert _audit(tightened)["verdict"] == "clean"
+    assert _audit(tightened)["verdict"] == "consistent"
     # A noise floor the node raised since: the old run's plan (smaller sigma) is not reused.
     floor = site(**{"target-epsilon": 100.0, "noise-multiplier": 50.0, "secure-aggregation": False})
     reply = _fit(_context(floor, job(target_epsilon=100.0, noise_multiplier=60.0, secure_aggregation=False)),
@@ -238,7 +238,7 @@ def test_evaluation_is_off_by_default_and_counted_when_the_node_allows_it(site, 
     assert [(r["status"], r.get("request")) for r in records] == [
         ("refused-policy", "evaluate"), ("evaluated", "evaluate"), ("evaluated", "evaluate"),
         ("refused-policy", "evaluate")]
-    assert _audit(allowed)["verdict"] == "clean"
+    assert _audit(allowed)["verdict"] == "consistent"
     _signed_round(allowed, status="evaluated", request="evaluate", dp=False, policy={"max-evaluations": 2})
     assert any("evaluation 3 answered, its policy allows 2" in b for b in _audit(allowed)["policy_breaches"])
 
@@ -307,7 +307,7 @@ def test_a_secagg_max_weight_below_the_record_count_is_refused(site, job, tiny_m
     [record] = _ledger(node)
     assert record["status"] == "refused-policy" and "max-weight" in record["reason"]
     audit = _audit(node)
-    assert audit["verdict"] == "clean" and [r["status"] for r in audit["rows"]] == ["refused-policy"]
+    assert audit["verdict"] == "consistent" and [r["status"] for r in audit["rows"]] == ["refused-policy"]
 
 
 def test_a_node_without_a_roster_refuses_secure_aggregation_in_one_line(site, job):
@@ -328,4 +328,4 @@ def test_a_node_without_a_roster_refuses_secure_aggregation_in_one_line(site, jo
     [record] = _ledger(node)
     assert record["status"] == "refused-secure-aggregation" and record["request"] == "secure-aggregation"
     assert record["round"] == 1 and record["reason"] == text  # what the node signed is what it sent
-    assert _audit(node)["verdict"] == "clean"
+    assert _audit(node)["verdict"] == "consistent"

@@ -83,7 +83,7 @@ def test_pinned_keys_make_the_verdict_clean_in_text_json_and_html(tmp_path):
     assert result.returncode == 0 and "Verdict: clean (exit 0)" in result.stdout, result.stdout[-1500:]
     assert 'class="verdict" style="background:#1a7f37">Verdict: clean' in (out / "report.html").read_text()
     payload = json.loads(fedtune("audit", str(RUN), "--json", keys[0]).stdout)  # client-1's key not pinned
-    assert payload["verdict"] == "clean" and payload["keys_pinned"] is False
+    assert payload["verdict"] == "consistent" and payload["keys_pinned"] is False
     assert payload["verdict_text"] == ("consistent (keys of client-1 not pinned: the run directory's own keys "
                                        "were trusted for them)")
     assert [row["delta"] for row in payload["rows"]] == [1e-05] * 4

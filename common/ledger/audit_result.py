@@ -61,9 +61,12 @@ class AuditResult:
 
     @property
     def verdict(self) -> str:
+        """The verdict's first words (`--json`'s "verdict"): "clean" only when attested, else
+        "consistent", as printed; a failure names itself."""
         if self.exit_code == 2 and not self.budget_exceeded:
             return "policy breached"
-        return {0: "clean", 1: "verification failed", 2: "budget exceeded"}[self.exit_code]
+        return {0: "clean" if self.attested else "consistent", 1: "verification failed",
+                2: "budget exceeded"}[self.exit_code]
 
     @property
     def unpinned(self) -> list[str]:

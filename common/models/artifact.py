@@ -6,12 +6,14 @@
   run happened to load from; base_model.json beside it holds the base's weight hashes.
 - tokenizer_config.json: `model_max_length` set to the run's max-length, so the saved tokenizer
   truncates as training and evaluation did.
+- every file one mode (`share_files`): the adapter is what the user takes home, not a secret.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +43,7 @@ def save_label_config(*, model, out_dir: Path, label_names: Sequence[str]) -> No
     """config.json: the base's config, its head's outputs named by `label_names` (in head order)."""
     base = model.get_base_model()
     config = copy.deepcopy(base.config)
-    if is_pooled_classifier(model):  # the encoder's config counts no labels; fedtune_head.json has the rest
+    if is_pooled_classifier(model):  # the encoder's config counts no labels
         config.num_labels = base.classifier.out_features
     if config.num_labels != len(label_names):
         raise FedtuneError(f"the classifier head has {config.num_labels} outputs but the run has "
@@ -69,3 +71,25 @@ def _update_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(changes)
     atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def share_files(out_dir: Path) -> None:
+    """Every file under `out_dir` the mode `open` gives a new file (0o666 less the umask: 0644 as a
+    rule), as the config and tokenizer files already have: safetensors writes its weights 0600."""
+    mode = 0o666 & ~_umask()
+    for path in sorted(Path(out_dir).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux says it (threads may create files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current

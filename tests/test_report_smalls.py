@@ -1,0 +1,61 @@
+"""Issue 34 ("Smaller"): what the round table, the audit's JSON, the adapter folder and the
+messages counting rounds say."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from tests.helpers import fedtune
+
+# A DP round where every sampled node refused before spending anything (its policy refused the job).
+ALL_REFUSED = {"round": 1, "clients_trained": 0, "clients_sampled": 2, "seconds": 1.0, "update_applied": False,
+               "test_accuracy": 0.3, "test_macro_f1": 0.2,
+               "clients": {f"client-{i}": {"status": "refused-policy", "num_examples": 0} for i in range(2)}}
+
+
+def _table_text(config, record: dict) -> str:
+    from server.round_table import RoundTable
+
+    buffer = io.StringIO()
+    RoundTable.for_run(config, Console(file=buffer, width=200)).add(record)
+    return buffer.getvalue()
+
+
+def test_a_dp_round_where_every_node_refused_does_not_say_no_dp(tiny_config):
+    shown = _table_text(tiny_config(dp=True), ALL_REFUSED)
+    assert "none trained" in shown and "no DP" not in shown, shown
+    assert "no DP" in _table_text(tiny_config(dp=False), ALL_REFUSED)  # only a run without DP says so
+
+
+def test_audit_json_verdict_is_the_word_printed(finished_dp_run):
+    """A simulation holds every private key: printed "consistent (...)", and so its JSON."""
+    payload = json.loads(fedtune("audit", str(finished_dp_run.path), "--json").stdout)
+    assert payload["verdict"] == "consistent" and payload["exit_code"] == 0, payload["problems"]
+    assert payload["verdict_text"].startswith(payload["verdict"] + " (")
+    printed = " ".join(fedtune("audit", str(finished_dp_run.path)).stdout.split())
+    assert "Verdict: consistent (not independently attested" in printed, printed[-600:]
+
+
+def test_every_file_of_the_exported_adapter_has_one_readable_mode(finished_dp_run):
+    adapter = Path(finished_dp_run.path) / "adapter"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in adapter.rglob("*") if path.is_file()}
+    assert "adapter_model.safetensors" in modes and "README.md" in modes
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(mode) for name, mode in modes.items()}
+
+
+def test_one_round_is_counted_in_the_singular(tiny_config, tmp_path):
+    from server.round_table import run_banner
+
+    banner = run_banner(tiny_config(num_rounds=1, dp=True), run_dir=tmp_path)
+    assert "2 clients, 1 round, DP-SGD" in banner, banner
+    assert "3 rounds," in run_banner(tiny_config(num_rounds=3), run_dir=tmp_path)
+    over = fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", "--rounds", "1",
+                   "--mode", "adapter")
+    assert over.returncode == 2 and "clients refuse round 1." in " ".join(over.stderr.split()), over.stderr
