@@ -246,15 +246,6 @@ def base_dtype_name(model: torch.nn.Module) -> str:
     return str((frozen or list(model.parameters()))[0].dtype).removeprefix("torch.")
 
 
-def dtype_named(name: str) -> torch.dtype:
-    """A base precision read from a file (an adapter's head config): only the profile's own names."""
-    import torch
-
-    if name not in BASE_DTYPES or name == "auto":
-        raise FedtuneError(f"base dtype {name!r} is not one of float32, bfloat16")
-    return getattr(torch, name)
-
-
 def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

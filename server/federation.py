@@ -30,8 +30,9 @@ from common.models.artifact import is_pooled_classifier, is_sequence_classifier,
 from common.models.base_reference import base_model_reference
 from common.models.loading import load_tokenizer
 from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings, head_linear, save_head_config
+from common.models.pooled_classifier import HeadSettings, head_linear
 from common.models.pooled_features import FEATURES_DIR, cached_pooled_features
+from common.models.setfit_format import save_setfit_model
 from common.run_data import federated_splits
 from common.secure_aggregation.roster import Roster
 from common.storage import atomic_write, file_digests
@@ -163,10 +164,12 @@ def _export_adapter(*, config: RunConfig, model, tokenizer, model_path: Path, ru
     classifier = is_sequence_classifier(model)
     labels = label_names if classifier else ()
     base = base_model_reference(model=config.model, model_path=model_path, task=config.task)
-    save_adapter(model=model, arrays=arrays, out_dir=out, tokenizer=tokenizer, base=base, label_names=labels,
-                 max_length=config.max_length if classifier else 0)
-    if is_pooled_classifier(model):  # how to rebuild the model around the adapter (load_pooled_classifier)
-        save_head_config(model=model, out_dir=out, label_names=labels)
+    if is_pooled_classifier(model):  # a SetFit model: SetFitModel.from_pretrained(adapter/) predicts labels
+        save_setfit_model(model=model, arrays=arrays, out_dir=out, tokenizer=tokenizer, label_names=labels,
+                          max_length=config.max_length, base=base)
+    else:  # a PEFT adapter: PeftModel.from_pretrained(base, adapter/)
+        save_adapter(model=model, arrays=arrays, out_dir=out, tokenizer=tokenizer, base=base, label_names=labels,
+                     max_length=config.max_length if classifier else 0)
     rounds = run_dir.read_rounds()
     atomic_write(out / "README.md", model_card(CardFacts(
         config=config, run_id=run_dir.run_id, base=base, label_names=labels, test_records=test_records,

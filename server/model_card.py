@@ -85,23 +85,30 @@ def model_card(facts: CardFacts) -> str:
 
 
 def _front_matter(facts: CardFacts) -> str:
-    tags = ["fedtune", "peft", "lora", "federated-learning", "flower"]
+    library = "setfit" if _pooled(facts) else "peft"
+    lora = [] if facts.label_names and not training_mode(facts.config.training_mode).has_adapter_stage else ["lora"]
+    tags = ["fedtune", library, *lora, "federated-learning", "flower"]
     if facts.config.dp:
         tags += ["differential-privacy", "dp-sgd", "opacus"]
     if facts.config.secure_aggregation:
         tags.append("secure-aggregation")
-    tags.append(f"base_model:adapter:{facts.base.name_or_path}")
-    lines = ["---", "library_name: peft", f"base_model: {_yaml(facts.base.name_or_path)}"]
+    tags.append(f"base_model:{'finetune' if _pooled(facts) else 'adapter'}:{facts.base.name_or_path}")
+    lines = ["---", f"library_name: {library}", f"base_model: {_yaml(facts.base.name_or_path)}"]
     if facts.config.task in PIPELINE_TAGS:
         lines.append(f"pipeline_tag: {PIPELINE_TAGS[facts.config.task]}")
     return "\n".join(lines + ["tags:"] + [f"- {_yaml(t)}" for t in tags] + ["---", ""])
 
 
+def _pooled(facts: CardFacts) -> bool:
+    return bool(facts.label_names) and training_mode(facts.config.training_mode).pooled_head
+
+
 def _title(facts: CardFacts) -> str:
     cfg = facts.config
+    what = "classifier (SetFit format)" if _pooled(facts) else "LoRA adapter"
     privacy = (f"DP-SGD, (epsilon, delta) = ({cfg.target_epsilon:g}, {cfg.target_delta:g}) per client"
                if cfg.dp else "no differential privacy")
-    return (f"# fedtune LoRA adapter: {cfg.task}\n\nTrained by fedtune {facts.version} in federated run "
+    return (f"# fedtune {what}: {cfg.task}\n\nTrained by fedtune {facts.version} in federated run "
             f"`{facts.run_id}` across {cfg.num_clients} clients ({privacy}; secure aggregation "
             f"{'on (SecAgg+)' if cfg.secure_aggregation else 'off'}).\n")
 
@@ -124,12 +131,10 @@ def _labels_section(facts: CardFacts) -> str:
 
 def _usage_section(facts: CardFacts) -> str:
     if facts.label_names and training_mode(facts.config.training_mode).pooled_head:
-        load = ("from common.models.pooled_classifier import load_pooled_classifier  # fedtune's; fedtune_head.json\n"
-                "from transformers import AutoTokenizer\n\n"
-                "model, label_names = load_pooled_classifier(adapter_dir=ADAPTER, base_path=BASE)\n"
-                "tokenizer = AutoTokenizer.from_pretrained(ADAPTER)  # truncates at the run's max-length\n"
-                "logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors=\"pt\")).logits\n"
-                "names = [label_names[i] for i in logits.argmax(-1).tolist()]")
+        load = ("from setfit import SetFitModel\n\n"
+                "# this folder is a SetFit model: the encoder (LoRA merged in), its pooling, and the trained head\n"
+                "model = SetFitModel.from_pretrained(ADAPTER)\n"
+                "names = model.predict(texts)  # label names; model.predict_proba(texts) for probabilities")
     elif facts.label_names:
         load = ("from peft import PeftModel\n"
                 "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer\n\n"
@@ -144,8 +149,9 @@ def _usage_section(facts: CardFacts) -> str:
                 "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER).eval()\n"
                 "tokenizer = AutoTokenizer.from_pretrained(ADAPTER)")
-    return "\n".join(["## How to load", "",
-                      "`ADAPTER` is this folder, `BASE` a local folder holding the base model above.", "",
+    where = ("`ADAPTER` is this folder (it holds the whole model)." if _pooled(facts) else
+             "`ADAPTER` is this folder, `BASE` a local folder holding the base model above.")
+    return "\n".join(["## How to load", "", where, "",
                       "```python", load, "```", ""])
 
 
@@ -213,12 +219,18 @@ def _training_section(facts: CardFacts) -> str:
         f"{cfg.clients_per_round} of {cfg.num_clients} client{_s(cfg.num_clients)} per round, "
         f"{cfg.local_epochs} local epoch(s), batch size {cfg.batch_size}",
         f"- training mode `{cfg.training_mode}`{_probe_settings(cfg)}",
-        f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
-        f"learning rate {cfg.learning_rate:g}",
+        _lora_line(cfg),
         f"- secure aggregation: {'on' if cfg.secure_aggregation else 'off'}",
         f"- the base computed in {facts.base_dtype}{_quantized(cfg)} (everything trained in float32); the scores "
         f"above are that precision's: load the base with `dtype=torch.{facts.base_dtype}` to reproduce them "
         f"exactly. Each node trained on its own execution profile, which its ledger records per round", ""])
+
+
+def _lora_line(cfg) -> str:
+    if cfg.task == "classification" and not training_mode(cfg.training_mode).has_adapter_stage:
+        return "- the encoder stayed frozen: only the linear head over its pooled features trained (no LoRA)"
+    return (f"- LoRA variant `{cfg.lora_variant}`, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, "
+            f"learning rate {cfg.learning_rate:g}")
 
 
 def _quantized(cfg) -> str:

@@ -73,7 +73,10 @@ def test_client_privacy_keeps_the_latest_report_and_counts_only_trained_rounds()
 def test_model_card_states_task_base_labels_data_metrics_and_the_runs_guarantee_in_totals():
     card = model_card(_facts())
     meta = _front_matter(card)
-    assert meta["library_name"] == "peft" and meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # the facts' run is classification at the default budget: a probe run, exported as a SetFit model
+    assert meta["library_name"] == "setfit" and meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "# fedtune classifier (SetFit format)" in card and "SetFitModel.from_pretrained(ADAPTER)" in card
+    assert "only the linear head over its pooled features trained (no LoRA)" in card and "LoRA variant" not in card
     assert meta["pipeline_tag"] == "text-classification"
     assert {"differential-privacy", "secure-aggregation"} <= set(meta["tags"])
     assert "More Information Needed" not in card

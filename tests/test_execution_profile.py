@@ -17,7 +17,7 @@ from client.fl_client import FedtuneClient
 from client.privacy_ledger import ClientPrivacyLedger
 from client.trainer import train_locally
 from common.errors import FedtuneError
-from common.execution import ExecutionProfile, check_trainables_fp32, dtype_named
+from common.execution import ExecutionProfile, check_trainables_fp32
 from common.models import host
 from common.models.adapter import adapter_to_arrays, arrays_to_adapter, trainable_named_parameters
 from common.models.classifier import build_lora_classifier
@@ -189,13 +189,3 @@ def test_asking_for_a_gpu_where_there_is_none_says_what_to_set(monkeypatch):
     with pytest.raises(FedtuneError, match='device = "cpu"'):
         ExecutionProfile(device="cuda").torch_device()
     assert ExecutionProfile(device="auto").torch_device() == torch.device("cpu")
-
-
-@pytest.mark.parametrize("written", ["auto", "int8", "float16", "__class__", ""])
-def test_an_adapter_folder_names_only_a_profile_precision(written):
-    """`load_pooled_classifier` reads the base's precision from fedtune_head.json, a file that comes
-    with the adapter (from the coordinator): only float32 and bfloat16 are taken, nothing else
-    reaches getattr(torch, ...)."""
-    assert dtype_named("bfloat16") == torch.bfloat16 and dtype_named("float32") == torch.float32
-    with pytest.raises(FedtuneError, match="not one of float32, bfloat16"):
-        dtype_named(written)

@@ -209,17 +209,23 @@ def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_con
 # -- federations: early stopping, adapters in a fresh process ----------------------------------
 
 FRESH_PROCESS = textwrap.dedent("""
-    # Knows the adapter folders, the base model folder and fedtune's loader; no run config.
-    import json, sys, torch
-    from transformers import AutoTokenizer
-    from common.models.pooled_classifier import load_pooled_classifier
+    # A user's new interpreter: the exported folders and the standard SetFit call, nothing of fedtune.
+    import json, sys
+    from setfit import SetFitModel
     base, jobs, predictions = sys.argv[1], json.load(sys.stdin), {}
-    for adapter, texts in jobs.items():
-        model, label_names = load_pooled_classifier(adapter_dir=adapter, base_path=base)
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
-        with torch.no_grad():
-            logits = model(**tokenizer(texts, truncation=True, padding=True, return_tensors="pt")).logits
-        predictions[adapter] = [label_names[i] for i in logits.argmax(-1).tolist()]
+    for folder, texts in jobs.items():
+        predictions[folder] = list(SetFitModel.from_pretrained(folder).predict(texts))
+        for wrong in ("transformers", "peft"):  # the standard calls for other architectures fail loudly
+            try:
+                from peft import PeftModel
+                from transformers import AutoModelForSequenceClassification
+                if wrong == "transformers":
+                    AutoModelForSequenceClassification.from_pretrained(folder)
+                else:
+                    PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), folder)
+                predictions[folder + wrong] = "loaded"
+            except (OSError, ValueError) as exc:
+                predictions[folder + wrong] = type(exc).__name__
     print(json.dumps(predictions))
 """)
 MODES = ("probe", "two-stage")
@@ -231,7 +237,10 @@ def each_modes_run_and_fresh_predictions(tiny_config, tmp_path_factory):
     adapter folder and the base, nothing of the run) predicts on the test split with each adapter."""
     runs = {}
     for mode in MODES:
-        config = tiny_config(training_mode=mode, num_rounds=2, probe_rounds=1, secure_aggregation=True)
+        # Two-stage exports its encoder with LoRA merged in float32 (the model that trained); a bf16
+        # run scored it with a bf16 base beside fp32 LoRA, which agrees only up to near ties.
+        config = tiny_config(training_mode=mode, num_rounds=2, probe_rounds=1, secure_aggregation=True,
+                             base_dtype="float32" if mode == "two-stage" else "auto")
         grid, run_dir = federation(config, tmp_path_factory.mktemp(mode) / "run")
         runs[mode] = (config, run_dir, run(grid, config, run_dir))
     splits = federated_splits(runs[MODES[0]][0])
@@ -240,7 +249,8 @@ def each_modes_run_and_fresh_predictions(tiny_config, tmp_path_factory):
                                input=json.dumps(jobs), capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     predicted = json.loads(completed.stdout.strip().splitlines()[-1])
-    return {mode: (config, run_dir, summary, predicted[str(run_dir.adapter_dir)])
+    return {mode: (config, run_dir, summary, predicted[str(run_dir.adapter_dir)],
+                   [predicted[str(run_dir.adapter_dir) + wrong] for wrong in ("transformers", "peft")])
             for mode, (config, run_dir, summary) in runs.items()}
 
 
@@ -248,15 +258,17 @@ def each_modes_run_and_fresh_predictions(tiny_config, tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 def test_each_modes_adapter_loads_in_a_fresh_process_and_predicts_as_the_run_scored(
         mode, each_modes_run_and_fresh_predictions):
-    config, run_dir, summary, predicted = each_modes_run_and_fresh_predictions[mode]
+    config, run_dir, summary, predicted, wrong_ways = each_modes_run_and_fresh_predictions[mode]
     assert summary["rounds_completed"] == 2
     splits = federated_splits(config)
     truth = [splits.label_names[y] for y in splits.test.labels]
     assert len(predicted) == len(truth)
     accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-9)
-    assert json.loads((run_dir.adapter_dir / "fedtune_head.json").read_text())["pooling"] == "mean"
-    assert "load_pooled_classifier" in (run_dir.adapter_dir / "README.md").read_text()
+    assert wrong_ways == ["ValueError", "ValueError"]  # not "loaded" under a random head, with warnings
+    pooling = json.loads((run_dir.adapter_dir / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode"] == "mean"
+    assert "SetFitModel.from_pretrained" in (run_dir.adapter_dir / "README.md").read_text()
     audit = audit_run(target=run_dir.path)
     assert audit.exit_code == 0, audit.problems
 
@@ -324,3 +336,17 @@ def test_the_audit_refuses_an_early_stop_the_signed_scores_do_not_support_or_tha
     unsigned = server([0.5, 0.5])
     del unsigned[-1]["early_stopping_patience"]
     assert "names no early-stopping-patience" in early_stop_problems(unsigned, client, "r")[0]
+
+
+@pytest.mark.slow
+def test_fedtune_predict_prints_the_labels_the_standard_load_predicts(each_modes_run_and_fresh_predictions, tmp_path):
+    """`fedtune predict` on a probe run's export: one label per text of a plain file, in order, the
+    same as `SetFitModel.from_pretrained(...).predict`; a folder that is no classifier is refused."""
+    config, run_dir, _, predicted, _ = each_modes_run_and_fresh_predictions["probe"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t.replace("\n", " ") for t in federated_splits(config).test.texts) + "\n")
+    result = fedtune("predict", str(run_dir.adapter_dir), "--file", str(texts))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:-1] == predicted
+    refused = fedtune("predict", str(tmp_path), "--text", "hello")
+    assert refused.returncode == 3 and "not an exported fedtune classifier" in refused.stderr

@@ -18,12 +18,11 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.execution import ExecutionProfile, base_dtype_name, device_of, dtype_named, on_device
+from common.execution import ExecutionProfile, device_of, on_device
 from common.models.host import hosted_model
 from common.models.lora import LoraSettings, attach_lora
 
 HEAD_MODULE = "classifier"  # the name PEFT keeps (modules_to_save) and the adapter sends
-HEAD_CONFIG_FILE = "fedtune_head.json"  # beside the adapter: how to rebuild this model around it
 PRIOR_SCALE = 5.0  # logits of the label-name prior: cosine similarity times this (measured, BENCHMARKS.md)
 # The prior embeds each label name in this generic sentence (public, like the names): zero-shot
 # accuracy on BBC News 0.80 against 0.74 for the bare names (3 seeds' test splits, MiniLM).
@@ -52,6 +51,8 @@ def trained_pooling(model_path: Path) -> str:
         modes = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "mean"
+    if "pooling_mode" in modes:  # sentence-transformers 6 (what fedtune's SetFit export writes)
+        return "cls" if modes["pooling_mode"] == "cls" else "mean"
     return "cls" if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens") else "mean"
 
 
@@ -129,24 +130,3 @@ def head_linear(peft_model) -> torch.nn.Linear:
     """The head that trains and travels (PEFT's copy kept in modules_to_save)."""
     wrapper = getattr(peft_model.get_base_model(), HEAD_MODULE)
     return wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
-
-
-def save_head_config(*, model, out_dir: Path, label_names: Sequence[str]) -> None:
-    """fedtune_head.json: what `load_pooled_classifier` needs to rebuild the model around the adapter."""
-    base = model.get_base_model()
-    (Path(out_dir) / HEAD_CONFIG_FILE).write_text(json.dumps(
-        {"architecture": "PooledClassifier", "pooling": base.pooling, "normalize": True,
-         "label_names": [str(n) for n in label_names], "base_dtype": base_dtype_name(base.encoder)},
-        indent=2) + "\n", encoding="utf-8")
-
-
-def load_pooled_classifier(*, adapter_dir: Path, base_path: Path):
-    """A saved probe/two-stage adapter on its base, ready to predict (eval mode), and its label names.
-    The base computes in the precision the run scored it in (`base_dtype`), so it predicts as scored."""
-    from peft import PeftModel
-    from transformers import AutoModel
-
-    spec = json.loads((Path(adapter_dir) / HEAD_CONFIG_FILE).read_text(encoding="utf-8"))
-    encoder = AutoModel.from_pretrained(str(base_path), dtype=dtype_named(spec.get("base_dtype", "float32")))
-    model = PooledClassifier(encoder, num_labels=len(spec["label_names"]), pooling=spec["pooling"])
-    return PeftModel.from_pretrained(model, str(adapter_dir)).eval(), list(spec["label_names"])

@@ -1,0 +1,97 @@
+"""`fedtune predict`: labels for texts from an exported classifier, for people who just want labels.
+
+It loads a run's `adapter/` folder the way its ecosystem does (a SetFit folder from a probe or
+two-stage run; a PEFT adapter on its base from an adapter-mode run) and prints one label per
+text, in input order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.errors import FedtuneError
+
+
+def predict(
+    model: Path = typer.Argument(..., help="An exported classifier: a run's adapter/ folder."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to label (repeat for more)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Texts to label: a .csv or .jsonl file (its "
+                                        "--column), or a plain file with one text per line."),
+    column: str = typer.Option("text", "--column", help="The column holding the texts in a .csv or .jsonl file."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base model folder of an adapter-mode run "
+                                        "(default: the packaged model, when the run used it)."),
+) -> None:
+    """Print the predicted label of each text, one per line, in input order."""
+    texts = list(text or []) + (_read_texts(file, column=column) if file else [])
+    if not texts:
+        raise FedtuneError("nothing to label: give --text TEXT (repeatable) or --file FILE")
+    for label in _labeller(Path(model), base=base)(texts):
+        print(label)
+
+
+def _read_texts(path: Path, *, column: str) -> list[str]:
+    if not path.is_file():
+        raise FedtuneError(f"--file {path} does not exist")
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        import pandas as pd
+
+        frame = (pd.read_json(path, lines=True) if path.suffix.lower() == ".jsonl"
+                 else pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ","))
+        if column not in frame.columns:
+            raise FedtuneError(f"{path.name} has no column '{column}'; its columns: {', '.join(map(str, frame.columns))}"
+                               f" (choose one with --column)")
+        return [str(t) for t in frame[column].fillna("")]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _labeller(folder: Path, *, base: Optional[Path]):
+    from common.models.setfit_format import is_setfit_folder
+
+    if is_setfit_folder(folder):
+        from setfit import SetFitModel
+
+        model = SetFitModel.from_pretrained(str(folder))
+        return lambda texts: [str(label) for label in model.predict(texts)]
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise FedtuneError(f"{folder} is not an exported fedtune classifier (no config_setfit.json or "
+                           f"adapter_config.json): give a run's adapter/ folder")
+    if json.loads(adapter_config.read_text(encoding="utf-8")).get("task_type") != "SEQ_CLS":
+        raise FedtuneError(f"{folder} holds a causal-LM adapter: it generates text rather than labels "
+                           f"(its README.md shows how to load it)")
+    return _peft_classifier(folder, base=base or _packaged_base(folder))
+
+
+def _packaged_base(folder: Path) -> Path:
+    from common.models.base_reference import PACKAGED_BASES, BaseModelReference
+    from common.tasks import resolve_model_path
+
+    name = BaseModelReference.read(folder).name_or_path
+    if name != PACKAGED_BASES["classification"].hub_id:
+        raise FedtuneError(f"the adapter was trained on {name}: give its local folder with --base")
+    return resolve_model_path("default")
+
+
+def _peft_classifier(folder: Path, *, base: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(folder))
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(base), config=config),
+                                      str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    def labels(texts: list[str]) -> list[str]:
+        out = []
+        for start in range(0, len(texts), 64):
+            batch = tokenizer(texts[start:start + 64], truncation=True, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out += [config.id2label[i] for i in model(**batch).logits.argmax(-1).tolist()]
+        return out
+
+    return labels
