@@ -217,13 +217,40 @@ def run_cli(args: list[str] | None = None) -> int:
         err.print("interrupted", highlight=False)
         return shell.INTERRUPTED
     except click.UsageError as exc:
-        exc.show()
+        _config_key_hint(exc).show()
         return shell.USAGE_ERROR
     except click.ClickException as exc:  # e.g. a file option click itself could not open: bad input
         exc.show()
         return shell.INPUT_ERROR
     except Exception as exc:
         return shell.report_unexpected(exc)
+
+
+def _config_key_hint(exc):
+    """An unknown option nearer a config key than any option of a command that takes --set
+    (`simulate --rounds 3`) suggests `--set num-rounds=VALUE`, not click's nearest option (--out)."""
+    import difflib
+    from dataclasses import fields
+
+    import click
+
+    command = exc.ctx.command if exc.ctx is not None else None
+    if not isinstance(exc, click.NoSuchOption) or command is None or not any(
+            "--set" in param.opts for param in command.params):
+        return exc
+    from common.config import RunConfig
+
+    name = exc.option_name.lstrip("-")
+
+    def score(other: str) -> float:
+        return difflib.SequenceMatcher(None, name, other).ratio()
+
+    keys = difflib.get_close_matches(name, [field.name.replace("_", "-") for field in fields(RunConfig)], n=1)
+    options = [option.lstrip("-") for param in command.params for option in param.opts]
+    if not keys or score(keys[0]) < max(map(score, options), default=0.0):
+        return exc
+    return click.UsageError(f"No such option '{exc.option_name}'. Config keys go through --set: did you mean "
+                            f"'--set {keys[0]}=VALUE'?", ctx=exc.ctx)
 
 
 if __name__ == "__main__":

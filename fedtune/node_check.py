@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.common.config import parse_config_args
 
-from client.node_data import NodeData
+from client.node_data import NodeData, check_node_keys
 from common.data.instructions import load_instruction_pairs
 from common.data.labelled import load_labelled_texts
 from common.errors import FedtuneError
@@ -48,14 +48,24 @@ def check_node(*, superlink: str, root_certificates: Path, private_key: Path, no
                timeout: float = 5.0) -> NodeCheck:
     check = NodeCheck()
     check.run("node config", lambda: _check_node_config(node_config))
-    check.run("privacy policy", lambda: _describe_policy(node_config))
-    check.run("execution profile", lambda: _describe_profile(node_config))
-    if check.run("roster", lambda: _check_roster(node_config)):
-        check.run("pins", lambda: _check_pins(node_config))  # they name the roster's federation
+    if _keys_readable(node_config):  # else the steps below read the same keys and would repeat its error
+        check.run("privacy policy", lambda: _describe_policy(node_config))
+        check.run("execution profile", lambda: _describe_profile(node_config))
+        if check.run("roster", lambda: _check_roster(node_config)):
+            check.run("pins", lambda: _check_pins(node_config))  # they name the roster's federation
     check.run("CA certificate", lambda: _check_ca(root_certificates))
     check.run("authentication key", lambda: _check_private_key(private_key))
     check.run("SuperLink", lambda: _check_superlink(superlink, root_certificates, timeout))
     return check
+
+
+def _keys_readable(text: str) -> bool:
+    """The node config parses and names only known keys (a misspelt key is reported once, by "node config")."""
+    try:
+        check_node_keys(parse_config_args([text]))
+    except Exception:  # noqa: BLE001 - click's format error or FedtuneError: "node config" says which
+        return False
+    return True
 
 
 def _check_node_config(text: str) -> str:

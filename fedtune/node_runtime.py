@@ -56,6 +56,7 @@ class NodeRuntime:
 
         LOG.info("node runtime: serving the installed app %s", self.gate.app.sha256)
         client = acquiring_client(address=self.address, secret=self.secret)
+        self._stop_retrying(client)
         idle = IDLE_POLL_S
         try:
             while not self.stop.is_set():
@@ -75,6 +76,18 @@ class NodeRuntime:
                     LOG.exception("node runtime: a task failed")
         finally:
             client.close()
+
+    def _stop_retrying(self, client) -> None:
+        """Flower's retries of AcquireTask wait on `stop` and give up once it is set: while the SuperNode
+        goes down (Ctrl-C, SIGTERM) they would otherwise go on, a 'retrying' line each, and hold run-node
+        up. The serve loop's own 0.5 s polls cover a SuperNode not up yet, without a line."""
+        invoker = getattr(client, "_retry_invoker", None)
+        if invoker is None:
+            return
+        giveup, gave_up = invoker.should_giveup or (lambda _exc: False), invoker.on_giveup
+        invoker.should_giveup = lambda exc: self.stop.is_set() or giveup(exc)
+        invoker.on_giveup = lambda state: None if self.stop.is_set() or gave_up is None else gave_up(state)
+        invoker.wait_function = self.stop.wait
 
     def handle(self, app, *, token: str) -> TaskTiming:
         """One message: pull, gate, run the installed ClientApp (or refuse), push the reply. Every
@@ -125,15 +138,18 @@ class NodeRuntime:
 
 
 def configure_logging() -> None:
-    """The runtime's lines (refusals with the app's hash, per-message timings) in the node's log."""
+    """The runtime's lines (refusals with the app's hash, per-message timings) in the node's log, each
+    once: Opacus puts a handler on the root logger when imported, so a logger with its own handler
+    (ours, and Flower's in this process) must not also propagate there."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
     for name in ("fedtune.node", "fedtune.models"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
-        logger.propagate = False  # a library's root handler would print every line twice
+        logger.propagate = False
         if not logger.handlers:
             logger.addHandler(handler)
+    logging.getLogger("flwr").propagate = False  # its console handler prints each line once
 
 
 def _run_app(app, message, context):

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-err = Console(stderr=True)
+# Piped or redirected, a line stays one line (`grep` finds it whole): rich wraps only on a terminal.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 # Exit codes, one meaning each (documented in `fedtune --help` and the README).
 CLEAN = 0
@@ -44,9 +45,10 @@ def versions_line() -> str:
 
 
 def console(*, stderr: bool = False, quiet: bool = False) -> Console:
-    """Rich output; when piped, wide enough that tables are not cut to 80 columns."""
+    """Rich output; when piped, lines are never wrapped and tables are 120 columns, not 80."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(width=None if stream.isatty() else 120, stderr=stderr, quiet=quiet)
+    terminal = stream.isatty()
+    return Console(width=None if terminal else 120, soft_wrap=not terminal, stderr=stderr, quiet=quiet)
 
 
 def error_line(message: str) -> None:

@@ -1,6 +1,6 @@
 """Progress inside a round: each simulated client writes its DP steps into a small file
 (client/trainer.py, through the ClientApp's progress mod), and `fedtune simulate` shows a
-transient status line from them, which each round's table row replaces."""
+transient status line from them, at most 80 columns, which each round's table row replaces."""
 
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ from rich.console import Console
 PROGRESS_DIR = "progress"  # in the run directory, while the run goes; removed when it finishes
 
 
+# The status line's width: an 80-column terminal less the spinner and its space.
+STATUS_WIDTH = 78
+
+
 def describe(directory: Path, *, round_number: int, since: float, clients: int, now: float | None = None) -> str:
-    """'round 2: 3/5 clients trained, client-1 at step 4/15, 12 s': from the files newer than `since`."""
+    """'round 2: 3/5 trained, client-1 4/15, client-4 2/15, 12 s' from the files newer than
+    `since`: the clients done, then those still training (DP steps done/planned), as many as fit
+    STATUS_WIDTH with the rest counted ('+2 more')."""
     done, running = 0, []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
@@ -28,10 +34,14 @@ def describe(directory: Path, *, round_number: int, since: float, clients: int, 
         if state["steps"] and state["step"] >= state["steps"]:
             done += 1
         else:
-            running.append(f"{path.stem} at step {state['step']}/{state['steps']}")
-    elapsed = (now or time.time()) - since
-    parts = [f"round {round_number}: {done}/{clients} clients trained", *running[:3], f"{elapsed:.0f} s"]
-    return ", ".join(parts)
+            running.append(f"{path.stem} {state['step']}/{state['steps']}")
+    head, tail = f"round {round_number}: {done}/{clients} trained", f"{(now or time.time()) - since:.0f} s"
+    for count in range(len(running), -1, -1):  # the most clients that fit, the rest counted
+        line = ", ".join([head, *running[:count], *([f"+{len(running) - count} more"] if count < len(running) else []),
+                          tail])
+        if len(line) <= STATUS_WIDTH:
+            break
+    return line
 
 
 class RoundProgress:

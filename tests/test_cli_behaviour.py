@@ -179,16 +179,16 @@ def test_each_client_reports_its_steps_and_the_status_line_counts_them(tiny_conf
     steps = inprocess.metrics(run_dir.path)[0]["clients"]["client-0"]["steps"]
     assert set(states) == {"client-0", "client-1"} and states["client-0"] == {**states["client-0"], "step": steps,
                                                                              "steps": steps}
-    assert describe(progress, round_number=1, since=started, clients=2).startswith("round 1: 2/2 clients trained")
-    assert "0/2 clients trained" in describe(progress, round_number=2, since=time.time() + 1, clients=2)
+    assert describe(progress, round_number=1, since=started, clients=2).startswith("round 1: 2/2 trained")
+    assert "0/2 trained" in describe(progress, round_number=2, since=time.time() + 1, clients=2)
     screen = io.StringIO()
     with RoundProgress(progress, Console(file=screen, force_terminal=True, width=120), clients=2, first_round=1,
                        enabled=True) as shown:
         shown.since = started
         deadline = time.monotonic() + 15  # the line refreshes every 0.5 s; a loaded machine may be slower
-        while "2/2 clients trained" not in screen.getvalue() and time.monotonic() < deadline:
+        while "2/2 trained" not in screen.getvalue() and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert "2/2 clients trained" in screen.getvalue()
+    assert "2/2 trained" in screen.getvalue()
     quiet = io.StringIO()
     with RoundProgress(progress, Console(file=quiet, width=120), clients=2, first_round=1, enabled=True):
         time.sleep(0.6)
