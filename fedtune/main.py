@@ -18,7 +18,7 @@ import typer
 
 from common.errors import FedtuneError
 
-from fedtune import audit_commands, deploy_commands, job_commands
+from fedtune import audit_commands, deploy_commands, job_commands, predict_command
 from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, console, err
 
 HELP = "Privacy-preserving federated LoRA fine-tuning (Flower + Opacus + SecAgg+)."
@@ -94,6 +94,7 @@ def simulate(
 
 cli.command()(audit_commands.audit)
 cli.command()(audit_commands.receipt)
+cli.command()(predict_command.predict)
 
 
 @cli.command()
