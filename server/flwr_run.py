@@ -5,7 +5,8 @@ On a simulation federation (Flower's in-memory grid) one researcher holds every 
 ServerApp checks that the federation has `num-clients` SuperNodes and writes the clients' keys
 and roster under the run directory, where the simulated ClientApps keep their ledgers
 (common/flwr_run.py). In a deployment it does neither: institutions keep their own keys and pin
-their own roster.
+their own roster; with the job's `roster`, an unset num-clients is the roster's member count and a
+larger one is refused (its rounds could never gather that many nodes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import time
 
 from flwr.app import Context
+from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
@@ -23,6 +25,7 @@ from rich.markup import escape
 from common.config import RunConfig
 from common.errors import FedtuneError
 from common.flwr_run import flwr_run_dir, sized_to_federation
+from common.secure_aggregation.roster import Roster
 from server.federation import run_federation
 from server.round_table import RoundTable, run_banner
 from server.run_directory import RunDirectory, write_simulation_roster
@@ -45,7 +48,7 @@ def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None
 
 def _run(*, grid: Grid, context: Context, console: Console) -> dict:
     simulated = isinstance(grid, InMemoryGrid)  # only Flower's simulation runtime makes one
-    config = simulation_config(grid, context.run_config) if simulated else RunConfig.from_mapping(context.run_config)
+    config = simulation_config(grid, context.run_config) if simulated else deployment_config(context.run_config)
     path = flwr_run_dir(output_dir=config.output_dir, flower_run_id=context.run_id).absolute()
     directory = RunDirectory.create(path=path, config=config)
     if simulated and config.secure_aggregation:
@@ -68,6 +71,23 @@ def simulation_config(grid: Grid, run_config, *, wait_s: float = NODE_WAIT_S) ->
             f"this simulation federation has {count} SuperNodes but num-clients={config.num_clients}: run "
             f"`flwr run . --federation-config num-supernodes={config.num_clients}`, or drop num-clients from "
             f"--run-config to train on {count}")
+    return config
+
+
+def deployment_config(run_config) -> RunConfig:
+    """A deployment's federation is its roster's institutions: an unset num-clients (0) takes their
+    number, a larger one is refused. Without a roster, num-clients is the job's (or the task's)."""
+    roster = str(run_config.get("roster") or "")
+    if not roster:
+        return RunConfig.from_mapping(run_config)
+    members = sorted(Roster.load(roster).members)
+    config = RunConfig.from_mapping(sized_to_federation(run_config, supernodes=len(members)))
+    if config.num_clients > len(members):
+        raise FedtuneError(
+            f"num-clients={config.num_clients} but the roster {config.roster} lists {len(members)} institutions "
+            f"({', '.join(members)}): no round could gather {config.num_clients} of them. Drop num-clients from "
+            f"the job to train with the roster's {len(members)}, or set it to at most {len(members)}")
+    flower_log(logging.INFO, "federation: %d of the roster's institutions (%s)", config.num_clients, ", ".join(members))
     return config
 
 

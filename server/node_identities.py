@@ -13,19 +13,30 @@ server/secure_aggregation.py), and:
   evaluation; a node that failed setup otherwise (an error, a refusal) is left out of that round
   only, and replaced from the nodes not yet tried.
 The institutions' own checks do not depend on any of this: it keeps a round alive, nothing more.
+
+Before a round the coordinator waits for its nodes (`wait_for_nodes`), saying every
+NODE_WAIT_REPORT_S in Flower's log (what `flwr run --stream` shows) which institutions it waits for,
+by name once the connected nodes are identified, by count before; after NODE_WAIT_LIMIT_S it gives
+up with an error that says who did not connect, instead of Flower's 24-hour wait.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
+from flwr.common.logger import log as flower_log
 from flwr.server.client_proxy import ClientProxy
 
+from common.errors import FedtuneError
 from common.secure_aggregation.roster import Roster
 
 log = logging.getLogger(__name__)
+
+NODE_WAIT_LIMIT_S = 600.0  # a round whose nodes are not all connected by then ends the run
+NODE_WAIT_REPORT_S = 30.0  # how often the coordinator says whom it is waiting for
 
 
 @dataclass
@@ -83,10 +94,7 @@ class NodeIdentities:
     def sample(self, client_manager, num_clients: int, *, min_available: int) -> list[ClientProxy]:
         """`num_clients` nodes for a fit round, or [] when fewer may be sampled (the round is
         skipped, as Flower's own sampling does)."""
-        # Flower's compat layer registers connected nodes when num_available/all/sample is called,
-        # and otherwise every 5 s: ask first, so nodes already connected are not waited 5 s for.
-        if client_manager.num_available() < min_available:
-            client_manager.wait_for(min_available)
+        wait_for_nodes(client_manager, min_available, identities=self)
         chosen = self.candidates(client_manager)[:num_clients]
         if len(chosen) < num_clients:
             log.info("sampling failed: %d connected node(s) may be sampled (%d strangers left out), %d requested",
@@ -97,3 +105,60 @@ class NodeIdentities:
     def identified(self, client_manager) -> list[ClientProxy]:
         """Connected nodes identified as members (for evaluation: a node never identified gets nothing)."""
         return [p for p in self.candidates(client_manager) if p.node_id in self.members]
+
+
+class NodesMissing(FedtuneError):
+    """The nodes a round needs did not connect within NODE_WAIT_LIMIT_S; the message says who."""
+
+
+def wait_for_nodes(client_manager, needed: int, *, identities: NodeIdentities | None = None) -> None:
+    """Return once `needed` nodes are connected. Meanwhile say whom the coordinator waits for, at
+    once and every NODE_WAIT_REPORT_S; raise NodesMissing after NODE_WAIT_LIMIT_S."""
+    # Flower's compat layer registers connected nodes when num_available/all/sample is called,
+    # and otherwise every 5 s: ask first, so nodes already connected are not waited 5 s for.
+    if client_manager.num_available() >= needed:
+        return
+    limit, deadline = NODE_WAIT_LIMIT_S, time.monotonic() + NODE_WAIT_LIMIT_S
+    while True:
+        waiting, _ = _whom(client_manager, needed, identities)
+        flower_log(logging.INFO, waiting)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if client_manager.wait_for(needed, timeout=min(NODE_WAIT_REPORT_S, remaining)) and \
+                client_manager.num_available() >= needed:
+            flower_log(logging.INFO, "%d node(s) connected: the round goes on", client_manager.num_available())
+            return
+    _, missing = _whom(client_manager, needed, identities)
+    message = (f"gave up after waiting {_duration(limit)} for the federation's nodes: {missing}. Start the "
+               f"missing SuperNodes and submit the job again")
+    flower_log(logging.ERROR, message)
+    raise NodesMissing(message)
+
+
+def _whom(client_manager, needed: int, identities: NodeIdentities | None) -> tuple[str, str]:
+    """('waiting for ...', '... did not connect ...'): in names where they are knowable (every
+    connected node is identified), else in counts (with the roster's names, if any)."""
+    connected = [p.node_id for p in client_manager.all().values()]
+    short = max(needed - len(connected), 0)
+    if identities is None:
+        seen = f"{len(connected)} of {needed} connected"
+        return f"waiting for {short} more node(s) ({seen})", f"{short} node(s) did not connect ({seen})"
+    roster = sorted(identities.roster.members)
+    named = sorted({identities.members[n] for n in connected if n in identities.members})
+    unknown = [n for n in connected if n not in identities.members and n not in identities.strangers]
+    strangers = sum(n in identities.strangers for n in connected)
+    odd = [f"{len(unknown)} not yet identified"] if unknown else []
+    odd += [f"{strangers} stranger(s), never sampled"] if strangers else []
+    if not unknown and needed == len(roster):
+        missing = [m for m in roster if m not in named]
+        seen = "connected: " + ", ".join(named + odd or ["none"])
+        return (f"waiting for {len(missing)} of {len(roster)} institutions: {', '.join(missing)} ({seen})",
+                f"{', '.join(missing)} did not connect ({seen})")
+    seen = f"{len(connected)} connected" + (f": {', '.join(named + odd)}" if named or strangers else "")
+    seen += f"; roster: {', '.join(roster)}"
+    return f"waiting for {short} more node(s) ({seen})", f"{short} of {needed} node(s) did not connect ({seen})"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"

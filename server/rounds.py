@@ -17,6 +17,8 @@ from flwr.server.workflow.default_workflows import (default_centralized_evaluati
                                                      default_init_params_workflow)
 from flwr.serverapp import Grid
 
+from server.node_identities import wait_for_nodes
+
 log = logging.getLogger(__name__)
 
 Workflow = Callable[[Grid, LegacyContext], None]
@@ -44,9 +46,12 @@ def run_rounds(*, grid: Grid, context: LegacyContext, fit_workflow: Workflow, ev
         cfg = ConfigRecord({Key.START_TIME: timeit.default_timer()})
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
         for server_round in range(start_round, context.config.num_rounds + 1):
-            started = timeit.default_timer()
             log.info("[ROUND %d]", server_round)
             cfg[Key.CURRENT_ROUND] = server_round
+            # Say whom the round waits for, and give up in time (Flower's own wait is silent, 24 h).
+            wait_for_nodes(context.client_manager, getattr(context.strategy, "min_available_clients", 0),
+                           identities=getattr(context.strategy, "identities", None))
+            started = timeit.default_timer()
             fit_workflow(grid, context)
             default_centralized_evaluation_workflow(grid, context)
             if evaluate_clients:
