@@ -36,7 +36,8 @@ def acquiring_client(*, address: str, secret: bytes, root_certificates: bytes | 
         retry_invoker=make_simple_http_retry_invoker())
 
 
-def task_client(*, address: str, token: str, component: str, root_certificates: bytes | None = None):
+def task_client(*, address: str, token: str, component: str, root_certificates: bytes | None = None,
+                max_tries: int = 5):
     """A client for one acquired task: pull its inputs, push its outputs. Its failures raise here:
     Flower's own retry policy SIGINTs the whole process on a 401 (made for one process per task),
     which would take a long-lived runtime down with one stale token."""
@@ -45,7 +46,7 @@ def task_client(*, address: str, token: str, component: str, root_certificates: 
     from flwr.supercore.retry import RetryInvoker, exponential
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    retry = RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2), max_tries=5, max_time=30,
+    retry = RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2), max_tries=max_tries, max_time=30,
                          recoverable_exceptions=(httpx.TransportError,))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
@@ -65,6 +66,21 @@ def task_heartbeat(client):
             return False
 
     return HeartbeatSender(beat)
+
+
+def task_ended(client) -> bool:
+    """Whether the SuperLink says the task behind `client`'s token is over: finished (`flwr stop`
+    marks the run's task finished:stopped and revokes its token) or unknown. False when it cannot tell
+    (the SuperLink busy or unreachable). A heartbeat: it also keeps a live task's lease, as the task's own does."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+
+    try:
+        return not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+    except httpx.HTTPStatusError as err:
+        return err.response.status_code == 401  # the token revoked: the task finished
+    except Exception:  # noqa: BLE001 - no answer is not an answer
+        return False
 
 
 def acquire(client, task_type: str) -> tuple[str, object] | None:

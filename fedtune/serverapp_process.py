@@ -36,6 +36,35 @@ def prompt_grid(**kwargs):
     return PromptGrid(**kwargs)
 
 
+def exit_when_orphaned(interval_s: float = 1.0) -> None:
+    """End this process once the runtime that started it is gone (re-parented, to PID 1 or a
+    subreaper): nobody would stop it any more, and its SuperLink went with the runtime."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print("the coordinator runtime that started this ServerApp is gone: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
+def _push_output(grid, request) -> None:
+    """The task's final status, unless the task is over already: `flwr stop` finished it and revoked its token."""
+    import httpx
+
+    try:
+        grid._runtime_client.PushTaskOutput(request)  # pylint: disable=W0212
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code != 401:
+            raise
+        print("the run was stopped: its task is over, nothing to report", file=sys.stderr, flush=True)
+
+
 def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
     from queue import Queue
 
@@ -50,6 +79,7 @@ def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
 
     from common.trust.gate import RunGate
 
+    exit_when_orphaned()
     gate = RunGate.from_pins(operator_key=operator_key, bindings_dir=Path(state_dir))
     log_queue: Queue = Queue()
     mirror_output_to_queue(log_queue)
@@ -86,8 +116,8 @@ def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
     finally:
         if uploader is not None:  # the last lines reach `flwr run --stream` before the token is spent
             stop_log_uploader(log_queue, uploader)
-        grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(  # pylint: disable=W0212
-            context=context_to_proto(context) if context else None, sub_status=status, details=details))
+        _push_output(grid, PushTaskOutputRequest(context=context_to_proto(context) if context else None,
+                                                 sub_status=status, details=details))
         heartbeat.stop()
         grid.close()
 
