@@ -12,7 +12,7 @@ it can break on a GPU:
   equals off, bit for bit, and the micro-batch reference within bf16's precision (5e-2);
 - a 2-client DP + SecAgg+ causal-LM federation (in-process engine, 1 round) with a bf16 base, and
   one with an nf4 base: both clients trained on the device in that precision (their signed
-  ledgers say so), and the run's audit is clean;
+  ledgers say so), and the run's audit is consistent (exit 0);
 - one DP-SGD step (batch 8 x 256 tokens) of a random 1.07B Llama in fp32, bf16 and nf4: step time
   and peak GPU memory (CUDA only);
 - the torch build used, and the pip line that installs the pinned torch for that CUDA.

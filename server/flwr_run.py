@@ -76,17 +76,19 @@ def simulation_config(grid: Grid, run_config, *, wait_s: float = NODE_WAIT_S) ->
 
 def deployment_config(run_config) -> RunConfig:
     """A deployment's federation is its roster's institutions: an unset num-clients (0) takes their
-    number, a larger one is refused. Without a roster, num-clients is the job's (or the task's)."""
+    number; a larger one is warned about (the wait for nodes gives up after NODE_WAIT_LIMIT_S).
+    Without a roster, num-clients is the job's (or the task's)."""
     roster = str(run_config.get("roster") or "")
     if not roster:
         return RunConfig.from_mapping(run_config)
     members = sorted(Roster.load(roster).members)
     config = RunConfig.from_mapping(sized_to_federation(run_config, supernodes=len(members)))
-    if config.num_clients > len(members):
-        raise FedtuneError(
-            f"num-clients={config.num_clients} but the roster {config.roster} lists {len(members)} institutions "
-            f"({', '.join(members)}): no round could gather {config.num_clients} of them. Drop num-clients from "
-            f"the job to train with the roster's {len(members)}, or set it to at most {len(members)}")
+    if config.num_clients > len(members):  # a warning, not a refusal: sampling every registered node
+        # (strangers too, each dropped at SecAgg+ setup) is how a coordinator keeps them out of a round
+        flower_log(logging.WARNING, "num-clients=%d but the roster lists %d institutions (%s): at most %d of the "
+                   "%d nodes a round waits for can train; drop num-clients to train with the roster's %d",
+                   config.num_clients, len(members), ", ".join(members), len(members), config.num_clients,
+                   len(members))
     flower_log(logging.INFO, "federation: %d of the roster's institutions (%s)", config.num_clients, ", ".join(members))
     return config
 

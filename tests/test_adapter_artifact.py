@@ -234,7 +234,7 @@ def _run_evaluation_predictions(run: Path) -> tuple[list[str], list[str], float]
     task, splits = get_task(config.task), federated_splits(config)
     model_path = task.model_path(config.model)
     model = task.build_model(model_path=model_path, num_labels=len(splits.label_names),
-                             lora=LoraSettings.from_config(config), seed=config.seed)
+                             lora=LoraSettings.from_config(config), seed=config.seed, profile=config.profile)
     arrays_to_adapter(model, Checkpoint.load(run).global_arrays)
     dataset = task.encode(tokenizer=load_tokenizer(model_path), split=splits.test, max_length=config.max_length)
     model.eval()
@@ -254,7 +254,8 @@ def test_a_fresh_process_loads_the_exported_adapter_by_its_folder_and_base_and_p
     result = fedtune("simulate", "--engine", "in-process", "--out", str(out), *set_args(
         model=config.model, data=config.data, num_clients=2, clients_per_round=2, num_rounds=2, batch_size=16,
         max_length=config.max_length, learning_rate=0.05, head_learning_rate=0.1, local_epochs=2,
-        lora_variant="lora", lora_rank=4, target_epsilon=50.0, training_mode="adapter"))
+        lora_variant="lora", lora_rank=4, target_epsilon=50.0, training_mode="adapter",
+        base_dtype="float32"))  # bf16 agrees only up to near ties across batch shapes (README)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     adapter, summary = out / "adapter", json.loads((out / "summary.json").read_text())
 

@@ -18,7 +18,7 @@ def test_every_line_of_the_gpu_check_passes_on_the_cpu(capsys):
     skipped = [line for line in lines if line.startswith("skip")]
     assert len(skipped) == 1 and "skipped on cpu (see benchmarks.quantized_memory)" in skipped[0], skipped
     assert all(line.startswith("ok") for line in lines if line not in skipped), lines
-    assert "audit clean" in "".join(line for line in lines if "federation" in line)
+    assert "audit consistent" in "".join(line for line in lines if "federation" in line)  # a simulation: unattested
     assert "pip install torch==" in lines[-1] and "gpu-check on cpu: 10 ok, 1 skipped, 0 failed" in out
 
 
