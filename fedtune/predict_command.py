@@ -49,13 +49,10 @@ def _read_texts(path: Path, *, column: str) -> list[str]:
 
 
 def _labeller(folder: Path, *, base: Optional[Path]):
-    from common.models.setfit_format import is_setfit_folder
+    from common.models.setfit_format import is_setfit_folder, load_without_pickle
 
-    if is_setfit_folder(folder):
-        from setfit import SetFitModel
-
-        model = SetFitModel.from_pretrained(str(folder))
-        return lambda texts: [str(label) for label in model.predict(texts)]
+    if is_setfit_folder(folder):  # its head read from safetensors: model_head.pkl is never unpickled
+        return load_without_pickle(folder)
     adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file():
         raise FedtuneError(f"{folder} is not an exported fedtune classifier (no config_setfit.json or "

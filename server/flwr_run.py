@@ -5,8 +5,8 @@ On a simulation federation (Flower's in-memory grid) one researcher holds every 
 ServerApp checks that the federation has `num-clients` SuperNodes and writes the clients' keys
 and roster under the run directory, where the simulated ClientApps keep their ledgers
 (common/flwr_run.py). In a deployment it does neither: institutions keep their own keys and pin
-their own roster; with the job's `roster`, an unset num-clients is the roster's member count and a
-larger one is refused (its rounds could never gather that many nodes).
+their own roster; with the job's `roster`, an unset num-clients is the roster's member count, and a
+larger one is kept with a warning (deployment_config).
 """
 
 from __future__ import annotations

@@ -133,6 +133,8 @@ def _usage_section(facts: CardFacts) -> str:
     if facts.label_names and training_mode(facts.config.training_mode).pooled_head:
         load = ("from setfit import SetFitModel\n\n"
                 "# this folder is a SetFit model: the encoder (LoRA merged in), its pooling, and the trained head\n"
+                "# (model_head.pkl is a pickle: load only a folder you trust; `fedtune predict` reads\n"
+                "# model_head.safetensors instead)\n"
                 "model = SetFitModel.from_pretrained(ADAPTER)\n"
                 "names = model.predict(texts)  # label names; model.predict_proba(texts) for probabilities")
     elif facts.label_names:

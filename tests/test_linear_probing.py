@@ -351,3 +351,20 @@ def test_fedtune_predict_prints_the_labels_the_standard_load_predicts(each_modes
     assert result.stdout.split("\n")[:-1] == predicted
     refused = fedtune("predict", str(tmp_path), "--text", "hello")
     assert refused.returncode == 3 and "not an exported fedtune classifier" in refused.stderr
+
+    # SetFit's head file is a pickle: one a hostile coordinator planted would run code when
+    # unpickled. `fedtune predict` reads the head from safetensors and never opens it.
+    import pickle
+    import shutil
+
+    planted, marker = tmp_path / "planted", tmp_path / "pickle-ran"
+    shutil.copytree(run_dir.adapter_dir, planted)
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (planted / "model_head.pkl").write_bytes(pickle.dumps(Payload()))
+    again = fedtune("predict", str(planted), "--file", str(texts))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.split("\n")[:-1] == predicted and not marker.exists()

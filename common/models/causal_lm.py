@@ -52,7 +52,6 @@ def build_lora_causal_lm(*, model_path: Path, lora: LoraSettings, seed: int,
     def load(**kwargs):
         base = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         base.config.use_cache = False  # training; generation turns the cache back on
-        profile.settle_quantized(base)
         return base
 
     model = hosted_model(model_path=model_path, profile=profile, seed=seed, base_key=("causal-lm",), load=load,

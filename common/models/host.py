@@ -83,8 +83,7 @@ def hosted_model(*, model_path: Path, profile: ExecutionProfile, seed: int, base
         _restore(built)
         return built.model
     with seeded_rng(seed):
-        kwargs = profile.pretrained_kwargs()  # a quantized base is placed on its device as it loads
-        base = _base(base_id, load=lambda: load(**kwargs) if profile.quantized else load(**kwargs).to(device))
+        base = _base(base_id, load=lambda: _loaded(load, profile, device))
         torch.set_rng_state(base.rng_after_load)  # where a fresh load leaves the RNG: attach draws next
         model = attach(_sharing_frozen_tensors(base.model))
         if not profile.quantized:  # PEFT puts LoRA beside its base layer; moving bnb weights would copy them
@@ -97,6 +96,16 @@ def hosted_model(*, model_path: Path, profile: ExecutionProfile, seed: int, base
         _built[key] = _Built(model=model, snapshot=_snapshot(model),
                              modes={name: m.training for name, m in model.named_modules()})
     return model
+
+
+def _loaded(load: Callable[..., torch.nn.Module], profile: ExecutionProfile, device: torch.device) -> torch.nn.Module:
+    """The base as the profile says: a quantized one placed on its device as it loads and settled
+    before any model shares it (ExecutionProfile.settle_quantized); any other moved there."""
+    base = load(**profile.pretrained_kwargs())
+    if profile.quantized:
+        profile.settle_quantized(base)
+        return base
+    return base.to(device)
 
 
 def _base(base_id: Hashable, *, load: Callable[[], torch.nn.Module]) -> _Base:

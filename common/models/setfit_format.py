@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from common.models.adapter import arrays_to_adapter
 from common.models.base_reference import BaseModelReference
@@ -28,7 +29,8 @@ from common.models.pooled_classifier import head_linear
 from common.storage import atomic_write
 
 SETFIT_CONFIG_FILE = "config_setfit.json"
-HEAD_FILE = "model_head.pkl"
+HEAD_FILE = "model_head.pkl"  # SetFit's own: a pickle, which runs code when loaded
+SAFE_HEAD_FILE = "model_head.safetensors"  # the same weights without code: what `fedtune predict` reads
 BODY_DIR = "0_Transformer"
 TOP_LEVEL = ("modules.json", "config_sentence_transformers.json")  # the rest of a save is the encoder's
 
@@ -100,3 +102,24 @@ def _save_head(head, *, out_dir: Path) -> None:
     regression.classes_ = np.arange(weight.shape[0])
     regression.n_features_in_ = weight.shape[1]
     joblib.dump(regression, out_dir / HEAD_FILE)
+    save_file({"weight": weight, "bias": regression.intercept_}, str(out_dir / SAFE_HEAD_FILE))
+
+
+def load_without_pickle(folder: Path):
+    """(predict function, label names) of a SetFit folder this module wrote, without unpickling
+    anything: the body through sentence-transformers (safetensors weights, no remote code), the
+    head from SAFE_HEAD_FILE. A folder from someone else may carry a model_head.pkl that runs
+    code; this path never opens it."""
+    from safetensors.numpy import load_file
+    from sentence_transformers import SentenceTransformer
+
+    folder = Path(folder)
+    labels = json.loads((folder / SETFIT_CONFIG_FILE).read_text(encoding="utf-8"))["labels"]
+    head = load_file(str(folder / SAFE_HEAD_FILE))
+    body = SentenceTransformer(str(folder), device="cpu", trust_remote_code=False)
+
+    def predict(texts: Sequence[str]) -> list[str]:
+        features = body.encode(list(texts), convert_to_numpy=True).astype(np.float64)
+        return [str(labels[i]) for i in (features @ head["weight"].T + head["bias"]).argmax(axis=1)]
+
+    return predict
