@@ -19,9 +19,9 @@ from common.errors import FedtuneError
 def predict(
     model: Path = typer.Argument(..., help="An exported classifier: a run's adapter/ folder."),
     text: Optional[list[str]] = typer.Option(None, "--text", help="A text to label (repeat for more)."),
-    file: Optional[Path] = typer.Option(None, "--file", help="Texts to label: a .csv or .jsonl file (its "
-                                        "--column), or a plain file with one text per line."),
-    column: str = typer.Option("text", "--column", help="The column holding the texts in a .csv or .jsonl file."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Texts to label: a CSV, TSV, JSONL or Parquet file "
+                                        "(its --column), or a plain file with one text per line."),
+    column: str = typer.Option("text", "--column", help="The column holding the texts in a data file."),
     base: Optional[Path] = typer.Option(None, "--base", help="The base model folder of an adapter-mode run "
                                         "(default: the packaged model, when the run used it)."),
 ) -> None:
@@ -34,18 +34,18 @@ def predict(
 
 
 def _read_texts(path: Path, *, column: str) -> list[str]:
-    if not path.is_file():
-        raise FedtuneError(f"--file {path} does not exist")
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        import pandas as pd
+    """The texts of a data file fedtune reads (its --column), or of a plain file, one per line."""
+    from common.data.files import SUPPORTED_SUFFIXES, read_records
 
-        frame = (pd.read_json(path, lines=True) if path.suffix.lower() == ".jsonl"
-                 else pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ","))
-        if column not in frame.columns:
-            raise FedtuneError(f"{path.name} has no column '{column}'; its columns: {', '.join(map(str, frame.columns))}"
-                               f" (choose one with --column)")
-        return [str(t) for t in frame[column].fillna("")]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if not path.is_file():
+            raise FedtuneError(f"--file {path} does not exist")
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, columns = read_records(path)
+    if column not in columns:
+        raise FedtuneError(f"{path.name} has no column '{column}'; its columns: {', '.join(map(str, columns))}"
+                           f" (choose one with --column)")
+    return [str(row.get(column) or "") for row in rows]
 
 
 def _labeller(folder: Path, *, base: Optional[Path]):
