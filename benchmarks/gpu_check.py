@@ -321,6 +321,26 @@ def per_sample_nf4(device: str, folder: Path) -> str:
             f"exactly; vs each alone {against_alone:.1e} (<= {BF16_TOLERANCE:.0e}, bf16)")
 
 
+@check("per-sample gradients on an int8 base: each example's equals its gradient alone (no outlier mixing)")
+def per_sample_int8(device: str, folder: Path) -> str:
+    """LLM.int8() with the profile's outlier threshold 0: no column of the batch is kept aside because
+    another example's activation exceeded a threshold, so each example's per-sample gradient is its
+    gradient alone (within fp16 rounding: bitsandbytes computes the 8-bit products in fp16). On CUDA
+    a nonzero threshold would mix examples; this is the line that would show it."""
+    import bitsandbytes as bnb
+
+    model = _tiny_lm(device, folder, dtype="float32", quantization="int8")
+    eight_bit = sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    assert eight_bit == 14 and all(m.state.threshold == 0.0 for m in model.modules()
+                                   if isinstance(m, bnb.nn.Linear8bitLt)), eight_bit
+    batch = _lm_batch(device)
+    found, alone = _per_sample_grads(model, batch), _microbatch_grads(model, batch)
+    against_alone = _gap(found, alone)
+    assert against_alone <= BF16_TOLERANCE, against_alone
+    assert all(g.abs().max() > 0 for g in found.values())
+    return f"{eight_bit} 8-bit layers, threshold 0; vs each alone {against_alone:.1e} (<= {BF16_TOLERANCE:.0e})"
+
+
 # -- a federation of causal-LM clients in bf16 and in nf4 ---------------------------------------
 
 CHAT = {"weather": ("What is the weather like in {x}?", "It is sunny and warm in {x} today."),

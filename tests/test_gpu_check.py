@@ -14,12 +14,12 @@ def test_every_line_of_the_gpu_check_passes_on_the_cpu(capsys):
     assert gpu_check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith(("ok", "skip", "FAIL"))]
-    assert len(lines) == len(gpu_check.CHECKS) == 11, lines
+    assert len(lines) == len(gpu_check.CHECKS) == 12, lines
     skipped = [line for line in lines if line.startswith("skip")]
     assert len(skipped) == 1 and "skipped on cpu (see benchmarks.quantized_memory)" in skipped[0], skipped
     assert all(line.startswith("ok") for line in lines if line not in skipped), lines
     assert "audit consistent" in "".join(line for line in lines if "federation" in line)  # a simulation: unattested
-    assert "pip install torch==" in lines[-1] and "gpu-check on cpu: 10 ok, 1 skipped, 0 failed" in out
+    assert "pip install torch==" in lines[-1] and "gpu-check on cpu: 11 ok, 1 skipped, 0 failed" in out
 
 
 def test_a_failing_line_fails_the_check_and_the_rest_still_run(monkeypatch, capsys):
