@@ -28,17 +28,17 @@ def measure(*, dp: bool, batch: int, max_length: int, steps: int, lora_mlp: bool
 
     import torch
 
-    from client.trainer import train_locally
-    from common.tasks.chat_tokens import encode_pairs
-    from common.config import RunConfig
-    from common.data.instructions import InstructionSplit
-    from common.models.loading import load_tokenizer
-    from common.models.lora import LoraSettings
-    from common.tasks import build_lora_model, resolve_model_path
-    from common.privacy.plan import PrivacyPlan
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.tasks.chat_tokens import encode_pairs
+    from fedtune.common.config import RunConfig
+    from fedtune.common.data.instructions import InstructionSplit
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.tasks import build_lora_model, resolve_model_path
+    from fedtune.common.privacy.plan import PrivacyPlan
 
-    from common.models.memory import release_freed_memory
-    from common.tasks import get_task
+    from fedtune.common.models.memory import release_freed_memory
+    from fedtune.common.tasks import get_task
 
     torch.set_num_threads(2)
     release_freed_memory()  # as a causal-lm client does before training

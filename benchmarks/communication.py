@@ -26,11 +26,11 @@ VARIANTS = ("lora", "ffa")
 def measure(*, task: str, label: str) -> list[dict]:
     from flwr.common import ndarray_to_bytes
 
-    from common.config import RunConfig
-    from common.models.adapter import adapter_to_arrays
-    from common.models.lora import LoraSettings
-    from common.tasks import build_lora_model, resolve_model_path
-    from server.bookkeeping import upload_bytes
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.adapter import adapter_to_arrays
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.tasks import build_lora_model, resolve_model_path
+    from fedtune.server.bookkeeping import upload_bytes
 
     path = resolve_model_path("default", task=task)
     rows = []

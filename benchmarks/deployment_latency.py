@@ -85,8 +85,8 @@ def write_rows(path: Path, rows: list[tuple[str, str]]) -> Path:
 def demo_data(folder: Path) -> dict:
     """The demo's 5-client IID split of the default corpus; clients 0..2 become site-N.csv, and
     union.csv holds their shares and the demo's test split (for the simulation and the coordinator)."""
-    from common.config import RunConfig
-    from common.run_data import federated_splits
+    from fedtune.common.config import RunConfig
+    from fedtune.common.run_data import federated_splits
 
     demo = RunConfig()  # `make demo`: the default corpus, 5 IID clients, test-fraction 0.1, seed 0
     splits = federated_splits(demo)
@@ -144,8 +144,8 @@ def _is_number(text: str) -> bool:
 
 def deploy(*, workdir: Path, keys: dict[str, object], model: str, data: dict, node_threads: int | None) -> dict:
     """Three institutions' run-node, the pinned coordinator, one signed job; returns its records."""
-    from common.ledger.chain import create_ledger_keys
-    from common.trust.job_signature import make_operator_keys
+    from fedtune.common.ledger.chain import create_ledger_keys
+    from fedtune.common.trust.job_signature import make_operator_keys
     from fedtune.certs import make_credentials
     from tests.deployment import LoopbackFederation, wait_for
     from tests.helpers import run_fedtune

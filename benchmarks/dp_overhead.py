@@ -41,10 +41,10 @@ class Stepper:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        from common.models.adapter import trainable_named_parameters
-        from common.models.classifier import build_lora_classifier
-        from common.models.lora import LoraSettings
-        from common.tasks import resolve_model_path
+        from fedtune.common.models.adapter import trainable_named_parameters
+        from fedtune.common.models.classifier import build_lora_classifier
+        from fedtune.common.models.lora import LoraSettings
+        from fedtune.common.tasks import resolve_model_path
 
         self.mode = mode
         model = build_lora_classifier(model_path=resolve_model_path("default"), num_labels=num_labels,
@@ -80,11 +80,11 @@ class Stepper:
 
 def batches(*, count: int, batch_size: int, max_length: int):
     """`count` fixed batches of BBC News training texts, tokenized like a client does."""
-    from common.config import RunConfig
-    from common.models.loading import load_tokenizer
-    from common.tasks import resolve_model_path
-    from common.run_data import federated_splits
-    from common.tasks.classification import encode
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.tasks import resolve_model_path
+    from fedtune.common.run_data import federated_splits
+    from fedtune.common.tasks.classification import encode
 
     splits = federated_splits(RunConfig(num_clients=1, clients_per_round=1, secure_aggregation=False))
     data = encode(tokenizer=load_tokenizer(resolve_model_path("default")), split=splits.clients[0].train,

@@ -155,10 +155,10 @@ def floor_pass(args: dict) -> dict:
     import torch
     from transformers import AutoModel
 
-    from common.data.labelled import Split, load_labelled_texts
-    from common.models.loading import load_tokenizer
-    from common.tasks import get_task
-    from common.tasks.classification import encode
+    from fedtune.common.data.labelled import Split, load_labelled_texts
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.tasks import get_task
+    from fedtune.common.tasks.classification import encode
 
     torch.set_num_threads(args["threads"])
     path = get_task("classification").default_model_folder()
@@ -188,12 +188,12 @@ def demo_prep(args: dict) -> dict:
     order and the FFA-LoRA A fingerprint the coordinator sends."""
     import numpy as np
 
-    from common.config import RunConfig
-    from common.models.adapter import adapter_to_arrays
-    from common.models.lora import LoraSettings, lora_a_sha256
-    from common.models.pooled_classifier import HeadSettings
-    from common.run_data import federated_splits
-    from common.tasks import get_task
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.adapter import adapter_to_arrays
+    from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+    from fedtune.common.models.pooled_classifier import HeadSettings
+    from fedtune.common.run_data import federated_splits
+    from fedtune.common.tasks import get_task
 
     config = RunConfig.load(overrides=args["overrides"])
     task = get_task(config.task)
@@ -212,8 +212,8 @@ def demo_client(args: dict) -> dict:
     round from the previous global plus its own update (one client's part of the demo)."""
     import numpy as np
 
-    from client.fl_client import FedtuneClient
-    from common.config import RunConfig
+    from fedtune.client.fl_client import FedtuneClient
+    from fedtune.common.config import RunConfig
 
     config = RunConfig.load(overrides=args["overrides"])
     with np.load(args["params"]) as saved:
@@ -263,11 +263,11 @@ def lm_worker(args: dict) -> None:
     writes `step`; `stop` answers its peak resident set size and ends it."""
     import torch
 
-    from client.trainer import train_locally
-    from common.config import RunConfig
-    from common.models.lora import LoraSettings
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks import get_task
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks import get_task
 
     torch.set_num_threads(args["threads"])
     task = get_task("causal-lm")
@@ -275,7 +275,7 @@ def lm_worker(args: dict) -> None:
     build: dict[str, Any] = {}
     train: dict[str, Any] = {}
     if args["base_dtype"]:  # a tree with the execution profile
-        from common.execution import ExecutionProfile
+        from fedtune.common.execution import ExecutionProfile
 
         profile = ExecutionProfile(base_dtype=args["base_dtype"])
         build["profile"] = profile

@@ -61,10 +61,10 @@ def check(name: str):
 
 
 def _classifier(device: str, folder: Path, *, dtype: str = "bfloat16", mode: str = "probe"):
-    from common.execution import ExecutionProfile
-    from common.models.lora import LoraSettings
-    from common.models.pooled_classifier import HeadSettings
-    from common.tasks import get_task
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.models.pooled_classifier import HeadSettings
+    from fedtune.common.tasks import get_task
 
     return get_task("classification").build_model(
         model_path=folder, num_labels=3, lora=LoraSettings(rank=4, alpha=8, variant="ffa"), seed=0,
@@ -79,8 +79,8 @@ def _records(n: int = 24) -> TensorDataset:
 
 @check("base in bf16 on the device, trainables fp32 there, FFA's A equal to an fp32 build's")
 def base_and_trainables(device: str, folder: Path) -> str:
-    from common.execution import base_dtype_name, check_trainables_fp32, device_of
-    from common.models.lora import lora_a_sha256
+    from fedtune.common.execution import base_dtype_name, check_trainables_fp32, device_of
+    from fedtune.common.models.lora import lora_a_sha256
 
     model = _classifier(device, folder, mode="two-stage")
     check_trainables_fp32(model)
@@ -91,11 +91,11 @@ def base_and_trainables(device: str, folder: Path) -> str:
 
 @check("a DP step: sampler generator on the CPU, noise generator on the device, an empty batch noised")
 def dp_step(device: str, folder: Path) -> str:
-    import client.trainer
-    from client.trainer import train_locally
-    from common.privacy.noise import private_generator
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks import get_task
+    import fedtune.client.trainer as client_trainer
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.privacy.noise import private_generator
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks import get_task
 
     made: list[str] = []
 
@@ -104,7 +104,7 @@ def dp_step(device: str, folder: Path) -> str:
         made.append(str(generator.device))
         return generator
 
-    original, client.trainer.private_generator = client.trainer.private_generator, recording
+    original, client_trainer.private_generator = client_trainer.private_generator, recording
     try:
         model, data = _classifier(device, folder, mode="two-stage"), _records()
         plan = PrivacyPlan(num_examples=len(data), sample_rate=0.02, steps_per_round=50, noise_multiplier=1.0,
@@ -112,7 +112,7 @@ def dp_step(device: str, folder: Path) -> str:
         result = train_locally(model=model, dataset=data, loss=get_task("classification").loss, learning_rate=0.1,
                                batch_size=1, local_epochs=1, max_grad_norm=1.0, plan=plan, history=[], seed=0)
     finally:
-        client.trainer.private_generator = original
+        client_trainer.private_generator = original
     assert made[0] == "cpu" and made[1].split(":")[0] == torch.device(device).type, made
     assert result.steps == 50  # 1/q steps; at q = 0.02 over 24 records most Poisson batches are empty
     return f"generators {made}, {result.steps} steps"
@@ -120,7 +120,7 @@ def dp_step(device: str, folder: Path) -> str:
 
 @check("pooled features computed on the device, cached on disk as fp32 on the CPU, read back")
 def features(device: str, folder: Path) -> str:
-    from common.models import pooled_features
+    from fedtune.common.models import pooled_features
 
     model, data = _classifier(device, folder), _records()
     computed = pooled_features.cached_pooled_features(model=model, dataset=data, cache_dir=folder / "features")
@@ -135,7 +135,7 @@ def _tiny_llama(folder: Path) -> Path:
     """A 2-layer, 32-wide Llama with a 256-token vocabulary (no tokenizer), saved once per run."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common.execution import seeded_rng
+    from fedtune.common.execution import seeded_rng
 
     llama = folder.parent / "tiny-llama"
     if not llama.exists():
@@ -148,12 +148,12 @@ def _tiny_llama(folder: Path) -> Path:
 
 @check("a causal LM on a bf16 base: a DP step and the held-out loss on the device, the loss in fp32")
 def causal_lm(device: str, folder: Path) -> str:
-    from client.trainer import train_locally
-    from common.execution import ExecutionProfile
-    from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
-    from common.models.lora import LoraSettings
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks.causal_lm import evaluate_causal_lm
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks.causal_lm import evaluate_causal_lm
 
     model = build_lora_causal_lm(model_path=_tiny_llama(folder), lora=LoraSettings(rank=4, alpha=8), seed=0,
                                  profile=ExecutionProfile(device=device, base_dtype="bfloat16"))
@@ -187,10 +187,10 @@ LORA_MLP = dict(rank=4, alpha=8, variant="lora", mlp=True)  # down_proj: the las
 def _tiny_lm(device: str, folder: Path, *, dtype: str, quantization: str = "none", checkpointing: bool = False):
     """The tiny Llama with LoRA on attention and MLP, built by the profile, its adapter set to seeded
     values: LoRA B starts at zero, which would make every gradient of A zero."""
-    from common.execution import ExecutionProfile
-    from common.models.adapter import trainable_named_parameters
-    from common.models.causal_lm import build_lora_causal_lm
-    from common.models.lora import LoraSettings
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.adapter import trainable_named_parameters
+    from fedtune.common.models.causal_lm import build_lora_causal_lm
+    from fedtune.common.models.lora import LoraSettings
 
     profile = ExecutionProfile(device=device, base_dtype=dtype, quantization=quantization,
                                activation_checkpointing=checkpointing)
@@ -216,8 +216,8 @@ def _per_sample_grads(model, batch: list[torch.Tensor]) -> dict[str, torch.Tenso
     """Opacus' per-sample gradients of causal_lm_loss, wrapped as the trainer wraps (mean reduction)."""
     from opacus import GradSampleModule
 
-    from common.models.adapter import trainable_named_parameters
-    from common.models.causal_lm import causal_lm_loss
+    from fedtune.common.models.adapter import trainable_named_parameters
+    from fedtune.common.models.causal_lm import causal_lm_loss
 
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     try:
@@ -232,8 +232,8 @@ def _microbatch_grads(model, batch: list[torch.Tensor]) -> dict[str, torch.Tenso
     """Each example's gradient alone: a batch of one, plain autograd. causal_lm_loss is the mean of
     the examples' losses, so a batch of one's gradient is that example's, which is what Opacus'
     "mean" reduction scales each per-sample gradient back to (it multiplies by the batch size)."""
-    from common.models.adapter import trainable_named_parameters
-    from common.models.causal_lm import causal_lm_loss
+    from fedtune.common.models.adapter import trainable_named_parameters
+    from fedtune.common.models.causal_lm import causal_lm_loss
 
     rows: dict[str, list[torch.Tensor]] = {name: [] for name, _ in trainable_named_parameters(model)}
     for i in range(len(batch[0])):
@@ -298,7 +298,7 @@ def per_sample_nf4(device: str, folder: Path) -> str:
     import bitsandbytes as bnb
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from common.models.causal_lm import set_activation_checkpointing
+    from fedtune.common.models.causal_lm import set_activation_checkpointing
 
     model = _tiny_lm(device, folder, dtype="bfloat16", quantization="nf4", checkpointing=True)
     four_bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -361,10 +361,10 @@ def _federation(device: str, folder: Path, *, quantization: str) -> str:
     the in-process engine (the real ServerApp and ClientApps), then the run audited from its ledgers.
     sigma is given (1.0) rather than calibrated: the accountant's search is not what this checks."""
     from benchmarks.random_llama import random_llama_folder
-    from common.config import RunConfig
-    from common.ledger.audit import audit_run
-    from common.ledger.chain import LEDGER_FILE, read_records
-    from simulations import inprocess
+    from fedtune.common.config import RunConfig
+    from fedtune.common.ledger.audit import audit_run
+    from fedtune.common.ledger.chain import LEDGER_FILE, read_records
+    from fedtune.simulations import inprocess
 
     config = RunConfig(task="causal-lm", model=str(random_llama_folder("tiny")), num_clients=2,
                        data=str(_chat_jsonl(folder.parent / "chat.jsonl")), clients_per_round=2, num_rounds=1,
@@ -431,9 +431,9 @@ def _step_per_precision(device: str, path: Path, *, length: int, batch: int = 8)
     config's LoRA, a plan of sample rate 1 (every step takes all `batch`). Per precision, one
     warm-up step, then one timed; the peak counts from before the model is built, so it holds
     weights, activations, per-sample gradients and optimizer state."""
-    from common.data.instructions import InstructionSplit
-    from common.models.loading import load_tokenizer
-    from common.tasks.chat_tokens import encode_pairs
+    from fedtune.common.data.instructions import InstructionSplit
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.tasks.chat_tokens import encode_pairs
 
     words = " ".join(["privacy"] * length)  # every response is cut to fill `length` tokens exactly
     split = InstructionSplit(prompts=[f"Question {i}?" for i in range(batch)], responses=[words] * batch,
@@ -449,12 +449,12 @@ def _step_per_precision(device: str, path: Path, *, length: int, batch: int = 8)
 
 def _billion_step(device: str, path: Path, dataset: TensorDataset, *, dtype: str,
                   quantization: str) -> tuple[float, float]:
-    from client.trainer import train_locally
-    from common.config import RunConfig
-    from common.execution import ExecutionProfile
-    from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
-    from common.models.lora import LoraSettings
-    from common.privacy.plan import PrivacyPlan
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.config import RunConfig
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.privacy.plan import PrivacyPlan
 
     _free_gpu_memory()
     torch.cuda.reset_peak_memory_stats(device)
@@ -479,7 +479,7 @@ def _billion_step(device: str, path: Path, dataset: TensorDataset, *, dtype: str
 
 
 def _free_gpu_memory() -> None:
-    from common.models.host import forget_all
+    from fedtune.common.models.host import forget_all
 
     forget_all()  # the model host keeps each process's base: drop it
     gc.collect()

@@ -25,8 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from common.config import RunConfig
-    from simulations.inprocess import federation, run
+    from fedtune.common.config import RunConfig
+    from fedtune.simulations.inprocess import federation, run
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = RunConfig.load(overrides=args.overrides)

@@ -46,7 +46,7 @@ def cases(*, quick: bool) -> list[tuple[float, int, str, int, int]]:
 
 
 def measure(sigma: float, steps: int, case: str, seed: int, trials: int) -> dict:
-    from client.mechanism_check import check_mechanism
+    from fedtune.client.mechanism_check import check_mechanism
 
     fault = None if case == "honest" else case
     result = check_mechanism(noise_multiplier=sigma, sample_rate=SAMPLE_RATE, max_grad_norm=1.0, delta=DELTA,
@@ -81,7 +81,7 @@ def table(rows: list[dict]) -> str:
 
 def ideal(sigma: float, case: str, seeds: int) -> dict:
     """The check's statistics on `seeds` independent draws of ideal one-step scores."""
-    from client.mechanism_stats import bound_rates, claim_profile, trial_statistic
+    from fedtune.client.mechanism_stats import bound_rates, claim_profile, trial_statistic
 
     profile = claim_profile(noise_multiplier=sigma, sample_rate=SAMPLE_RATE, steps=1, delta=DELTA)
     rate = SAMPLE_RATE * (2 if case == "double-rate" else 1)

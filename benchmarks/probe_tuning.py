@@ -28,14 +28,14 @@ CANDIDATES = [{"probe_learning_rate": lr, "probe_steps": steps, "head_prior": pr
 
 def client_features(seed: int):
     """(label names, per client (train features, validation features)) for the utility job's split."""
-    from common.models.pooled_features import pooled_features
-    from common.config import RunConfig
-    from common.models.loading import load_tokenizer
-    from common.models.pooled_classifier import HeadSettings
-    from common.models.lora import LoraSettings
-    from common.run_data import federated_splits
-    from common.tasks import get_task
-    from common.tasks.classification import encode
+    from fedtune.common.models.pooled_features import pooled_features
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.models.pooled_classifier import HeadSettings
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.run_data import federated_splits
+    from fedtune.common.tasks import get_task
+    from fedtune.common.tasks.classification import encode
 
     config = RunConfig(training_mode="probe", max_length=64, seed=seed, secure_aggregation=False)
     task, splits = get_task("classification"), federated_splits(config)
@@ -54,9 +54,9 @@ def federated_probe(*, prior, parts, candidate: dict, epsilon: float, seed: int)
     """Validation accuracy (all clients' validation records) after 3 rounds of FedAvg."""
     from types import SimpleNamespace
 
-    from client.probe_round import head_loss
-    from client.trainer import train_locally
-    from common.privacy.plan import plan_of_config
+    from fedtune.client.probe_round import head_loss
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.privacy.plan import plan_of_config
 
     weight = prior[0].clone() if candidate["head_prior"] else torch.zeros_like(prior[0])
     bias = torch.zeros_like(prior[1])

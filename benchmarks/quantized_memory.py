@@ -41,16 +41,16 @@ def measure(*, model: str, base_dtype: str, quantization: str, checkpointing: bo
     import torch
 
     from benchmarks.random_llama import parameter_count, random_llama_folder
-    from client.trainer import train_locally
-    from common.data.instructions import InstructionSplit
-    from common.execution import ExecutionProfile
-    from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
-    from common.models.loading import load_tokenizer
-    from common.models.lora import LoraSettings
-    from common.models.memory import release_freed_memory
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks import resolve_model_path
-    from common.tasks.chat_tokens import encode_pairs
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.data.instructions import InstructionSplit
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.models.memory import release_freed_memory
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks import resolve_model_path
+    from fedtune.common.tasks.chat_tokens import encode_pairs
 
     torch.set_num_threads(os.cpu_count() or 1)
     release_freed_memory()  # as a causal-lm client does before training

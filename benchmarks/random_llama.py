@@ -27,7 +27,7 @@ def random_llama_folder(size: str = "1b", *, cache: Path | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from common.models.smollm2 import cache_root, gguf_path
+    from fedtune.common.models.smollm2 import cache_root, gguf_path
 
     folder = (cache or cache_root()) / f"random-llama-{size}"
     if (folder / "config.json").is_file():

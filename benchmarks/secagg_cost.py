@@ -41,7 +41,7 @@ def stock_secagg_mod(msg, ctxt, call_next):
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-    from client.policy_guard import note_transport
+    from fedtune.client.policy_guard import note_transport
 
     if msg.metadata.message_type == MessageType.TRAIN:
         note_transport(ctxt, secure_aggregation=RECORD_KEY_CONFIGS in msg.content.config_records)
@@ -62,8 +62,8 @@ def stock_simulate(argv: list[str]) -> None:
     """`fedtune simulate ARGS` with Flower's stock SecAgg+ on both sides (the baseline only)."""
     from fedtune.main import cli
 
-    with mock.patch("client.app.secure_aggregation_mod", lambda node_of: stock_secagg_mod), \
-            mock.patch("server.federation.secagg_workflow", stock_workflow):
+    with mock.patch("fedtune.client.app.secure_aggregation_mod", lambda node_of: stock_secagg_mod), \
+            mock.patch("fedtune.server.federation.secagg_workflow", stock_workflow):
         cli(["simulate", *argv], standalone_mode=False)
 
 

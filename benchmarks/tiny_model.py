@@ -14,7 +14,7 @@ def save_tiny_bert(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from common.tasks import resolve_model_path
+    from fedtune.common.tasks import resolve_model_path
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("default")))

@@ -100,17 +100,17 @@ def baseline_rows(*, job: dict) -> list[dict]:
     """Centralized non-private LoRA, and client 0 alone (no DP, epsilon 8), on the same test split."""
     import torch
 
-    from client.trainer import train_locally
-    from common.config import RunConfig
-    from common.data.labelled import Split
-    from common.models.classifier import build_lora_classifier
-    from common.models.loading import load_tokenizer
-    from common.models.lora import LoraSettings
-    from common.tasks import resolve_model_path
-    from common.privacy.plan import plan_privacy
-    from common.run_data import federated_splits
-    from common.tasks import get_task
-    from common.tasks.classification import encode
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.config import RunConfig
+    from fedtune.common.data.labelled import Split
+    from fedtune.common.models.classifier import build_lora_classifier
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.tasks import resolve_model_path
+    from fedtune.common.privacy.plan import plan_privacy
+    from fedtune.common.run_data import federated_splits
+    from fedtune.common.tasks import get_task
+    from fedtune.common.tasks.classification import encode
 
     torch.set_num_threads(2)
     config = RunConfig.from_mapping({**job, **BASELINE_KEYS[None]})

@@ -19,21 +19,21 @@ from flwr.app import Context
 from flwr.client import Client, ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.drills import DrillClient, dropout_mod
-from client.fl_client import FedtuneClient
-from client.node_data import NodeData
-from client.policy_guard import transport_of
-from client.secure_aggregation import SecAggNode, secure_aggregation_mod
-from client.trainer import step_progress_file
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node, sized_to_federation
-from common.ledger.chain import signing_key
-from common.ledger.receipts import printable
-from common.privacy.policy import NodePolicy
-from common.protocol import SecAggWire
-from common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
+from fedtune.client.drills import DrillClient, dropout_mod
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.node_data import NodeData
+from fedtune.client.policy_guard import transport_of
+from fedtune.client.secure_aggregation import SecAggNode, secure_aggregation_mod
+from fedtune.client.trainer import step_progress_file
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.flwr_run import SIMULATION_ROSTER, flwr_run_dir, in_simulated_node, sized_to_federation
+from fedtune.common.ledger.chain import signing_key
+from fedtune.common.ledger.receipts import printable
+from fedtune.common.privacy.policy import NodePolicy
+from fedtune.common.protocol import SecAggWire
+from fedtune.common.secure_aggregation.roster import NO_ROSTER, Roster, RosterError
 
 RUN_LOG = logging.getLogger("fedtune.node.run")  # under the node runtime's logger: `fedtune run-node` prints it
 MAX_NAMED_RUNS = 1_024  # a coordinator may name a new run each round: the memory of named runs is bounded

@@ -21,9 +21,9 @@ from flwr.client import NumPyClient
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from common.config import RunConfig
-from common.faults import CORRUPTIONS, DROP_FIT, DROP_STAGES, STALL, InjectedFault, client_fault
-from common.protocol import FitInstructions, FitReport, Status
+from fedtune.common.config import RunConfig
+from fedtune.common.faults import CORRUPTIONS, DROP_FIT, DROP_STAGES, STALL, InjectedFault, client_fault
+from fedtune.common.protocol import FitInstructions, FitReport, Status
 
 log = logging.getLogger(__name__)
 

@@ -19,27 +19,27 @@ import numpy as np
 from flwr.client import NumPyClient
 from torch.utils.data import TensorDataset
 
-from client.node_data import NodeData, client_split, data_version, label_names_from, model_of, pin_refusal
-from client.policy_guard import Transport, data_refusal, request_refusal
-from client.privacy_ledger import ClientPrivacyLedger
-from client.probe_round import train_probe_round
-from client.replay import replay_problem, replay_round
-from client.trainer import train_locally
-from client.update_cache import CachedUpdate, UpdateCache
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings
-from common.models.pooled_features import FEATURES_DIR
-from common.privacy.accounting import epsilon_of
-from common.privacy.policy import NodePolicy
-from common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, is_probe_round, plan_of_config,
+from fedtune.client.node_data import NodeData, client_split, data_version, label_names_from, model_of, pin_refusal
+from fedtune.client.policy_guard import Transport, data_refusal, request_refusal
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.probe_round import train_probe_round
+from fedtune.client.replay import replay_problem, replay_round
+from fedtune.client.trainer import train_locally
+from fedtune.client.update_cache import CachedUpdate, UpdateCache
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+from fedtune.common.models.pooled_classifier import HeadSettings
+from fedtune.common.models.pooled_features import FEATURES_DIR
+from fedtune.common.privacy.accounting import epsilon_of
+from fedtune.common.privacy.policy import NodePolicy
+from fedtune.common.privacy.plan import (PrivacyPlan, epsilon_after_next_round, fits_budget, is_probe_round, plan_of_config,
                                  same_schedule)
-from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
-from common.tasks import get_task
+from fedtune.common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
+from fedtune.common.tasks import get_task
 
 log = logging.getLogger(__name__)
 

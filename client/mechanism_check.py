@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.mechanism_stats import CONFIDENCE, RateBounds, bound_rates, claim_profile, trial_statistic
-from common.errors import FedtuneError
-from common.execution import seeded_rng
+from fedtune.client.mechanism_stats import CONFIDENCE, RateBounds, bound_rates, claim_profile, trial_statistic
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import seeded_rng
 
 FAULTS = ("half-noise", "no-clipping", "double-rate")  # broken mechanisms, for tests and benchmarks only
 RANK, WIDTH, LENGTH = 16, 32, 4  # LoRA rank r on query and value: 2 layers x 2 x r x WIDTH A entries
@@ -93,7 +93,7 @@ def check_mechanism(*, noise_multiplier: float, sample_rate: float, max_grad_nor
         raise FedtuneError(f"unknown mechanism fault; one of {', '.join(FAULTS)}")
     if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and max_grad_norm > 0 and 0 < delta < 1 and steps >= 1):
         raise FedtuneError("the mechanism check needs sigma > 0, 0 < q <= 1, C > 0, 0 < delta < 1 and steps >= 1")
-    from common.privacy.accounting import epsilon_of
+    from fedtune.common.privacy.accounting import epsilon_of
 
     started = time.perf_counter()
     inside, outside, dp_steps = _canary_scores(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
@@ -123,9 +123,9 @@ def check_run(*, run_dir: Path, client_id: str, steps: int = 1, trials: int = 1_
     One step per trial by default: the step is what the code implements (a round composes
     independent steps, which is the accountant's arithmetic), and one-step trials are ten times
     as many as ten-step ones for the same time, so the bound comes closest to the claim."""
-    from common.config import RunConfig
-    from common.ledger.audit import find_ledgers
-    from common.ledger.chain import read_records
+    from fedtune.common.config import RunConfig
+    from fedtune.common.ledger.audit import find_ledgers
+    from fedtune.common.ledger.chain import read_records
 
     ledgers = find_ledgers(Path(run_dir))
     if client_id not in ledgers:
@@ -154,9 +154,9 @@ def _canary_scores(*, noise_multiplier, sample_rate, max_grad_norm, steps, trial
                    fault) -> tuple[np.ndarray, np.ndarray, int]:
     """(in-trial scores, out-trial scores, DP steps taken): each (trials, steps), from one run of
     the trainer over canaries and ordinary records."""
-    from client.trainer import train_locally
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks import get_task
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks import get_task
 
     model, lora_a = _stand_in_model()
     entries = sum(p.numel() for p in lora_a)
@@ -194,7 +194,7 @@ def _stand_in_model():
     on query and value: (model, its LoRA A matrices)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from common.models.lora import LoraSettings, attach_lora
+    from fedtune.common.models.lora import LoraSettings, attach_lora
 
     config = BertConfig(vocab_size=4096 + FIRST_ID, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=2 * WIDTH, max_position_embeddings=2 * LENGTH)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import RunConfig
-from common.data.splits import ClientSplit
-from common.errors import FedtuneError
-from common.execution import PROFILE_KEYS
-from common.privacy.policy import POLICY_KEYS
-from common.protocol import EvaluateInstructions, FitInstructions
-from common.run_data import federated_splits
-from common.values import coerce
-from common.tasks import get_task
+from fedtune.common.config import RunConfig
+from fedtune.common.data.splits import ClientSplit
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import PROFILE_KEYS
+from fedtune.common.privacy.policy import POLICY_KEYS
+from fedtune.common.protocol import EvaluateInstructions, FitInstructions
+from fedtune.common.run_data import federated_splits
+from fedtune.common.values import coerce
+from fedtune.common.tasks import get_task
 
 # Node config keys that say where this institution's data and model are and how to read them;
 # in deployment the coordinator's run config never names a file the node opens.

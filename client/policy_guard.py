@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
 
-from common.privacy.policy import NodePolicy
+from fedtune.common.privacy.policy import NodePolicy
 
 TRANSPORT_RECORD = "fedtune-transport"
 

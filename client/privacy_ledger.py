@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.ledger.chain import Ledger
-from common.ledger.records import (client_record_fields, evaluations_answered, plan_of_run, record_of_round,
+from fedtune.common.ledger.chain import Ledger
+from fedtune.common.ledger.records import (client_record_fields, evaluations_answered, plan_of_run, record_of_round,
                                    trained_history)
-from common.privacy.accounting import HistoryEntry
-from common.privacy.plan import PrivacyPlan
-from common.protocol import Status
+from fedtune.common.privacy.accounting import HistoryEntry
+from fedtune.common.privacy.plan import PrivacyPlan
+from fedtune.common.protocol import Status
 
 
 class ClientPrivacyLedger:

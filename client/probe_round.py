@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from client.trainer import TrainResult, train_locally
-from common.models.pooled_classifier import head_linear
-from common.models.pooled_features import cached_pooled_features
-from common.privacy.accounting import HistoryEntry
-from common.privacy.plan import PrivacyPlan
+from fedtune.client.trainer import TrainResult, train_locally
+from fedtune.common.models.pooled_classifier import head_linear
+from fedtune.common.models.pooled_features import cached_pooled_features
+from fedtune.common.privacy.accounting import HistoryEntry
+from fedtune.common.privacy.plan import PrivacyPlan
 
 
 def head_loss(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

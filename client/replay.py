@@ -11,10 +11,10 @@ import logging
 
 import numpy as np
 
-from client.privacy_ledger import ClientPrivacyLedger
-from client.update_cache import UpdateCache
-from common.models.adapter import adapter_sha256
-from common.protocol import FitReport, Status
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.update_cache import UpdateCache
+from fedtune.common.models.adapter import adapter_sha256
+from fedtune.common.protocol import FitReport, Status
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-from common.secure_aggregation.roster import Roster
-from common.secure_aggregation.statements import key_statement, survivor_statement
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.common.secure_aggregation.statements import key_statement, survivor_statement
 
 
 class Refusal(Exception):

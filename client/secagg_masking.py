@@ -8,9 +8,9 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, parameters_mod
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from client.secagg_checks import Refusal
-from client.secagg_state import SecAggState
-from common.secure_aggregation.masks import mask_arrays, quantize
+from fedtune.client.secagg_checks import Refusal
+from fedtune.client.secagg_state import SecAggState
+from fedtune.common.secure_aggregation.masks import mask_arrays, quantize
 
 
 def masked_update(state: SecAggState, update: list[np.ndarray], num_examples: int, *,

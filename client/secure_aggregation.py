@@ -40,18 +40,18 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
                                                   private_key_to_bytes, public_key_to_bytes)
 
-from client.policy_guard import note_transport
-from client.privacy_ledger import ClientPrivacyLedger
-from client.secagg_masking import masked_update
-from client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
+from fedtune.client.policy_guard import note_transport
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.secagg_masking import masked_update
+from fedtune.client.secagg_checks import (Peer, Refusal, RoundContext, int_list, key_list, peers_problem, setup_problem,
                                   survivors_problem, unmask_problem, value_of, verified_signers)
-from client.secagg_state import SecAggState
-from client.update_cache import UpdateCache
-from common.errors import FedtuneError
-from common.ledger.chain import signing_key
-from common.protocol import FitInstructions, FitReport, SecAggRefusal, SecAggWire, Status
-from common.secure_aggregation.roster import Roster
-from common.secure_aggregation.statements import key_statement, session_digest, survivor_statement
+from fedtune.client.secagg_state import SecAggState
+from fedtune.client.update_cache import UpdateCache
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import signing_key
+from fedtune.common.protocol import FitInstructions, FitReport, SecAggRefusal, SecAggWire, Status
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.common.secure_aggregation.statements import key_statement, session_digest, survivor_statement
 
 # Flower's four stages with the consistency check between the last two; setup may restart a round.
 # The consistency check runs only when someone dropped out after sharing keys: with nobody missing,

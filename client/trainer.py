@@ -19,11 +19,11 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.execution import check_trainables_fp32, device_of, on_device, seeded_rng
-from common.models.adapter import trainable_named_parameters
-from common.privacy.accounting import HistoryEntry
-from common.privacy.noise import private_generator
-from common.privacy.plan import PrivacyPlan
+from fedtune.common.execution import check_trainables_fp32, device_of, on_device, seeded_rng
+from fedtune.common.models.adapter import trainable_named_parameters
+from fedtune.common.privacy.accounting import HistoryEntry
+from fedtune.common.privacy.noise import private_generator
+from fedtune.common.privacy.plan import PrivacyPlan
 
 # (model, input_ids, attention_mask, labels) -> the batch's mean per-example loss: the task's
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

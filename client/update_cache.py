@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.storage import atomic_write, load_npz, save_npz
+from fedtune.common.storage import atomic_write, load_npz, save_npz
 
 
 @dataclass(frozen=True)

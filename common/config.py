@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.config_checks import check, check_run_config
-from common.privacy.budget_defaults import defaults_for_budget
-from common.protocol import JobWire
-from common.tasks import TASK_NAMES
-from common.values import coerce
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.config_checks import check, check_run_config
+from fedtune.common.privacy.budget_defaults import defaults_for_budget
+from fedtune.common.protocol import JobWire
+from fedtune.common.tasks import TASK_NAMES
+from fedtune.common.values import coerce
 
 # What a key set to 0 or "" becomes. classification: tuned on BBC News (BENCHMARKS.md); causal-lm:
 # what configs/causal-lm.toml measured (FFA-LoRA is tuned for classification only).

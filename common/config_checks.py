@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.errors import FedtuneError
-from common.faults import check_faults
-from common.training_modes import TRAINING_MODES, training_mode
+from fedtune.common.errors import FedtuneError
+from fedtune.common.faults import check_faults
+from fedtune.common.training_modes import TRAINING_MODES, training_mode
 
 PARTITIONERS = ("iid", "dirichlet", "category")
 ACCOUNTANTS = ("prv", "rdp")

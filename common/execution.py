@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from common.errors import FedtuneError
-from common.values import coerce
+from fedtune.common.errors import FedtuneError
+from fedtune.common.values import coerce
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 # A client that vanishes: before answering a SecAgg+ stage, or (collect-masked-vectors, fit)
 # after it trained and signed its ledger but before its reply leaves.

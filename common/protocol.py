@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Mapping
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 
 class Status(StrEnum):

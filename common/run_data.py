@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 
-from common.config import RunConfig
-from common.data.splits import FederatedSplits, make_federated_splits
-from common.tasks import get_task
+from fedtune.common.config import RunConfig
+from fedtune.common.data.splits import FederatedSplits, make_federated_splits
+from fedtune.common.tasks import get_task
 
 
 @functools.lru_cache(maxsize=4)

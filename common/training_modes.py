@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 PROBE_STAGE, ADAPTER_STAGE = "probe", "adapter"  # a round's stage, as the plan table and the ledger name it
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 KINDS = {"bool": bool, "int": int, "float": float, "str": str}
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 from fedtune.shell import console, err
 
 
@@ -26,7 +26,7 @@ def receipt(
     """Sign a receipt of this institution's ledger for a run, for an auditor to check the run against."""
     from rich.markup import escape
 
-    from common.ledger.receipts import printable, write_receipt
+    from fedtune.common.ledger.receipts import printable, write_receipt
 
     payload = write_receipt(ledger_dir=ledger_dir, run_id=run_id, out=out)
     body = payload["receipt"]
@@ -54,8 +54,8 @@ def audit(
 ) -> None:
     """Verify ledgers and recompute every client's epsilon. Exit 0 clean, 1 failed, 2 over budget."""
     from fedtune.audit_view import print_audit
-    from common.ledger.audit import audit_run
-    from common.ledger.report import check_out_dir
+    from fedtune.common.ledger.audit import audit_run
+    from fedtune.common.ledger.report import check_out_dir
 
     if out is not None and not report:
         raise FedtuneError("--out names where the report goes: add --report")
@@ -81,7 +81,7 @@ def audit(
     if as_json:
         from dataclasses import asdict
 
-        from common.storage import json_safe
+        from fedtune.common.storage import json_safe
 
         payload = result.to_json()
         if checks:
@@ -95,7 +95,7 @@ def audit(
 
 
 def _write_report(result, target: Path, out: Path | None) -> None:
-    from common.ledger.report import write_report
+    from fedtune.common.ledger.report import write_report
 
     run_dir = target if target.is_dir() and (target / "ledgers").is_dir() else None
     out_dir = out or run_dir or (target.parent if target.is_file() else target)
@@ -108,7 +108,7 @@ def _check_mechanism(target: Path, client: str, *, quiet: bool):
     """The white-box canary check of one client's DP-SGD step (client/mechanism_check.py); a
     finding counts only when an independent second check finds it too (about 1 in 40,000 pairs
     on an honest step, while every broken step in BENCHMARKS.md is flagged by each check)."""
-    from client.mechanism_check import check_run
+    from fedtune.client.mechanism_check import check_run
     from fedtune.mechanism_view import print_mechanism_check
 
     if not quiet:

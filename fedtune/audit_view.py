@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from common.ledger.audit import AuditResult
+from fedtune.common.ledger.audit import AuditResult
 
 VERDICT_STYLE = {0: "bold green", 1: "bold red", 2: "bold yellow"}
 UNPINNED_STYLE = "bold cyan"  # consistent, but not attested by the institutions' keys: not the green of "clean"

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import FedtuneError
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import atomic_write
 
 PRIVATE, PUBLIC = 0o600, 0o644
 

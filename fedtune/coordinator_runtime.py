@@ -23,8 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.trust.gate import RunGate
+from fedtune.common.errors import FedtuneError
+from fedtune.common.trust.gate import RunGate
 from fedtune.runtime_api import (abbreviated, acquire, acquiring_client, flag_value, task_client, task_ended,
                                  write_secret)
 from fedtune.serverapp_process import TOKEN_ENV

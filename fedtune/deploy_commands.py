@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 from fedtune.shell import INPUT_ERROR, console, error_line
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import typer
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 from fedtune.shell import console, err
 
 
 def operator_key(out: Path = typer.Option(..., "--out", help="Directory for the operator's Ed25519 key pair.")) -> None:
     """The coordinator operator's signing key: operator.pub goes to every institution to pin."""
-    from common.trust.job_signature import make_operator_keys
+    from fedtune.common.trust.job_signature import make_operator_keys
 
     public = make_operator_keys(out)
     console().print(f"give to every institution  {public}   (node config: operator-key='/path/to/operator.pub')",
@@ -28,7 +28,7 @@ def operator_key(out: Path = typer.Option(..., "--out", help="Directory for the 
 
 def app_hash() -> None:
     """The sha256 of the app this installation runs (what `flwr run` of this checkout submits)."""
-    from common.trust.app_pin import installed_app
+    from fedtune.common.trust.app_pin import installed_app
 
     print(installed_app().sha256)
 
@@ -42,8 +42,8 @@ def sign_job(
 ) -> None:
     """Print the signed --run-config for `flwr run . <federation> --run-config "$(fedtune sign-job ...)"`.
     The job is checked first as every party will check it (config values, the default node caps)."""
-    from common.secure_aggregation.roster import Roster
-    from common.trust.signing import signed_run_config
+    from fedtune.common.secure_aggregation.roster import Roster
+    from fedtune.common.trust.signing import signed_run_config
 
     federation = Roster.load(roster).fingerprint
     text, job_id = signed_run_config(key=key, run_config=run_config, valid_days=valid_days, federation=federation,
@@ -57,8 +57,8 @@ def check_job(fused) -> None:
     """What every party will refuse in a fused run config, refused before it is signed: its values
     (RunConfig, as nodes and the coordinator parse it) and the default node caps on rounds and on the
     DP steps no record count could lower (a node's own caps may be tighter)."""
-    from common.config import RunConfig
-    from common.privacy.plan import size_problem
+    from fedtune.common.config import RunConfig
+    from fedtune.common.privacy.plan import size_problem
 
     problem = size_problem(RunConfig.from_mapping(dict(fused)), num_examples=None,
                            party="a node with the default policy")
@@ -69,8 +69,8 @@ def check_job(fused) -> None:
 def node_gate(node: dict):
     """A node's run gate: its pinned app, operator key and the fingerprint of the roster it pins
     (a roster it cannot read is a setup error, named in one line)."""
-    from common.secure_aggregation.roster import Roster
-    from common.trust.gate import RunGate
+    from fedtune.common.secure_aggregation.roster import Roster
+    from fedtune.common.trust.gate import RunGate
 
     federation = Roster.load(str(node["roster"])).fingerprint if node.get("roster") else None
     return RunGate.from_node_config(node, federation=federation)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 from fedtune import audit_commands, deploy_commands, job_commands, predict_command
 from fedtune.shell import BUDGET_EXCEEDED, EXIT_CODES_HELP, console, err
@@ -70,9 +70,9 @@ def simulate(
                                "same apps without Ray: nodes one after another in this process, for debugging)."),
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
     from fedtune import shell
-    from simulations.resume import resume_config
+    from fedtune.simulations.resume import resume_config
 
     if resume is not None:
         if config is not None or out is not None:
@@ -80,7 +80,7 @@ def simulate(
         resolved, out = resume_config(resume, overrides), resume
     else:
         resolved = RunConfig.load(path=config, overrides=overrides)
-    from simulations.simulate import simulate as run  # Flower, Ray and torch load once the config is valid
+    from fedtune.simulations.simulate import simulate as run  # Flower, Ray and torch load once the config is valid
 
     # --json: stdout holds the summary alone; --quiet: nothing but the summary and errors.
     shell_console = console(stderr=as_json, quiet=quiet)
@@ -239,7 +239,7 @@ def _config_key_hint(exc):
     if not isinstance(exc, click.NoSuchOption) or command is None or not any(
             "--set" in param.opts for param in command.params):
         return exc
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     name = exc.option_name.lstrip("-")
 

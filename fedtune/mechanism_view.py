@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:  # the check itself loads torch; printing its result need not
-    from client.mechanism_check import MechanismCheck
+    from fedtune.client.mechanism_check import MechanismCheck
 
 
 def print_mechanism_check(result: MechanismCheck, console: Console) -> None:

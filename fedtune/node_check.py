@@ -18,15 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.common.config import parse_config_args
 
-from client.node_data import NodeData, check_node_keys
-from common.data.instructions import load_instruction_pairs
-from common.data.labelled import load_labelled_texts
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.ledger.chain import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger
-from common.models.loading import check_model_folder
-from common.privacy.policy import NodePolicy
-from common.secure_aggregation.roster import NO_ROSTER, Roster, public_key_file
+from fedtune.client.node_data import NodeData, check_node_keys
+from fedtune.common.data.instructions import load_instruction_pairs
+from fedtune.common.data.labelled import load_labelled_texts
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.ledger.chain import LEDGER_FILE, PUBLIC_KEY_FILE, Ledger
+from fedtune.common.models.loading import check_model_folder
+from fedtune.common.privacy.policy import NodePolicy
+from fedtune.common.secure_aggregation.roster import NO_ROSTER, Roster, public_key_file
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _describe_profile(text: str) -> str:
 
 def _check_pins(text: str) -> str:
     """The app this node runs and the operator whose signed jobs it accepts (fedtune/node_runtime.py)."""
-    from common.ledger.chain import public_key_fingerprint
+    from fedtune.common.ledger.chain import public_key_fingerprint
     from fedtune.job_commands import node_gate
 
     gate = node_gate(parse_config_args([text]))

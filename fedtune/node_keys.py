@@ -19,9 +19,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import FedtuneError
-from common.ledger.chain import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, create_ledger_keys
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, create_ledger_keys
+from fedtune.common.storage import atomic_write
 
 SUPERNODE_KEY = "supernode"
 PRIVATE, PUBLIC = 0o600, 0o644

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.trust.gate import RunGate
+from fedtune.common.trust.gate import RunGate
 
 LOG = logging.getLogger("fedtune.node")
 # Between AcquireTask calls when nothing is pending: 0.05 s after a task (the next message of a
@@ -51,7 +51,7 @@ class NodeRuntime:
         import httpx
         from flwr.supercore.constant import TaskType
 
-        from client.app import app  # the installed ClientApp: imported once, for every run
+        from fedtune.client.app import app  # the installed ClientApp: imported once, for every run
         from fedtune.runtime_api import acquire, acquiring_client
 
         LOG.info("node runtime: serving the installed app %s", self.gate.app.sha256)
@@ -131,7 +131,7 @@ class NodeRuntime:
         LOG.info("run %d: %s %s answered in %.3f s%s", timing.run_id, timing.message_type, timing.stage,
                  timing.seconds, " (refused)" if timing.refused else "")
         if self.timings_file is not None:
-            from common.models import host
+            from fedtune.common.models import host
 
             with self.timings_file.open("a") as out:
                 out.write(json.dumps({**timing.__dict__, "model_loads": host.base_loads}) + "\n")

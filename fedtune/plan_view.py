@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class PlanRequest:
 def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
     """The run config's validation and messages, the node's delta rule, and the plot's folder.
     Returns the request with its mode resolved as a run's is (an unset mode: the budget's default)."""
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     if request.dataset_size < 1:
         raise FedtuneError("--dataset-size must be at least 1 (the client's number of training examples)")
@@ -49,7 +49,7 @@ def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
                        probe_rounds=request.probe_rounds, probe_steps=request.probe_steps,
                        probe_epsilon_share=request.probe_share)
     _check_size(config, dataset_size=request.dataset_size)
-    from common.privacy.policy import NodePolicy
+    from fedtune.common.privacy.policy import NodePolicy
 
     if NodePolicy(allow_large_delta=request.allow_large_delta).delta_problem(delta=request.delta,
                                                                             num_examples=request.dataset_size):
@@ -64,7 +64,7 @@ def check_request(request: PlanRequest, plot: Path | None) -> PlanRequest:
 def _check_size(config, *, dataset_size: int) -> None:
     """A plan over the default node caps would be refused by a client before it calibrates; it is
     refused here too, by the same rule, before the accountant's time and memory are spent."""
-    from common.privacy.plan import size_problem
+    from fedtune.common.privacy.plan import size_problem
 
     problem = size_problem(config, num_examples=dataset_size, party="a node by default")
     if problem:
@@ -96,7 +96,7 @@ def load_accountants_without_torch() -> None:
 
 def schedule_of(request: PlanRequest) -> dict:
     """The schedule, with each round a client's budget guard would refuse marked."""
-    from common.privacy.plan import privacy_schedule  # the accountants load only once the input is valid
+    from fedtune.common.privacy.plan import privacy_schedule  # the accountants load only once the input is valid
 
     return privacy_schedule(dataset_size=request.dataset_size, batch_size=request.batch_size,
                             local_epochs=request.local_epochs, rounds=request.rounds,

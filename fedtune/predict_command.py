@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 
 def predict(
@@ -35,7 +35,7 @@ def predict(
 
 def _read_texts(path: Path, *, column: str) -> list[str]:
     """The texts of a data file fedtune reads (its --column), or of a plain file, one per line."""
-    from common.data.files import SUPPORTED_SUFFIXES, read_records
+    from fedtune.common.data.files import SUPPORTED_SUFFIXES, read_records
 
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         if not path.is_file():
@@ -49,7 +49,7 @@ def _read_texts(path: Path, *, column: str) -> list[str]:
 
 
 def _labeller(folder: Path, *, base: Optional[Path]):
-    from common.models.setfit_format import is_setfit_folder, load_without_pickle
+    from fedtune.common.models.setfit_format import is_setfit_folder, load_without_pickle
 
     if is_setfit_folder(folder):  # its head read from safetensors: model_head.pkl is never unpickled
         return load_without_pickle(folder)
@@ -64,8 +64,8 @@ def _labeller(folder: Path, *, base: Optional[Path]):
 
 
 def _packaged_base(folder: Path) -> Path:
-    from common.models.base_reference import PACKAGED_BASES, BaseModelReference
-    from common.tasks import resolve_model_path
+    from fedtune.common.models.base_reference import PACKAGED_BASES, BaseModelReference
+    from fedtune.common.tasks import resolve_model_path
 
     name = BaseModelReference.read(folder).name_or_path
     if name != PACKAGED_BASES["classification"].hub_id:

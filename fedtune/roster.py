@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.ledger.chain import PUBLIC_KEY_FILE
-from common.secure_aggregation.roster import INSTITUTION_ID, Roster, public_key_file
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import PUBLIC_KEY_FILE
+from fedtune.common.secure_aggregation.roster import INSTITUTION_ID, Roster, public_key_file
 
 DEFAULT_DAYS = 180
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from common.storage import atomic_write
+from fedtune.common.storage import atomic_write
 
 ACQUIRE_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 

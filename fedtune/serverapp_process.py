@@ -77,7 +77,7 @@ def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
     from flwr.supercore.logger import mirror_output_to_queue, start_log_uploader, stop_log_uploader
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.trust.gate import RunGate
+    from fedtune.common.trust.gate import RunGate
 
     exit_when_orphaned()
     gate = RunGate.from_pins(operator_key=operator_key, bindings_dir=Path(state_dir))
@@ -103,7 +103,7 @@ def main(address: str, operator_key: str, state_dir: str, ca: str) -> int:
             print(f"refused by the coordinator: run {run.run_id} (app {fab.hash_str}): {refusal}", flush=True)
             details = f"refused by the coordinator: {refusal}"
             return 1
-        from server.app import app  # the installed ServerApp
+        from fedtune.server.app import app  # the installed ServerApp
 
         context.run_config = run_config
         run_server_app(grid=grid, context=context, server_app_dir=str(gate.app.root), loaded_server_app=app)

@@ -185,7 +185,7 @@ def _checked_extra(extra: list[str]) -> list[str]:
     with the loopback host and a free port added when not given."""
     import socket
 
-    from common.errors import FedtuneError
+    from fedtune.common.errors import FedtuneError
     from fedtune.runtime_api import abbreviated, flag_value
 
     names = [arg.split("=")[0] for arg in extra if arg.startswith("--")]

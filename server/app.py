@@ -12,11 +12,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.federation import run_federation
-from server.flwr_run import run_flwr_job
-from server.recorder import RoundCallback
-from server.run_directory import RunDirectory, default_run_dir
+from fedtune.common.config import RunConfig
+from fedtune.server.federation import run_federation
+from fedtune.server.flwr_run import run_flwr_job
+from fedtune.server.recorder import RoundCallback
+from fedtune.server.run_directory import RunDirectory, default_run_dir
 
 
 def build_server_app(*, config: RunConfig | None = None, run_dir: Path | None = None,

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from flwr.common import ndarray_to_bytes
 
-from common.ledger.records import server_record_fields
-from common.protocol import REFUSALS, Status
-from common.storage import json_safe
-from common.tasks.base import Task
-from server.strategy import RoundOutcome
+from fedtune.common.ledger.records import server_record_fields
+from fedtune.common.protocol import REFUSALS, Status
+from fedtune.common.storage import json_safe
+from fedtune.common.tasks.base import Task
+from fedtune.server.strategy import RoundOutcome
 
 # A client's entry in a round record: what it reported, in this order (absent ones left out).
 CLIENT_ENTRY_FIELDS = ("status", "epsilon", "noise_multiplier", "sample_rate", "steps", "train_loss",

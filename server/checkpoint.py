@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import FedtuneError
-from common.storage import load_npz, save_npz
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import load_npz, save_npz
 
 CHECKPOINT_FILE = "checkpoint.npz"
 

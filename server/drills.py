@@ -13,8 +13,8 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
-from common.faults import coordinator_crashes
-from server.rounds import Workflow
+from fedtune.common.faults import coordinator_crashes
+from fedtune.server.rounds import Workflow
 
 log = logging.getLogger(__name__)
 

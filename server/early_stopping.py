@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.models.adapter import arrays_to_adapter
-from common.tasks.base import Task
+from fedtune.common.models.adapter import arrays_to_adapter
+from fedtune.common.tasks.base import Task
 
 log = logging.getLogger(__name__)
 

@@ -20,39 +20,39 @@ from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.flwr_run import SIMULATION_ROSTER
-from common.ledger.chain import Ledger
-from common.ledger.records import adapter_saved_fields
-from common.execution import base_dtype_name
-from common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
-from common.models.artifact import is_pooled_classifier, is_sequence_classifier, share_files
-from common.models.base_reference import base_model_reference
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings, head_linear
-from common.models.pooled_features import FEATURES_DIR, cached_pooled_features
-from common.models.setfit_format import save_setfit_model
-from common.run_data import federated_splits
-from common.secure_aggregation.roster import Roster
-from common.storage import atomic_write, file_digests
-from common.tasks import get_task
-from common.tasks.base import GeneratesText, Task
-from common.tasks.classification import scores_of_logits
-from server.bookkeeping import run_summary, upload_bytes
-from server.checkpoint import Checkpoint
-from server.drills import crash_after_fit
-from server.early_stopping import EarlyStopping
-from server.model_card import CardFacts, fedtune_version, model_card
-from server.recorder import RoundCallback, RoundRecorder
-from server.resume import first_round, restore
-from server.rounds import Workflow, plain_fit_workflow, run_rounds
-from server.run_directory import RunDirectory
-from server.samples import SampleWriter
-from server.secure_aggregation import secagg_parameters, secagg_workflow
-from server.node_identities import NodeIdentities
-from server.strategy import AdapterFedAvg
-from server.update_validation import update_norm_bound
+from fedtune.common.config import RunConfig
+from fedtune.common.flwr_run import SIMULATION_ROSTER
+from fedtune.common.ledger.chain import Ledger
+from fedtune.common.ledger.records import adapter_saved_fields
+from fedtune.common.execution import base_dtype_name
+from fedtune.common.models.adapter import adapter_sha256, adapter_to_arrays, arrays_to_adapter, save_adapter
+from fedtune.common.models.artifact import is_pooled_classifier, is_sequence_classifier, share_files
+from fedtune.common.models.base_reference import base_model_reference
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+from fedtune.common.models.pooled_classifier import HeadSettings, head_linear
+from fedtune.common.models.pooled_features import FEATURES_DIR, cached_pooled_features
+from fedtune.common.models.setfit_format import save_setfit_model
+from fedtune.common.run_data import federated_splits
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.common.storage import atomic_write, file_digests
+from fedtune.common.tasks import get_task
+from fedtune.common.tasks.base import GeneratesText, Task
+from fedtune.common.tasks.classification import scores_of_logits
+from fedtune.server.bookkeeping import run_summary, upload_bytes
+from fedtune.server.checkpoint import Checkpoint
+from fedtune.server.drills import crash_after_fit
+from fedtune.server.early_stopping import EarlyStopping
+from fedtune.server.model_card import CardFacts, fedtune_version, model_card
+from fedtune.server.recorder import RoundCallback, RoundRecorder
+from fedtune.server.resume import first_round, restore
+from fedtune.server.rounds import Workflow, plain_fit_workflow, run_rounds
+from fedtune.server.run_directory import RunDirectory
+from fedtune.server.samples import SampleWriter
+from fedtune.server.secure_aggregation import secagg_parameters, secagg_workflow
+from fedtune.server.node_identities import NodeIdentities
+from fedtune.server.strategy import AdapterFedAvg
+from fedtune.server.update_validation import update_norm_bound
 
 log = logging.getLogger(__name__)
 

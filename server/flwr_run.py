@@ -22,13 +22,13 @@ from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
 from rich.markup import escape
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.flwr_run import flwr_run_dir, sized_to_federation
-from common.secure_aggregation.roster import Roster
-from server.federation import run_federation
-from server.round_table import RoundTable, run_banner
-from server.run_directory import RunDirectory, write_simulation_roster
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.flwr_run import flwr_run_dir, sized_to_federation
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.server.federation import run_federation
+from fedtune.server.round_table import RoundTable, run_banner
+from fedtune.server.run_directory import RunDirectory, write_simulation_roster
 
 NODE_WAIT_S = 60.0  # the simulation engine registers its SuperNodes while the ServerApp loads
 

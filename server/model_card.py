@@ -14,10 +14,10 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import RunConfig
-from common.models.base_reference import BaseModelReference
-from common.protocol import Status
-from common.training_modes import training_mode
+from fedtune.common.config import RunConfig
+from fedtune.common.models.base_reference import BaseModelReference
+from fedtune.common.protocol import Status
+from fedtune.common.training_modes import training_mode
 
 PIPELINE_TAGS = {"classification": "text-classification", "causal-lm": "text-generation"}
 UNIT_OF_PRIVACY = "one record (one training example) of one client's own data"

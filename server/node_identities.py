@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from flwr.common.logger import log as flower_log
 from flwr.server.client_proxy import ClientProxy
 
-from common.errors import FedtuneError
-from common.secure_aggregation.roster import Roster
+from fedtune.common.errors import FedtuneError
+from fedtune.common.secure_aggregation.roster import Roster
 
 log = logging.getLogger(__name__)
 

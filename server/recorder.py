@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from common.ledger.chain import Ledger
-from common.models.adapter import adapter_sha256
-from common.storage import json_safe
-from common.tasks.base import Task
-from server.bookkeeping import every_client_refused, round_record, server_ledger_record
-from server.checkpoint import Checkpoint, random_state
-from server.early_stopping import EarlyStopping
-from server.run_directory import RunDirectory
-from server.strategy import AdapterFedAvg, RoundOutcome
+from fedtune.common.ledger.chain import Ledger
+from fedtune.common.models.adapter import adapter_sha256
+from fedtune.common.storage import json_safe
+from fedtune.common.tasks.base import Task
+from fedtune.server.bookkeeping import every_client_refused, round_record, server_ledger_record
+from fedtune.server.checkpoint import Checkpoint, random_state
+from fedtune.server.early_stopping import EarlyStopping
+from fedtune.server.run_directory import RunDirectory
+from fedtune.server.strategy import AdapterFedAvg, RoundOutcome
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 
-from common.errors import FedtuneError
-from common.ledger.chain import Ledger
-from server.checkpoint import Checkpoint, restore_random_state
-from server.run_directory import RunDirectory
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import Ledger
+from fedtune.server.checkpoint import Checkpoint, restore_random_state
+from fedtune.server.run_directory import RunDirectory
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.config import RunConfig
-from common.tasks import get_task
-from common.tasks.base import Task
+from fedtune.common.config import RunConfig
+from fedtune.common.tasks import get_task
+from fedtune.common.tasks.base import Task
 
 NONE_TRAINED = "none trained"  # a DP round's epsilon cell when no client trained or reported a spend
 

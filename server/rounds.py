@@ -17,7 +17,7 @@ from flwr.server.workflow.default_workflows import (default_centralized_evaluati
                                                      default_init_params_workflow)
 from flwr.serverapp import Grid
 
-from server.node_identities import wait_for_nodes
+from fedtune.server.node_identities import wait_for_nodes
 
 log = logging.getLogger(__name__)
 

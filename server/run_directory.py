@@ -9,12 +9,12 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.flwr_run import SIMULATION_ROSTER
-from common.ledger.chain import PUBLIC_KEY_FILE, create_ledger_keys
-from common.secure_aggregation.roster import Roster, public_key_file
-from common.storage import append_line, atomic_write, json_safe
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.flwr_run import SIMULATION_ROSTER
+from fedtune.common.ledger.chain import PUBLIC_KEY_FILE, create_ledger_keys
+from fedtune.common.secure_aggregation.roster import Roster, public_key_file
+from fedtune.common.storage import append_line, atomic_write, json_safe
 
 ROSTER_DAYS = 30  # a simulation's roster is rewritten (same keys, new date) whenever it starts or resumes
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.models.adapter import arrays_to_adapter
-from common.storage import atomic_write
-from common.tasks.base import GeneratesText
+from fedtune.common.models.adapter import arrays_to_adapter
+from fedtune.common.storage import atomic_write
+from fedtune.common.tasks.base import GeneratesText
 
 
 class SampleWriter:

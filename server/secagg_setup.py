@@ -19,9 +19,9 @@ from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from common.protocol import MAX_REASON_CHARS, SecAggWire
-from common.secure_aggregation.statements import key_statement
-from server.node_identities import NodeIdentities
+from fedtune.common.protocol import MAX_REASON_CHARS, SecAggWire
+from fedtune.common.secure_aggregation.statements import key_statement
+from fedtune.server.node_identities import NodeIdentities
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from common.protocol import SecAggWire
-from common.secure_aggregation.masks import mask_arrays
+from fedtune.common.protocol import SecAggWire
+from fedtune.common.secure_aggregation.masks import mask_arrays
 
 log = logging.getLogger(__name__)
 

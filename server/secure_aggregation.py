@@ -22,13 +22,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.config_checks import secagg_threshold
-from common.errors import FedtuneError
-from common.protocol import SecAggRefusal, SecAggWire
-from server.secagg_setup import admit, replace
-from server.secagg_unmask import consistency_check, survivor_signatures, unmask
-from server.update_validation import coordinate_bound
+from fedtune.common.config import RunConfig
+from fedtune.common.config_checks import secagg_threshold
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import SecAggRefusal, SecAggWire
+from fedtune.server.secagg_setup import admit, replace
+from fedtune.server.secagg_unmask import consistency_check, survivor_signatures, unmask
+from fedtune.server.update_validation import coordinate_bound
 
 log = logging.getLogger(__name__)
 

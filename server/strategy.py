@@ -19,9 +19,9 @@ from flwr.common import (EvaluateIns, FitIns, FitRes, Parameters, Scalar, ndarra
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
-from server.node_identities import NodeIdentities
-from server.update_validation import update_problem
+from fedtune.common.protocol import EvaluateInstructions, EvaluateReport, FitInstructions, FitReport, Status
+from fedtune.server.node_identities import NodeIdentities
+from fedtune.server.update_validation import update_problem
 
 log = logging.getLogger(__name__)
 

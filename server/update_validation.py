@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from common.config import RunConfig
-from common.training_modes import training_mode
+from fedtune.common.config import RunConfig
+from fedtune.common.training_modes import training_mode
 
 ADAM_DRIFT_BOUND = 3.0  # per step, an AdamW update moves a coordinate by about lr at most; 3x margin
 

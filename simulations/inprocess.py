@@ -27,12 +27,12 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import build_client_app
-from server.drills import CoordinatorKilled
-from server.federation import run_federation
-from server.recorder import RoundCallback
-from server.run_directory import RunDirectory
-from simulations.simulate import write_simulation_roster
+from fedtune.client.app import build_client_app
+from fedtune.server.drills import CoordinatorKilled
+from fedtune.server.federation import run_federation
+from fedtune.server.recorder import RoundCallback
+from fedtune.server.run_directory import RunDirectory
+from fedtune.simulations.simulate import write_simulation_roster
 
 COORDINATOR_NODE_ID = 1
 STRANGER_NODE_ID = 900  # the first of `federation(strangers=...)`'s nodes

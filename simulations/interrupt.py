@@ -21,7 +21,7 @@ TEARDOWN_SECONDS = 8  # Ray's shutdown gets this long; the process ends regardle
 
 def interrupted_message(run_dir: Path, num_rounds: int) -> str:
     """Which round is checkpointed and how to continue, from what is on disk now."""
-    from server.checkpoint import Checkpoint
+    from fedtune.server.checkpoint import Checkpoint
 
     if not (run_dir / "run.json").is_file():
         return "interrupted before the run started: nothing to resume\n"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from server.run_directory import RunDirectory
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.server.run_directory import RunDirectory
 
 # Keys a resumed run may change: how the drill and the waiting go, never what is trained or how
 # privately. Everything else comes from the run directory's config.toml.

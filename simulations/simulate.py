@@ -9,18 +9,18 @@ from typing import Callable
 
 from rich.console import Console
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.execution import cores_given
-from common.privacy.plan import PrivacyPlan, plan_of_config
-from common.privacy.policy import NodePolicy
-from common.run_data import federated_splits
-from common.tasks import get_task
-from server.checkpoint import Checkpoint
-from server.run_directory import RunDirectory, default_run_dir, write_simulation_roster
-from server.round_table import RoundTable, run_banner
-from simulations.interrupt import StopOnInterrupt
-from simulations.progress import PROGRESS_DIR, RoundProgress
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import cores_given
+from fedtune.common.privacy.plan import PrivacyPlan, plan_of_config
+from fedtune.common.privacy.policy import NodePolicy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task
+from fedtune.server.checkpoint import Checkpoint
+from fedtune.server.run_directory import RunDirectory, default_run_dir, write_simulation_roster
+from fedtune.server.round_table import RoundTable, run_banner
+from fedtune.simulations.interrupt import StopOnInterrupt
+from fedtune.simulations.progress import PROGRESS_DIR, RoundProgress
 
 RAY, IN_PROCESS = "ray", "in-process"
 ENGINES = (RAY, IN_PROCESS)
@@ -94,8 +94,8 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     preflight(config, console)
     # The engine and both apps load only once the checks above passed: a mistake in the config, the
     # data or the run directory is reported in a second, not after Ray, Flower and the apps load.
-    from client.app import build_client_app
-    from server.app import build_server_app
+    from fedtune.client.app import build_client_app
+    from fedtune.server.app import build_server_app
 
     if not verbose:  # the table says what matters; Flower's INFO/WARNING lines are for --verbose
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -172,7 +172,7 @@ def ray_backend_config(config: RunConfig, *, verbose: bool) -> dict:
 
 def _run_engine(engine: str, *, server_app, client_app, num_nodes: int, backend_config: dict, verbose: bool) -> None:
     if engine == IN_PROCESS:
-        from simulations.inprocess import run_apps
+        from fedtune.simulations.inprocess import run_apps
 
         run_apps(server_app=server_app, client_app=client_app, num_nodes=num_nodes)
         return

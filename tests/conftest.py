@@ -94,7 +94,7 @@ def tiny_causal_lm_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from common.models.smollm2 import gguf_path
+    from fedtune.common.models.smollm2 import gguf_path
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     gguf = gguf_path()
@@ -119,7 +119,7 @@ def chat_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_config(tiny_causal_lm_dir, chat_jsonl):
     """A factory for causal-lm run configs on the tiny Llama and the chat pairs."""
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     def make(**changes):
         base = RunConfig(task="causal-lm", model=str(tiny_causal_lm_dir), data=str(chat_jsonl), num_clients=3,
@@ -140,7 +140,7 @@ def tiny_csv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config(tiny_model_dir, tiny_csv):
     """A factory for run configs on the tiny model and data; keyword overrides are snake_case."""
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     def make(**changes):
         base = RunConfig(model=str(tiny_model_dir), data=str(tiny_csv), num_clients=2, clients_per_round=2,
@@ -153,11 +153,11 @@ def tiny_config(tiny_model_dir, tiny_csv):
 
 def initial_adapter(config):
     """The global adapter a server would send in round 1 for `config`."""
-    from common.models.adapter import adapter_to_arrays
-    from common.models.classifier import build_lora_classifier
-    from common.models.lora import LoraSettings
-    from common.tasks import resolve_model_path
-    from common.run_data import federated_splits
+    from fedtune.common.models.adapter import adapter_to_arrays
+    from fedtune.common.models.classifier import build_lora_classifier
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.tasks import resolve_model_path
+    from fedtune.common.run_data import federated_splits
 
     model = build_lora_classifier(model_path=resolve_model_path(config.model),
                                   num_labels=len(federated_splits(config).label_names),
@@ -185,7 +185,7 @@ def finished_dp_run(tiny_config, tmp_path_factory) -> FinishedRun:
     round 2 leaves behind). Read it only: a test that edits a run takes `finished_dp_run_copy`."""
     import shutil
 
-    from simulations import inprocess
+    from fedtune.simulations import inprocess
 
     config = tiny_config(num_clients=3, clients_per_round=3, num_rounds=3, target_epsilon=5.0, dp=True,
                          secure_aggregation=True)

@@ -44,7 +44,7 @@ def app_checkout(dest: Path) -> Path:
     """This repository's app as `flwr run` bundles it, copied without the folders its .gitignore
     leaves out of the bundle anyway (.venv above all): the same FAB, hence the same hash, built in a
     fraction of a second where `flwr run` of the checkout itself walks the venv (seconds to tens of them)."""
-    from common.trust.app_pin import SKIPPED
+    from fedtune.common.trust.app_pin import SKIPPED
 
     skipped = SKIPPED | {"fedtune.egg-info"}
     return Path(shutil.copytree(ROOT, dest, ignore=lambda folder, names: [

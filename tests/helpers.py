@@ -61,8 +61,8 @@ def saved_adapter_arrays(run_dir: Path, *, num_labels: int) -> list:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from common.config import RunConfig
-    from common.models.adapter import adapter_to_arrays
+    from fedtune.common.config import RunConfig
+    from fedtune.common.models.adapter import adapter_to_arrays
 
     config = RunConfig.load(path=run_dir / "config.toml")
     base = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)
@@ -76,8 +76,8 @@ def progress_table(config):
 
     from rich.console import Console
 
-    from common.tasks import get_task
-    from server.round_table import RoundTable
+    from fedtune.common.tasks import get_task
+    from fedtune.server.round_table import RoundTable
 
     buffer = io.StringIO()
     return RoundTable(get_task(config.task), Console(file=buffer, width=200)), buffer

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import RunConfig
-from common.ledger.audit import audit_run
-from common.models.base_reference import BASE_MODEL_FILE, BaseModelReference, base_model_reference
-from server.model_card import CardFacts, client_privacy, model_card
+from fedtune.common.config import RunConfig
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.models.base_reference import BASE_MODEL_FILE, BaseModelReference, base_model_reference
+from fedtune.server.model_card import CardFacts, client_privacy, model_card
 from tests.helpers import fedtune, set_args
 
 
@@ -143,9 +143,9 @@ def test_base_reference_tells_a_different_base_apart(tiny_model_dir, tmp_path):
 
 
 def _tiny_classifier(model_dir: Path):
-    from common.execution import ExecutionProfile
-    from common.models.classifier import build_lora_classifier
-    from common.models.lora import LoraSettings
+    from fedtune.common.execution import ExecutionProfile
+    from fedtune.common.models.classifier import build_lora_classifier
+    from fedtune.common.models.lora import LoraSettings
 
     # fp32, as a user loads the adapter: the logits must agree to 1e-6
     return build_lora_classifier(model_path=model_dir, num_labels=len(LABELS), lora=LoraSettings(rank=4), seed=0,
@@ -157,8 +157,8 @@ def test_saved_adapter_names_its_labels_and_base_and_truncates_like_the_run(tiny
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from common.models.adapter import adapter_to_arrays, save_adapter
-    from common.models.loading import load_tokenizer
+    from fedtune.common.models.adapter import adapter_to_arrays, save_adapter
+    from fedtune.common.models.loading import load_tokenizer
 
     model = _tiny_classifier(tiny_model_dir)
     arrays = adapter_to_arrays(model)
@@ -187,9 +187,9 @@ def test_saved_adapter_names_its_labels_and_base_and_truncates_like_the_run(tiny
 
 
 def test_a_causal_lm_adapter_gets_the_portable_base_but_no_label_config(tiny_causal_lm_dir, tmp_path):
-    from common.models.adapter import adapter_to_arrays, save_adapter
-    from common.models.causal_lm import build_lora_causal_lm
-    from common.models.lora import LoraSettings
+    from fedtune.common.models.adapter import adapter_to_arrays, save_adapter
+    from fedtune.common.models.causal_lm import build_lora_causal_lm
+    from fedtune.common.models.lora import LoraSettings
 
     model = build_lora_causal_lm(model_path=tiny_causal_lm_dir, lora=LoraSettings(rank=2), seed=0)
     reference = base_model_reference(model="my-llama", model_path=tiny_causal_lm_dir, task="causal-lm")
@@ -225,12 +225,12 @@ def _run_evaluation_predictions(run: Path) -> tuple[list[str], list[str], float]
     (test texts, predicted label names, accuracy)."""
     import torch
 
-    from common.models.adapter import arrays_to_adapter
-    from common.models.loading import load_tokenizer
-    from common.models.lora import LoraSettings
-    from common.run_data import federated_splits
-    from common.tasks import get_task
-    from server.checkpoint import Checkpoint
+    from fedtune.common.models.adapter import arrays_to_adapter
+    from fedtune.common.models.loading import load_tokenizer
+    from fedtune.common.models.lora import LoraSettings
+    from fedtune.common.run_data import federated_splits
+    from fedtune.common.tasks import get_task
+    from fedtune.server.checkpoint import Checkpoint
 
     config = RunConfig.load(path=run / "config.toml")
     task, splits = get_task(config.task), federated_splits(config)

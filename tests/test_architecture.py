@@ -18,17 +18,19 @@ import pytest
 from tests.helpers import ROOT
 
 PRODUCT = ("common", "client", "server")
+LAYERED = ("common", "client", "server", "simulations")  # fedtune.X for each; fedtune's own modules sit above
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 60
 
 
 def _modules(package: str) -> dict[str, Path]:
-    """Dotted module name -> file, for every module under `package`."""
+    """Dotted module name (as imported: `fedtune.common.storage`) -> file, for every module under the
+    top-level folder `package`."""
     found = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        found[name] = path
+        found[name if package == "fedtune" else f"fedtune.{name}"] = path
     return found
 
 
@@ -84,15 +86,38 @@ def test_import_layers_hold():
 def test_the_layer_contract_fails_on_a_violation(tmp_path):
     """The contract is not vacuous: a copy of the tree where common/ imports the client is refused."""
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
-    for name in ("fedtune", "simulations", "server", "client", "common"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("fedtune", *LAYERED):
+        shutil.copytree(ROOT / name, tmp_path / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     storage = tmp_path / "common" / "storage.py"
-    storage.write_text(storage.read_text() + "\n\ndef _upward():\n    from client.app import app  # noqa\n")
+    storage.write_text(storage.read_text() + "\n\ndef _upward():\n    from fedtune.client.app import app  # noqa\n")
     result = subprocess.run([lint, "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent)})
     assert result.returncode != 0
-    assert "common.storage -> client.app" in result.stdout
+    assert "fedtune.common.storage -> fedtune.client.app" in result.stdout
+
+
+def test_nothing_below_the_cli_imports_it():
+    """fedtune's own modules (the CLI, the runtimes) are the top layer: no module of the four layers
+    imports them. import-linter's layers name only the four, so this walk holds the top."""
+    own = set(_modules("fedtune"))
+    upward = [f"{name} -> {imported}" for package in LAYERED for name, path in _modules(package).items()
+              for imported in _imported(path, name) if imported in own]
+    assert not upward, upward
+
+
+def test_everything_imports_one_namespace():
+    """No file imports the top-level folders by their bare names (`common.x`): in a checkout those
+    would load a second copy of each module beside `fedtune.common.x`, and a wheel has no such names."""
+    bare = []
+    for folder in ("fedtune", *LAYERED, "tests", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bare += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names
+                         if name.split(".")[0] in LAYERED]
+    assert not bare, bare
 
 
 def test_no_import_cycle_inside_common():
@@ -131,7 +156,7 @@ def test_wire_keys_are_written_only_in_the_protocol_module():
     found = []
     for package in (*PRODUCT, "simulations", "fedtune"):
         for name, path in _modules(package).items():
-            if name == "common.protocol":
+            if name == "fedtune.common.protocol":
                 continue
             source = path.read_text(encoding="utf-8")
             for node in ast.walk(ast.parse(source)):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger.audit import audit_run
-from common.ledger.chain import Ledger, read_records
-from common.privacy.accounting import epsilon_of
-from common.run_data import federated_splits
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.ledger.chain import Ledger, read_records
+from fedtune.common.privacy.accounting import epsilon_of
+from fedtune.common.run_data import federated_splits
 from tests.helpers import fedtune, read_metrics
 
 ROUNDS = (1, 2, 3)
@@ -274,7 +274,7 @@ def test_the_quick_recomputation_is_a_close_upper_bound_and_composes_like_dp_acc
     before flagging: the quick value must bound the precise one from above, within 1%."""
     from dp_accounting import dp_event, pld
 
-    from common.privacy.accounting import QUICK_INTERVAL, independent_epsilon
+    from fedtune.common.privacy.accounting import QUICK_INTERVAL, independent_epsilon
 
     for history in ([(0.8148193359375, 0.1855072463768116, 15)], [(0.5, 0.05, 200)], [(2.0, 0.01, 10)],
                     [(0.8148193359375, 0.1855072463768116, 5), (0.9, 0.1, 7)]):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from common.bounded_json import MAX_BYTES, TooLarge, nesting_depth, read_json_file
-from common.ledger.chain import Ledger, read_records
-from common.ledger.receipts import write_receipt
-from common.ledger.recompute import MAX_AUDITED_STEPS, ClientRecomputation, Recomputation, TooLarge as PLDTooLarge
-from common.privacy.accounting import PRECISE_INTERVAL, QUICK_INTERVAL, independent_epsilon
+from fedtune.common.bounded_json import MAX_BYTES, TooLarge, nesting_depth, read_json_file
+from fedtune.common.ledger.chain import Ledger, read_records
+from fedtune.common.ledger.receipts import write_receipt
+from fedtune.common.ledger.recompute import MAX_AUDITED_STEPS, ClientRecomputation, Recomputation, TooLarge as PLDTooLarge
+from fedtune.common.privacy.accounting import PRECISE_INTERVAL, QUICK_INTERVAL, independent_epsilon
 from fedtune.main import run_cli
 from tests.conftest import FINISHED_CLIENTS as CLIENTS
 

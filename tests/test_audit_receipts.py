@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger.chain import Ledger, read_records
-from common.ledger.receipts import write_receipt
+from fedtune.common.ledger.chain import Ledger, read_records
+from fedtune.common.ledger.receipts import write_receipt
 from tests.conftest import FINISHED_CLIENTS as CLIENTS
 from tests.helpers import fedtune
 

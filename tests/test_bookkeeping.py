@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.protocol import (CLEAR_FIT_FIELDS, EvaluateInstructions, EvaluateReport, FitInstructions, FitReport,
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import (CLEAR_FIT_FIELDS, EvaluateInstructions, EvaluateReport, FitInstructions, FitReport,
                              Status)
-from common.tasks import get_task
-from server.bookkeeping import (every_client_refused, round_record, run_summary, server_ledger_record,
+from fedtune.common.tasks import get_task
+from fedtune.server.bookkeeping import (every_client_refused, round_record, run_summary, server_ledger_record,
                                 upload_bytes)
-from server.strategy import Evaluation, FitReply, RoundOutcome
+from fedtune.server.strategy import Evaluation, FitReply, RoundOutcome
 from tests.helpers import run_fedtune
 
 BEFORE = Path(__file__).parent / "fixtures" / "run-made-before-the-layout-change"
@@ -125,8 +125,8 @@ def test_secagg_uploads_int64_words_plus_a_weight():
     import numpy as np
     from flwr.common import ndarray_to_bytes
 
-    from client.secagg_masking import masked_update
-    from client.secagg_state import SecAggState
+    from fedtune.client.secagg_masking import masked_update
+    from fedtune.client.secagg_state import SecAggState
 
     arrays = [np.full((4, 8), 0.01, np.float32), np.full(3, -0.02, np.float32)]
     state = SecAggState(clipping_range=1.0, target_range=1 << 22, mod_range=1 << 32, max_weight=100.0,

@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from client.trainer import train_locally
-from common.models.causal_lm import causal_lm_loss, response_nll
-from common.tasks.causal_lm import evaluate_causal_lm
-from common.models.causal_lm import IGNORE
-from common.tasks.chat_tokens import encode_pairs, keep_fitting, pair_ids, prompt_ids
-from common.errors import FedtuneError
-from common.data.instructions import InstructionSplit, load_instruction_pairs
-from common.models.adapter import adapter_to_arrays
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings
-from common.tasks import build_lora_model
-from common.privacy.accounting import epsilon_of
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from common.tasks import get_task
+from fedtune.client.trainer import train_locally
+from fedtune.common.models.causal_lm import causal_lm_loss, response_nll
+from fedtune.common.tasks.causal_lm import evaluate_causal_lm
+from fedtune.common.models.causal_lm import IGNORE
+from fedtune.common.tasks.chat_tokens import encode_pairs, keep_fitting, pair_ids, prompt_ids
+from fedtune.common.errors import FedtuneError
+from fedtune.common.data.instructions import InstructionSplit, load_instruction_pairs
+from fedtune.common.models.adapter import adapter_to_arrays
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.tasks import build_lora_model
+from fedtune.common.privacy.accounting import epsilon_of
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task
 from tests.conftest import write_csv, write_jsonl
 from tests.helpers import ROOT, fedtune, read_metrics, set_args
 from tests.test_privacy_accounting import independent_epsilon
@@ -138,7 +138,7 @@ def test_user_files_prompt_response_alpaca_and_missing_columns(tmp_path):
 
 
 def test_chatterbot_category_partition_gives_each_client_whole_categories(tiny_causal_lm_dir):
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     # The tiny Llama carries SmolLM2's own tokenizer, which is all the split reads of the model (to
     # drop prompts longer than max-length): the same pairs as model "default", without converting it.
@@ -260,7 +260,7 @@ def test_a_batch_done_in_pieces_gives_the_same_update(tiny_lm_config, dp):
     """physical-batch-size bounds memory only: clipping is per example, so summing the clipped
     gradients of pieces is the same step (noise off and sample rate 1 make the batches equal).
     In fp32, where the identity is exact (a bf16 base rounds a piece's matmuls differently)."""
-    from common.privacy.plan import PrivacyPlan
+    from fedtune.common.privacy.plan import PrivacyPlan
 
     config = tiny_lm_config(base_dtype="float32")
     tokenizer = load_tokenizer(config.model)
@@ -359,8 +359,8 @@ def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(ti
     quantized flag) and is reused afterwards."""
     from transformers import AutoModelForCausalLM
 
-    from common.models import smollm2
-    from common.tasks import resolve_model_path
+    from fedtune.common.models import smollm2
+    from fedtune.common.tasks import resolve_model_path
 
     packaged = tmp_path / "package" / smollm2.GGUF_FILE
     packaged.parent.mkdir()
@@ -391,7 +391,7 @@ def test_default_model_is_converted_once_from_gguf_to_a_trainable_fp32_folder(ti
 
 def test_a_deployed_node_reads_its_own_prompt_response_file(tiny_lm_config, tmp_path):
     """In a deployment the node config names the file and its columns; no labels to reconcile."""
-    from client.node_data import NodeData, client_split
+    from fedtune.client.node_data import NodeData, client_split
 
     rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
     path = write_jsonl(tmp_path / "site.jsonl", rows)

@@ -148,8 +148,8 @@ def test_round_table_names_delta_beside_epsilon():
 
     from rich.console import Console
 
-    from common.tasks import get_task
-    from server.round_table import RoundTable
+    from fedtune.common.tasks import get_task
+    from fedtune.server.round_table import RoundTable
 
     buffer = io.StringIO()
     table = RoundTable(get_task("classification"), Console(file=buffer, width=200), delta=1e-5)
@@ -165,9 +165,9 @@ def test_each_client_reports_its_steps_and_the_status_line_counts_them(tiny_conf
 
     from rich.console import Console
 
-    from client.app import build_client_app
-    from simulations import inprocess
-    from simulations.progress import RoundProgress, describe
+    from fedtune.client.app import build_client_app
+    from fedtune.simulations import inprocess
+    from fedtune.simulations.progress import RoundProgress, describe
 
     config = tiny_config(num_rounds=1, secure_aggregation=False)
     progress = tmp_path / "progress"

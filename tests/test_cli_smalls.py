@@ -45,8 +45,8 @@ def _rendered_status(line: str) -> str:
 
 
 def test_causal_lm_status_line_fits_80_columns(tmp_path):
-    from common.config import RunConfig
-    from simulations.progress import describe
+    from fedtune.common.config import RunConfig
+    from fedtune.simulations.progress import describe
 
     clients = RunConfig.load(path=ROOT / "configs" / "causal-lm.toml").clients_per_round  # 3 institutions
     now = time.time()
@@ -75,7 +75,7 @@ def test_node_runtime_logs_each_line_once():
 def test_node_runtime_stops_at_once_when_its_supernode_is_gone():
     """run-node's Ctrl-C/SIGTERM sets `stop` with the SuperNode gone: the runtime returns within a
     second instead of retrying AcquireTask (a 'retrying' line each time) until run-node gives up on it."""
-    import client.app  # noqa: F401  (serve imports it: loaded here, so the timing is the runtime's own)
+    import fedtune.client.app as client_app  # noqa: F401  (serve imports it: loaded here, so the timing is the runtime's own)
     from fedtune.node_runtime import NodeRuntime
 
     with socket.socket() as probe:  # a port nothing listens on: the SuperNode that went away

@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from client.fl_client import FedtuneClient
-from common.config import RunConfig
-from common.ledger.chain import LedgerError, read_records
-from common.privacy.accounting import epsilon_of
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.common.config import RunConfig
+from fedtune.common.ledger.chain import LedgerError, read_records
+from fedtune.common.privacy.accounting import epsilon_of
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT
 
@@ -22,8 +22,8 @@ RUN_ID = "run-7"
 ONE_ROUND = textwrap.dedent(f"""
     import json, sys, time
     import numpy as np
-    from client.fl_client import FedtuneClient
-    from common.config import RunConfig
+    from fedtune.client.fl_client import FedtuneClient
+    from fedtune.common.config import RunConfig
     config_path, arrays_path, ledger_dir, server_round, mode = sys.argv[1:6]
     if mode == "wait":
         sys.stdin.readline()  # imports done; the ledger is read only once the test says go

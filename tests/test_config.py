@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from common.protocol import JobWire
-from common.config import RunConfig
-from common.errors import FedtuneError
+from fedtune.common.protocol import JobWire
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
 from tests.conftest import make_texts, write_csv
 from tests.helpers import fedtune
 
@@ -96,7 +96,7 @@ def test_booleans_are_not_numbers(tmp_path):
 def test_a_job_may_tighten_the_node_policy_and_the_node_then_uses_the_tighter_value():
     from flwr.app import Context, RecordDict
 
-    from client.app import policy_of, resolve_config
+    from fedtune.client.app import policy_of, resolve_config
 
     job = RunConfig(dp=True, target_epsilon=1.5, target_delta=1e-6, accountant="rdp", num_rounds=2).to_flower()
     node = {"partition-id": 0, "dp": False, "target-epsilon": 2.0, "target-delta": 1e-5, "accountant": "rdp"}
@@ -149,7 +149,7 @@ def test_a_researcher_may_allow_a_large_delta_in_a_simulation(tiny_config):
 
     from rich.console import Console
 
-    from simulations.simulate import preflight
+    from fedtune.simulations.simulate import preflight
 
     console = Console(file=io.StringIO())
     with pytest.raises(FedtuneError, match="is not below 1/N"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger.chain import create_ledger_keys, read_records
+from fedtune.common.ledger.chain import create_ledger_keys, read_records
 from fedtune.main import run_cli
 from fedtune.node_keys import make_node_keys
 from tests.deployment import LoopbackFederation, wait_for

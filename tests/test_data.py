@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from common.data.labelled import load_labelled_texts
-from common.errors import FedtuneError
-from common.data.splits import make_federated_splits
+from fedtune.common.data.labelled import load_labelled_texts
+from fedtune.common.errors import FedtuneError
+from fedtune.common.data.splits import make_federated_splits
 from tests.conftest import make_texts, write_csv
 
 

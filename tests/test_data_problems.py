@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from common.data.labelled import load_labelled_texts
+from fedtune.common.data.labelled import load_labelled_texts
 from tests.conftest import TOPICS, make_texts, write_csv
 from tests.helpers import fedtune
 

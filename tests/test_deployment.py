@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common.trust.job_signature import make_operator_keys
+from fedtune.common.trust.job_signature import make_operator_keys
 from fedtune.certs import make_credentials
-from common.ledger.chain import create_ledger_keys
+from fedtune.common.ledger.chain import create_ledger_keys
 from tests.conftest import make_texts, write_csv
 from tests.deployment import LoopbackFederation, free_port, wait_for
 from tests.helpers import fedtune, run_fedtune

@@ -3,18 +3,18 @@
 import numpy as np
 import pytest
 
-from client.fl_client import FedtuneClient
-from client.trainer import train_locally
-from common.tasks.classification import evaluate_classifier
-from common.models.adapter import adapter_to_arrays, trainable_named_parameters
-from common.models.classifier import build_lora_classifier
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings
-from common.tasks import resolve_model_path
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from common.tasks.classification import encode
-from common.tasks import get_task
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.trainer import train_locally
+from fedtune.common.tasks.classification import evaluate_classifier
+from fedtune.common.models.adapter import adapter_to_arrays, trainable_named_parameters
+from fedtune.common.models.classifier import build_lora_classifier
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.tasks import resolve_model_path
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks.classification import encode
+from fedtune.common.tasks import get_task
 from tests.conftest import initial_adapter
 
 

@@ -11,23 +11,23 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-import client.trainer
-from client.app import profile_of
-from client.fl_client import FedtuneClient
-from client.privacy_ledger import ClientPrivacyLedger
-from client.trainer import train_locally
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile, check_trainables_fp32
-from common.models import host
-from common.models.adapter import adapter_to_arrays, arrays_to_adapter, trainable_named_parameters
-from common.models.classifier import build_lora_classifier
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from common.tasks import get_task, resolve_model_path
-from common.tasks.classification import encode, evaluate_classifier
+import fedtune.client.trainer as client_trainer
+from fedtune.client.app import profile_of
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.trainer import train_locally
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile, check_trainables_fp32
+from fedtune.common.models import host
+from fedtune.common.models.adapter import adapter_to_arrays, arrays_to_adapter, trainable_named_parameters
+from fedtune.common.models.classifier import build_lora_classifier
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+from fedtune.common.models.pooled_classifier import HeadSettings
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task, resolve_model_path
+from fedtune.common.tasks.classification import encode, evaluate_classifier
 from tests.conftest import initial_adapter
 
 FP32, BF16 = ExecutionProfile(device="cpu", base_dtype="float32"), ExecutionProfile(device="cpu", base_dtype="bfloat16")
@@ -100,7 +100,7 @@ def test_a_bf16_base_trains_under_dp_and_learns_as_fp32_does(tiny_config, monkey
     scores = {}
     for profile in (FP32, BF16):
         seeds = itertools.count()  # seeded noise, the same for both; OS entropy in the product
-        monkeypatch.setattr(client.trainer, "private_generator",
+        monkeypatch.setattr(client_trainer, "private_generator",
                             lambda _seeds=seeds, **kw: torch.Generator(**kw).manual_seed(next(_seeds)))
         model = _build(config, profile)
         before, history = evaluate_classifier(model=model, dataset=test), []

@@ -18,15 +18,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client.fl_client import FedtuneClient
-from common.ledger.chain import read_records
-from common.ledger.records import is_round_record
-from common.privacy.plan import privacy_schedule
-from common.run_data import federated_splits
-from server.checkpoint import Checkpoint
-from server.drills import CoordinatorKilled
-from server.secure_aggregation import secagg_parameters
-from simulations import inprocess
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.ledger.records import is_round_record
+from fedtune.common.privacy.plan import privacy_schedule
+from fedtune.common.run_data import federated_splits
+from fedtune.server.checkpoint import Checkpoint
+from fedtune.server.drills import CoordinatorKilled
+from fedtune.server.secure_aggregation import secagg_parameters
+from fedtune.simulations import inprocess
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT, fedtune, progress_table, read_metrics, saved_adapter_arrays, set_args
 
@@ -125,13 +125,13 @@ def stalls_on_the_engines_clock(monkeypatch) -> list[float]:
     engine drops a reply later than the round timeout however long that timeout is, without a wait
     (the nodes run one after another here, so a real stall would be a real wait). The stalls asked
     for, in seconds."""
-    import client.drills
-    import simulations.inprocess
+    import fedtune.client.drills as client_drills
+    import fedtune.simulations.inprocess as simulations_inprocess
 
     stalled: list[float] = []
     clock = SimpleNamespace(monotonic=lambda: time.monotonic() + sum(stalled), sleep=stalled.append)
-    monkeypatch.setattr(client.drills, "time", clock)
-    monkeypatch.setattr(simulations.inprocess, "time", clock)
+    monkeypatch.setattr(client_drills, "time", clock)
+    monkeypatch.setattr(simulations_inprocess, "time", clock)
     return stalled
 
 
@@ -244,11 +244,11 @@ def test_the_crash_drill_sigkills_a_real_coordinators_own_process(monkeypatch):
     round's replies and before its checkpoint (the in-process engine raises CoordinatorKilled)."""
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-    import server.drills
+    import fedtune.server.drills as server_drills
 
     signals, fitted = [], []
-    monkeypatch.setattr(server.drills.os, "kill", lambda pid, sig: signals.append((pid, sig)))
-    workflow = server.drills.crash_after_fit(lambda grid, context: fitted.append(grid), spec="2:crash-coordinator")
+    monkeypatch.setattr(server_drills.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    workflow = server_drills.crash_after_fit(lambda grid, context: fitted.append(grid), spec="2:crash-coordinator")
     grid = object()  # a grid in another process than the caller's: no kill_coordinator
     for server_round in (1, 2):
         workflow(grid, SimpleNamespace(state=SimpleNamespace(

@@ -10,22 +10,22 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from safetensors.numpy import load_file
 
-from client.fl_client import FedtuneClient
-from client.privacy_ledger import ClientPrivacyLedger
-from client.trainer import train_locally
-from common.errors import FedtuneError
-from common.tasks.classification import evaluate_classifier
-from common.models.adapter import adapter_to_arrays, trainable_named_parameters
-from common.models.classifier import build_lora_classifier
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings, lora_a_sha256
-from common.tasks import resolve_model_path
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from common.tasks.classification import encode
-from server.strategy import AdapterFedAvg
-from common.tasks import get_task
-from simulations import inprocess
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.trainer import train_locally
+from fedtune.common.errors import FedtuneError
+from fedtune.common.tasks.classification import evaluate_classifier
+from fedtune.common.models.adapter import adapter_to_arrays, trainable_named_parameters
+from fedtune.common.models.classifier import build_lora_classifier
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+from fedtune.common.tasks import resolve_model_path
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks.classification import encode
+from fedtune.server.strategy import AdapterFedAvg
+from fedtune.common.tasks import get_task
+from fedtune.simulations import inprocess
 from tests.helpers import read_metrics
 
 
@@ -213,10 +213,10 @@ def test_ffa_under_dp_still_learns(tiny_config, monkeypatch):
 
     import torch
 
-    import client.trainer
+    import fedtune.client.trainer as client_trainer
 
     seeds = itertools.count()  # a different seed each round, as fresh OS entropy would be
-    monkeypatch.setattr(client.trainer, "private_generator", lambda **_: torch.Generator().manual_seed(next(seeds)))
+    monkeypatch.setattr(client_trainer, "private_generator", lambda **_: torch.Generator().manual_seed(next(seeds)))
     config = tiny_config(num_clients=1, clients_per_round=1, secure_aggregation=False, lora_variant="ffa")
     splits = federated_splits(config)
     tokenizer = load_tokenizer(resolve_model_path(config.model))

@@ -16,17 +16,19 @@ import psutil
 import pytest
 from flwr.app import Context, RecordDict
 
-from client import app as client_app
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.flwr_run import flwr_run_dir
-from common.secure_aggregation.roster import NO_ROSTER
-from server.flwr_run import simulation_config
-from server.run_directory import write_simulation_roster
+from fedtune.client import app as client_app
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.flwr_run import flwr_run_dir
+from fedtune.common.secure_aggregation.roster import NO_ROSTER
+from fedtune.server.flwr_run import simulation_config
+from fedtune.server.run_directory import write_simulation_roster
 from tests.deployment import BIN, free_port
 from tests.helpers import ROOT, fedtune
 
-APP_FILES = ("pyproject.toml", ".gitignore", "common", "client", "server")  # what `flwr run` packs, and its config
+# What `flwr run` packs, and its config: the package root fedtune/__init__.py without the CLI, and
+# without the symlinks that make fedtune.common the top-level common/ (Flower never follows them).
+APP_FILES = ("pyproject.toml", ".gitignore", "fedtune/__init__.py", "common", "client", "server")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -135,6 +137,7 @@ def test_flwr_run_offline_writes_one_run_directory_that_audits_clean(tmp_path, t
         if source.is_dir():
             shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, checkout / name)
     run_config = (f"model='{tiny_model_dir}' data='{tiny_csv}' num-clients=3 clients-per-round=3 num-rounds=1 "
                   f"batch-size=16 max-length=24 learning-rate=0.01 lora-rank=4 target-epsilon=4.0 lora-variant='lora' training-mode='adapter'")
@@ -162,7 +165,7 @@ def test_flwr_run_offline_writes_one_run_directory_that_audits_clean(tmp_path, t
     for client in ("client-0", "client-1", "client-2"):
         assert {"ledger.jsonl", "ledger.key", "ledger.pub"} <= {p.name for p in (run_dir / "ledgers" / client).iterdir()}
     assert (run_dir / "ledgers" / "roster.json").is_file() and (run_dir / "ledgers" / "server").is_dir()
-    assert sorted(p.name for p in checkout.iterdir()) == sorted([*APP_FILES, "runs"])  # no ./ledgers, nothing else
+    assert sorted(p.name for p in checkout.iterdir()) == sorted([*(name.split("/")[0] for name in APP_FILES), "runs"])  # no ./ledgers, nothing else
     assert not (home / "runtime-envs").exists() and "Installing application dependencies" not in output
     audit = fedtune("audit", str(run_dir))
     # One researcher held every key: the audit says the run is consistent, not attested, exit 0.

@@ -10,13 +10,13 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from common.errors import FedtuneError
-from common.secure_aggregation.roster import Roster
-from common.trust.app_pin import installed_app, pin_problem
-from common.trust.gate import RunGate
-from common.trust.job_bindings import bind_problem
-from common.trust.job_signature import expiry_problem, job_problem, load_operator_public_key, make_operator_keys
-from common.trust.signing import signed_run_config
+from fedtune.common.errors import FedtuneError
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.common.trust.app_pin import installed_app, pin_problem
+from fedtune.common.trust.gate import RunGate
+from fedtune.common.trust.job_bindings import bind_problem
+from fedtune.common.trust.job_signature import expiry_problem, job_problem, load_operator_public_key, make_operator_keys
+from fedtune.common.trust.signing import signed_run_config
 from tests.helpers import ROOT, run_fedtune
 
 FEDERATION = "1234 5678 9abc def0 1234 5678 9abc def0"  # a roster fingerprint (common/secure_aggregation/roster.py)
@@ -106,7 +106,7 @@ def _bind_in_step(directory, index, at_lock, at_write, answers):
     import fcntl
     import time
 
-    import common.trust.job_bindings as bindings
+    import fedtune.common.trust.job_bindings as bindings
 
     other, write = 1 - index, bindings.atomic_write
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from common.ledger.chain import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, load_public_key, read_records, verify_records
-from common.errors import FedtuneError
+from fedtune.common.ledger.chain import HEAD_FILE, LEDGER_FILE, Ledger, LedgerError, load_public_key, read_records, verify_records
+from fedtune.common.errors import FedtuneError
 
 
 def _ledger_with(tmp_path, n=3) -> Ledger:

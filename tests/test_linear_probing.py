@@ -19,21 +19,21 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld
 
-from client.fl_client import FedtuneClient
-from client.privacy_ledger import ClientPrivacyLedger
-from client.probe_round import head_loss
-from common.config import RunConfig
-from common.ledger.audit import audit_run
-from common.models.adapter import adapter_to_arrays, arrays_to_adapter
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings
-from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, head_linear, trained_pooling
-from common.models.pooled_features import pooled_features
-from common.privacy.plan import privacy_schedule
-from common.run_data import federated_splits
-from common.tasks import get_task
-from common.tasks.classification import encode
-from simulations.inprocess import federation, metrics, run
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.probe_round import head_loss
+from fedtune.common.config import RunConfig
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.models.adapter import adapter_to_arrays, arrays_to_adapter
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.models.pooled_classifier import HeadSettings, build_pooled_classifier, head_linear, trained_pooling
+from fedtune.common.models.pooled_features import pooled_features
+from fedtune.common.privacy.plan import privacy_schedule
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task
+from fedtune.common.tasks.classification import encode
+from fedtune.simulations.inprocess import federation, metrics, run
 from tests.conftest import initial_adapter
 from tests.helpers import ROOT, fedtune
 
@@ -179,7 +179,7 @@ def test_a_hostile_two_stage_job_cannot_take_a_node_past_its_own_budget(tiny_con
     """The coordinator chooses the mode and the split, not the budget: a job putting 99% of the
     node's epsilon 2 into 200-step probe rounds still composes into one history under 2, and a
     job asking for more epsilon than the node's policy is refused before any record is read."""
-    from common.privacy.policy import NodePolicy
+    from fedtune.common.privacy.policy import NodePolicy
 
     greedy = tiny_config(training_mode="two-stage", num_rounds=3, probe_rounds=2, target_epsilon=50.0)
     client = FedtuneClient(config=greedy, partition_id=0, ledger_dir=tmp_path / "greedy", run_id="run-0",
@@ -307,7 +307,7 @@ def test_the_coordinators_validation_split_is_carved_only_when_early_stopping_is
 
 
 def test_the_trained_pooling_is_read_from_the_sentence_transformers_config(tmp_path, tiny_model_dir):
-    from common.tasks import resolve_model_path
+    from fedtune.common.tasks import resolve_model_path
 
     assert trained_pooling(resolve_model_path("default")) == "mean"
     assert trained_pooling(tiny_model_dir) == "mean"  # no sentence-transformers config: mean
@@ -317,7 +317,7 @@ def test_the_trained_pooling_is_read_from_the_sentence_transformers_config(tmp_p
 
 
 def test_the_audit_refuses_an_early_stop_the_signed_scores_do_not_support_or_that_hides_rounds():
-    from common.ledger.stop_checks import early_stop_problems
+    from fedtune.common.ledger.stop_checks import early_stop_problems
 
     def server(scores, *, patience=1):
         rounds = [{"round": i + 1, "validation_accuracy": s, "early_stopping_patience": patience}

@@ -23,17 +23,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import (evaluateins_to_recorddict, fitins_to_recorddict,
                                                   recorddict_to_evaluateres, recorddict_to_fitres)
 
-from client.app import app as deployed_client_app
-from client.app import job_of, policy_of
-from client.fl_client import FedtuneClient
-from client.node_data import NodeData
-from client.policy_guard import note_transport, transport_of
-from common.ledger.audit import audit_run
-from common.ledger.chain import Ledger, read_records
-from common.models.adapter import adapter_to_arrays
-from common.models.classifier import build_lora_classifier
-from common.models.lora import LoraSettings
-from common.protocol import EvaluateInstructions, FitInstructions, SecAggRefusal, SecAggWire
+from fedtune.client.app import app as deployed_client_app
+from fedtune.client.app import job_of, policy_of
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.node_data import NodeData
+from fedtune.client.policy_guard import note_transport, transport_of
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.ledger.chain import Ledger, read_records
+from fedtune.common.models.adapter import adapter_to_arrays
+from fedtune.common.models.classifier import build_lora_classifier
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.protocol import EvaluateInstructions, FitInstructions, SecAggRefusal, SecAggWire
 from tests.conftest import make_texts, write_csv
 from tests.helpers import fedtune
 

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from client.mechanism_check import FAULTS, check_mechanism, check_run
-from client.mechanism_stats import bound_rates, claim_profile, trial_statistic
-from common.errors import FedtuneError
+from fedtune.client.mechanism_check import FAULTS, check_mechanism, check_run
+from fedtune.client.mechanism_stats import bound_rates, claim_profile, trial_statistic
+from fedtune.common.errors import FedtuneError
 
 # A check as `fedtune audit --mechanism` runs it: one-step trials, a million of them.
 SIGMA, RATE, STEPS, DELTA, TRIALS = 1.0, 0.05, 1, 1e-5, 1_000_000
@@ -89,10 +89,10 @@ def test_the_rate_bounds_are_clopper_pearson_and_the_statistic_is_the_likelihood
 def test_the_trainer_calls_the_probe_at_every_step_and_leaves_the_model_unmoved():
     import torch
 
-    from client import mechanism_check
-    from client.trainer import train_locally
-    from common.privacy.plan import PrivacyPlan
-    from common.tasks import get_task
+    from fedtune.client import mechanism_check
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.privacy.plan import PrivacyPlan
+    from fedtune.common.tasks import get_task
 
     model, lora_a = mechanism_check._stand_in_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -121,7 +121,7 @@ def test_the_trainer_calls_the_probe_at_every_step_and_leaves_the_model_unmoved(
 
 
 def test_a_run_is_checked_with_its_clients_recorded_mechanism(tmp_path, monkeypatch):
-    from client import mechanism_check
+    from fedtune.client import mechanism_check
 
     ledger = tmp_path / "ledgers" / "client-0"
     ledger.mkdir(parents=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.node_data import NodeData, client_split, label_names_from
-from common.errors import FedtuneError
-from common.protocol import FitInstructions
+from fedtune.client.node_data import NodeData, client_split, label_names_from
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import FitInstructions
 from tests.conftest import write_csv
 
 
@@ -52,7 +52,7 @@ def test_node_config_mistakes_say_what_to_fix(node, message):
 ])
 def test_a_bad_node_policy_value_names_the_key_and_never_repeats_the_value(node, key):
     """A ClientApp's error text reaches the coordinator: it may name the key, not echo the value."""
-    from common.privacy.policy import NodePolicy
+    from fedtune.common.privacy.policy import NodePolicy
 
     with pytest.raises(FedtuneError, match=f"node config key '{key}' must be") as refused:
         NodePolicy.from_node_config(node)

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.ledger.chain import Ledger, canonical, create_ledger_keys, load_public_key, read_records, verify_records
+from fedtune.common.ledger.chain import Ledger, canonical, create_ledger_keys, load_public_key, read_records, verify_records
 from tests.helpers import fedtune
 
 KEY_FILES = ("keys/supernode", "keys/supernode.pub", "ledger/ledger.key", "ledger/ledger.pub")

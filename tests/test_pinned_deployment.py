@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.ledger.chain import create_ledger_keys, read_records
-from common.trust.job_signature import make_operator_keys
+from fedtune.common.ledger.chain import create_ledger_keys, read_records
+from fedtune.common.trust.job_signature import make_operator_keys
 from fedtune.certs import make_credentials
 from tests.conftest import make_texts, write_csv
 from fedtune.node_keys import make_node_keys

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import FedtuneError
-from common.privacy import plan as plan_module
-from common.privacy.accounting import MAX_PRV_POINTS, epsilon_of
-from common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, planned_steps
-from common.privacy.policy import NodePolicy
-from common.secure_aggregation.roster import Roster
-from common.trust.job_signature import MAX_VALID_DAYS, make_operator_keys
+from fedtune.common.errors import FedtuneError
+from fedtune.common.privacy import plan as plan_module
+from fedtune.common.privacy.accounting import MAX_PRV_POINTS, epsilon_of
+from fedtune.common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, planned_steps
+from fedtune.common.privacy.policy import NodePolicy
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.common.trust.job_signature import MAX_VALID_DAYS, make_operator_keys
 from tests.test_malicious_coordinator import (PLANTED, _adapter, _assert_refused, _context, _fit,  # noqa: F401
                                               _ledger, job, site)
 
@@ -191,11 +191,11 @@ def _node(directory: Path, roster: str | None) -> dict:
 
 def test_a_job_signed_for_one_federation_is_refused_by_another_that_pins_the_same_operator(federations, capsys,
                                                                                             monkeypatch):
-    import common.trust.gate as gate_module
+    import fedtune.common.trust.gate as gate_module
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-    from common.trust.app_pin import installed_app
-    from common.trust.job_signature import job_problem
+    from fedtune.common.trust.app_pin import installed_app
+    from fedtune.common.trust.job_signature import job_problem
     from fedtune.job_commands import node_gate
     from fedtune.main import run_cli
 

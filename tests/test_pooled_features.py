@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-import common.models.pooled_features as pf
-from client.probe_round import train_probe_round
-from common.models.adapter import adapter_to_arrays
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings
-from common.models.pooled_classifier import HeadSettings, head_linear
-from common.run_data import federated_splits
-from common.tasks import get_task
-from common.tasks.classification import encode
-from server.federation import TestSetEvaluator as Evaluator  # (not a pytest class)
+import fedtune.common.models.pooled_features as pf
+from fedtune.client.probe_round import train_probe_round
+from fedtune.common.models.adapter import adapter_to_arrays
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.models.pooled_classifier import HeadSettings, head_linear
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task
+from fedtune.common.tasks.classification import encode
+from fedtune.server.federation import TestSetEvaluator as Evaluator  # (not a pytest class)
 
 
 @pytest.fixture(autouse=True)

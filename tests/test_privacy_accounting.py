@@ -2,10 +2,10 @@
 
 import pytest
 from dp_accounting import dp_event, pld
-from client.fl_client import FedtuneClient
-from client.privacy_ledger import ClientPrivacyLedger
-from common.privacy.accounting import compose, epsilon_of
-from common.privacy.plan import plan_privacy
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.common.privacy.accounting import compose, epsilon_of
+from fedtune.common.privacy.plan import plan_privacy
 from tests.conftest import initial_adapter
 
 
@@ -77,7 +77,7 @@ def test_calibration_meets_opacus_contract_in_few_accountant_calls(accountant, r
     whose answer it matches within 0.5%, with a third of its accountant calls or fewer."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    from common.privacy.calibration import calibrate_sigma
+    from fedtune.common.privacy.calibration import calibrate_sigma
 
     calls = []
 
@@ -94,7 +94,7 @@ def test_calibration_meets_opacus_contract_in_few_accountant_calls(accountant, r
 
 
 def test_an_unreachable_budget_is_an_error_not_a_hang():
-    from common.privacy.calibration import UnreachableBudget, calibrate_sigma
+    from fedtune.common.privacy.calibration import UnreachableBudget, calibrate_sigma
 
     with pytest.raises(UnreachableBudget):
         calibrate_sigma(lambda sigma: 1.0, target_epsilon=0.5)  # no noise ever brings epsilon under 0.5

@@ -26,22 +26,22 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-import client.app as client_app
-import client.trainer
-import common.models.pooled_features as pf
-from client.fl_client import FedtuneClient
-from client.privacy_ledger import ClientPrivacyLedger
-from common.execution import ExecutionProfile
-from common.models import host
-from common.models.adapter import adapter_to_arrays
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings, lora_a_sha256
-from common.models.pooled_classifier import HeadSettings
-from common.models.pooled_features import FEATURES_DIR
-from common.privacy.noise import private_generator
-from common.run_data import federated_splits
-from common.tasks import get_task, resolve_model_path
-from common.tasks.classification import encode
+import fedtune.client.app as client_app
+import fedtune.client.trainer as client_trainer
+import fedtune.common.models.pooled_features as pf
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.models import host
+from fedtune.common.models.adapter import adapter_to_arrays
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings, lora_a_sha256
+from fedtune.common.models.pooled_classifier import HeadSettings
+from fedtune.common.models.pooled_features import FEATURES_DIR
+from fedtune.common.privacy.noise import private_generator
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks import get_task, resolve_model_path
+from fedtune.common.tasks.classification import encode
 
 FP32 = ExecutionProfile(device="cpu", base_dtype="float32")
 HEX_KEY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
@@ -73,7 +73,7 @@ def _coordinator_arrays(config):
 def _deterministic_dp(monkeypatch):
     """Seeded DP generators (the product draws OS entropy): two runs of a round can be compared."""
     seeds = itertools.count()
-    monkeypatch.setattr(client.trainer, "private_generator",
+    monkeypatch.setattr(client_trainer, "private_generator",
                         lambda **kw: torch.Generator(**kw).manual_seed(1000 + next(seeds)))
 
 
@@ -247,13 +247,13 @@ def test_every_trainable_is_fp32_on_a_bf16_node_in_probe_and_adapter_rounds(tiny
     arrays = adapter_to_arrays(_pooled(config, seed=config.seed, resident=False, label_names=splits.label_names,
                                        profile=bf16))
     seen = []
-    real = client.trainer.check_trainables_fp32
+    real = client_trainer.check_trainables_fp32
 
     def spy(model):
         seen.append({str(p.dtype) for p in model.parameters() if p.requires_grad})
         real(model)
 
-    monkeypatch.setattr(client.trainer, "check_trainables_fp32", spy)
+    monkeypatch.setattr(client_trainer, "check_trainables_fp32", spy)
     node = FedtuneClient(config=config, partition_id=0, ledger_dir=tmp_path, run_id="r", profile=bf16)
     for server_round in (1, 2):
         _, _, metrics = node.fit([a.copy() for a in arrays], {"server-round": server_round})
@@ -277,10 +277,10 @@ def test_the_sampler_and_the_noise_get_two_fresh_os_seeded_generators_never_the_
         made.append((kwargs.get("device", "cpu"), generator.initial_seed()))
         return generator
 
-    monkeypatch.setattr(client.trainer, "private_generator", recording)
+    monkeypatch.setattr(client_trainer, "private_generator", recording)
     config = tiny_config(num_clients=2, clients_per_round=2, secure_aggregation=False)
-    from client.trainer import train_locally
-    from common.privacy.plan import plan_privacy
+    from fedtune.client.trainer import train_locally
+    from fedtune.common.privacy.plan import plan_privacy
 
     model = get_task("classification").build_model(model_path=resolve_model_path(config.model), num_labels=3,
                                                    lora=LoraSettings.from_config(config), seed=config.seed,

@@ -25,23 +25,23 @@ import torch
 from opacus import GradSampleModule
 from safetensors.numpy import load_file
 
-import client.trainer
-from client.privacy_ledger import ClientPrivacyLedger
-from client.trainer import train_locally
-from common.config import RunConfig
-from common.data.instructions import InstructionSplit
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.models import host
-from common.models.adapter import arrays_to_adapter, trainable_named_parameters
-from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
-from common.models.loading import load_tokenizer
-from common.models.lora import LoraSettings
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from common.tasks.causal_lm import evaluate_causal_lm
-from common.tasks.chat_tokens import encode_pairs
-from simulations import inprocess
+import fedtune.client.trainer as client_trainer
+from fedtune.client.privacy_ledger import ClientPrivacyLedger
+from fedtune.client.trainer import train_locally
+from fedtune.common.config import RunConfig
+from fedtune.common.data.instructions import InstructionSplit
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.models import host
+from fedtune.common.models.adapter import arrays_to_adapter, trainable_named_parameters
+from fedtune.common.models.causal_lm import build_lora_causal_lm, causal_lm_loss
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.lora import LoraSettings
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.common.tasks.causal_lm import evaluate_causal_lm
+from fedtune.common.tasks.chat_tokens import encode_pairs
+from fedtune.simulations import inprocess
 from tests.helpers import ROOT
 
 FP32 = ExecutionProfile(device="cpu", base_dtype="float32")
@@ -164,7 +164,7 @@ def test_quantization_is_refused_where_it_does_not_apply(tiny_config):
         tiny_config(activation_checkpointing=True).validate()
     with pytest.raises(FedtuneError, match="quantization must be one of none, nf4, int8"):
         ExecutionProfile(quantization="fp4")
-    from common.models.classifier import build_lora_classifier  # a node's own nf4 profile, a classification job
+    from fedtune.common.models.classifier import build_lora_classifier  # a node's own nf4 profile, a classification job
     with pytest.raises(FedtuneError, match="apply to task .causal-lm. only"):
         build_lora_classifier(model_path=Path(tiny_config().model), num_labels=3, lora=LORA, seed=0,
                               profile=ExecutionProfile(quantization="nf4"))
@@ -172,7 +172,7 @@ def test_quantization_is_refused_where_it_does_not_apply(tiny_config):
 
 def _federate(config: RunConfig, run_dir: Path, monkeypatch, node_policy=None) -> dict:
     seeds = itertools.count()  # the same noise in both federations; OS entropy in the product
-    monkeypatch.setattr(client.trainer, "private_generator",
+    monkeypatch.setattr(client_trainer, "private_generator",
                         lambda _seeds=seeds, **kw: torch.Generator(**kw).manual_seed(next(_seeds) % 2))
     host.forget_all()
     grid, directory = inprocess.federation(config, run_dir, node_policy=node_policy)
@@ -240,7 +240,7 @@ def test_a_deployed_node_quantizes_only_when_its_own_node_config_says_so():
     the node's, like its device; a job asking for them is not read on a deployed node."""
     from types import SimpleNamespace
 
-    from client.app import profile_of
+    from fedtune.client.app import profile_of
 
     job = {"quantization": "nf4", "activation-checkpointing": "true"}
     assert profile_of(SimpleNamespace(node_config={"client-id": "a"}, run_config=job), None) == ExecutionProfile()

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import client.app
-from client.app import hold_to_gpu_share
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from simulations.simulate import IN_PROCESS, RAY, check_engine, cpus_per_client, ray_backend_config, simulate
+import fedtune.client.app as client_app
+from fedtune.client.app import hold_to_gpu_share
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.simulations.simulate import IN_PROCESS, RAY, check_engine, cpus_per_client, ray_backend_config, simulate
 
 
 # -- the backend config, and the errors before Ray starts ----------------------------------------
@@ -57,7 +57,7 @@ def memory_fractions(monkeypatch) -> list[tuple]:
     Ray actor of the simulation engine."""
     calls: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *args: calls.append(args))
-    monkeypatch.setattr(client.app, "in_simulated_node", lambda: True)
+    monkeypatch.setattr(client_app, "in_simulated_node", lambda: True)
     return calls
 
 
@@ -75,6 +75,6 @@ def test_a_client_on_cuda_is_held_to_its_share_of_the_gpu_memory(memory_fraction
     hold_to_gpu_share(half, ExecutionProfile(device="cpu"))  # a client told to train on the CPU
     hold_to_gpu_share(half.with_overrides(gpus_per_client=1.0), ExecutionProfile(device="cuda:0"))  # a whole GPU
     hold_to_gpu_share(None, ExecutionProfile(device="cuda:0"))  # a deployed node: its hardware is its own
-    monkeypatch.setattr(client.app, "in_simulated_node", lambda: False)  # the in-process engine: the driver
+    monkeypatch.setattr(client_app, "in_simulated_node", lambda: False)  # the in-process engine: the driver
     hold_to_gpu_share(half, ExecutionProfile(device="cuda:0"))
     assert memory_fractions == [(0.5, 1)]

@@ -8,10 +8,10 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.app import build_client_app
-from common.ledger.chain import read_records
-from common.protocol import REFUSAL_VERSION, SecAggWire
-from simulations.inprocess import federation, metrics, run
+from fedtune.client.app import build_client_app
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.protocol import REFUSAL_VERSION, SecAggWire
+from fedtune.simulations.inprocess import federation, metrics, run
 
 FORGED_REASON = "client-1's roster expired; it will not take part in secure aggregation"
 

@@ -7,11 +7,11 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.app import build_client_app
-from common.errors import FedtuneError
-from common.ledger.chain import read_records
-from common.protocol import MAX_REASON_CHARS, REFUSAL_VERSION, SecAggRefusal, SecAggWire
-from simulations.inprocess import federation, metrics, run
+from fedtune.client.app import build_client_app
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.protocol import MAX_REASON_CHARS, REFUSAL_VERSION, SecAggRefusal, SecAggWire
+from fedtune.simulations.inprocess import federation, metrics, run
 
 
 def _record(**changes) -> dict:

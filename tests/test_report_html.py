@@ -118,8 +118,8 @@ def test_the_audit_and_report_never_import_torch(tmp_path):
 
 
 def test_the_report_plots_every_tasks_headline_metric():
-    from common.ledger.report import REPORT_METRICS
-    from common.tasks import TASK_NAMES, get_task
+    from fedtune.common.ledger.report import REPORT_METRICS
+    from fedtune.common.tasks import TASK_NAMES, get_task
 
     assert {get_task(name).headline_metric for name in TASK_NAMES} <= set(REPORT_METRICS)
 
@@ -128,7 +128,7 @@ def test_a_client_id_with_dollar_signs_is_plotted_as_text(tmp_path):
     """A ledger's client id reaches the legend: matplotlib must not parse it as math and fail."""
     from types import SimpleNamespace
 
-    from common.ledger.report_plots import plot_all
+    from fedtune.common.ledger.report_plots import plot_all
 
     rows = [SimpleNamespace(client_id=r"a$\foo$", round=1, claimed_epsilon=2.0, target_epsilon=8.0)]
     written = plot_all(result=SimpleNamespace(rows=rows), run_dir=None, out_dir=tmp_path, metrics=(), initial={})

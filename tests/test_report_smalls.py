@@ -19,7 +19,7 @@ ALL_REFUSED = {"round": 1, "clients_trained": 0, "clients_sampled": 2, "seconds"
 
 
 def _table_text(config, record: dict) -> str:
-    from server.round_table import RoundTable
+    from fedtune.server.round_table import RoundTable
 
     buffer = io.StringIO()
     RoundTable.for_run(config, Console(file=buffer, width=200)).add(record)
@@ -51,7 +51,7 @@ def test_every_file_of_the_exported_adapter_has_one_readable_mode(finished_dp_ru
 
 
 def test_one_round_is_counted_in_the_singular(tiny_config, tmp_path):
-    from server.round_table import run_banner
+    from fedtune.server.round_table import run_banner
 
     banner = run_banner(tiny_config(num_rounds=1, dp=True), run_dir=tmp_path)
     assert "2 clients, 1 round, DP-SGD" in banner, banner

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.ledger.audit import audit_run
-from common.ledger.chain import read_records
-from simulations.inprocess import STRANGER_NODE_ID, federation, metrics, run
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.ledger.chain import read_records
+from fedtune.simulations.inprocess import STRANGER_NODE_ID, federation, metrics, run
 
 CLIENTS = [f"client-{p}" for p in range(3)]
 

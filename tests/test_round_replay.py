@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from client.fl_client import FedtuneClient
-from client.update_cache import UpdateCache
-from common.ledger.chain import read_records
-from common.protocol import Status
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.client.update_cache import UpdateCache
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.protocol import Status
 from tests.conftest import initial_adapter
 
 FIT = {"server-round": 1, "fedtune-run-id": "run-a"}

@@ -25,10 +25,10 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
-from client.app import app as deployed_client_app
-from common.ledger.chain import Ledger, read_records
-from common.ledger.receipts import write_receipt
-from common.protocol import FitInstructions, SecAggWire
+from fedtune.client.app import app as deployed_client_app
+from fedtune.common.ledger.chain import Ledger, read_records
+from fedtune.common.ledger.receipts import write_receipt
+from fedtune.common.protocol import FitInstructions, SecAggWire
 from fedtune.main import run_cli
 from tests.conftest import FINISHED_CLIENTS as CLIENTS
 from tests.conftest import make_texts, write_csv
@@ -122,7 +122,7 @@ def test_a_secure_aggregation_refusal_names_the_run_too_and_a_hostile_id_prints_
 
 def test_run_node_prints_the_line_in_the_nodes_log(capsys):
     """`fedtune run-node` configures the node runtime's logger: the run's line is under it."""
-    from client.app import name_run
+    from fedtune.client.app import name_run
     from fedtune.node_runtime import configure_logging
 
     loggers = [logging.getLogger(name) for name in ("fedtune.node", "fedtune.models", "flwr")]

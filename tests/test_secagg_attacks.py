@@ -15,13 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
-from common.ledger.audit import audit_run
-from common.ledger.chain import read_records
-from common.protocol import SecAggRefusal, SecAggWire
-from common.secure_aggregation.masks import mask_arrays
-from common.secure_aggregation.statements import key_statement
-from server.run_directory import RunDirectory
-from simulations.inprocess import federation, metrics, run
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.protocol import SecAggRefusal, SecAggWire
+from fedtune.common.secure_aggregation.masks import mask_arrays
+from fedtune.common.secure_aggregation.statements import key_statement
+from fedtune.server.run_directory import RunDirectory
+from fedtune.simulations.inprocess import federation, metrics, run
 
 CLIENTS = [f"client-{p}" for p in range(3)]
 

@@ -21,13 +21,13 @@ from flwr.app import Array
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from common.ledger.chain import read_records
-from common.protocol import SecAggWire
-from server import secure_aggregation as coordinator_secagg
-from server.node_identities import NodeIdentities
-from server.run_directory import RunDirectory
-from server.secagg_unmask import survivor_signatures
-from simulations.inprocess import federation, metrics, run
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.protocol import SecAggWire
+from fedtune.server import secure_aggregation as coordinator_secagg
+from fedtune.server.node_identities import NodeIdentities
+from fedtune.server.run_directory import RunDirectory
+from fedtune.server.secagg_unmask import survivor_signatures
+from fedtune.simulations.inprocess import federation, metrics, run
 
 CLIENTS = ("client-0", "client-1", "client-2")
 VICTIM = 100  # client-0's node id in the in-process grid
@@ -163,11 +163,11 @@ def test_a_fit_for_another_round_inside_a_relabelled_session_is_not_trained(conf
 def test_a_signature_from_another_session_never_verifies(tmp_path):
     """The same run, round, survivors and signer, in two sessions (fresh keys at each setup): a
     survivor statement signed in the first is rejected in the second; in its own it verifies."""
-    from client.secagg_checks import RoundContext, verified_signers
-    from common.ledger.chain import signing_key
-    from common.secure_aggregation.roster import Roster
-    from common.secure_aggregation.statements import session_digest, survivor_statement
-    from server.run_directory import write_simulation_roster
+    from fedtune.client.secagg_checks import RoundContext, verified_signers
+    from fedtune.common.ledger.chain import signing_key
+    from fedtune.common.secure_aggregation.roster import Roster
+    from fedtune.common.secure_aggregation.statements import session_digest, survivor_statement
+    from fedtune.server.run_directory import write_simulation_roster
 
     roster = Roster.load(write_simulation_roster(tmp_path, num_clients=3))
     peers = {100 + p: f"client-{p}" for p in range(3)}

@@ -15,12 +15,12 @@ from safetensors.numpy import load_file
 
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.ledger.audit import audit_run
-from common.privacy.accounting import epsilon_of
-from common.privacy.plan import plan_privacy
-from common.run_data import federated_splits
-from server.secure_aggregation import secagg_parameters
-from simulations import inprocess
+from fedtune.common.ledger.audit import audit_run
+from fedtune.common.privacy.accounting import epsilon_of
+from fedtune.common.privacy.plan import plan_privacy
+from fedtune.common.run_data import federated_splits
+from fedtune.server.secure_aggregation import secagg_parameters
+from fedtune.simulations import inprocess
 from tests.conftest import initial_adapter
 from tests.ray_cluster import ray_cluster
 from tests.helpers import ROOT, fedtune, progress_table, read_metrics, run_fedtune, set_args
@@ -132,11 +132,11 @@ def test_run_directory_holds_config_metrics_summary_and_a_loadable_adapter(ray_r
         import json, torch
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
-        from common.config import RunConfig
-        from common.tasks.classification import evaluate_classifier
-        from common.models.loading import load_tokenizer
-        from common.run_data import federated_splits
-        from common.tasks.classification import encode
+        from fedtune.common.config import RunConfig
+        from fedtune.common.tasks.classification import evaluate_classifier
+        from fedtune.common.models.loading import load_tokenizer
+        from fedtune.common.run_data import federated_splits
+        from fedtune.common.tasks.classification import encode
         cfg = RunConfig.load(path={str(run / 'config.toml')!r})
         # in the precision the run computed in, as the model card says (bf16 on this CPU under auto)
         base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=3,

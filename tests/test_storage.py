@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from common.storage import atomic_write, json_safe, load_npz, save_npz
+from fedtune.common.storage import atomic_write, json_safe, load_npz, save_npz
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path):

@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.privacy import budget_defaults
-from common.privacy import plan as plan_module
-from common.training_modes import (TRAINING_MODES, AdapterMode, ProbeMode, TrainingMode, TwoStageMode,
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.privacy import budget_defaults
+from fedtune.common.privacy import plan as plan_module
+from fedtune.common.training_modes import (TRAINING_MODES, AdapterMode, ProbeMode, TrainingMode, TwoStageMode,
                                    training_mode)
-from server import model_card
-from server.update_validation import ADAM_DRIFT_BOUND, coordinate_bound
+from fedtune.server import model_card
+from fedtune.server.update_validation import ADAM_DRIFT_BOUND, coordinate_bound
 
 NAMES = ("adapter", "probe", "two-stage")
 

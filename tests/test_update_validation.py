@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from client.fl_client import FedtuneClient
-from common.run_data import federated_splits
-from server.strategy import AdapterFedAvg
-from server.update_validation import update_norm_bound
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.common.run_data import federated_splits
+from fedtune.server.strategy import AdapterFedAvg
+from fedtune.server.update_validation import update_norm_bound
 from tests.conftest import initial_adapter
 
 GLOBAL = [np.zeros((4, 3), dtype=np.float32), np.ones(3, dtype=np.float32)]

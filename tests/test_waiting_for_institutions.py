@@ -21,12 +21,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import Context, RecordDict
 from rich.console import Console
 
-from common.config import RunConfig
-from common.errors import FedtuneError
-from common.secure_aggregation.roster import Roster
-from server import flwr_run, node_identities
-from server.node_identities import NodeIdentities
-from simulations.inprocess import federation, run
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import FedtuneError
+from fedtune.common.secure_aggregation.roster import Roster
+from fedtune.server import flwr_run, node_identities
+from fedtune.server.node_identities import NodeIdentities
+from fedtune.simulations.inprocess import federation, run
 
 INSTITUTIONS = ("hospital-a", "hospital-b", "hospital-c")
 

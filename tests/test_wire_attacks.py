@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status as FlowerStatus, ndarrays_to_parameters
 
-from client.fl_client import FedtuneClient
-from common.errors import FedtuneError
-from common.tasks import get_task
-from server.bookkeeping import round_record, server_ledger_record
-from server.strategy import AdapterFedAvg
+from fedtune.client.fl_client import FedtuneClient
+from fedtune.common.errors import FedtuneError
+from fedtune.common.tasks import get_task
+from fedtune.server.bookkeeping import round_record, server_ledger_record
+from fedtune.server.strategy import AdapterFedAvg
 from tests.conftest import initial_adapter
 
 MALFORMED = [

@@ -8,7 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 DEFAULT_DATA = "default"  # the packaged corpus of the run's task
 BBC_NEWS = "bbc-news"  # labelled news articles (classification)

@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.files import BBC_NEWS, CHATTERBOT, DEFAULT_DATA, packaged_folder, read_records
-from common.data.labelled import label_order
-from common.errors import FedtuneError
+from fedtune.common.data.files import BBC_NEWS, CHATTERBOT, DEFAULT_DATA, packaged_folder, read_records
+from fedtune.common.data.labelled import label_order
+from fedtune.common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.files import BBC_NEWS, CHATTERBOT, DEFAULT_DATA, packaged_folder, read_records
-from common.errors import FedtuneError
+from fedtune.common.data.files import BBC_NEWS, CHATTERBOT, DEFAULT_DATA, packaged_folder, read_records
+from fedtune.common.errors import FedtuneError
 
 log = logging.getLogger(__name__)
 

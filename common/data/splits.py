@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.instructions import InstructionPairs, InstructionSplit
-from common.data.labelled import LabelledTexts, Split, rare_label_problem
-from common.errors import FedtuneError
+from fedtune.common.data.instructions import InstructionPairs, InstructionSplit
+from fedtune.common.data.labelled import LabelledTexts, Split, rare_label_problem
+from fedtune.common.errors import FedtuneError
 
 
 Examples = LabelledTexts | InstructionPairs  # categories stand in for labels in the second

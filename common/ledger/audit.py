@@ -19,19 +19,19 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.ledger.audit_result import AuditResult, ClientRow, LedgerCheck
-from common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.audit_result import AuditResult, ClientRow, LedgerCheck
+from fedtune.common.ledger.chain import (LEDGER_FILE, PUBLIC_KEY_FILE, load_public_key, public_key_fingerprint,
                                  read_records, record_hash_or_none, verify_records)
-from common.ledger.policy_audit import policy_findings
-from common.ledger.receipts import load_receipt, receipt_problems
-from common.ledger.recompute import ClientRecomputation
-from common.ledger.recompute import TooLarge as RecomputationTooLarge
-from common.ledger.records import NO_DP_ENTRY_SIGMA, SERVER_KIND, is_round_record
-from common.ledger.run_checks import run_findings, run_id_of
-from common.ledger.trust import private_key_fingerprints, trust_statement
-from common.privacy.accounting import HistoryEntry
-from common.protocol import Status
+from fedtune.common.ledger.policy_audit import policy_findings
+from fedtune.common.ledger.receipts import load_receipt, receipt_problems
+from fedtune.common.ledger.recompute import ClientRecomputation
+from fedtune.common.ledger.recompute import TooLarge as RecomputationTooLarge
+from fedtune.common.ledger.records import NO_DP_ENTRY_SIGMA, SERVER_KIND, is_round_record
+from fedtune.common.ledger.run_checks import run_findings, run_id_of
+from fedtune.common.ledger.trust import private_key_fingerprints, trust_statement
+from fedtune.common.privacy.accounting import HistoryEntry
+from fedtune.common.protocol import Status
 
 RECORD_STATUSES = (Status.TRAINED, Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.EVALUATED,
                    Status.REFUSED_REPLAY, Status.REFUSED_SECURE_AGGREGATION)

@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import FedtuneError
-from common.storage import append_line, atomic_write, json_safe
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import append_line, atomic_write, json_safe
 
 LEDGER_FILE = "ledger.jsonl"
 PRIVATE_KEY_FILE = "ledger.key"

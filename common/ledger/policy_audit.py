@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.protocol import Status
+from fedtune.common.protocol import Status
 
 
 def policy_findings(owner: str, records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

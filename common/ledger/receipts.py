@@ -21,11 +21,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.bounded_json import TooLarge, read_json_file
-from common.errors import FedtuneError
-from common.ledger.chain import (LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash,
+from fedtune.common.bounded_json import TooLarge, read_json_file
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.chain import (LEDGER_FILE, Ledger, canonical, public_key_fingerprint, record_hash,
                                  record_hash_or_none)
-from common.storage import atomic_write
+from fedtune.common.storage import atomic_write
 
 RECEIPT_TAG = b"fedtune ledger receipt v1\n"
 FORMAT = "fedtune-receipt/1"

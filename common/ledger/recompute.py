@@ -26,7 +26,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from common.privacy.accounting import PRECISE_INTERVAL, QUICK_INTERVAL, HistoryEntry
+from fedtune.common.privacy.accounting import PRECISE_INTERVAL, QUICK_INTERVAL, HistoryEntry
 
 MAX_AUDITED_STEPS = 1_000_000
 MAX_AUDITED_RECORDS = 10_000

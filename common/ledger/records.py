@@ -13,11 +13,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from common.privacy.accounting import HistoryEntry, compose
-from common.protocol import REFUSALS, FitReport, Status
+from fedtune.common.privacy.accounting import HistoryEntry, compose
+from fedtune.common.protocol import REFUSALS, FitReport, Status
 
 if TYPE_CHECKING:  # the plan module loads opacus (and torch): `fedtune audit` never needs it
-    from common.privacy.plan import PrivacyPlan
+    from fedtune.common.privacy.plan import PrivacyPlan
 
 CLIENT_KIND = "client"
 SERVER_KIND = "server"
@@ -86,7 +86,7 @@ def evaluations_answered(records: list[dict[str, Any]]) -> int:
 
 def plan_of_run(records: list[dict[str, Any]], run_id: str) -> PrivacyPlan | None:
     """The noise plan a client fixed for `run_id` in its first round of it (never recalibrated)."""
-    from common.privacy.plan import PrivacyPlan, ProbeStage
+    from fedtune.common.privacy.plan import PrivacyPlan, ProbeStage
 
     for record in reversed(records):
         if record["run_id"] == run_id and record["dp"] and record["status"] in FIT_STATUSES:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.ledger.audit import AuditResult
-from common.ledger.report_facts import RunFacts, gather_facts
-from common.ledger.report_html import render_html
-from common.ledger.report_tables import (GUARANTEE_HEADER, GUARANTEE_NOTE, ROUND_HEADER, findings, guarantee_rows,
+from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger.audit import AuditResult
+from fedtune.common.ledger.report_facts import RunFacts, gather_facts
+from fedtune.common.ledger.report_html import render_html
+from fedtune.common.ledger.report_tables import (GUARANTEE_HEADER, GUARANTEE_NOTE, ROUND_HEADER, findings, guarantee_rows,
                                          round_rows, run_lines)
-from common.storage import atomic_write
+from fedtune.common.storage import atomic_write
 
 # the tasks' headline metrics (Task.headline_metric), named here so a report never imports a task (torch)
 REPORT_METRICS = ("accuracy", "perplexity")
@@ -38,7 +38,7 @@ def write_report(*, result: AuditResult, run_dir: Path | None, out_dir: Path) ->
     """Write the plots and both reports into `out_dir`; returns the files written.
 
     `run_dir` is the run directory audited (None for a ledger on its own)."""
-    from common.ledger.report_plots import plot_all  # matplotlib: only a report needs it
+    from fedtune.common.ledger.report_plots import plot_all  # matplotlib: only a report needs it
 
     facts = gather_facts(result=result, run_dir=run_dir)
     try:

@@ -17,10 +17,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.ledger.audit import AuditResult
-from common.ledger.chain import read_records
-from common.ledger.run_checks import run_id_of
-from common.protocol import Status
+from fedtune.common.ledger.audit import AuditResult
+from fedtune.common.ledger.chain import read_records
+from fedtune.common.ledger.run_checks import run_id_of
+from fedtune.common.protocol import Status
 
 ACCOUNTANTS = {"prv": "Opacus PRV accountant", "rdp": "Opacus RDP accountant", "gdp": "Opacus GDP accountant"}
 RECHECK = ("Google dp_accounting PLD accountant (add-or-remove-one neighbours, pessimistic discretization "

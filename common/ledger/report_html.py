@@ -11,9 +11,9 @@ import base64
 import html
 from pathlib import Path
 
-from common.ledger.audit import AuditResult
-from common.ledger.report_facts import RunFacts
-from common.ledger.report_tables import (GUARANTEE_HEADER, GUARANTEE_NOTE, ROUND_HEADER, findings, guarantee_rows,
+from fedtune.common.ledger.audit import AuditResult
+from fedtune.common.ledger.report_facts import RunFacts
+from fedtune.common.ledger.report_tables import (GUARANTEE_HEADER, GUARANTEE_NOTE, ROUND_HEADER, findings, guarantee_rows,
                                          round_rows, run_lines)
 
 COLOURS = {"pinned": "#1a7f37", "unpinned": "#0969da", 1: "#cf222e", 2: "#9a6700"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.ledger.audit import AuditResult
+from fedtune.common.ledger.audit import AuditResult
 
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "P"),
           ((0, (3, 2, 1, 2, 1, 2)), "X"), ("-", "*")]  # line style, marker; colours from the tab10 cycle

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.ledger.audit import AuditResult
-from common.ledger.report_facts import RECHECK, RunFacts
+from fedtune.common.ledger.audit import AuditResult
+from fedtune.common.ledger.report_facts import RECHECK, RunFacts
 
 
 def guarantee_rows(facts: RunFacts) -> list[list[str]]:

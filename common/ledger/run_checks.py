@@ -16,10 +16,10 @@ import json
 import tomllib
 from pathlib import Path
 
-from common.ledger.records import ADAPTER_SAVED, is_round_record
-from common.ledger.stop_checks import early_stop_problems
-from common.protocol import Status
-from common.storage import file_digests
+from fedtune.common.ledger.records import ADAPTER_SAVED, is_round_record
+from fedtune.common.ledger.stop_checks import early_stop_problems
+from fedtune.common.protocol import Status
+from fedtune.common.storage import file_digests
 
 
 def run_id_of(run_dir: Path) -> str | None:

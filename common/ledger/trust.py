@@ -20,7 +20,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.ledger.chain import PRIVATE_KEY_FILE, public_key_fingerprint
+from fedtune.common.ledger.chain import PRIVATE_KEY_FILE, public_key_fingerprint
 
 MAX_KEY_FILES = 1_000  # a run directory holds one per ledger
 MAX_KEY_BYTES = 16_384  # a PEM Ed25519 key is about 120 bytes

@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.errors import FedtuneError
-from common.models.artifact import is_sequence_classifier, name_base, save_label_config, save_tokenizer
-from common.models.base_reference import BaseModelReference
+from fedtune.common.errors import FedtuneError
+from fedtune.common.models.artifact import is_sequence_classifier, name_base, save_label_config, save_tokenizer
+from fedtune.common.models.base_reference import BaseModelReference
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from common.errors import FedtuneError
-from common.models.base_reference import BaseModelReference
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.models.base_reference import BaseModelReference
+from fedtune.common.storage import atomic_write
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

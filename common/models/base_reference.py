@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.storage import atomic_write, file_sha256
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import atomic_write, file_sha256
 
 BASE_MODEL_FILE = "base_model.json"  # fedtune's record of the base, next to adapter_config.json
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

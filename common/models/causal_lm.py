@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile
-from common.models.host import hosted_model
-from common.models.lora import LoraSettings, attach_lora
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.models.host import hosted_model
+from fedtune.common.models.lora import LoraSettings, attach_lora
 
 IGNORE = -100  # label value cross-entropy skips: prompt and padding tokens are not learned
 

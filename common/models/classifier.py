@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from common.execution import ExecutionProfile
-from common.models.host import hosted_model
-from common.models.lora import LoraSettings, attach_lora
+from fedtune.common.execution import ExecutionProfile
+from fedtune.common.models.host import hosted_model
+from fedtune.common.models.lora import LoraSettings, attach_lora
 
 
 def build_lora_classifier(*, model_path: Path, num_labels: int, lora: LoraSettings, seed: int,

@@ -25,8 +25,8 @@ from typing import Callable, Hashable, Iterator
 
 import torch
 
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile, adapter_to_fp32, is_adapter_parameter, seeded_rng
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile, adapter_to_fp32, is_adapter_parameter, seeded_rng
 
 LOG = logging.getLogger("fedtune.models")
 KEPT_BUILDS = 4  # built models kept per process (a coordinator's, a client's, a mode change)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 
 def check_model_folder(path: Path) -> Path:

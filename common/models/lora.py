@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import FedtuneError
-from common.models.adapter import adapter_sha256
+from fedtune.common.errors import FedtuneError
+from fedtune.common.models.adapter import adapter_sha256
 
 # Attention projections PEFT has no default for, by Hugging Face `model_type`.
 EXTRA_ATTENTION_TARGETS = {"distilbert": ["q_lin", "v_lin"]}

@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.execution import ExecutionProfile, device_of, on_device
-from common.models.host import hosted_model
-from common.models.lora import LoraSettings, attach_lora
+from fedtune.common.execution import ExecutionProfile, device_of, on_device
+from fedtune.common.models.host import hosted_model
+from fedtune.common.models.lora import LoraSettings, attach_lora
 
 HEAD_MODULE = "classifier"  # the name PEFT keeps (modules_to_save) and the adapter sends
 PRIOR_SCALE = 5.0  # logits of the label-name prior: cosine similarity times this (measured, BENCHMARKS.md)

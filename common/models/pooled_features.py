@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors, save as save_tensors
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.models.adapter import adapter_sha256
-from common.models.base_reference import WEIGHT_SUFFIXES, weights_sha256
-from common.storage import atomic_write
+from fedtune.common.models.adapter import adapter_sha256
+from fedtune.common.models.base_reference import WEIGHT_SUFFIXES, weights_sha256
+from fedtune.common.storage import atomic_write
 
 LOG = logging.getLogger("fedtune.models")
 FORMAT = "fedtune-pooled-features-1"  # bump when `pooled_features` computes anything differently

@@ -23,10 +23,10 @@ from typing import Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from common.models.adapter import arrays_to_adapter
-from common.models.base_reference import BaseModelReference
-from common.models.pooled_classifier import head_linear
-from common.storage import atomic_write
+from fedtune.common.models.adapter import arrays_to_adapter
+from fedtune.common.models.base_reference import BaseModelReference
+from fedtune.common.models.pooled_classifier import head_linear
+from fedtune.common.storage import atomic_write
 
 SETFIT_CONFIG_FILE = "config_setfit.json"
 HEAD_FILE = "model_head.pkl"  # SetFit's own: a pickle, which runs code when loaded

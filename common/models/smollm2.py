@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.data.files import packaged_folder
-from common.storage import fsync_directory
+from fedtune.common.data.files import packaged_folder
+from fedtune.common.storage import fsync_directory
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import training_modes
+from fedtune.common import training_modes
 
 TRAINING_MODES = tuple(training_modes.TRAINING_MODES)  # the names a config may give (common/training_modes.py)
 # (largest target epsilon, what to train). No DP counts as an infinite budget.

@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import FedtuneError
-from common.privacy.accounting import HistoryEntry, compose, epsilon_of
-from common.privacy.calibration import UnreachableBudget, calibrate_sigma
-from common.training_modes import training_mode as mode_of
+from fedtune.common.errors import FedtuneError
+from fedtune.common.privacy.accounting import HistoryEntry, compose, epsilon_of
+from fedtune.common.privacy.calibration import UnreachableBudget, calibrate_sigma
+from fedtune.common.training_modes import training_mode as mode_of
 
 # The node policy's default caps (common/privacy/policy.py; node config `max-rounds`, `max-dp-steps`).
 # 1,000 rounds is ten times the longest federated run in the fine-tuning literature we follow; 100,000

@@ -17,9 +17,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
-from common.errors import FedtuneError
-from common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, size_problem
-from common.values import coerce
+from fedtune.common.errors import FedtuneError
+from fedtune.common.privacy.plan import DEFAULT_MAX_DP_STEPS, DEFAULT_MAX_ROUNDS, size_problem
+from fedtune.common.values import coerce
 
 # Stricter accountant first: RDP's epsilon bound is never below PRV's for the same history.
 ACCOUNTANT_STRICTNESS = {"prv": 0, "rdp": 1}

@@ -24,8 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.errors import FedtuneError
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import atomic_write
 
 ROSTER_FORMAT = "fedtune-roster-1"
 INSTITUTION_ID = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
@@ -47,7 +47,7 @@ class Roster:
 
     @classmethod
     def load(cls, path: Path | str) -> Roster:
-        from common.bounded_json import TooLarge, read_json_file  # a roster comes from another party
+        from fedtune.common.bounded_json import TooLarge, read_json_file  # a roster comes from another party
 
         path = Path(path)
         try:

@@ -11,12 +11,12 @@ import functools
 import importlib
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.tasks.base import Task
+from fedtune.common.errors import FedtuneError
+from fedtune.common.tasks.base import Task
 
 TASK_MODULES = {
-    "classification": "common.tasks.classification",
-    "causal-lm": "common.tasks.causal_lm",
+    "classification": "fedtune.common.tasks.classification",
+    "causal-lm": "fedtune.common.tasks.causal_lm",
 }
 TASK_NAMES = tuple(TASK_MODULES)
 

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common.models.loading import check_model_folder
+from fedtune.common.models.loading import check_model_folder
 
 DEFAULT_MODEL = "default"
 

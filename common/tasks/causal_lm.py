@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data.instructions import InstructionPairs, InstructionSplit, load_instruction_pairs
-from common.execution import ExecutionProfile, device_of, on_device
-from common.models.causal_lm import build_lora_causal_lm, causal_lm_loss, check_causal_lm, response_nll
-from common.models.loading import load_tokenizer
-from common.models.memory import release_freed_memory
-from common.models.smollm2 import smollm2_folder
-from common.tasks.base import GeneratesText, Task
-from common.tasks.chat_tokens import encode_pairs, keep_fitting, prompt_ids
+from fedtune.common.data.instructions import InstructionPairs, InstructionSplit, load_instruction_pairs
+from fedtune.common.execution import ExecutionProfile, device_of, on_device
+from fedtune.common.models.causal_lm import build_lora_causal_lm, causal_lm_loss, check_causal_lm, response_nll
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.memory import release_freed_memory
+from fedtune.common.models.smollm2 import smollm2_folder
+from fedtune.common.tasks.base import GeneratesText, Task
+from fedtune.common.tasks.chat_tokens import encode_pairs, keep_fitting, prompt_ids
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ from dataclasses import replace
 import torch
 from torch.utils.data import TensorDataset
 
-from common.data.instructions import InstructionPairs, InstructionSplit
-from common.errors import FedtuneError
-from common.models.causal_lm import IGNORE
+from fedtune.common.data.instructions import InstructionPairs, InstructionSplit
+from fedtune.common.errors import FedtuneError
+from fedtune.common.models.causal_lm import IGNORE
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data.files import packaged_folder
-from common.data.labelled import LabelledTexts, Split, load_labelled_texts
-from common.errors import FedtuneError
-from common.execution import ExecutionProfile, device_of, on_device
-from common.models.classifier import build_lora_classifier
-from common.models.loading import load_tokenizer
-from common.models.pooled_classifier import HeadSettings, build_pooled_classifier, trained_pooling
-from common.tasks.base import Task
-from common.training_modes import training_mode
+from fedtune.common.data.files import packaged_folder
+from fedtune.common.data.labelled import LabelledTexts, Split, load_labelled_texts
+from fedtune.common.errors import FedtuneError
+from fedtune.common.execution import ExecutionProfile, device_of, on_device
+from fedtune.common.models.classifier import build_lora_classifier
+from fedtune.common.models.loading import load_tokenizer
+from fedtune.common.models.pooled_classifier import HeadSettings, build_pooled_classifier, trained_pooling
+from fedtune.common.tasks.base import Task
+from fedtune.common.training_modes import training_mode
 
 
 def encode(*, tokenizer, split: Split, max_length: int) -> TensorDataset:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import FedtuneError
+from fedtune.common.errors import FedtuneError
 
 INSTALLED_ROOT = Path(__file__).resolve().parents[2]  # the checkout: pyproject.toml, client/, server/, common/
 SKIPPED = {".venv", ".git", "runs", ".cache", ".pytest_cache", "build", "ledgers"}  # all in .gitignore

@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.errors import FedtuneError
-from common.protocol import JobWire
-from common.trust.app_pin import PinnedApp, fab_problem, installed_app, pin_problem
-from common.trust.job_bindings import bind_problem
-from common.trust.job_signature import expiry_problem, federation_problem, job_problem, load_operator_public_key
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import JobWire
+from fedtune.common.trust.app_pin import PinnedApp, fab_problem, installed_app, pin_problem
+from fedtune.common.trust.job_bindings import bind_problem
+from fedtune.common.trust.job_signature import expiry_problem, federation_problem, job_problem, load_operator_public_key
 
 OPERATOR_KEY, APP_PIN = "operator-key", "app-sha256"  # node config keys (the institution's own)
 

@@ -9,8 +9,8 @@ import fcntl
 import json
 from pathlib import Path
 
-from common.errors import FedtuneError
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.storage import atomic_write
 
 BINDINGS_FILE, LOCK_FILE = "jobs.json", "jobs.lock"
 

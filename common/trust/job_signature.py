@@ -26,9 +26,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import FedtuneError
-from common.protocol import JobWire
-from common.storage import atomic_write
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import JobWire
+from fedtune.common.storage import atomic_write
 
 DOMAIN = "fedtune-job-v1"  # a signature over a job is never valid as any other fedtune statement
 OPERATOR_PRIVATE_FILE, OPERATOR_PUBLIC_FILE = "operator.key", "operator.pub"

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from common.errors import FedtuneError
-from common.protocol import JobWire
-from common.trust.app_pin import installed_app
-from common.trust.job_signature import load_operator_private_key, new_job_keys, sign
+from fedtune.common.errors import FedtuneError
+from fedtune.common.protocol import JobWire
+from fedtune.common.trust.app_pin import installed_app
+from fedtune.common.trust.job_signature import load_operator_private_key, new_job_keys, sign
 
 
 def signed_run_config(*, key: Path, run_config: str, valid_days: int, federation: str,
