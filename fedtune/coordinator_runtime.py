@@ -51,6 +51,10 @@ def run_superlink_with_runtime(args: list[str], *, operator_key: Path, state_dir
     ca = flag_value(args, "--ssl-ca-certfile")
     if "--insecure" in args or not ca:
         raise FedtuneError("run-superlink needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    database = flag_value(args, "--database")
+    if database and database != ":memory:":  # Flower's own error for a missing folder is a page of sqlalchemy
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
     env.pop(GRPC_CONTROL_ENV, None)

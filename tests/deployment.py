@@ -47,7 +47,7 @@ def app_checkout(dest: Path) -> Path:
     from fedtune.common.trust.app_pin import SKIPPED
 
     skipped = SKIPPED | {"fedtune.egg-info"}
-    return Path(shutil.copytree(ROOT, dest, ignore=lambda folder, names: [
+    return Path(shutil.copytree(ROOT, dest, symlinks=True, ignore=lambda folder, names: [
         name for name in names if name in ("__pycache__", ".pytest_cache") or (Path(folder) == ROOT and name in skipped)]))
 
 
