@@ -17,6 +17,7 @@ from pathlib import Path
 
 INTERRUPTED = 130
 TEARDOWN_SECONDS = 8  # Ray's shutdown gets this long; the process ends regardless after it
+_LEAVING = threading.Lock()
 
 
 def interrupted_message(run_dir: Path, num_rounds: int) -> str:
@@ -100,20 +101,36 @@ def _ray_in_our_group() -> list:
 
 
 def _leave(terminal: int, message: str, family: list) -> None:
-    """Print the resume line and exit; whatever Ray left running (a slow shutdown on a loaded
-    machine leaves its agents behind for tens of seconds) is killed first."""
+    """Print the resume line, then kill whatever Ray left running (a slow shutdown on a loaded
+    machine leaves its agents behind for tens of seconds), and exit.
+
+    The line comes first: once the raylet is killed, Ray's core worker in this process ends it with
+    status 1 as soon as it notices, without a word; under load the watchdog gets here while
+    ray.shutdown() is still running, so killing first sometimes lost the line and the exit status.
+    For the same reason the raylet and the GCS are killed last, right before this process exits."""
     import sys
 
     import psutil
 
-    for process in {*family, *_descendants(), *_ray_in_our_group()}:  # agents started or re-parented late too
-        try:
-            process.kill()  # psutil checks it is still the same process (pid reuse), else raises
-        except psutil.Error:
-            pass
+    if not _LEAVING.acquire(blocking=False):  # the watchdog and the handler both got here: one speaks
+        threading.Event().wait()  # the other exits the process
     try:
         sys.stdout.flush()  # the round table printed so far
     except Exception:
         pass
     os.write(terminal, message.encode())
+    left = {*family, *_descendants(), *_ray_in_our_group()}  # agents started or re-parented late too
+    for process in sorted(left, key=_is_ray_core):
+        try:
+            process.kill()  # psutil checks it is still the same process (pid reuse), else raises
+        except psutil.Error:
+            pass
     os._exit(INTERRUPTED)
+
+
+def _is_ray_core(process) -> bool:
+    """The raylet or the GCS: the processes whose death ends this one (Ray's core worker exits)."""
+    try:
+        return any(name in " ".join(process.cmdline()[:2]) for name in ("raylet", "gcs_server"))
+    except Exception:  # gone already, or not ours to read
+        return False

@@ -210,13 +210,14 @@ def finished_dp_run_copy(finished_dp_run, tmp_path) -> Path:
 
 
 # The files that take longest (real deployments, the Ray runs), measured with --durations: started first.
-LONGEST_FILES = ("test_pinned_deployment.py", "test_control_api.py", "test_simulation.py", "test_cli_behaviour.py",
-                 "test_flwr_run.py", "test_quantization.py")
+LONGEST_FILES = ("test_pinned_deployment.py", "test_readme_deployment.py", "test_simulation.py",
+                 "test_mechanism_check.py", "test_control_api.py", "test_linear_probing.py", "test_wheel.py",
+                 "test_quantization.py", "test_process_cleanup.py", "test_flwr_run.py", "test_cli_behaviour.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, then the others with slow tests, then the rest; each file's tests
-    kept together and in order. `make test`'s two processes then end together instead of one of
+    kept together and in order. `make test`'s three processes then end together instead of one of
     them finishing a long file alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
     first_seen = {}
