@@ -246,3 +246,28 @@ def _group_of(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def test_the_resume_line_is_written_before_rays_processes_are_killed(tmp_path):
+    """Under load the watchdog tears Ray down while ray.shutdown() still runs; once the raylet is
+    killed, Ray's core worker ends the process with status 1 at once. The line must already be out:
+    here a stand-in raylet whose death ends the process with 1 the moment it is reaped."""
+    script = """
+import os, subprocess, sys, threading
+import psutil
+from fedtune.simulations import interrupt
+
+raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "raylet"])
+def core_worker():
+    os.waitpid(raylet.pid, 0)  # the raylet is gone: Ray's core worker ends this process
+    os._exit(1)
+threading.Thread(target=core_worker, daemon=True).start()
+class SlowStdout:  # a loaded machine: flushing the round table printed so far takes a while
+    def flush(self):
+        import time; time.sleep(0.5)
+sys.stdout = SlowStdout()
+interrupt._leave(os.dup(2), "interrupted: resume with: fedtune simulate --resume RUN\\n", [psutil.Process(raylet.pid)])
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "resume with: fedtune simulate --resume RUN" in result.stderr, (result.returncode, result.stderr)
+    assert result.returncode in (130, 1)  # which of the two exits first is the kernel's choice; the line is out

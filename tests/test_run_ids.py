@@ -50,7 +50,8 @@ class _Lines(logging.Handler):
 def run_log():
     """The lines the node's run logger emits in this test (whatever handlers others configured)."""
     handler, logger = _Lines(), logging.getLogger("fedtune.node.run")
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not `logger.level = ...`: setLevel also clears the logger's cached answers
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
