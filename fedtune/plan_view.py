@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtune.common.errors import FedtuneError
+from fedtune.common.counts import counted, rounds_from_1
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,8 @@ def over_budget_warning(schedule: dict) -> str | None:
 
 def print_schedule(schedule: dict, console: Console) -> None:
     probe = schedule.get("probe")
-    stages = (f"probe rounds 1-{probe['rounds']}: noise multiplier {probe['noise_multiplier']:.6f}, full batch, "
-              f"{probe['steps_per_round']} steps per round; then " if probe else "")
+    stages = (f"{rounds_from_1(probe['rounds'], kind='probe round')}: noise multiplier {probe['noise_multiplier']:.6f}, full batch, "
+              f"{counted(probe['steps_per_round'], 'step')} per round; then " if probe else "")
     console.print(f"{schedule['training_mode']}: {stages}noise multiplier {schedule['noise_multiplier']:.6f}, "
                   f"sample rate {schedule['sample_rate']:.6f}, {schedule['steps_per_round']} DP steps per round "
                   f"({schedule['accountant']} accountant); budget epsilon {schedule['target_epsilon']:g} "

@@ -18,6 +18,7 @@ from fedtune.common.config import RunConfig
 from fedtune.common.models.base_reference import BaseModelReference
 from fedtune.common.protocol import Status
 from fedtune.common.training_modes import training_mode
+from fedtune.common.counts import counted
 
 PIPELINE_TAGS = {"classification": "text-classification", "causal-lm": "text-generation"}
 UNIT_OF_PRIVACY = "one record (one training example) of one client's own data"
@@ -109,7 +110,7 @@ def _title(facts: CardFacts) -> str:
     privacy = (f"DP-SGD, (epsilon, delta) = ({cfg.target_epsilon:g}, {cfg.target_delta:g}) per client"
                if cfg.dp else "no differential privacy")
     return (f"# fedtune {what}: {cfg.task}\n\nTrained by fedtune {facts.version} in federated run "
-            f"`{facts.run_id}` across {cfg.num_clients} clients ({privacy}; secure aggregation "
+            f"`{facts.run_id}` across {counted(cfg.num_clients, 'client')} ({privacy}; secure aggregation "
             f"{'on (SecAgg+)' if cfg.secure_aggregation else 'off'}).\n")
 
 
@@ -167,7 +168,7 @@ def _data_section(facts: CardFacts) -> str:
         "## Data", "",
         f"- coordinator's held-out test split: {facts.test_records} records",
         f"- texts truncated to {cfg.max_length} tokens; partitioner `{cfg.partitioner}`",
-        f"- {trained} of {cfg.num_clients} clients trained on their own data, which never left them; how many "
+        f"- {trained} of {counted(cfg.num_clients, 'client')} trained on their own data, which never left them; how many "
         f"records each holds stays in its own ledger", ""])
 
 
@@ -208,17 +209,13 @@ def _privacy_section(facts: CardFacts) -> str:
         "stay in the ledgers, which the institutions hold; `fedtune audit <run directory>` re-checks them.", ""])
 
 
-def _s(n: int) -> str:
-    return "" if n == 1 else "s"
-
-
 def _training_section(facts: CardFacts) -> str:
     cfg = facts.config
     return "\n".join([
         "## Training", "",
         f"- fedtune {facts.version}, run `{facts.run_id}`, seed {cfg.seed}",
-        f"- {facts.summary.get('rounds_completed', 0)} of {cfg.num_rounds} round{_s(cfg.num_rounds)}, "
-        f"{cfg.clients_per_round} of {cfg.num_clients} client{_s(cfg.num_clients)} per round, "
+        f"- {facts.summary.get('rounds_completed', 0)} of {counted(cfg.num_rounds, 'round')}, "
+        f"{cfg.clients_per_round} of {counted(cfg.num_clients, 'client')} per round, "
         f"{cfg.local_epochs} local epoch(s), batch size {cfg.batch_size}",
         f"- training mode `{cfg.training_mode}`{_probe_settings(cfg)}",
         _lora_line(cfg),

@@ -10,6 +10,7 @@ from rich.table import Table
 from fedtune.common.config import RunConfig
 from fedtune.common.tasks import get_task
 from fedtune.common.tasks.base import Task
+from fedtune.common.counts import counted
 
 NONE_TRAINED = "none trained"  # a DP round's epsilon cell when no client trained or reported a spend
 
@@ -17,12 +18,8 @@ NONE_TRAINED = "none trained"  # a DP round's epsilon cell when no client traine
 def run_banner(config: RunConfig, *, run_dir: Path, verb: str = "Simulating") -> str:
     """The first line of a run: its size, its privacy (epsilon with its delta) and where it writes."""
     privacy = f"DP-SGD ε≤{config.target_epsilon:g} at δ={config.target_delta:g}" if config.dp else "no DP"
-    return (f"{verb} {_count(config.num_clients, 'client')}, {_count(config.num_rounds, 'round')}, {privacy}, "
+    return (f"{verb} {counted(config.num_clients, 'client')}, {counted(config.num_rounds, 'round')}, {privacy}, "
             f"{'SecAgg+' if config.secure_aggregation else 'plain FedAvg'} → {run_dir}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def columns(task: Task, delta: float | None = None) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from fedtune.server.run_directory import RunDirectory, default_run_dir, write_si
 from fedtune.server.round_table import RoundTable, run_banner
 from fedtune.simulations.interrupt import StopOnInterrupt
 from fedtune.simulations.progress import PROGRESS_DIR, RoundProgress
+from fedtune.common.counts import counted, rounds_from_1
 
 RAY, IN_PROCESS = "ray", "in-process"
 ENGINES = (RAY, IN_PROCESS)
@@ -46,11 +47,11 @@ def preflight(config: RunConfig, console: Console) -> None:
 
 def _plan_line(plan: PrivacyPlan) -> str:
     line = (f"DP-SGD noise multiplier {plan.noise_multiplier:.3f}, sample rate {plan.sample_rate:.4f}, "
-            f"{plan.steps_per_round} steps/round")
+            f"{counted(plan.steps_per_round, 'step')}/round")
     if plan.probe is None:
         return line
-    return (f"probe rounds 1-{plan.probe.rounds}: noise multiplier {plan.probe.noise_multiplier:.3f}, full batch, "
-            f"{plan.probe.steps_per_round} steps/round; then {line}")
+    return (f"{rounds_from_1(plan.probe.rounds, kind='probe round')}: noise multiplier {plan.probe.noise_multiplier:.3f}, full batch, "
+            f"{counted(plan.probe.steps_per_round, 'step')}/round; then {line}")
 
 
 def _hide_injected_faults(record: logging.LogRecord) -> bool:

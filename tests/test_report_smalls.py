@@ -59,3 +59,17 @@ def test_one_round_is_counted_in_the_singular(tiny_config, tmp_path):
     over = fedtune("plan", "--dataset-size", "1000", "--noise-multiplier", "0.3", "--rounds", "1",
                    "--mode", "adapter")
     assert over.returncode == 2 and "clients refuse round 1." in " ".join(over.stderr.split()), over.stderr
+
+
+def test_every_count_of_rounds_reads_in_the_singular_for_one(tiny_config):
+    from fedtune.common.counts import counted, rounds_from_1
+    from fedtune.common.privacy.plan import size_problem
+
+    assert (counted(1, "round"), counted(3, "round"), counted(0, "step")) == ("1 round", "3 rounds", "0 steps")
+    assert rounds_from_1(1, kind="probe round") == "probe round 1"
+    assert rounds_from_1(3, kind="probe round") == "probe rounds 1-3"
+    capped = size_problem(tiny_config(num_rounds=2), num_examples=100, max_rounds=1)
+    assert "plans at most 1 round (policy max-rounds)" in capped, capped
+    schedule = fedtune("plan", "--dataset-size", "1000", "--mode", "two-stage", "--probe-rounds", "1")
+    assert schedule.returncode == 0 and "two-stage: probe round 1: noise multiplier" in schedule.stdout, schedule.stdout
+    assert "1-1" not in schedule.stdout

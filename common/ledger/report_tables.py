@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedtune.common.ledger.audit import AuditResult
 from fedtune.common.ledger.report_facts import RECHECK, RunFacts
+from fedtune.common.counts import counted
 
 
 def guarantee_rows(facts: RunFacts) -> list[list[str]]:
@@ -48,7 +49,7 @@ def run_lines(facts: RunFacts) -> list[str]:
                         for c in facts.clients)
     test = "not recorded" if facts.test_examples is None else f"{facts.test_examples} records (held by the server)"
     return [f"Run id: {facts.run_id}", f"Run: {facts.run_dates}", f"Report: {facts.report_date}",
-            f"fedtune version: {facts.fedtune_version}", f"Task: {facts.task}, {facts.rounds} rounds",
+            f"fedtune version: {facts.fedtune_version}", f"Task: {facts.task}, {counted(facts.rounds, 'round')}",
             f"Data: {'' if facts.data is None else facts.data + ' (config.toml); '}training records per client "
             f"(signed): {records}; test split: {test}",
             f"Signed by: each client's own accountant (column 'signed with'); re-checked by the audit: {RECHECK}"]

@@ -20,6 +20,7 @@ from fedtune.common.ledger.records import ADAPTER_SAVED, is_round_record
 from fedtune.common.ledger.stop_checks import early_stop_problems
 from fedtune.common.protocol import Status
 from fedtune.common.storage import file_digests
+from fedtune.common.counts import counted
 
 
 def run_id_of(run_dir: Path) -> str | None:
@@ -79,7 +80,7 @@ def _rounds(run_dir: Path, rounds: list[dict], *, finished: bool, problems: list
     if asked is None:
         notes.append("config.toml is missing or names no num-rounds: the number of rounds was not checked")
     elif len(rounds) > asked:
-        problems.append(f"the server ledger records {len(rounds)} rounds, config.toml asks {asked}")
+        problems.append(f"the server ledger records {counted(len(rounds), 'round')}, config.toml asks {asked}")
     elif len(rounds) < asked and _every_client_refused(rounds[-1] if rounds else {}):
         notes.append(f"the run stopped after round {len(rounds)} of {asked}: every sampled client refused it "
                      f"(the server's signed record of that round)")
@@ -88,7 +89,7 @@ def _rounds(run_dir: Path, rounds: list[dict], *, finished: bool, problems: list
                      f"{rounds[-1]['stopped_early']} (the server's signed record of that round)")
     elif len(rounds) < asked and finished:
         problems.append(f"the run finished (summary.json or a saved adapter) but the server ledger records "
-                        f"{len(rounds)} of the {asked} rounds config.toml asks: round(s) "
+                        f"{len(rounds)} of the {counted(asked, 'round')} config.toml asks: round(s) "
                         f"{', '.join(map(str, range(len(rounds) + 1, asked + 1)))} missing")
     elif len(rounds) < asked:
         notes.append(f"the run stopped after round {len(rounds)} of {asked}: interrupted, or its last rounds were "
@@ -157,5 +158,5 @@ def _outputs(run_dir: Path, server: list[dict], problems: list[str]) -> None:
         except (ValueError, RecursionError):
             completed = None
         if completed is not None and completed != len(server):
-            problems.append(f"summary.json says {completed} rounds completed, the server ledger "
+            problems.append(f"summary.json says {counted(completed, 'round')} completed, the server ledger "
                             f"has {len(server)}")

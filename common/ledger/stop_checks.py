@@ -3,6 +3,7 @@ claims must follow from the scores and patience it signed, end the ledger, and c
 round an institution signed."""
 
 from __future__ import annotations
+from fedtune.common.counts import counted
 
 from typing import Any
 
@@ -42,5 +43,5 @@ def _rule_problems(rounds: list[dict[str, Any]]) -> list[str]:
     best_round = max(range(len(scores)), key=lambda i: (scores[i], -i)) + 1  # the first round with the best score
     if len(rounds) - best_round < patience:
         return [f"the server stopped early after round {len(rounds)}, but its signed validation scores last "
-                f"improved at round {best_round}, fewer than its patience of {patience} rounds before"]
+                f"improved at round {best_round}, fewer than its patience of {counted(patience, 'round')} before"]
     return []

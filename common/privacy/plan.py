@@ -23,6 +23,7 @@ from fedtune.common.errors import FedtuneError
 from fedtune.common.privacy.accounting import HistoryEntry, compose, epsilon_of
 from fedtune.common.privacy.calibration import UnreachableBudget, calibrate_sigma
 from fedtune.common.training_modes import training_mode as mode_of
+from fedtune.common.counts import counted
 
 # The node policy's default caps (common/privacy/policy.py; node config `max-rounds`, `max-dp-steps`).
 # 1,000 rounds is ten times the longest federated run in the fine-tuning literature we follow; 100,000
@@ -112,7 +113,7 @@ def plan_privacy(*, num_examples: int, batch_size: int, local_epochs: int, num_r
                 target_epsilon=target_epsilon, tolerance=0.01)
         except UnreachableBudget as exc:
             raise FedtuneError(f"cannot reach epsilon {target_epsilon} at delta {target_delta} with "
-                               f"{num_rounds} rounds of {steps_per_round} steps: {exc} "
+                               f"{counted(num_rounds, 'round')} of {counted(steps_per_round, 'step')}: {exc} "
                                f"Raise target-epsilon or lower num-rounds/local-epochs") from None
     return PrivacyPlan(num_examples=num_examples, sample_rate=sample_rate,
                        steps_per_round=steps_per_round, noise_multiplier=float(noise_multiplier),
@@ -171,7 +172,7 @@ def size_problem(config, *, num_examples: int | None, max_rounds: int = DEFAULT_
     accountant). The reason names the job's keys and the caps, never the step count: that count
     follows from N, and a node's refusal travels to the coordinator."""
     if config.num_rounds > max_rounds:
-        return (f"num-rounds={config.num_rounds} asked, {party} plans at most {max_rounds} rounds "
+        return (f"num-rounds={config.num_rounds} asked, {party} plans at most {counted(max_rounds, 'round')} "
                 f"(policy max-rounds); lower num-rounds")
     if planned_steps(config, num_examples=num_examples) > max_dp_steps:
         return (f"the job plans more DP steps over the run than the {max_dp_steps} {party} plans at most "
