@@ -110,6 +110,7 @@ class FedtuneClient(NumPyClient):
         """Only as often as the policy allows, on the node's own validation records; each answer
         (and each refusal) is signed in the ledger, since the scores travel in clear."""
         instructions = EvaluateInstructions.from_config(config)
+        run_id = instructions.run_id or self.run_id  # fedtune's, as a train request's: one run id per run
         ledger = self._ledger()
         answered = ledger.evaluations_answered()
         reason = pin_refusal(self.node, job=self.job, sent=instructions.label_names)
@@ -117,7 +118,7 @@ class FedtuneClient(NumPyClient):
             reason = (f"this node answers at most {self.policy.max_evaluations} evaluation request(s) "
                       f"(policy max-evaluations) and has answered {answered}")
         if reason:
-            ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.REFUSED_POLICY,
+            ledger.record(run_id=run_id, server_round=instructions.server_round, status=Status.REFUSED_POLICY,
                           plan=None, steps=0, epsilon=None, local_examples=0, policy=self.policy.to_record(),
                           reason=reason, request="evaluate")
             return 0.0, 0, EvaluateReport(client_id=self.client_id, reason=reason).to_metrics()
@@ -125,7 +126,7 @@ class FedtuneClient(NumPyClient):
         with self._data_errors_stay_here():
             dataset = _encoded(self.config, self.node, self.label_names, "validation")
         scores = self.task.evaluate(model=self._model(parameters), dataset=dataset)
-        ledger.record(run_id=self.run_id, server_round=instructions.server_round, status=Status.EVALUATED,
+        ledger.record(run_id=run_id, server_round=instructions.server_round, status=Status.EVALUATED,
                       plan=None, steps=0, epsilon=None, local_examples=len(dataset),
                       policy=self.policy.to_record(), request="evaluate")
         report = EvaluateReport(client_id=self.client_id, scores={k: v for k, v in scores.items() if k != "loss"})

@@ -79,13 +79,16 @@ class EvaluateInstructions:
 
     server_round: int
     label_names: tuple[str, ...] | None = None
+    run_id: str = ""  # fedtune's run id, as in FitInstructions: the node's ledger keys the answer by it
 
     def to_config(self) -> dict[str, Any]:
-        return {"server-round": self.server_round, "label-names": json.dumps(list(self.label_names or ()))}
+        return {"server-round": self.server_round, "fedtune-run-id": self.run_id,
+                "label-names": json.dumps(list(self.label_names or ()))}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EvaluateInstructions:
-        return cls(server_round=_round(config), label_names=_label_names(config))
+        return cls(server_round=_round(config), label_names=_label_names(config),
+                   run_id=str(config.get("fedtune-run-id") or ""))
 
 
 def _round(config: Mapping[str, Any]) -> int:

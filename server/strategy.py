@@ -78,7 +78,8 @@ class AdapterFedAvg(FedAvg):
             # With FFA-LoRA, `lora_a_sha256` lets each client check it holds the federation's frozen A.
             on_fit_config_fn=lambda rnd: FitInstructions(server_round=rnd, run_id=run_id, label_names=labels,
                                                          lora_a_sha256=shared_lora_a).to_config(),
-            on_evaluate_config_fn=lambda rnd: EvaluateInstructions(server_round=rnd, label_names=labels).to_config(),
+            on_evaluate_config_fn=lambda rnd: EvaluateInstructions(server_round=rnd, label_names=labels,
+                                                                    run_id=run_id).to_config(),
             initial_parameters=ndarrays_to_parameters(initial_arrays),
             evaluate_fn=(lambda rnd, arrays, _cfg: evaluate_fn(rnd, arrays)) if evaluate_fn else None,
             evaluate_metrics_aggregation_fn=lambda results: _weighted_mean(results, score_names),

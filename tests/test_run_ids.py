@@ -21,14 +21,14 @@ import pytest
 from flwr.app import ConfigRecord, Context, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from flwr.app.message_type import MessageType
-from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, fitins_to_recorddict
 
 from fedtune.client.app import app as deployed_client_app
 from fedtune.common.ledger.chain import Ledger, read_records
 from fedtune.common.ledger.receipts import write_receipt
-from fedtune.common.protocol import FitInstructions, SecAggWire
+from fedtune.common.protocol import EvaluateInstructions, FitInstructions, SecAggWire
 from fedtune.main import run_cli
 from tests.conftest import FINISHED_CLIENTS as CLIENTS
 from tests.conftest import make_texts, write_csv
@@ -67,12 +67,13 @@ def node(tmp_path, tiny_model_dir):
             "ledger-dir": str(tmp_path / "ledger"), "model": str(tiny_model_dir)}
 
 
-def _send(node: dict, job, content: RecordDict, *, flower_run: int = FLOWER_RUN):
+def _send(node: dict, job, content: RecordDict, *, flower_run: int = FLOWER_RUN,
+          message_type: str = MessageType.TRAIN):
     """One train message through the deployed ClientApp and its mods, as the SuperNode hands it over."""
     context = Context(run_id=flower_run, node_id=7, node_config=node, state=RecordDict(),
                       run_config=job.to_flower())
     metadata = Metadata(run_id=flower_run, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
+                        group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
     return deployed_client_app(make_message(metadata, content), context)
 
 
@@ -102,6 +103,19 @@ def test_the_node_log_names_fedtunes_run_id_once_per_run_as_its_ledger_keys_it(n
     _fit(node, job, run_id="", flower_run=flower)  # no fedtune id sent: the node keys the run by Flower's
     assert _run_ids(node)[-1] == str(flower) and run_log == [f"fedtune run {flower} (Flower run {flower})"]
     assert not any(PLANTED in line for line in run_log)
+
+
+def test_an_evaluation_request_is_recorded_under_fedtunes_run_id_like_a_train_request(node, tiny_config, run_log):
+    """Answered or refused (this node answers none: max-evaluations 0), an evaluation is keyed by the
+    run id fedtune sent, so a run's records share one id and `fedtune receipt` covers them all."""
+    run_id = uuid.uuid4().hex
+    config = EvaluateInstructions(server_round=1, label_names=("markets", "politics", "sport"),
+                                  run_id=run_id).to_config()
+    content = evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters([np.zeros(3)]), config), keep_input=True)
+    assert not _send(node, tiny_config(), content, message_type=MessageType.EVALUATE).has_error()
+    [record] = read_records(Path(node["ledger-dir"]) / "ledger.jsonl")
+    assert (record["run_id"], record["status"], record["request"]) == (run_id, "refused-policy", "evaluate")
+    assert run_log == [f"fedtune run {run_id} (Flower run {FLOWER_RUN})"]
 
 
 def test_a_secure_aggregation_refusal_names_the_run_too_and_a_hostile_id_prints_inert(node, tiny_config,
