@@ -27,7 +27,7 @@ from fedtune.common.errors import FedtuneError
 from fedtune.common.flwr_run import flwr_run_dir, sized_to_federation
 from fedtune.common.secure_aggregation.roster import Roster
 from fedtune.server.federation import run_federation
-from fedtune.server.round_table import RoundTable, run_banner
+from fedtune.server.round_table import RoundTable, log_console, run_banner
 from fedtune.server.run_directory import RunDirectory, write_simulation_roster
 
 NODE_WAIT_S = 60.0  # the simulation engine registers its SuperNodes while the ServerApp loads
@@ -35,7 +35,7 @@ NODE_WAIT_S = 60.0  # the simulation engine registers its SuperNodes while the S
 
 def run_flwr_job(*, grid: Grid, context: Context, console: Console | None = None) -> dict:
     """Run the job `flwr run` submitted and print its table and summary; returns the summary."""
-    console = console or Console()
+    console = console or log_console()
     # Opacus configures the root logger on import, so every Flower record (DEBUG included) would
     # print twice; Flower's own handler on "flwr" still prints each INFO line once.
     logging.getLogger("flwr").propagate = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -60,6 +61,14 @@ def round_row(record: dict, task: Task, *, dp: bool | None = None) -> tuple[str,
     )
 
 
+def log_console() -> Console:
+    """The console when none is given (a ServerApp under `flwr run` or a deployment, a library
+    caller): on a terminal rich's own; into a log or a pipe, lines are never wrapped (a wrapped line
+    defeats grep) and tables are 120 columns, not 80, as `fedtune`'s own console does."""
+    terminal = sys.stdout.isatty()
+    return Console(width=None if terminal else 120, soft_wrap=not terminal)
+
+
 class RoundTable:
     """Prints the header once, then one aligned row per finished round."""
 
@@ -73,7 +82,7 @@ class RoundTable:
     def __init__(self, task: Task, console: Console | None = None, *, delta: float | None = None,
                  dp: bool | None = None) -> None:
         self.task, self.delta, self.dp = task, delta, dp
-        self.console = console or Console()
+        self.console = console or log_console()
         self.rows: list[tuple[str, ...]] = []
 
     def _table(self, *, header: bool, columns: tuple[str, ...]) -> Table:

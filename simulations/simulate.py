@@ -18,7 +18,7 @@ from fedtune.common.run_data import federated_splits
 from fedtune.common.tasks import get_task
 from fedtune.server.checkpoint import Checkpoint
 from fedtune.server.run_directory import RunDirectory, default_run_dir, write_simulation_roster
-from fedtune.server.round_table import RoundTable, run_banner
+from fedtune.server.round_table import RoundTable, log_console, run_banner
 from fedtune.simulations.interrupt import StopOnInterrupt
 from fedtune.simulations.progress import PROGRESS_DIR, RoundProgress
 from fedtune.common.counts import counted, rounds_from_1
@@ -86,7 +86,7 @@ def simulate(*, config: RunConfig, out: Path | None = None, verbose: bool = Fals
     if engine not in ENGINES:
         raise FedtuneError(f"no simulation engine {engine!r}; choose one of {', '.join(ENGINES)}")
     check_engine(config, engine)
-    console = console or Console()
+    console = console or log_console()
     os.environ.update(OFFLINE_ENV)
     run_dir = Path(out or config.output_dir or default_run_dir())
     check_out_dir(run_dir, resume=resume)

@@ -73,3 +73,19 @@ def test_every_count_of_rounds_reads_in_the_singular_for_one(tiny_config):
     schedule = fedtune("plan", "--dataset-size", "1000", "--mode", "two-stage", "--probe-rounds", "1")
     assert schedule.returncode == 0 and "two-stage: probe round 1: noise multiplier" in schedule.stdout, schedule.stdout
     assert "1-1" not in schedule.stdout
+
+
+def test_the_coordinators_own_console_does_not_wrap_a_log(tiny_config):
+    """A ServerApp under `flwr run` or a deployment prints with the console it makes itself: into a
+    log (not a terminal, as here under pytest) a long line stays one line."""
+    import contextlib
+
+    from fedtune.server.round_table import RoundTable, log_console
+
+    console = log_console()
+    assert console.soft_wrap and console.width == 120
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        table = RoundTable.for_run(tiny_config())
+        table.console.print("word " * 60 + "end", highlight=False)
+    assert buffer.getvalue().count("\n") == 1, buffer.getvalue()
