@@ -129,7 +129,8 @@ class FedtuneClient(NumPyClient):
         ledger.record(run_id=run_id, server_round=instructions.server_round, status=Status.EVALUATED,
                       plan=None, steps=0, epsilon=None, local_examples=len(dataset),
                       policy=self.policy.to_record(), request="evaluate")
-        report = EvaluateReport(client_id=self.client_id, scores={k: v for k, v in scores.items() if k != "loss"})
+        # The task's scores alone (an allowlist): what else its evaluation computes stays here.
+        report = EvaluateReport(client_id=self.client_id, scores={k: scores[k] for k in self.task.score_names})
         return scores["loss"], len(dataset), report.to_metrics()
 
     # -- the round ---------------------------------------------------------------------------

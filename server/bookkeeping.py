@@ -46,7 +46,7 @@ def round_record(*, server_round: int, outcome: RoundOutcome, test_scores: dict[
     record = {
         "round": server_round,
         "test_loss": test_scores.get("loss"),
-        **{f"test_{name}": test_scores.get(name) for name in task.score_names},
+        **{f"test_{name}": test_scores.get(name) for name in (*task.score_names, *task.test_diagnostics)},
         "seconds": round(seconds, 3),
         "bytes_up_per_client": bytes_up,
         "aggregation": "secagg+" if secure_aggregation else "plain",

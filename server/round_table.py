@@ -72,7 +72,7 @@ def log_console() -> Console:
 class RoundTable:
     """Prints the header once, then one aligned row per finished round."""
 
-    widths = (5, 7, 10, 9, 10, 7, 7)
+    widths = (5, 7, 10)  # round, trained, train loss; then the task's columns, epsilon, seconds
 
     @classmethod
     def for_run(cls, config: RunConfig, console: Console | None = None) -> RoundTable:
@@ -87,8 +87,9 @@ class RoundTable:
 
     def _table(self, *, header: bool, columns: tuple[str, ...]) -> Table:
         table = Table(show_header=header, box=None, pad_edge=False)
-        epsilon = max(self.widths[5], len(columns[5]), 0 if self.dp is False else len(NONE_TRAINED))
-        widths = (*self.widths[:5], epsilon, self.widths[6])
+        scores = tuple(max(9, len(header) + 1) for header, _, _ in self.task.progress_columns)
+        epsilon = max(7, len(columns[-2]), 0 if self.dp is False else len(NONE_TRAINED))
+        widths = (*self.widths, *scores, epsilon, 7)
         for name, width in zip(columns, widths):
             table.add_column(name if header else "", justify="right", width=width, no_wrap=True)
         return table
@@ -105,7 +106,8 @@ class RoundTable:
 
 
 def round_note(record: dict) -> str:
-    """What went wrong in a round, in words: missing clients, rejected updates, nothing applied."""
+    """What went wrong in a round, in words: missing clients, rejected updates, nothing applied, a
+    model that predicts one class for every test example."""
     notes = []
     missing = (record.get("clients_sampled") or 0) - len(record["clients"])
     if missing > 0:
@@ -117,4 +119,7 @@ def round_note(record: dict) -> str:
         notes.append(f"re-sent after the resume (already paid for): {', '.join(resent)}")
     if not record.get("update_applied", True):
         notes.append(f"global adapter unchanged ({record.get('aggregation_failed') or 'no aggregate'})")
+    if record.get("test_predicted_classes") == 1:
+        notes.append("the model predicts a single class for every test example (macro-F1 counts every class: "
+                     "more rounds or steps, a larger budget, or more records per client)")
     return "; ".join(notes)

@@ -232,6 +232,9 @@ def test_evaluation_is_off_by_default_and_counted_when_the_node_allows_it(site, 
     answers = [_evaluate(_context(allowed, job(seed=seed, validation_fraction=fraction)), parameters)
                for seed, fraction in ((0, 0.1), (5, 0.5))]
     assert answers[0].num_examples == answers[1].num_examples == 3 and answers[0].loss == answers[1].loss
+    # Only the task's scores travel: how the node's predictions spread over its classes stays on the node.
+    assert {"accuracy", "macro_f1"} <= set(answers[0].metrics), answers[0].metrics
+    assert not {"largest_class_share", "predicted_classes"} & set(answers[0].metrics), answers[0].metrics
     third = _evaluate(_context(allowed, job()), parameters)
     assert third.num_examples == 0 and "has answered 2" in third.metrics["reason"]
     records = _ledger(allowed)

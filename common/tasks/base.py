@@ -22,6 +22,9 @@ class Task(ABC):
     headline_metric: ClassVar[str]  # the score the audit report plots per round
     # (header, metrics.jsonl key, format) of the task's columns in the progress table
     progress_columns: ClassVar[tuple[tuple[str, str, str], ...]]
+    # What `evaluate` also returns on the coordinator's own test split, never asked of a node (a node
+    # sends `score_names` alone): how the predictions are spread, for the round table's warnings.
+    test_diagnostics: ClassVar[tuple[str, ...]] = ()
     default_physical_batch: ClassVar[int] = 0  # examples per forward pass when unset (0: whole batch)
 
     # -- model ---------------------------------------------------------------------------------

