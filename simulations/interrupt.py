@@ -107,7 +107,8 @@ def _leave(terminal: int, message: str, family: list) -> None:
     The line comes first: once the raylet is killed, Ray's core worker in this process ends it with
     status 1 as soon as it notices, without a word; under load the watchdog gets here while
     ray.shutdown() is still running, so killing first sometimes lost the line and the exit status.
-    For the same reason the raylet and the GCS are killed last, right before this process exits."""
+    The raylet and the GCS are stopped (SIGSTOP) before anything is killed, so the raylet starts no
+    agent meanwhile, and killed last, right before this process exits."""
     import sys
 
     import psutil
@@ -120,7 +121,14 @@ def _leave(terminal: int, message: str, family: list) -> None:
         pass
     os.write(terminal, message.encode())
     left = {*family, *_descendants(), *_ray_in_our_group()}  # agents started or re-parented late too
-    for process in sorted(left, key=_is_ray_core):
+    core = {process for process in left if _is_ray_core(process)}
+    for process in core:  # frozen first: a stopped raylet starts no agent, and closes no socket
+        try:
+            process.suspend()
+        except psutil.Error:
+            pass
+    left |= {*_descendants(), *_ray_in_our_group()}  # whatever it started before it stopped
+    for process in sorted(left, key=lambda process: process in core):
         try:
             process.kill()  # psutil checks it is still the same process (pid reuse), else raises
         except psutil.Error:

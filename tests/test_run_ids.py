@@ -236,3 +236,23 @@ def test_a_deployments_clean_verdict_rests_on_pinned_keys_and_receipts_not_a_sim
     partial = " ".join(_audit(capsys, run, *pins, f"--receipt={receipts[0]}")["trust"])
     assert "no receipt from client-1, client-2: the verdict rests on the institutions' keys" in partial
     assert "simulation" not in partial
+
+
+def test_the_audit_matches_the_servers_round_with_the_training_record_not_the_evaluation_after_it():
+    """Evaluation records share the run id (and round) of the training they follow: the server's
+    record of a round is checked against the client's training record, and a round whose only
+    client record is an evaluation is still a finding."""
+    from types import SimpleNamespace
+
+    from fedtune.common.ledger.audit import _cross_check
+    from fedtune.common.ledger.chain import record_hash
+
+    trained = {"client_id": "c", "run_id": "r", "round": 1, "epsilon": 1.5, "status": "trained", "steps": 4}
+    evaluated = {"client_id": "c", "run_id": "r", "round": 1, "epsilon": None, "status": "evaluated",
+                 "request": "evaluate"}
+    server = [{"run_id": "r", "round": 1, "epsilon": {"c": 1.5}, "client_ledger_heads": {"c": record_hash(trained)}}]
+    found = SimpleNamespace(problems=[], notes=[])
+    _cross_check(server, {"c": [trained, evaluated]}, found)
+    assert found.problems == [] and found.notes == []
+    _cross_check(server, {"c": [evaluated]}, found)
+    assert found.problems == ["server record 1 (round 1): lists c, but c's ledger has no record for that round"]

@@ -232,6 +232,8 @@ def _cross_check(server: list[dict], clients: dict[str, list[dict]], result: Aud
     signed = {}
     for owner, records in clients.items():
         for record in records:
+            if record.get("request") == "evaluate":  # an evaluation of that round: the server lists the training
+                continue
             signed[(str(record.get("client_id", owner)), str(record.get("run_id")), record.get("round"))] = record
     listed = {(cid, str(entry.get("run_id")), entry.get("round"))
               for entry in server for cid in (entry.get("epsilon") or {})}
