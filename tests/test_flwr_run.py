@@ -157,7 +157,9 @@ def test_flwr_run_offline_writes_one_run_directory_that_audits_clean(tmp_path, t
     run_dir = checkout / "runs" / f"flwr-{flower_run_id}"
     assert f"SecAgg+ → {run_dir}" in output, output[-4000:]
     table, summary, after = printed_summary(output)
-    assert len(table) == 2 and table[1].split()[:2] == ["1", "3/3"], table
+    rows = [line for line in table[1:] if not line.lstrip().startswith("round ")]  # a round's note may follow it
+    assert len(rows) == 1 and rows[0].split()[:2] == ["1", "3/3"], table
+    assert "top class" in table[0], table  # the share of test predictions in the largest class
     assert summary == json.loads((run_dir / "summary.json").read_text()) and summary["rounds_completed"] == 1
     # Ray may relay an actor's teardown line ("(ClientAppActor pid=N) ... Manually terminating") late.
     assert not [line for line in after if line.strip() and not line.lstrip().startswith(("INFO", "DEBUG"))
