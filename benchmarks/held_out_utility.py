@@ -2,7 +2,7 @@
 dataset next to the ceilings of the same features, measured in the same run.
 
     python -m benchmarks.held_out_utility [--datasets NAME ...] [--seeds 3] [--epsilons 1 3 8]
-                                          [--no-adapter-ceiling] [--quick]
+                                          [--no-adapter-ceiling] [--quick] [--out DIR]
 
 Each dataset is written once as a CSV (benchmarks/datasets.py: a fixed-seed stratified sample of a
 packaged corpus), then for each seed (the split, the sampling and the noise change with it):
@@ -185,13 +185,14 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--no-adapter-ceiling", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one seed, epsilon 8, no adapter ceiling")
+    parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default runs/bench/...)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
     seeds, epsilons, adapter = (1, [8.0], False) if args.quick else (args.seeds, args.epsilons,
                                                                      not args.no_adapter_ceiling)
-    out = default_out() / NAME
+    out = (args.out or default_out()) / NAME
     rows = []
     for name in args.datasets:
         rows += dataset_rows(name, seeds=seeds, epsilons=epsilons, adapter=adapter, out=out)

@@ -19,7 +19,7 @@ import time
 from benchmarks.harness import OFFLINE_ENV, ROOT, default_out, log
 
 BENCHMARKS = ("dp_overhead", "communication", "secagg_cost", "scale", "utility", "mechanism_check", "cli_latency",
-              "deployment_latency", "execution_profile", "quantized_memory")
+              "deployment_latency", "execution_profile", "quantized_memory", "held_out_utility")
 
 
 def main() -> None:
