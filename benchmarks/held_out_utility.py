@@ -49,14 +49,13 @@ def federation_scores(keys: dict, out: Path) -> dict:
 def probe_ceiling(keys: dict) -> tuple[dict, object]:
     """Logistic regression on the run's own pooled features (train: every client's, test: the run's)."""
     import numpy as np
+    import torch
     from sklearn.linear_model import LogisticRegression
 
     from fedtune.common.tasks.classification import scores_of_logits
-    features, splits = pooled_split_features(keys)
-    (train_x, train_y), (test_x, test_y) = features
-    model = LogisticRegression(max_iter=5000).fit(train_x, train_y)
-    import torch
 
+    ((train_x, train_y), (test_x, test_y)), splits = pooled_split_features(keys)
+    model = LogisticRegression(max_iter=5000).fit(train_x, train_y)
     logits = torch.tensor(model.decision_function(test_x))
     if logits.dim() == 1:  # two classes: scikit-learn gives one margin
         logits = torch.stack([-logits, logits], dim=1)
