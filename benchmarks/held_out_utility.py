@@ -125,9 +125,10 @@ def adapter_ceiling(keys: dict, splits) -> dict:
             "largest_class_share": scores["largest_class_share"]}
 
 
-def dataset_rows(name: str, *, seeds: int, epsilons: list[float], adapter: bool, out: Path) -> list[dict]:
+def dataset_rows(name: str, *, seeds: int, epsilons: list[float], adapter: bool, out: Path,
+                 overrides: dict | None = None) -> list[dict]:
     csv = dataset_csv(name)
-    job = {**JOB, "data": str(csv), "text-column": "text", "label-column": "label"}
+    job = {**JOB, "data": str(csv), "text-column": "text", "label-column": "label", **(overrides or {})}
     runs: dict[float, list[dict]] = {eps: [] for eps in epsilons}
     ceilings, adapters = [], []
     for seed in range(seeds):
@@ -185,6 +186,9 @@ def main() -> None:
     parser.add_argument("--no-adapter-ceiling", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one seed, epsilon 8, no adapter ceiling")
     parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default runs/bench/...)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="a run config key for every run (a candidate default; the result is then not "
+                             "published to BENCHMARKS.md)")
     args = parser.parse_args()
     import torch
 
@@ -192,13 +196,15 @@ def main() -> None:
     seeds, epsilons, adapter = (1, [8.0], False) if args.quick else (args.seeds, args.epsilons,
                                                                      not args.no_adapter_ceiling)
     out = (args.out or default_out()) / NAME
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    trial = args.quick or bool(overrides)  # only the defaults' own figures land in BENCHMARKS.md
     rows = []
     for name in args.datasets:
-        rows += dataset_rows(name, seeds=seeds, epsilons=epsilons, adapter=adapter, out=out)
-        result = {"machine": machine(), "seeds": seeds, "rows": rows,
+        rows += dataset_rows(name, seeds=seeds, epsilons=epsilons, adapter=adapter, out=out, overrides=overrides)
+        result = {"machine": machine(), "seeds": seeds, "rows": rows, "overrides": overrides,
                   "command": "python -m benchmarks.held_out_utility " + " ".join(sys.argv[1:])}
-        write_result(NAME, result, quick=args.quick)
-    publish(NAME, render(result), quick=args.quick)
+        write_result(NAME, result, quick=trial)
+    publish(NAME, render(result), quick=trial)
 
 
 if __name__ == "__main__":
