@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.common.errors import FedtuneError
 from fedtune.common.counts import counted, rounds_from_1
+from fedtune.common.errors import FedtuneError
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.common.config import RunConfig
+from fedtune.common.counts import counted
 from fedtune.common.models.base_reference import BaseModelReference
 from fedtune.common.protocol import Status
 from fedtune.common.training_modes import training_mode
-from fedtune.common.counts import counted
 
 PIPELINE_TAGS = {"classification": "text-classification", "causal-lm": "text-generation"}
 UNIT_OF_PRIVACY = "one record (one training example) of one client's own data"

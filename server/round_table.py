@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtune.common.config import RunConfig
+from fedtune.common.counts import counted
 from fedtune.common.tasks import get_task
 from fedtune.common.tasks.base import Task
-from fedtune.common.counts import counted
 
 NONE_TRAINED = "none trained"  # a DP round's epsilon cell when no client trained or reported a spend
 

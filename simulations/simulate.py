@@ -10,6 +10,7 @@ from typing import Callable
 from rich.console import Console
 
 from fedtune.common.config import RunConfig
+from fedtune.common.counts import counted, rounds_from_1
 from fedtune.common.errors import FedtuneError
 from fedtune.common.execution import cores_given
 from fedtune.common.privacy.plan import PrivacyPlan, plan_of_config
@@ -21,7 +22,6 @@ from fedtune.server.run_directory import RunDirectory, default_run_dir, write_si
 from fedtune.server.round_table import RoundTable, log_console, run_banner
 from fedtune.simulations.interrupt import StopOnInterrupt
 from fedtune.simulations.progress import PROGRESS_DIR, RoundProgress
-from fedtune.common.counts import counted, rounds_from_1
 
 RAY, IN_PROCESS = "ray", "in-process"
 ENGINES = (RAY, IN_PROCESS)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from fedtune.common.counts import counted
 from fedtune.common.ledger.audit import AuditResult
 from fedtune.common.ledger.report_facts import RECHECK, RunFacts
-from fedtune.common.counts import counted
 
 
 def guarantee_rows(facts: RunFacts) -> list[list[str]]:

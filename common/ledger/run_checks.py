@@ -16,11 +16,11 @@ import json
 import tomllib
 from pathlib import Path
 
+from fedtune.common.counts import counted
 from fedtune.common.ledger.records import ADAPTER_SAVED, is_round_record
 from fedtune.common.ledger.stop_checks import early_stop_problems
 from fedtune.common.protocol import Status
 from fedtune.common.storage import file_digests
-from fedtune.common.counts import counted
 
 
 def run_id_of(run_dir: Path) -> str | None:

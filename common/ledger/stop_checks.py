@@ -3,9 +3,10 @@ claims must follow from the scores and patience it signed, end the ledger, and c
 round an institution signed."""
 
 from __future__ import annotations
-from fedtune.common.counts import counted
 
 from typing import Any
+
+from fedtune.common.counts import counted
 
 STOP = "stopped_early"
 PATIENCE = "early_stopping_patience"

@@ -19,11 +19,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.common.counts import counted
 from fedtune.common.errors import FedtuneError
 from fedtune.common.privacy.accounting import HistoryEntry, compose, epsilon_of
 from fedtune.common.privacy.calibration import UnreachableBudget, calibrate_sigma
 from fedtune.common.training_modes import training_mode as mode_of
-from fedtune.common.counts import counted
 
 # The node policy's default caps (common/privacy/policy.py; node config `max-rounds`, `max-dp-steps`).
 # 1,000 rounds is ten times the longest federated run in the fine-tuning literature we follow; 100,000
