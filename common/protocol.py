@@ -34,6 +34,7 @@ class Status(StrEnum):
 
 
 REFUSALS = (Status.REFUSED_BUDGET, Status.REFUSED_POLICY, Status.REFUSED_REPLAY)
+MAX_RUN_ID_CHARS = 128  # fedtune's ids are 32 hex digits, Flower's at most 20 digits
 
 
 class SecAggWire:
@@ -69,7 +70,7 @@ class FitInstructions:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FitInstructions:
-        return cls(server_round=_round(config), run_id=str(config.get("fedtune-run-id") or ""),
+        return cls(server_round=_round(config), run_id=_run_id(config),
                    label_names=_label_names(config), lora_a_sha256=str(config.get("lora-a-sha256", "")))
 
 
@@ -88,7 +89,16 @@ class EvaluateInstructions:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EvaluateInstructions:
         return cls(server_round=_round(config), label_names=_label_names(config),
-                   run_id=str(config.get("fedtune-run-id") or ""))
+                   run_id=_run_id(config))
+
+
+def _run_id(config: Mapping[str, Any]) -> str:
+    """fedtune's run id as the coordinator sent it ("" = none: the node uses Flower's). Bounded: the
+    node writes it into every ledger record of the run, so a huge one would fill its disk."""
+    value = str(config.get("fedtune-run-id") or "")
+    if len(value) > MAX_RUN_ID_CHARS:
+        raise FedtuneError(f"the coordinator sent a fedtune-run-id longer than {MAX_RUN_ID_CHARS} characters")
+    return value
 
 
 def _round(config: Mapping[str, Any]) -> int:

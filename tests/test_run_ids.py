@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, fitins_to_recorddict
 
 from fedtune.client.app import app as deployed_client_app
+from fedtune.common.errors import FedtuneError
 from fedtune.common.ledger.chain import Ledger, read_records
 from fedtune.common.ledger.receipts import write_receipt
 from fedtune.common.protocol import EvaluateInstructions, FitInstructions, SecAggWire
@@ -256,3 +257,21 @@ def test_the_audit_matches_the_servers_round_with_the_training_record_not_the_ev
     assert found.problems == [] and found.notes == []
     _cross_check(server, {"c": [evaluated]}, found)
     assert found.problems == ["server record 1 (round 1): lists c, but c's ledger has no record for that round"]
+
+
+def test_a_run_id_too_long_to_be_one_is_refused_before_anything_is_recorded(node, tiny_config, run_log):
+    """The node writes the run id into each ledger record: a coordinator that sends a huge one (to fill
+    the node's disk, record by record) gets an error (Flower's reply carries its text), for a train
+    and an evaluation request alike; nothing is recorded and the node's log does not repeat it."""
+    huge = "r" * 100_000
+    labels = ("markets", "politics", "sport")
+    fit = fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(3)]), FitInstructions(
+        server_round=1, run_id=huge, label_names=labels).to_config()), keep_input=True)
+    evaluate = evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters([np.zeros(3)]), EvaluateInstructions(
+        server_round=1, label_names=labels, run_id=huge).to_config()), keep_input=True)
+    for content, kind in ((fit, MessageType.TRAIN), (evaluate, MessageType.EVALUATE)):
+        with pytest.raises(FedtuneError, match="sent a fedtune-run-id longer than 128 characters") as raised:
+            _send(node, tiny_config(), content, message_type=kind)
+        assert huge not in str(raised.value) and PLANTED not in str(raised.value)
+    assert not (Path(node["ledger-dir"]) / "ledger.jsonl").exists()
+    assert not any(huge[:200] in line for line in run_log)
